@@ -1,0 +1,502 @@
+"""Datasets, class tables and the toy transfer task, shared by every stage.
+
+Label convention (the one the official OASIS models were trained with, classes/README.md):
+a label map holds *channel ids*; channel 0 is "dontcare" and every real class owns one channel.
+  coco        PNG value v in 0..181 -> channel v+1, 255 -> 0         183 channels
+  ade20k      PNG value v in 0..150 -> channel v (0 = "other")         151 channels
+  cityscapes  labelId v in 0..33    -> channel v (0 = "unlabeled")    35 channels (34 is never set)
+  folder/toy  PNG value v in 0..N   -> channel v (line v of classes.txt, 0 = unlabelled)  N+1 channels
+
+An affinity matrix A (target real classes x source real classes, rows summing to 1) lives in the
+id order of the class tables; `affinity_to_channels` turns it into the channel-space matrix that
+the models use.
+
+    python data.py toy --out data/toy                 # writes the toy transfer task (a few seconds)
+    python data.py info --data ade20k --data-root ADEChallengeData2016   # checks a dataset
+"""
+import argparse
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent
+CLASS_DIR = REPO / "classes"
+TOY_ROOT = REPO / "data" / "toy"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+DATASETS = ("coco", "ade20k", "cityscapes", "folder", "toy-source", "toy-target")
+
+
+class DataError(SystemExit):
+    """Bad input: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Class tables
+
+
+@dataclass
+class ClassTable:
+    dataset: str
+    ids: list  # label-PNG values of the real classes, in table order
+    names: list  # raw names (ADE20K: synonyms joined by ';')
+    display: list  # cleaned names for text encoders
+    channels: list  # OASIS one-hot channel of each real class
+    n_channels: int  # = OASIS semantic_nc; channel 0 is dontcare
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def _read_tsv(name):
+    with open(CLASS_DIR / name, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _read_classes_txt(root):
+    path = Path(root) / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; a folder dataset needs classes.txt (one class name a line, line k = PNG value k)")
+    names = path.read_text(encoding="utf-8").splitlines()
+    while names and not names[-1].strip():
+        names.pop()
+    if not names:
+        raise DataError(f"{path}: empty; expected one class name a line")
+    for k, name in enumerate(names, 1):
+        if not name.strip():
+            raise DataError(f"{path}: line {k} is empty; expected a class name")
+    return [n.strip() for n in names]
+
+
+def class_table(dataset, root=None):
+    """The real classes of a dataset, in id order (see the module docstring)."""
+    if dataset == "coco":
+        rows = _read_tsv("coco_stuff.tsv")
+        ids = [int(r["id"]) for r in rows]
+        return ClassTable("coco", ids, [r["name"] for r in rows], [r["display"] for r in rows], [i + 1 for i in ids], 183)
+    if dataset == "ade20k":
+        rows = _read_tsv("ade20k.tsv")
+        ids = [int(r["id"]) for r in rows]
+        return ClassTable("ade20k", ids, [r["name"] for r in rows], [r["display"] for r in rows], ids, 151)
+    if dataset == "cityscapes":
+        rows = [r for r in _read_tsv("cityscapes.tsv") if int(r["id"]) != 0]  # labelId 0 is the dontcare channel
+        ids = [int(r["id"]) for r in rows]
+        return ClassTable("cityscapes", ids, [r["name"] for r in rows], [r["display"] for r in rows], ids, 35)
+    if dataset in ("folder", "toy-source", "toy-target"):
+        root = dataset_root(dataset, root)
+        names = _read_classes_txt(root)
+        ids = list(range(1, len(names) + 1))
+        return ClassTable(dataset, ids, names, names, ids, len(names) + 1)
+    raise DataError(f"unknown dataset '{dataset}'; expected one of {', '.join(DATASETS)}")
+
+
+def dataset_root(dataset, root=None):
+    """The dataset's root folder; the toy task is generated on first use."""
+    if dataset in ("toy-source", "toy-target"):
+        base = Path(root) if root else TOY_ROOT / dataset[4:]
+        if not (base / "classes.txt").is_file():
+            print(f"generating the toy transfer task in {base.parent} (once)")
+            write_toy(base.parent)
+        return base
+    if root is None:
+        raise DataError(f"--data {dataset} needs --data-root (the dataset's folder)")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (--data-root for {dataset})")
+    return root
+
+
+def affinity_to_channels(A, target, source):
+    """(target real x source real) affinity -> (target.n_channels x source.n_channels) channel matrix.
+
+    Dontcare maps to dontcare; a target one-hot y maps to source space as einsum('bthw,ts->bshw', y, M).
+    """
+    A = torch.as_tensor(np.asarray(A), dtype=torch.float32)
+    if A.shape != (len(target), len(source)):
+        raise DataError(
+            f"affinity has shape {tuple(A.shape)}, expected ({len(target)}, {len(source)}) = "
+            f"({target.dataset} classes, {source.dataset} classes)")
+    if not torch.isfinite(A).all() or (A < 0).any():
+        raise DataError("affinity has NaN, infinite or negative entries; expected non-negative rows summing to 1")
+    M = torch.zeros(target.n_channels, source.n_channels)
+    M[0, 0] = 1.0
+    M[torch.tensor(target.channels)[:, None], torch.tensor(source.channels)[None, :]] = A
+    return M
+
+
+def onehot(label, n_channels):
+    """(B,H,W) long channel ids -> (B,C,H,W) float one-hot, as OASIS's preprocess_input."""
+    if label.numel() and (int(label.min()) < 0 or int(label.max()) >= n_channels):
+        raise DataError(f"label ids span {int(label.min())}..{int(label.max())}, expected 0..{n_channels - 1}")
+    y = torch.zeros(label.shape[0], n_channels, *label.shape[1:], device=label.device)
+    return y.scatter_(1, label.unsqueeze(1), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _pairs_by_stem(img_dir, lbl_dir, label_suffix=""):
+    """Match images and labels by file stem; fail on empty folders and unpaired files."""
+    for d in (img_dir, lbl_dir):
+        if not d.is_dir():
+            raise DataError(f"{d}: no such folder")
+    images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    labels = {p.stem[: len(p.stem) - len(label_suffix)]: p for p in sorted(lbl_dir.iterdir())
+              if p.suffix.lower() == ".png" and p.stem.endswith(label_suffix)}
+    if not images:
+        raise DataError(f"{img_dir}: no images (.jpg/.png) found")
+    missing_l = sorted(set(images) - set(labels))
+    missing_i = sorted(set(labels) - set(images))
+    if missing_l:
+        raise DataError(f"{img_dir}: {len(missing_l)} image(s) without a label in {lbl_dir}, e.g. '{missing_l[0]}'")
+    if missing_i:
+        raise DataError(f"{lbl_dir}: {len(missing_i)} label(s) without an image in {img_dir}, e.g. '{missing_i[0]}'")
+    return [(images[k], labels[k]) for k in sorted(images)]
+
+
+def list_files(dataset, root, split):
+    """[(image path, label path)] in the official layouts."""
+    if split not in ("train", "val"):
+        raise DataError(f"split '{split}' unknown; expected train or val")
+    if dataset == "ade20k":
+        sub = {"train": "training", "val": "validation"}[split]
+        return _pairs_by_stem(root / "images" / sub, root / "annotations" / sub)
+    if dataset == "coco":
+        return _pairs_by_stem(root / f"{split}_img", root / f"{split}_label")
+    if dataset == "cityscapes":
+        img_root, lbl_root = root / "leftImg8bit" / split, root / "gtFine" / split
+        if not img_root.is_dir():
+            raise DataError(f"{img_root}: no such folder (Cityscapes layout leftImg8bit/<split>/<city>)")
+        pairs = []
+        for city in sorted(p.name for p in img_root.iterdir() if p.is_dir()):
+            for img, lbl in _pairs_by_stem_city(img_root / city, lbl_root / city):
+                pairs.append((img, lbl))
+        if not pairs:
+            raise DataError(f"{img_root}: no images found")
+        return pairs
+    # folder / toy: <root>/<split>/{images,labels} when split folders exist, else <root>/{images,labels}
+    base = root / split if (root / split / "images").is_dir() else root
+    return _pairs_by_stem(base / "images", base / "labels")
+
+
+def _pairs_by_stem_city(img_dir, lbl_dir):
+    # aachen_000000_000019_leftImg8bit.png <-> aachen_000000_000019_gtFine_labelIds.png
+    images = {p.name[: -len("_leftImg8bit.png")]: p for p in sorted(img_dir.glob("*_leftImg8bit.png"))}
+    labels = {p.name[: -len("_gtFine_labelIds.png")]: p for p in sorted(lbl_dir.glob("*_gtFine_labelIds.png"))}
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise DataError(f"{img_dir}: {len(missing)} image(s) without a *_gtFine_labelIds.png in {lbl_dir}, e.g. '{missing[0]}'")
+    return [(images[k], labels[k]) for k in sorted(images)]
+
+
+def label_channels(label, dataset, n_channels, path=""):
+    """Raw label-PNG values (H,W uint8) -> channel ids (H,W int64), with a range check."""
+    label = label.astype(np.int64)
+    if dataset == "coco":
+        bad = (label > 181) & (label != 255)
+        if bad.any():
+            raise DataError(f"{path}: label value {int(label[bad][0])} outside COCO-Stuff's 0..181 and 255")
+        return np.where(label == 255, 0, label + 1)
+    top = 33 if dataset == "cityscapes" else n_channels - 1
+    if label.max(initial=0) > top:
+        raise DataError(f"{path}: label value {int(label.max())} outside 0..{top} for {dataset}")
+    return label
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+
+def _open(path):
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except OSError as e:
+        raise DataError(f"{path}: unreadable image ({e})")
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Image + channel-id label pairs with the official OASIS preprocessing.
+
+    ade20k/coco: train resize 286x286 -> random 256 crop -> flip; val 256x256.
+    cityscapes: 256x512, flip when training. folder/toy: like ADE20K at side `size`
+    (load = size*286//256), toy default 64.
+    """
+
+    def __init__(self, dataset, root=None, split="train", augment=False, size=None, files=None):
+        root = dataset_root(dataset, root)
+        self.dataset, self.root, self.split, self.augment = dataset, root, split, augment
+        self.classes = class_table(dataset, root)
+        self.n_channels = self.classes.n_channels
+        self.files = files if files is not None else list_files(dataset, root, split)
+        if dataset == "cityscapes":
+            self.size, self.load = (256, 512), (256, 512)
+        else:
+            side = size or (64 if dataset.startswith("toy") else 256)
+            load = side * 286 // 256 if augment else side
+            self.size, self.load = (side, side), (load, load)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        img_path, lbl_path = self.files[i]
+        image, label = _open(img_path).convert("RGB"), _open(lbl_path)
+        if label.mode not in ("L", "P", "I;16", "I"):
+            raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids")
+        lh, lw = self.load
+        image = image.resize((lw, lh), Image.BICUBIC)
+        label = label.resize((lw, lh), Image.NEAREST)
+        if self.augment:
+            h, w = self.size
+            x = random.randint(0, max(0, lw - w))  # same draw order as the official loaders: x, then y, then flip
+            y = random.randint(0, max(0, lh - h))
+            image = image.crop((x, y, x + w, y + h))
+            label = label.crop((x, y, x + w, y + h))
+            if random.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                label = label.transpose(Image.FLIP_LEFT_RIGHT)
+        image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+        label = label_channels(np.asarray(label), self.dataset, self.n_channels, lbl_path)
+        return {"image": image, "label": torch.from_numpy(label), "path": str(img_path)}
+
+
+def open_dataset(dataset, root=None, split="train", augment=False, n=None, subset_seed=0, subset_file=None,
+                 out_dir=None, size=None):
+    """A SegDataset, optionally an n-shot subset (reproducible from the seed, or read from a file)."""
+    ds = SegDataset(dataset, root, split, augment, size)
+    rel = [str(Path(img).relative_to(ds.root)) for img, _ in ds.files]
+    if subset_file:
+        path = Path(subset_file)
+        if not path.is_file():
+            raise DataError(f"{path}: subset file not found")
+        wanted = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+        index = {r: i for i, r in enumerate(rel)}
+        unknown = [w for w in wanted if w not in index]
+        if unknown:
+            raise DataError(f"{path}: {len(unknown)} entries not in {ds.root} ({split}), e.g. '{unknown[0]}'")
+        keep = [index[w] for w in wanted]
+    elif n is not None:
+        if n > len(ds):
+            raise DataError(f"--n {n} is larger than the {len(ds)} {split} images of {ds.root}")
+        if n < 1:
+            raise DataError(f"--n {n}: expected at least 1")
+        keep = sorted(random.Random(subset_seed).sample(range(len(ds)), n))
+    else:
+        return ds
+    ds.files = [ds.files[i] for i in keep]
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "subset.txt").write_text("".join(rel[i] + "\n" for i in keep))
+    return ds
+
+
+def add_data_args(parser, default="toy-target"):
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=default, choices=DATASETS, help="dataset layout (toy-* are generated on first use)")
+    g.add_argument("--data-root", default=None, help="dataset folder (ADEChallengeData2016, cityscapes, cocostuff, or a folder dataset)")
+    g.add_argument("--n", type=int, default=None, help="n-shot: use a reproducible subset of n training images")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the n-shot subset")
+    g.add_argument("--subset-file", default=None, help="reuse a subset.txt written by an earlier run")
+    g.add_argument("--size", type=int, default=None, help="image side for folder/toy data (toy default 64, folder 256)")
+    return g
+
+
+def dataset_from_args(args, split="train", augment=False, out_dir=None):
+    few_shot = split == "train"
+    return open_dataset(args.data, args.data_root, split, augment,
+                        n=args.n if few_shot else None, subset_seed=args.subset_seed,
+                        subset_file=args.subset_file if few_shot else None, out_dir=out_dir, size=args.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy transfer task: procedural scenes whose classes are textures a small generator can learn.
+# Target classes are palette-shifted versions of source classes, except lava which has no counterpart.
+
+# name: (base RGB, pattern, pattern amplitude)
+TOY_SOURCE = {
+    "sky": ((110, 165, 235), "gradient", 40),
+    "grass": ((60, 150, 50), "vstripes", 35),
+    "water": ((35, 85, 185), "waves", 35),
+    "road": ((85, 85, 90), "speckle", 25),
+    "building": ((175, 120, 95), "bricks", 45),
+    "tree": ((25, 95, 40), "dots", 40),
+    "sand": ((225, 200, 140), "speckle", 30),
+    "snow": ((240, 242, 250), "flat", 8),
+    "rock": ((125, 115, 105), "checker", 40),
+    "car": ((205, 30, 35), "hband", 60),
+    "person": ((230, 180, 140), "flat", 15),
+    "fence": ((150, 105, 55), "vslats", 60),
+}
+# target name: (source look-alike or None, own base RGB for new classes, pattern, amplitude)
+TOY_TARGET = {
+    "sky": "sky", "lawn": "grass", "sea": "water", "street": "road", "house": "building",
+    "bush": "tree", "beach": "sand", "boat": "car", "lava": None,
+}
+TOY_LAVA = ((240, 80, 10), "cracks", 90)
+# The target domain's style shift: a warm, lower-contrast colour grade applied to every pixel.
+TOY_GRADE = np.array([[0.80, 0.15, 0.05], [0.10, 0.75, 0.10], [0.05, 0.15, 0.60]], dtype=np.float32)
+TOY_GRADE_BIAS = np.array([30.0, 20.0, 10.0], dtype=np.float32)
+
+
+def _pattern(kind, h, w, rng):
+    """A pattern in [-1, 1] of shape (h, w)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    if kind == "flat":
+        return rng.uniform(-1, 1, (h, w)).astype(np.float32) * 0.3
+    if kind == "gradient":
+        return (1 - 2 * yy / max(h - 1, 1)) * -0.8 + rng.uniform(-0.2, 0.2, (h, w)).astype(np.float32)
+    if kind == "vstripes":
+        return np.sign(np.sin(xx * 2 * np.pi / 4 + phase)) * 0.7 + rng.uniform(-0.3, 0.3, (h, w)).astype(np.float32)
+    if kind == "waves":
+        return np.sin(yy * 2 * np.pi / 6 + np.sin(xx / 5 + phase) * 2).astype(np.float32)
+    if kind == "speckle":
+        return rng.uniform(-1, 1, (h, w)).astype(np.float32)
+    if kind == "bricks":
+        row = (yy // 4).astype(int)
+        mortar = (yy % 4 == 0) | (((xx + 4 * (row % 2)) % 8) == 0)
+        return np.where(mortar, -1.0, 0.5).astype(np.float32)
+    if kind == "dots":
+        return np.sign(np.sin(xx * 1.3 + phase) * np.sin(yy * 1.3)).astype(np.float32) * 0.8
+    if kind == "checker":
+        return np.where(((xx // 4) + (yy // 4)) % 2 == 0, 0.8, -0.8).astype(np.float32)
+    if kind == "hband":
+        return np.where(yy % 6 < 2, -1.0, 0.4).astype(np.float32)
+    if kind == "vslats":
+        return np.where(xx % 5 < 2, 0.8, -1.0).astype(np.float32)
+    if kind == "cracks":
+        v = np.abs(np.sin(xx * 0.45 + np.sin(yy * 0.3 + phase) * 3)) < 0.25
+        return np.where(v, -1.0, 0.3).astype(np.float32)
+    raise ValueError(kind)
+
+
+def _toy_layout(h, w, rng, classes):
+    """A label map (PNG values, 1-based over `classes`) for one scene."""
+    c = {name: k + 1 for k, name in enumerate(classes)}
+    target = "lawn" in c
+    yy, xx = np.mgrid[0:h, 0:w]
+    lab = np.full((h, w), c["sky"], np.uint8)
+    horizon = rng.uniform(0.3, 0.5) * h + np.sin(xx / w * 2 * np.pi * rng.uniform(0.5, 1.5) + rng.uniform(0, 6)) * h * 0.04
+    ground = (["lawn", "sea", "street", "beach", "lava"] if target
+              else ["grass", "water", "road", "sand", "snow", "rock"])
+    n_bands = rng.integers(1, 4)
+    bands = rng.choice(ground, n_bands, replace=False)
+    edges = np.sort(rng.uniform(0, 1, n_bands - 1))
+    depth = (yy - horizon) / np.maximum(h - horizon, 1)
+    wobble = np.sin(xx / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 0.06
+    band_idx = np.searchsorted(edges, depth + wobble)
+    for k, name in enumerate(bands):
+        lab[(yy >= horizon) & (band_idx == k)] = c[name]
+    # objects standing on the horizon or the ground
+    objects = (["house", "bush", "boat"] if target else ["building", "tree", "car", "person", "fence"])
+    for _ in range(rng.integers(1, 5)):
+        name = rng.choice(objects)
+        cx = rng.uniform(0, w)
+        if name in ("building", "house"):
+            bw, bh = rng.uniform(0.15, 0.3) * w, rng.uniform(0.2, 0.4) * h
+            base = np.interp(cx, np.arange(w), horizon[0]) + 0.05 * h
+            m = (np.abs(xx - cx) < bw / 2) & (yy < base) & (yy > base - bh)
+        elif name in ("tree", "bush"):
+            r = rng.uniform(0.08, 0.16) * w
+            cy = np.interp(cx, np.arange(w), horizon[0]) + rng.uniform(-0.05, 0.2) * h
+            m = (xx - cx) ** 2 + ((yy - cy) * 1.2) ** 2 < r ** 2
+        elif name == "fence":
+            y0 = rng.uniform(0.6, 0.8) * h
+            m = (yy > y0) & (yy < y0 + 0.08 * h) & (np.abs(xx - cx) < 0.3 * w)
+        else:  # car, boat, person: small shapes on the ground
+            cy = rng.uniform(0.65, 0.9) * h
+            if name == "person":
+                m = ((xx - cx) * 2.5) ** 2 + (yy - cy) ** 2 < (0.09 * h) ** 2
+            else:
+                m = (np.abs(xx - cx) < 0.12 * w) & (np.abs(yy - cy) < 0.05 * h)
+                if name == "boat":  # a hull narrowing downwards
+                    m &= np.abs(xx - cx) < 0.12 * w - (yy - cy + 0.05 * h) * 0.8
+        lab[m] = c[name]
+    return lab
+
+
+def toy_look(name, domain):
+    """(base RGB, pattern, amplitude) of a toy class in a domain ('source' or 'target')."""
+    if domain == "source":
+        return TOY_SOURCE[name]
+    twin = TOY_TARGET[name]
+    return TOY_LAVA if twin is None else TOY_SOURCE[twin]
+
+
+def render_toy(lab, classes, domain, rng):
+    """RGB uint8 image of a label map: each class its texture; the target domain gets its colour grade."""
+    h, w = lab.shape
+    img = np.zeros((h, w, 3), np.float32)
+    for k, name in enumerate(classes, 1):
+        m = lab == k
+        if not m.any():
+            continue
+        base, kind, amp = toy_look(name, domain)
+        tint = np.array(base, np.float32) + rng.uniform(-12, 12, 3)  # per-image colour jitter
+        tex = _pattern(kind, h, w, rng)[m][:, None] * amp
+        img[m] = tint + tex
+    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    if domain == "target":
+        img = img @ TOY_GRADE.T + TOY_GRADE_BIAS
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+TOY_SPLITS = {"source": {"train": 1000, "val": 200}, "target": {"train": 500, "val": 200}}
+
+
+def write_toy(out, size=64, seed=0, splits=None):
+    """Write the toy task in the folder layout: out/{source,target}/{classes.txt, train/, val/}."""
+    out = Path(out)
+    splits = splits or TOY_SPLITS
+    for d, domain in enumerate(("source", "target")):
+        classes = list(TOY_SOURCE if domain == "source" else TOY_TARGET)
+        root = out / domain
+        for s, (split, count) in enumerate(splits[domain].items()):
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, d, s, i])
+                lab = _toy_layout(size, size, rng, classes)
+                img = render_toy(lab, classes, domain, rng)
+                Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
+                Image.fromarray(lab).save(root / split / "labels" / f"{i:05d}.png")
+        # classes.txt last: its presence marks a complete dataset
+        (root / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
+    t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
+    t.add_argument("--size", type=int, default=64, help="image side in pixels (64-256)")
+    t.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram")
+    add_data_args(i)
+    i.add_argument("--split", default="train", choices=["train", "val"])
+    args = p.parse_args()
+    if args.cmd == "toy":
+        if not 16 <= args.size <= 512:
+            raise DataError(f"--size {args.size}: expected 16..512")
+        write_toy(args.out, args.size, args.seed)
+        print(f"wrote the toy task to {args.out}: source {TOY_SPLITS['source']}, target {TOY_SPLITS['target']}, {args.size}px")
+    else:
+        ds = dataset_from_args(args, args.split)
+        hist = np.zeros(ds.n_channels, np.int64)
+        for k in range(len(ds)):
+            hist += np.bincount(ds[k]["label"].flatten().numpy(), minlength=ds.n_channels)
+        print(f"{ds.root} ({args.split}): {len(ds)} pairs, {ds.size[0]}x{ds.size[1]}, {len(ds.classes)} classes")
+        names = dict(zip(ds.classes.channels, ds.classes.display))
+        for ch in np.argsort(-hist):
+            if hist[ch]:
+                print(f"  {names.get(int(ch), 'dontcare'):<24s} {hist[ch] / hist.sum():7.2%}")
