@@ -331,7 +331,7 @@ TOY_SOURCE = {
     "snow": ((240, 242, 250), "flat", 8),
     "rock": ((125, 115, 105), "checker", 40),
     "car": ((205, 30, 35), "hband", 60),
-    "person": ((230, 180, 140), "flat", 15),
+    "person": ((175, 60, 200), "flat", 15),
     "fence": ((150, 105, 55), "vslats", 60),
 }
 # target name: (source look-alike or None, own base RGB for new classes, pattern, amplitude)

@@ -1,0 +1,258 @@
+"""Dataset layouts, id conventions, preprocessing and the toy task, on tiny fixtures built here."""
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import data
+from conftest import REPO
+
+
+def _save(path, array, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, fmt)
+
+
+def _rand_image(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- class tables
+
+def test_class_tables():
+    coco, ade, city = data.class_table("coco"), data.class_table("ade20k"), data.class_table("cityscapes")
+    assert (len(coco), coco.n_channels, coco.channels[0], coco.channels[-1]) == (182, 183, 1, 182)
+    assert coco.names[0] == "person" and coco.display[coco.names.index("building-other")] == "building"
+    assert (len(ade), ade.n_channels, ade.ids[0], ade.channels[-1]) == (150, 151, 1, 150)
+    assert ade.names[8] == "windowpane;window" and ade.display[8] == "windowpane"
+    assert (len(city), city.n_channels, city.ids[0], city.ids[-1]) == (33, 35, 1, 33)
+    assert city.names[city.ids.index(7)] == "road"
+
+
+def test_affinity_to_channels_hard_matches_mapped_onehot(rng):
+    tgt, src = data.class_table("ade20k"), data.class_table("coco")
+    A = np.zeros((150, 182), np.float32)
+    A[np.arange(150), rng.integers(0, 182, 150)] = 1
+    M = data.affinity_to_channels(A, tgt, src)
+    label = torch.from_numpy(rng.integers(0, 151, (2, 5, 7)))
+    mapped_ids = torch.tensor([0] + [src.channels[int(np.argmax(A[t]))] for t in range(150)])[label]
+    y = torch.einsum("bthw,ts->bshw", data.onehot(label, 151), M)
+    assert torch.equal(y, data.onehot(mapped_ids, 183))
+    with pytest.raises(SystemExit, match=r"shape \(150, 181\), expected \(150, 182\)"):
+        data.affinity_to_channels(A[:, :181], tgt, src)
+    A[3, 3] = np.nan
+    with pytest.raises(SystemExit, match="NaN"):
+        data.affinity_to_channels(A, tgt, src)
+
+
+def test_onehot_rejects_out_of_range():
+    with pytest.raises(SystemExit, match=r"expected 0\.\.4"):
+        data.onehot(torch.tensor([[[0, 5]]]), 5)
+
+
+# ---------------------------------------------------------------- layouts and id conventions
+
+def _ade(root, rng, n=3, h=200, w=300):
+    for split in ("training", "validation"):
+        for i in range(n):
+            _save(root / "images" / split / f"ADE_{i}.jpg", _rand_image(rng, h, w), "JPEG")
+            _save(root / "annotations" / split / f"ADE_{i}.png", rng.integers(0, 151, (h, w), dtype=np.uint8))
+    return root
+
+
+def test_ade20k_layout_and_ids(tmp_path, rng):
+    root = _ade(tmp_path / "ADEChallengeData2016", rng)
+    ds = data.SegDataset("ade20k", root, "val")
+    item = ds[0]
+    assert len(ds) == 3 and item["image"].shape == (3, 256, 256) and item["label"].shape == (256, 256)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    raw = np.asarray(Image.open(root / "annotations/validation/ADE_0.png").resize((256, 256), Image.NEAREST))
+    assert torch.equal(item["label"], torch.from_numpy(raw.astype(np.int64)))  # ADE: value = channel, 0 = other
+
+
+def test_coco_layout_and_ids(tmp_path, rng):
+    root = tmp_path / "cocostuff"
+    lab = rng.integers(0, 182, (256, 256), dtype=np.uint8)
+    lab[:10] = 255
+    _save(root / "val_img" / "000000000139.jpg", _rand_image(rng, 256, 256), "JPEG")
+    _save(root / "val_label" / "000000000139.png", lab)
+    item = data.SegDataset("coco", root, "val")[0]
+    assert (item["label"][:10] == 0).all()  # 255 (unlabeled) -> dontcare channel 0
+    assert torch.equal(item["label"][10:], torch.from_numpy(lab[10:].astype(np.int64) + 1))  # value + 1
+
+
+def test_cityscapes_layout_ids_and_size(tmp_path, rng):
+    root = tmp_path / "cityscapes"
+    for split in ("train", "val"):
+        for city in ("aachen", "bremen"):
+            stem = f"{city}_000000_000019"
+            _save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", _rand_image(rng, 128, 256))
+            _save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", rng.integers(0, 34, (128, 256), dtype=np.uint8))
+            _save(root / "gtFine" / split / city / f"{stem}_gtFine_color.png", _rand_image(rng, 128, 256))
+    ds = data.SegDataset("cityscapes", root, "train", augment=True)
+    assert len(ds) == 2 and ds[0]["image"].shape == (3, 256, 512)
+    ds = data.SegDataset("cityscapes", root, "val")
+    raw = np.asarray(Image.open(ds.files[0][1]).resize((512, 256), Image.NEAREST)).astype(np.int64)
+    assert torch.equal(ds[0]["label"], torch.from_numpy(raw))  # labelIds are channels
+
+
+def test_folder_layout_with_and_without_splits(tmp_path, rng):
+    flat = tmp_path / "flat"
+    (flat).mkdir()
+    (flat / "classes.txt").write_text("cat\ndog\n")
+    for i in range(4):
+        _save(flat / "images" / f"{i}.jpg", _rand_image(rng, 40, 50), "JPEG")
+        _save(flat / "labels" / f"{i}.png", rng.integers(0, 3, (40, 50), dtype=np.uint8))
+    ds = data.SegDataset("folder", flat, "train", size=32)
+    assert len(ds) == 4 and ds.n_channels == 3 and ds[1]["image"].shape == (3, 32, 32)
+    assert data.class_table("folder", flat).names == ["cat", "dog"]
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def test_train_crop_is_a_window_of_the_286_resize(tmp_path, rng):
+    root = _ade(tmp_path / "ade", rng, n=1, h=120, w=150)
+    ds = data.SegDataset("ade20k", root, "train", augment=True)
+    img_path, _ = ds.files[0]
+    resized = np.asarray(Image.open(img_path).convert("RGB").resize((286, 286), Image.BICUBIC))
+    seen_flip = set()
+    for seed in range(12):
+        random.seed(seed)
+        out = ((ds[0]["image"].permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255).round().astype(np.uint8)
+        random.seed(seed)
+        x, y, flip = random.randint(0, 30), random.randint(0, 30), random.random() < 0.5
+        window = resized[y:y + 256, x:x + 256]
+        assert np.array_equal(out, window[:, ::-1] if flip else window)
+        seen_flip.add(flip)
+    assert seen_flip == {True, False}
+
+
+def test_flip_keeps_image_and_label_aligned(tmp_path):
+    root = tmp_path / "ade"
+    lab = np.ones((100, 100), np.uint8)
+    lab[:, 30:] = 2
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[lab == 1] = (255, 0, 0)
+    img[lab == 2] = (0, 0, 255)
+    for split in ("training", "validation"):
+        _save(root / "images" / split / "a.jpg", img, "JPEG")
+        _save(root / "annotations" / split / "a.png", lab)
+    ds = data.SegDataset("ade20k", root, "train", augment=True)
+    for seed in range(6):
+        random.seed(seed)
+        item = ds[0]
+        red_minus_blue = item["image"][0] - item["image"][2]
+        for cls, sign in ((1, 1), (2, -1)):
+            mask = Image.fromarray((item["label"] == cls).numpy().astype(np.uint8))
+            inner = torch.from_numpy(np.asarray(mask.filter(ImageFilter.MinFilter(9))).astype(bool))  # away from the edge
+            assert inner.any() and (sign * red_minus_blue[inner] > 1).all()
+
+
+# ---------------------------------------------------------------- n-shot subsets
+
+def test_subsets_are_reproducible_and_reusable(tmp_path, rng):
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    for i in range(10):
+        _save(root / "images" / f"{i:02d}.png", _rand_image(rng, 8, 8))
+        _save(root / "labels" / f"{i:02d}.png", rng.integers(0, 3, (8, 8), dtype=np.uint8))
+    a = data.open_dataset("folder", root, n=4, subset_seed=3, out_dir=tmp_path / "run1", size=8)
+    b = data.open_dataset("folder", root, n=4, subset_seed=3, size=8)
+    c = data.open_dataset("folder", root, n=4, subset_seed=4, size=8)
+    assert a.files == b.files != c.files and len(a) == 4
+    d = data.open_dataset("folder", root, subset_file=tmp_path / "run1" / "subset.txt", size=8)
+    assert d.files == a.files
+    with pytest.raises(SystemExit, match="--n 11 is larger than the 10"):
+        data.open_dataset("folder", root, n=11)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_inputs_give_one_line_errors(tmp_path, rng):
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="no images"):
+        data.SegDataset("folder", root)
+    _save(root / "images" / "x.png", _rand_image(rng, 8, 8))
+    with pytest.raises(SystemExit, match="without a label"):
+        data.SegDataset("folder", root)
+    _save(root / "labels" / "x.png", np.full((8, 8), 7, np.uint8))
+    _save(root / "labels" / "y.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(SystemExit, match="without an image"):
+        data.SegDataset("folder", root)
+    (root / "labels" / "y.png").unlink()
+    with pytest.raises(SystemExit, match=r"label value 7 outside 0\.\.2"):
+        data.SegDataset("folder", root)[0]
+    (root / "images" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="unreadable"):
+        data.SegDataset("folder", root)[0]
+    with pytest.raises(SystemExit, match="no such folder"):
+        data.SegDataset("ade20k", tmp_path / "nowhere")
+    coco = tmp_path / "coco"
+    _save(coco / "val_img" / "a.jpg", _rand_image(rng, 8, 8), "JPEG")
+    _save(coco / "val_label" / "a.png", np.full((8, 8), 200, np.uint8))
+    with pytest.raises(SystemExit, match="label value 200 outside COCO-Stuff"):
+        data.SegDataset("coco", coco, "val")[0]
+    r = subprocess.run([sys.executable, "data.py", "info", "--data", "folder", "--data-root", str(tmp_path / "nowhere")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no such folder" in r.stderr
+
+
+# ---------------------------------------------------------------- toy task
+
+SMALL = {"source": {"train": 6, "val": 2}, "target": {"train": 6, "val": 2}}
+
+
+def test_toy_is_deterministic(tmp_path):
+    a = data.write_toy(tmp_path / "a", size=64, seed=5, splits=SMALL)
+    b = data.write_toy(tmp_path / "b", size=64, seed=5, splits=SMALL)
+    c = data.write_toy(tmp_path / "c", size=64, seed=6, splits=SMALL)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 2 * (2 * 8 + 1)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
+
+
+def _expected_colour(name, domain):
+    base = np.array(data.toy_look(name, domain)[0], np.float32)
+    return base @ data.TOY_GRADE.T + data.TOY_GRADE_BIAS if domain == "target" else base
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_toy_labels_match_images(tmp_path, domain):
+    root = data.write_toy(tmp_path, size=96, seed=1, splits={"source": {"train": 12}, "target": {"train": 12}})
+    classes = (root / domain / "classes.txt").read_text().split()
+    expected = np.stack([_expected_colour(c, domain) for c in classes])
+    checked = 0
+    for i in range(12):
+        img = np.asarray(Image.open(root / domain / "train" / "images" / f"{i:05d}.png")).astype(np.float32)
+        lab = np.asarray(Image.open(root / domain / "train" / "labels" / f"{i:05d}.png"))
+        assert lab.min() >= 1 and lab.max() <= len(classes)
+        for k in np.unique(lab):
+            m = lab == k
+            if m.sum() < 40:
+                continue
+            mean = img[m].mean(0)  # a region's mean colour is nearest to its own class's colour
+            assert np.argmin(((expected - mean) ** 2).sum(1)) == k - 1, (i, classes[k - 1])
+            checked += 1
+    assert checked > 30
+
+
+def test_toy_datasets_load_through_the_data_layer(tmp_path):
+    root = data.write_toy(tmp_path, size=64, seed=0, splits=SMALL)
+    ds = data.open_dataset("toy-target", root / "target", split="train", augment=True, n=3)
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and ds.n_channels == 10
+    assert data.class_table("toy-source", root / "source").names[:3] == ["sky", "grass", "water"]
