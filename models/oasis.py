@@ -1,0 +1,593 @@
+"""OASIS (Schoenfeld et al., ICLR 2021) written for CAT: loads the official checkpoints unchanged.
+
+The generator and discriminator keep the official state-dict keys (old-style spectral norm:
+weight_orig / weight_u / weight_v; BatchNorm without affine) so that `<run>/models/best_EMA.pth`
+loads strictly, and they compute what the official code computes (see specs/oasis/SPEC.md).
+Differences on purpose: the noise z can be passed explicitly, spectral norm and BatchNorm always run
+in fp32 (bf16 autocast friendly), and the generator can carry the CAT layers: a class-affinity 1x1
+conv on the label channels in front of every conv that eats the label map, plus zero-initialised
+residual convs, so that at step 0 G_cat(z, y) == G_src(z, A^T y) exactly (training-free mode).
+
+Losses, LabelMix and the EMA update follow the official training code (models/models.py,
+models/losses.py, utils/utils.py of boschresearch/OASIS) and are vectorised over classes.
+"""
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _fp32(device):
+    """Context that switches autocast off: spectral norm, BatchNorm and loss reductions need fp32."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _official_init(module):
+    """The official init_networks: xavier_normal(gain 0.02) conv weights, zero biases. CAT layers keep
+    their own init (zero residuals, affinity)."""
+    for m in module.modules():
+        if isinstance(m, (Residual, Affinity)):
+            continue
+        w = getattr(m, 'weight_orig', None)
+        if w is None and isinstance(m, nn.Conv2d):
+            w = m.weight
+        if w is not None:
+            nn.init.xavier_normal_(w, gain=0.02)
+        if isinstance(getattr(m, 'bias', None), nn.Parameter):
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+class SNConv2d(nn.Module):
+    """Conv2d under torch.nn.utils.spectral_norm (1 power iteration, eps 1e-12), same keys and order
+    (bias, weight_orig, weight_u, weight_v). Train mode updates u, v in place before use; eval mode
+    uses the stored vectors. sigma = u . (W v) is computed in fp32 even under autocast."""
+
+    def __init__(self, cin, cout, kernel_size, padding=0, bias=True):
+        super().__init__()
+        self.padding = padding
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.weight_orig = nn.Parameter(torch.empty(cout, cin, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight_orig, a=math.sqrt(5))
+        self.register_buffer('weight_u', F.normalize(torch.randn(cout), dim=0, eps=1e-12))
+        self.register_buffer('weight_v', F.normalize(torch.randn(cin * kernel_size ** 2), dim=0, eps=1e-12))
+
+    def normalized_weight(self):
+        w = self.weight_orig
+        with _fp32(w.device):
+            mat = w.flatten(1)
+            u, v = self.weight_u, self.weight_v
+            if self.training:
+                with torch.no_grad():
+                    v = F.normalize(torch.mv(mat.t(), u), dim=0, eps=1e-12)
+                    u = F.normalize(torch.mv(mat, v), dim=0, eps=1e-12)
+                    self.weight_v.copy_(v)
+                    self.weight_u.copy_(u)
+            sigma = torch.dot(u, torch.mv(mat, v))
+            return w / sigma
+
+    def forward(self, x):
+        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
+
+
+class ParamFreeBN(nn.BatchNorm2d):
+    """BatchNorm2d(affine=False) as the official SynchronizedBatchNorm2d runs it outside DataParallel:
+    fixed momentum 0.1 and `num_batches_tracked` never counted, so saved buffers match official files.
+    (nn.SyncBatchNorm.convert_sync_batchnorm may replace it for DDP; only that counter then differs.)"""
+
+    def __init__(self, num_features):
+        super().__init__(num_features, affine=False)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training,
+                            self.momentum, self.eps)
+
+
+class Residual(nn.Conv2d):
+    """CAT residual: a zero-initialised conv on the target one-hot map, added to the pretrained conv's
+    output; zero at step 0, so the CAT model starts exactly as the source model fed A^T y."""
+
+    def __init__(self, cin, cout, ks):
+        super().__init__(cin, cout, ks, padding=ks // 2)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class Affinity(nn.Module):
+    """CAT input layer: the channel-space affinity M (cat_nc x semantic_nc) as a bias-free 1x1 conv that
+    maps a target label map (cat_nc channels) to the source label space: y_src[s] = sum_t M[t, s] y[t]."""
+
+    def __init__(self, cat_nc, semantic_nc):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(semantic_nc, cat_nc, 1, 1))
+        nn.init.xavier_normal_(self.weight, gain=0.02)  # a random layer until set_affinity is called
+
+    def forward(self, y):
+        return F.conv2d(y, self.weight)
+
+
+def _noise_and_labels(z, y):
+    """The official SPADE input: z broadcast over H x W, concatenated BEFORE the label channels."""
+    b, _, h, w = y.shape
+    return torch.cat([z.to(y.dtype)[:, :, None, None].expand(b, z.shape[1], h, w), y], dim=1)
+
+
+class SPADE(nn.Module):
+    """out = BN(x) * (1 + gamma) + beta, with gamma/beta from mlp_shared(cat(z, y)).
+
+    With `cat_nc`, y is the target one-hot map: an Affinity layer maps it to the source label space in
+    front of the pretrained mlp_shared conv, and a zero-initialised residual conv on the target map is
+    added to that conv's output (before its ReLU). 'separate' paths give gamma and beta each their own
+    affinity + residual while sharing the pretrained conv; 'shared' uses one of each."""
+
+    def __init__(self, norm_nc, semantic_nc, z_dim, hidden=128, ks=3, cat_nc=None, cat_paths='separate',
+                 cat_residual=True):
+        super().__init__()
+        self.first_norm = ParamFreeBN(norm_nc)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(z_dim + semantic_nc, hidden, ks, padding=ks // 2), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(hidden, norm_nc, ks, padding=ks // 2)
+        self.mlp_beta = nn.Conv2d(hidden, norm_nc, ks, padding=ks // 2)
+        self.paths = () if cat_nc is None else ('gamma', 'beta') if cat_paths == 'separate' else ('',)
+        for p in self.paths:
+            setattr(self, 'cat_' + p if p else 'cat', Affinity(cat_nc, semantic_nc))
+            setattr(self, 'res_' + p if p else 'res',
+                    Residual(cat_nc, hidden, ks) if cat_residual else None)
+
+    def _hidden(self, z, y, path):
+        affinity = getattr(self, 'cat_' + path if path else 'cat')
+        residual = getattr(self, 'res_' + path if path else 'res')
+        a = self.mlp_shared[0](_noise_and_labels(z, affinity(y)))
+        if residual is not None:
+            a = a + residual(y)
+        return F.relu(a)
+
+    def forward(self, x, z, y):
+        with _fp32(x.device):
+            normalized = self.first_norm(x.float())
+        if y.shape[2:] != x.shape[2:]:
+            y = F.interpolate(y, size=x.shape[2:], mode='nearest')
+        if not self.paths:
+            a = self.mlp_shared(_noise_and_labels(z, y))
+            gamma, beta = self.mlp_gamma(a), self.mlp_beta(a)
+        elif self.paths == ('',):
+            a = self._hidden(z, y, '')
+            gamma, beta = self.mlp_gamma(a), self.mlp_beta(a)
+        else:
+            gamma = self.mlp_gamma(self._hidden(z, y, 'gamma'))
+            beta = self.mlp_beta(self._hidden(z, y, 'beta'))
+        return normalized * (1 + gamma) + beta
+
+
+class SPADEResBlock(nn.Module):
+    """The official ResnetBlock_with_SPADE (keys conv_0, conv_1, conv_s, norm_0, norm_1, norm_s)."""
+
+    def __init__(self, fin, fout, semantic_nc, z_dim, **spade_kw):
+        super().__init__()
+        self.learned_shortcut = fin != fout
+        fmid = min(fin, fout)
+        self.conv_0 = SNConv2d(fin, fmid, 3, padding=1)
+        self.conv_1 = SNConv2d(fmid, fout, 3, padding=1)
+        if self.learned_shortcut:
+            self.conv_s = SNConv2d(fin, fout, 1, bias=False)
+        self.norm_0 = SPADE(fin, semantic_nc, z_dim, **spade_kw)
+        self.norm_1 = SPADE(fmid, semantic_nc, z_dim, **spade_kw)
+        if self.learned_shortcut:
+            self.norm_s = SPADE(fin, semantic_nc, z_dim, **spade_kw)
+
+    def forward(self, x, z, y):
+        x_s = self.conv_s(self.norm_s(x, z, y)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, z, y), 0.2, inplace=True))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, z, y), 0.2, inplace=True))
+        return x_s + dx
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator
+
+class Generator(nn.Module):
+    """The official OASIS_Generator with an explicit z and optional CAT layers.
+
+    semantic_nc: label channels of the (source) checkpoint, dontcare = channel 0.
+    channels: channels_G (widths 16ch,16ch,16ch,8ch,4ch,2ch,ch); spade_hidden: SPADE hidden width (128);
+    crop_size, aspect_ratio: output is (32*H0, 32*W0) with W0 = crop_size // 32, H0 = round(W0 / aspect).
+    cat_nc: target label channels when CAT is on (forward then takes target one-hot maps);
+    cat_paths: 'separate' (gamma/beta get their own affinity + residual) or 'shared';
+    cat_residual: add the zero-initialised residual convs.
+    """
+
+    def __init__(self, semantic_nc, z_dim=64, channels=64, spade_hidden=128, num_res_blocks=6, crop_size=256,
+                 aspect_ratio=1.0, spade_ks=3, cat_nc=None, cat_paths='separate', cat_residual=True):
+        super().__init__()
+        if num_res_blocks != 6:
+            raise ValueError(f'num_res_blocks={num_res_blocks}: the OASIS generator has 6 SPADE blocks')
+        if cat_paths not in ('separate', 'shared'):
+            raise ValueError(f"cat_paths={cat_paths!r}: expected 'separate' or 'shared'")
+        self.kwargs = dict(semantic_nc=semantic_nc, z_dim=z_dim, channels=channels, spade_hidden=spade_hidden,
+                           num_res_blocks=num_res_blocks, crop_size=crop_size, aspect_ratio=aspect_ratio,
+                           spade_ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths, cat_residual=cat_residual)
+        self.semantic_nc, self.z_dim, self.cat_nc = semantic_nc, z_dim, cat_nc
+        w0 = crop_size // 2 ** (num_res_blocks - 1)
+        self.latent_hw = (round(w0 / aspect_ratio), w0)  # SPEC §0.4: (H0, W0), banker's rounding as official
+        widths = [16 * channels, 16 * channels, 16 * channels, 8 * channels, 4 * channels, 2 * channels, channels]
+        spade_kw = dict(hidden=spade_hidden, ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths,
+                        cat_residual=cat_residual)
+        self.conv_img = nn.Conv2d(channels, 3, 3, padding=1)
+        self.body = nn.ModuleList(SPADEResBlock(widths[i], widths[i + 1], semantic_nc, z_dim, **spade_kw)
+                                  for i in range(6))
+        self.fc = nn.Conv2d(z_dim + semantic_nc, 16 * channels, 3, padding=1)
+        _official_init(self)
+        if cat_nc is not None:  # fc also eats the label map, so it gets its own CAT layers
+            self.fc_cat = Affinity(cat_nc, semantic_nc)
+            self.fc_res = Residual(cat_nc, 16 * channels, 3) if cat_residual else None
+
+    @property
+    def output_hw(self):
+        return (32 * self.latent_hw[0], 32 * self.latent_hw[1])
+
+    def forward(self, y, z=None):
+        """y: (B, semantic_nc or cat_nc, H, W) float label map; z: (B, z_dim) or None (drawn like the
+        official code: torch.randn on y's device). Returns (B, 3, 32*H0, 32*W0) in (-1, 1), fp32."""
+        nc = self.semantic_nc if self.cat_nc is None else self.cat_nc
+        if y.dim() != 4 or y.shape[1] != nc:
+            raise ValueError(f'label map has shape {tuple(y.shape)}, the generator expects (B, {nc}, H, W)')
+        if z is None:
+            z = torch.randn(y.shape[0], self.z_dim, dtype=torch.float32, device=y.device)
+        y_lat = F.interpolate(y, size=self.latent_hw, mode='nearest')
+        if self.cat_nc is None:
+            x = self.fc(_noise_and_labels(z, y_lat))
+        else:
+            x = self.fc(_noise_and_labels(z, self.fc_cat(y_lat)))
+            if self.fc_res is not None:
+                x = x + self.fc_res(y_lat)
+        for i, block in enumerate(self.body):
+            # resize the label map once per block (nearest from full size, as the official SPADE does)
+            x = block(x, z, F.interpolate(y, size=x.shape[2:], mode='nearest'))
+            if i < len(self.body) - 1:
+                x = F.interpolate(x, scale_factor=2, mode='nearest')
+        x = self.conv_img(F.leaky_relu(x, 0.2))
+        return torch.tanh(x.float())
+
+    # --- CAT helpers -------------------------------------------------------------------------
+
+    def cat_modules(self):
+        """(name, module) of every CAT layer (affinity and residual convs)."""
+        out = [] if self.cat_nc is None else [('fc_cat', self.fc_cat), ('fc_res', self.fc_res)]
+        for name, m in self.named_modules():
+            if isinstance(m, SPADE):
+                for p in m.paths:
+                    for kind in ('cat', 'res'):
+                        attr = kind + '_' + p if p else kind
+                        out.append((f'{name}.{attr}', getattr(m, attr)))
+        return [(n, m) for n, m in out if m is not None]
+
+    def set_affinity(self, M):
+        """Load the channel-space affinity M (cat_nc x semantic_nc, see data.affinity_to_channels) into
+        every CAT affinity conv."""
+        M = torch.as_tensor(M, dtype=torch.float32)
+        if self.cat_nc is None:
+            raise ValueError('set_affinity: this generator has no CAT layers (built without cat_nc)')
+        if tuple(M.shape) != (self.cat_nc, self.semantic_nc):
+            raise ValueError(f'affinity has shape {tuple(M.shape)}, the generator expects '
+                             f'({self.cat_nc}, {self.semantic_nc}) (target x source channels)')
+        if not torch.isfinite(M).all():
+            raise ValueError('affinity contains NaN or inf values')
+        with torch.no_grad():
+            for _, m in self.cat_modules():
+                if isinstance(m, Affinity):
+                    m.weight.copy_(M.t()[:, :, None, None])
+
+    def stage_parameters(self, stage):
+        """Parameters trained in CAT stage 1 (CAT layers + SPADE gamma/beta convs) or stage 2 (every
+        SPADE-block layer, i.e. all of body.*, plus the CAT layers of fc)."""
+        cat = [p for _, m in self.cat_modules() for p in m.parameters()]
+        if stage == 1:
+            spade = [p for m in self.modules() if isinstance(m, SPADE)
+                     for p in (*m.mlp_gamma.parameters(), *m.mlp_beta.parameters())]
+            return cat + spade
+        if stage == 2:
+            body = list(self.body.parameters())
+            ids = {id(p) for p in body}
+            return body + [p for p in cat if id(p) not in ids]
+        raise ValueError(f'stage={stage}: expected 1 or 2')
+
+    def load_source(self, sd, path='<state dict>', name=None):
+        """Load an official (source) generator state dict. Every source key must be present with its
+        shape; only the CAT layers may be missing (they keep their init / set_affinity values)."""
+        cat_keys = {f'{n}.{k}' for n, m in self.cat_modules() for k in m.state_dict()}
+        own = {k: v for k, v in self.state_dict().items() if k not in cat_keys}
+        _check_keys(self, own, sd, path, name)
+        self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k in cat_keys}, **sd})
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator
+
+class DBlock(nn.Module):
+    """The official residual_block_D; Sequential indices give the keys conv1.0 / conv1.1 / conv1.2."""
+
+    def __init__(self, fin, fout, up, first=False):
+        super().__init__()
+        self.up, self.first = up, first
+        self.learned_shortcut = fin != fout
+        if first:
+            self.conv1 = nn.Sequential(SNConv2d(fin, fout, 3, padding=1))
+        elif up:
+            self.conv1 = nn.Sequential(nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2), SNConv2d(fin, fout, 3, padding=1))
+        else:
+            self.conv1 = nn.Sequential(nn.LeakyReLU(0.2), SNConv2d(fin, fout, 3, padding=1))
+        self.conv2 = nn.Sequential(nn.LeakyReLU(0.2), SNConv2d(fout, fout, 3, padding=1))
+        if self.learned_shortcut:
+            self.conv_s = SNConv2d(fin, fout, 1)
+
+    def forward(self, x):
+        s = x
+        if self.up:
+            s = F.interpolate(s, scale_factor=2, mode='nearest')
+        elif self.first:
+            s = F.avg_pool2d(s, 2)
+        if self.learned_shortcut:
+            s = self.conv_s(s)
+        if not self.up and not self.first:
+            s = F.avg_pool2d(s, 2)
+        dx = self.conv2(self.conv1(x))
+        if not self.up:
+            dx = F.avg_pool2d(dx, 2)
+        return s + dx
+
+
+class Discriminator(nn.Module):
+    """The official OASIS_Discriminator: a U-Net whose N+1 head gives logits (B, semantic_nc+1, H, W),
+    channel 0 = fake, channel k+1 = semantic channel k. channels / last_width are hard-coded in the
+    official code ([3,128,128,256,256,512,512] and 64) and exposed here for small test configs."""
+
+    def __init__(self, semantic_nc, channels=(3, 128, 128, 256, 256, 512, 512), last_width=64):
+        super().__init__()
+        ch = list(channels)
+        self.kwargs = dict(semantic_nc=semantic_nc, channels=ch, last_width=last_width)
+        n = len(ch) - 1
+        self.body_up = nn.ModuleList([DBlock(ch[-1], ch[-2], up=True)])
+        self.body_up.extend(DBlock(2 * ch[-1 - i], ch[-2 - i], up=True) for i in range(1, n - 1))
+        self.body_up.append(DBlock(2 * ch[1], last_width, up=True))
+        self.body_down = nn.ModuleList(DBlock(ch[i], ch[i + 1], up=False, first=i == 0) for i in range(n))
+        self.layer_up_last = nn.Conv2d(last_width, semantic_nc + 1, 1)
+        _official_init(self)
+
+    def forward(self, x):
+        k = 2 ** len(self.body_down)
+        if x.shape[2] % k or x.shape[3] % k:
+            raise ValueError(f'image size {tuple(x.shape[2:])}: the discriminator needs H and W multiples of {k}')
+        skips = []
+        for block in self.body_down:
+            x = block(x)
+            skips.append(x)
+        x = self.body_up[0](x)
+        for i in range(1, len(self.body_down)):
+            x = self.body_up[i](torch.cat([skips[-i - 1], x], dim=1))
+        return self.layer_up_last(x)
+
+    def blocks_for_freeze(self):
+        """Encoder blocks from the input side (FreezeD freezes the first K)."""
+        return list(self.body_down)
+
+    def retarget(self, new_nc, M=None):
+        """Rebuild the N+1 head for `new_nc` label channels. With M (new_nc x old semantic_nc) the row of
+        target channel t is sum_s M[t, s] * (row of source channel s) and the fake row is kept; with
+        None the head is freshly initialised (official init)."""
+        old = self.layer_up_last
+        old_nc = old.out_channels - 1
+        new = nn.Conv2d(old.in_channels, new_nc + 1, 1).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            if M is None:
+                _official_init(new)
+            else:
+                M = torch.as_tensor(M, dtype=old.weight.dtype, device=old.weight.device)
+                if tuple(M.shape) != (new_nc, old_nc):
+                    raise ValueError(f'retarget: M has shape {tuple(M.shape)}, expected ({new_nc}, {old_nc})')
+                new.weight[0] = old.weight[0]
+                new.bias[0] = old.bias[0]
+                new.weight[1:] = torch.einsum('ts,scij->tcij', M, old.weight[1:])
+                new.bias[1:] = M @ old.bias[1:]
+        self.layer_up_last = new
+        self.kwargs['semantic_nc'] = new_nc
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (official models/losses.py + generate_labelmix), fp32 reductions
+
+def class_balance_weights(y):
+    """Per-pixel weights (B, H, W) of the official class balancing, computed over the whole batch:
+    w_c = numel(y) / (n_present * C) / occ_c, dontcare weight 0. Same op order as the official code."""
+    occ = y.float().sum(dim=(0, 2, 3))
+    occ[0] = 0
+    n = (occ > 0).sum()
+    coeff = torch.reciprocal(occ) * y.numel() / (n * y.shape[1])
+    coeff[0] = 0
+    return coeff[y.argmax(1)]
+
+
+def n1_loss(logits, y, for_real):
+    """N+1 cross-entropy: real -> target argmax(y)+1 with class-balanced weights, fake -> target 0."""
+    with _fp32(logits.device):
+        logits = logits.float()
+        if for_real:
+            ce = F.cross_entropy(logits, y.argmax(1) + 1, reduction='none')
+            return torch.mean(ce * class_balance_weights(y))
+        target = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.long, device=logits.device)
+        return torch.mean(F.cross_entropy(logits, target, reduction='none'))
+
+
+def labelmix_mask(y):
+    """The official generate_labelmix mask (B, 1, H, W) for the one-hot map y, without a loop over classes.
+
+    Official: for each class c of unique(argmax y) in ascending order, draw torch.randint(0, 2, (1,))
+    (CPU generator) and write it IN PLACE into the pixels that currently hold c. Only values 0 and 1
+    can collide, so the result is: class c gets its own draw, except that class-0 pixels which drew 1
+    are overwritten by class 1's draw when class 1 is present. One batched draw equals the per-class
+    draws (same CPU RNG stream)."""
+    t = y.argmax(1)
+    n_ch = y.shape[1]
+    present = torch.bincount(t.flatten(), minlength=n_ch) > 0
+    draws = torch.randint(0, 2, (int(present.sum()),)).to(t.device)
+    lut = draws[(present.cumsum(0) - 1).clamp(min=0)]  # draw of each present class, by ascending rank
+    if n_ch > 1:
+        lut[0] = torch.where(present[0] & (lut[0] == 1) & present[1], lut[1], lut[0])
+    return lut[t].unsqueeze(1).float()
+
+
+def generator_loss(D, fake, y):
+    """Official "losses_G" (no VGG): class-balanced N+1 loss of D(fake) against the real targets."""
+    return n1_loss(D(fake), y, for_real=True)
+
+
+def discriminator_loss(D, real, fake, y, lambda_labelmix):
+    """Official "losses_D": returns (loss, parts) with parts = {'D_fake', 'D_real', 'D_lm'} (detached,
+    D_lm already times lambda). The three D calls are separate, as in the official code (each one does
+    its own spectral-norm power iteration). lambda_labelmix = 0 switches LabelMix off."""
+    fake = fake.detach()
+    d_fake = D(fake)
+    loss_fake = n1_loss(d_fake, y, for_real=False)
+    d_real = D(real)
+    loss_real = n1_loss(d_real, y, for_real=True)
+    loss = loss_fake + loss_real
+    loss_lm = torch.zeros((), device=real.device)
+    if lambda_labelmix:
+        mask = labelmix_mask(y)
+        d_mixed = D(mask * real + (1 - mask) * fake)
+        with _fp32(real.device):
+            mixed_pred = mask * d_real.float() + (1 - mask) * d_fake.float()
+            loss_lm = lambda_labelmix * F.mse_loss(mixed_pred, d_mixed.float())
+        loss = loss + loss_lm
+    return loss, {'D_fake': loss_fake.detach(), 'D_real': loss_real.detach(), 'D_lm': loss_lm.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+
+@torch.no_grad()
+def ema_update(ema, G, decay):
+    """ema <- decay * ema + (1 - decay) * G for EVERY state-dict entry (parameters, BN running stats,
+    spectral-norm u/v), with the official rounding (two products, then a sum)."""
+    e_sd, g_sd = ema.state_dict(), G.state_dict()
+    floats = [k for k, v in e_sd.items() if v.is_floating_point()]
+    ef = [e_sd[k] for k in floats]
+    torch._foreach_mul_(ef, decay)
+    torch._foreach_add_(ef, torch._foreach_mul([g_sd[k] for k in floats], 1 - decay))
+    for k, v in e_sd.items():  # integer counters: float blend copied back (truncates), as official
+        if not v.is_floating_point():
+            v.copy_(v * decay + g_sd[k] * (1 - decay))
+
+
+@torch.no_grad()
+def recompute_bn_stats(ema, batches, n_batches=51):
+    """The official BN-statistics pass after the blend: train-mode forwards of the EMA generator on up
+    to `n_batches` label maps (the official loop runs 51). Each forward also draws z and does one
+    spectral-norm power iteration, as in the official code."""
+    was_training = ema.training
+    ema.train()
+    for i, y in enumerate(batches):
+        if i == n_batches:
+            break
+        ema(y)
+    ema.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official configs and checkpoints
+
+_DATASETS = {'ade20k': (151, 256, 1.0), 'coco': (183, 256, 1.0), 'cityscapes': (35, 512, 2.0)}
+
+
+def oasis_config(dataset):
+    """(G kwargs, D kwargs) of the released OASIS checkpoints for 'ade20k' | 'coco' | 'cityscapes'."""
+    if dataset not in _DATASETS:
+        raise ValueError(f'no official OASIS config for {dataset!r}; expected one of {sorted(_DATASETS)}')
+    nc, crop, aspect = _DATASETS[dataset]
+    g = dict(semantic_nc=nc, z_dim=64, channels=64, spade_hidden=128, num_res_blocks=6, crop_size=crop,
+             aspect_ratio=aspect, spade_ks=3)
+    d = dict(semantic_nc=nc, channels=[3, 128, 128, 256, 256, 512, 512], last_width=64)
+    return g, d
+
+
+_WHERE = ('the official OASIS checkpoints come from the oasis_<dataset>_pretrained zips linked in the '
+          'boschresearch/OASIS README (unpack: <dir>/models/best_EMA.pth)')
+
+
+def load_official(path, part='EMA', which='best'):
+    """State dict of an official OASIS file. `path` is a run dir (<dir>/models/{which}_{part}.pth, or
+    <dir>/{which}_{part}.pth) or a single .pth. A finetuned CAT checkpoint (our dict) gives its `part`."""
+    p = Path(path)
+    if p.is_dir():
+        tries = [p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth']
+        found = [t for t in tries if t.is_file()]
+        if not found:
+            raise SystemExit(f'{p}: no {which}_{part}.pth in it or in {p / "models"}; {_WHERE}')
+        p = found[0]
+    elif not p.is_file():
+        raise SystemExit(f'{p}: file not found; {_WHERE}')
+    try:
+        sd = torch.load(p, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle / zip errors: one line, not a traceback
+        raise SystemExit(f'{p}: not a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})')
+    if isinstance(sd, dict) and isinstance(sd.get('kind'), str) and part in sd:
+        sd = sd[part]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f'{p}: not an OASIS state dict (expected a dict of tensors as saved by the official '
+                         f'save_networks)')
+    return sd
+
+
+def _explain(model, sd, path, name):
+    """One line saying why `sd` does not fit `model` (label channels, widths), or None."""
+    want = name or 'the model'
+    if isinstance(model, Generator):
+        if 'layer_up_last.weight' in sd:
+            return f'{path}: is a discriminator state dict, expected a generator (G or EMA)'
+        if 'fc.weight' not in sd:
+            return f'{path}: not an OASIS generator state dict (no fc.weight)'
+        zd = model.z_dim
+        got_nc, exp_nc = sd['fc.weight'].shape[1] - zd, model.semantic_nc
+        if got_nc != exp_nc:
+            return f'{path}: has {got_nc} label channels, {want} expects {exp_nc}'
+        got_w, exp_w = sd['fc.weight'].shape[0], model.fc.weight.shape[0]
+        if got_w != exp_w:
+            return f'{path}: has channels_G={got_w // 16}, {want} expects {exp_w // 16}'
+    else:
+        if 'fc.weight' in sd:
+            return f'{path}: is a generator state dict, expected a discriminator (D)'
+        if 'layer_up_last.weight' not in sd:
+            return f'{path}: not an OASIS discriminator state dict (no layer_up_last.weight)'
+        got_nc, exp_nc = sd['layer_up_last.weight'].shape[0] - 1, model.kwargs['semantic_nc']
+        if got_nc != exp_nc:
+            return f'{path}: has {got_nc} label channels, {want} expects {exp_nc}'
+    return None
+
+
+def _check_keys(model, own, sd, path, name):
+    """Raise SystemExit with one line unless `sd` has exactly the keys and shapes of `own`."""
+    msg = _explain(model, sd, path, name)
+    if msg is None:
+        missing = [k for k in own if k not in sd]
+        extra = [k for k in sd if k not in own]
+        shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or extra or shapes:
+            parts = []
+            for what, keys in (('missing', missing), ('unexpected', extra), ('wrong shape', shapes)):
+                if keys:
+                    parts.append(f'{len(keys)} {what} keys (e.g. {keys[0]})')
+            msg = f'{path}: does not match {name or "the model"}: ' + ', '.join(parts)
+    if msg is not None:
+        raise SystemExit(msg)
+
+
+def check_state_dict(model, sd, path='<state dict>', name=None):
+    """Load `sd` into `model` strictly; a mismatch raises SystemExit with one line, e.g.
+    "x.pth: has 151 label channels, --source cityscapes expects 35". `name` words the model."""
+    own = model.state_dict()
+    if isinstance(model, Generator) and model.cat_nc is not None and 'fc_cat.weight' not in sd:
+        raise SystemExit(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
+    _check_keys(model, own, sd, path, name)
+    model.load_state_dict(sd)
