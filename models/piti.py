@@ -1,0 +1,705 @@
+"""PITI (Wang et al. 2022) re-written lean, loading the official checkpoints unchanged, plus CAT.
+
+One model class, `PITI`, covers the 64x64 base and the 256x256 upsampler: a label-map encoder
+(CNN stem + transformer, cls token last with positional row 0) conditions a GLIDE-style UNet
+through the time embedding (cls token) and through extra keys/values in every attention block
+(grid tokens). State-dict keys are the official ones (`encoder.*`, `decoder.*`), so released files
+load with a strict key check. See ../shared/specs/piti/SPEC.md for the facts this file follows.
+
+CAT (Careil et al. 2023) adds two things, both off the official key set:
+  cat_map  (S, T)     1x1 conv from the target one-hot map to the source channel space, initialised
+                      from the affinity; a FIXED palette rendering (S -> RGB, SPEC section 4) follows,
+                      so a hard affinity feeds the encoder exactly the source model's input.
+  prompts  (1, K, W)  K learned tokens at the transformer input, between the grid and the cls token.
+
+Diffusion: `Diffusion` holds the float64 tables of one (schedule, respacing) pair; `sample`
+runs the respaced DDPM/DDIM loop with classifier-free guidance (cond and uncond halves in one
+batch, the encoder run once per sample); `cascade` chains base -> 8-bit -> upsampler.
+"""
+import math
+from contextlib import nullcontext
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Released configurations (SPEC section 3), as our constructor arguments.
+
+BASE_KWARGS = dict(image_size=64, model_channels=192, num_res_blocks=3, channel_mult=[1, 2, 3, 4],
+                   attention_ds=[2, 4, 8], noise_schedule="squaredcos_cap_v2", super_res=False)
+UP_KWARGS = dict(image_size=256, model_channels=192, num_res_blocks=2, channel_mult=[1, 1, 2, 2, 4, 4],
+                 attention_ds=[8, 16, 32], noise_schedule="linear", super_res=True)
+BASE_STEPS, UP_STEPS, GUIDANCE, UP_TEMP = "250", "fast27", 1.3, 0.997
+COCO_CHANNELS = 183  # data.class_table('coco').n_channels: channel = COCO-Stuff id + 1, 0 = unlabeled
+
+
+def official_kwargs(options, shrink=None):
+    """Official option dict (+ the golden files' `shrink` dict) -> PITI constructor arguments."""
+    size = int(options["image_size"])
+    mult = options["channel_mult"]
+    if mult == "":
+        mult = {64: (1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}.get(size)
+        if mult is None:
+            raise ValueError(f"image_size {size}: the official default channel_mult exists for 64 and 256 only")
+    else:
+        mult = tuple(int(m) for m in mult.split(","))
+    kw = dict(image_size=size, model_channels=int(options["num_channels"]),
+              num_res_blocks=int(options["num_res_blocks"]), channel_mult=list(mult),
+              attention_ds=[size // int(r) for r in options["attention_resolutions"].split(",")],
+              num_head_channels=int(options["num_head_channels"]), xf_width=int(options["xf_width"]),
+              xf_heads=int(options["xf_heads"]), super_res=bool(options["super_res"]),
+              in_chans=1 if options.get("mode") == "coco-edge" else 3,
+              dropout=float(options["dropout"]), noise_schedule=options["noise_schedule"])
+    if shrink:
+        kw.update(encoder_layers=shrink["encoder_layers"], cnn_widths=list(shrink["cnn_widths"]),
+                  n_tokens=shrink["n_tokens"], ref_size=shrink["ref_size"],
+                  transformer_proj_in=shrink["transformer_proj_in"])
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------
+# Label map -> conditioning image `ref` (SPEC section 4)
+
+
+@lru_cache(maxsize=None)
+def palette(n_channels):
+    """(n_channels, 3) uint8: channel c gets pix2pixHD's colour of c (COCO: id + 1); channel 0 is black.
+
+    For COCO channels this is the official `Colorize(182)` of id = c - 1, with unlabeled (255) black.
+    """
+    rgb = np.zeros((n_channels, 3), dtype=np.uint8)
+    for c in range(1, n_channels):
+        r = g = b = 0
+        v = c
+        for j in range(7):  # bit-interleave: bit 0 -> red, bit 1 -> green, bit 2 -> blue, MSB first
+            r |= (v & 1) << (7 - j)
+            g |= ((v >> 1) & 1) << (7 - j)
+            b |= ((v >> 2) & 1) << (7 - j)
+            v >>= 3
+        rgb[c] = (r, g, b)
+    return torch.from_numpy(rgb)
+
+
+def resize_nearest(label, size):
+    """(B,H,W) ids -> (B,size,size) with PIL NEAREST's pixel choice: floor((i + 0.5) * H / size)."""
+    H, W = label.shape[-2:]
+    rows = (torch.arange(size, device=label.device) * 2 + 1) * H // (2 * size)
+    cols = (torch.arange(size, device=label.device) * 2 + 1) * W // (2 * size)
+    return label[..., rows[:, None], cols[None, :]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def group_norm(x, norm):
+    """GroupNorm in float32 whatever the autocast dtype (GLIDE's GroupNorm32)."""
+    return F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(x.dtype)
+
+
+def attention(q, k, v):
+    """Softmax attention over (..., L, ch) tensors.
+
+    float32: the official op order (q and k each scaled by ch^-1/4, softmax in float32), which
+    reproduces the official outputs bit for bit; SDPA's fused scaling alone moves a first cosine
+    step by ~8e-3, past the golden tolerance. bf16 (autocast): SDPA's flash kernels, which keep the
+    softmax in float32 internally.
+    """
+    if q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v)
+    scale = q.shape[-1] ** -0.25
+    w = torch.softmax((q * scale) @ (k * scale).transpose(-1, -2), dim=-1)
+    return w @ v
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """[cos | sin] sinusoidal embedding of float timesteps (GLIDE's order and op order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """Scale-shift ResBlock; `up`/`down` resample between the in-norm and the in-conv, and on the skip."""
+
+    def __init__(self, ch, emb_ch, out_ch, dropout, up=False, down=False):
+        super().__init__()
+        self.up, self.down = up, down
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.Identity(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch))
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = F.silu(group_norm(x, self.in_layers[0]))
+        if self.up:
+            h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
+        elif self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = self.in_layers[2](h)
+        scale, shift = self.emb_layers(emb)[..., None, None].chunk(2, dim=1)
+        h = group_norm(h, self.out_layers[0]) * (1 + scale) + shift
+        h = self.out_layers[3](self.out_layers[2](F.silu(h)))
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention whose keys/values are prefixed by the encoder tokens (legacy per-head [q k v] layout)."""
+
+    def __init__(self, ch, head_ch, ctx_ch):
+        super().__init__()
+        self.heads = ch // head_ch
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.encoder_kv = nn.Conv1d(ctx_ch, 2 * ch, 1)
+        self.proj_out = nn.Conv1d(ch, ch, 1)
+
+    def forward(self, x, ctx):
+        B, C, H, W = x.shape
+        n, ch = self.heads, C // self.heads
+        qkv = self.qkv(group_norm(x, self.norm).reshape(B, C, H * W))
+        q, k, v = qkv.reshape(B * n, 3 * ch, H * W).split(ch, dim=1)
+        ek, ev = self.encoder_kv(ctx).reshape(B * n, 2 * ch, -1).split(ch, dim=1)
+        k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
+        a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x + self.proj_out(a.transpose(1, 2).reshape(B, C, H * W)).reshape(B, C, H, W)
+
+
+class Step(nn.ModuleList):
+    """GLIDE's TimestepEmbedSequential: ResBlocks get the time embedding, attention the encoder tokens."""
+
+    def forward(self, h, emb, ctx):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, AttentionBlock):
+                h = layer(h, ctx)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The GLIDE text-conditional UNet as PITI uses it (`decoder.*`)."""
+
+    def __init__(self, in_ch, mc, out_ch, num_res_blocks, channel_mult, attention_ds, head_ch, ctx_ch,
+                 proj_in, dropout):
+        super().__init__()
+        self.mc = mc
+        emb_ch = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.input_blocks = nn.ModuleList([Step([nn.Conv2d(in_ch, mc, 3, padding=1)])])
+        chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, emb_ch, mult * mc, dropout)]
+                ch = mult * mc
+                if ds in attention_ds:
+                    layers.append(AttentionBlock(ch, head_ch, ctx_ch))
+                self.input_blocks.append(Step(layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(Step([ResBlock(ch, emb_ch, ch, dropout, down=True)]))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = Step([ResBlock(ch, emb_ch, ch, dropout), AttentionBlock(ch, head_ch, ctx_ch),
+                                  ResBlock(ch, emb_ch, ch, dropout)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), emb_ch, mc * mult, dropout)]
+                ch = mc * mult
+                if ds in attention_ds:
+                    layers.append(AttentionBlock(ch, head_ch, ctx_ch))
+                if level and i == num_res_blocks:
+                    layers.append(ResBlock(ch, emb_ch, ch, dropout, up=True))
+                    ds //= 2
+                self.output_blocks.append(Step(layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.Identity(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.transformer_proj = nn.Linear(proj_in, emb_ch)
+
+    def forward(self, x, t, xf_proj, xf_out):
+        emb = self.time_embed(timestep_embedding(t, self.mc)) + self.transformer_proj(xf_proj)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, xf_out)
+            hs.append(h)
+        h = self.middle_block(h, emb, xf_out)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, xf_out)
+        return self.out[2](F.silu(group_norm(h, self.out[0])))
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.c_qkv = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, L, W = x.shape
+        # per head the 3*ch outputs are [q | k | v] (SPEC section 1, item 5), not three W-wide blocks
+        q, k, v = self.c_qkv(x).view(B, L, self.heads, -1).transpose(1, 2).chunk(3, dim=-1)
+        return self.c_proj(attention(q, k, v).transpose(1, 2).reshape(B, L, W))
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = SelfAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = MLP(width)
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x):
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class CNN(nn.Module):
+    """The encoder stem: 7x7 then four stride-2 3x3 convs with InstanceNorm + LeakyReLU, then a bare 3x3."""
+
+    def __init__(self, in_chans, widths):
+        super().__init__()
+        chans = [in_chans] + list(widths)
+        for i in range(5):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 7 if i == 0 else 3,
+                                                    stride=1 if i == 0 else 2, padding=3 if i == 0 else 1))
+            setattr(self, f"norm{i + 1}", nn.InstanceNorm2d(chans[i + 1], affine=True))
+        self.conv6 = nn.Conv2d(widths[-1], widths[-1], 3, padding=1)
+
+    def forward(self, x):
+        for i in range(1, 6):
+            x = F.leaky_relu(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)), 0.2)
+        return self.conv6(x)
+
+
+class Encoder(nn.Module):
+    """Label-map encoder: CNN grid tokens (+ positional rows 1..N), [prompts], cls token (+ row 0) last."""
+
+    def __init__(self, in_chans, width, layers, heads, cnn_widths, n_tokens):
+        super().__init__()
+        # the official code leaves these two as uninitialised th.empty; real values come from a checkpoint
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.positional_embedding = nn.Parameter(torch.zeros(1, n_tokens + 1, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.cnn = CNN(in_chans, cnn_widths)
+        self.final_ln = LayerNorm(width)
+
+    def forward(self, ref, prompts=None):
+        x = self.cnn(ref).flatten(2).transpose(1, 2)
+        if x.shape[1] != self.positional_embedding.shape[1] - 1:
+            raise ValueError(f"label map of side {ref.shape[-1]} gives {x.shape[1]} tokens, the encoder has "
+                             f"{self.positional_embedding.shape[1] - 1} positions")
+        x = x + self.positional_embedding[:, 1:]
+        cls = (self.cls_token + self.positional_embedding[:, :1]).expand(x.shape[0], -1, -1)
+        parts = [x] if prompts is None else [x, prompts.to(x.dtype).expand(x.shape[0], -1, -1)]
+        x = self.final_ln(self.transformer(torch.cat(parts + [cls.to(x.dtype)], dim=1)))
+        return x[:, -1], x[:, :-1].transpose(1, 2)  # xf_proj (B, W); xf_out (B, W, tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class PITI(nn.Module):
+    """PITI base (super_res=False) or upsampler (super_res=True), optionally with the CAT additions.
+
+    Defaults are the released base configuration; the five encoder constants the official code
+    hard-codes (encoder_layers, cnn_widths, n_tokens, ref_size, transformer_proj_in) are arguments.
+    source_channels: channels of the label space the model was trained on (COCO: 183, channel = id + 1).
+    target_channels: if set, the CAT 1x1 conv maps target channel ids to that space; prompts: K tokens.
+    """
+
+    def __init__(self, image_size=64, model_channels=192, num_res_blocks=3, channel_mult=(1, 2, 3, 4),
+                 attention_ds=(2, 4, 8), num_head_channels=64, xf_width=512, xf_heads=8, super_res=False,
+                 in_chans=3, dropout=0.1, noise_schedule="squaredcos_cap_v2", encoder_layers=8,
+                 cnn_widths=(32, 64, 128, 256, 512), n_tokens=256, ref_size=256, transformer_proj_in=512,
+                 source_channels=COCO_CHANNELS, target_channels=None, prompts=0):
+        super().__init__()
+        self.kwargs = dict(image_size=image_size, model_channels=model_channels, num_res_blocks=num_res_blocks,
+                           channel_mult=list(channel_mult), attention_ds=list(attention_ds),
+                           num_head_channels=num_head_channels, xf_width=xf_width, xf_heads=xf_heads,
+                           super_res=bool(super_res), in_chans=in_chans, dropout=dropout,
+                           noise_schedule=noise_schedule, encoder_layers=encoder_layers,
+                           cnn_widths=list(cnn_widths), n_tokens=n_tokens, ref_size=ref_size,
+                           transformer_proj_in=transformer_proj_in, source_channels=source_channels,
+                           target_channels=target_channels, prompts=prompts)
+        if cnn_widths[-1] != xf_width or transformer_proj_in != xf_width:
+            raise ValueError(f"the last CNN width ({cnn_widths[-1]}) and transformer_proj_in ({transformer_proj_in}) "
+                             f"must equal xf_width ({xf_width})")
+        if ref_size // 16 * (ref_size // 16) != n_tokens:
+            raise ValueError(f"ref_size {ref_size} gives {(ref_size // 16) ** 2} CNN tokens, n_tokens is {n_tokens}")
+        self.image_size, self.super_res, self.ref_size = image_size, bool(super_res), ref_size
+        self.noise_schedule, self.source_channels = noise_schedule, source_channels
+        self.encoder = Encoder(in_chans, xf_width, encoder_layers, xf_heads, cnn_widths, n_tokens)
+        self.decoder = UNet(6 if super_res else 3, model_channels, 6, num_res_blocks, channel_mult, attention_ds,
+                            num_head_channels, xf_width, transformer_proj_in, dropout)
+        self.cat_map = nn.Parameter(torch.empty(source_channels, target_channels)) if target_channels else None
+        self.prompts = nn.Parameter(torch.empty(1, prompts, xf_width)) if prompts else None
+        self.reset_cat()
+
+    def reset_cat(self):
+        """CAT parameters before training: identity-like 1x1 conv (set_affinity replaces it), N(0, 0.02) prompts."""
+        with torch.no_grad():
+            if self.cat_map is not None:
+                self.cat_map.copy_(torch.eye(*self.cat_map.shape))
+            if self.prompts is not None:
+                self.prompts.normal_(0, 0.02)
+
+    def official_keys(self):
+        """The state-dict keys an official checkpoint must hold (all but the CAT additions)."""
+        return [k for k in self.state_dict() if k.startswith(("encoder.", "decoder."))]
+
+    def set_affinity(self, M):
+        """Initialise the 1x1 conv from the channel-space affinity M (T, S), `data.affinity_to_channels`."""
+        if M.shape != self.cat_map.shape[::-1]:
+            raise ValueError(f"affinity in channel space is {tuple(M.shape)}, the model expects "
+                             f"{tuple(self.cat_map.shape[::-1])} (target channels, source channels)")
+        with torch.no_grad():
+            self.cat_map.copy_(M.t())
+
+    def ref(self, label):
+        """(B,H,W) long channel ids (target ids with CAT, source ids without) -> encoder input (B,3,R,R).
+
+        = 1x1 conv on the one-hot map, then the fixed palette S -> RGB (k/127.5 - 1), computed as one
+        lookup of the composed (T, 3) colour table; with a one-hot cat_map this is exact.
+        """
+        n = self.cat_map.shape[1] if self.cat_map is not None else self.source_channels
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= n):
+            raise ValueError(f"label ids span {int(label.min())}..{int(label.max())}, the model takes 0..{n - 1}")
+        colours = palette(self.source_channels).to(label.device, torch.float32) / 127.5  # (S, 3)
+        if self.cat_map is not None:
+            colours = self.cat_map.t().float() @ colours  # (T, 3): conv then palette, composed
+        label = resize_nearest(label, self.ref_size)
+        return F.embedding(label, colours).permute(0, 3, 1, 2) - 1
+
+    def encode(self, ref):
+        """Encoder outputs (xf_proj, xf_out) for a conditioning image; the uncond input is ones_like(ref)."""
+        return self.encoder(ref, self.prompts)
+
+    def denoise(self, x, t, xf_proj, xf_out, low_res=None):
+        """UNet output (B, 6, H, W) = [eps | variance values]; `low_res` for the upsampler (already at H, W ok)."""
+        if self.super_res:
+            if low_res is None:
+                raise ValueError("the upsampler needs low_res")
+            if low_res.shape[-2:] != x.shape[-2:]:
+                low_res = F.interpolate(low_res, x.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, low_res.to(x.dtype)], dim=1)
+        return self.decoder(x, t, xf_proj, xf_out)
+
+    def forward(self, x, t, ref, low_res=None):
+        """The official `model(x_t, timesteps, ref=..., low_res=...)`."""
+        return self.denoise(x, t, *self.encode(ref), low_res=low_res)
+
+
+def load_official(path, super_res=False, device="cpu", **kwargs):
+    """A released PITI file (flat state dict, `encoder.*`/`decoder.*`) -> PITI in eval mode, strict keys.
+
+    kwargs override the released configuration (BASE_KWARGS / UP_KWARGS), e.g. the CAT arguments.
+    Problems raise SystemExit with one line naming the file.
+    """
+    kw = dict(UP_KWARGS if super_res else BASE_KWARGS)
+    kw.update(kwargs)
+    sd = read_state_dict(path, "upsampler" if super_res else "base")
+    with torch.device("meta"):
+        model = PITI(**kw)
+    load_official_state(model, sd, path)
+    return model.to(device).eval()
+
+
+def read_state_dict(path, what):
+    import os
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
+                         f"(github.com/PITI-Synthesis/PITI, 'Pretrained Models': base_mask.pt / upsample_mask.pt)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: one line, not a traceback
+        raise SystemExit(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f"{path}: expected a flat state dict of tensors (an official PITI file), found "
+                         f"{type(sd).__name__} with keys {list(sd)[:4] if isinstance(sd, dict) else ''}")
+    return sd
+
+
+def load_official_state(model, sd, path="state dict"):
+    """Load official-format weights into `model` (built on any device, meta included), strict on keys and shapes."""
+    first = sd.get("decoder.input_blocks.0.0.weight")
+    if first is not None and first.dim() == 4 and first.shape[1] != (6 if model.super_res else 3):
+        found = "an upsampler" if first.shape[1] == 6 else "a base"
+        want = "upsampler" if model.super_res else "base"
+        raise SystemExit(f"{path}: is {found} checkpoint ({first.shape[1]} UNet input channels); expected the {want}")
+    own = model.state_dict()
+    want = model.official_keys()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in own or k not in want]
+    if missing or extra:
+        hint = " (an encoder-only stage-1 file?)" if any(k.startswith("cnn.") for k in sd) else ""
+        raise SystemExit(f"{path}: not a PITI checkpoint of this configuration{hint}: {len(missing)} keys missing "
+                         f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    for k in want:
+        if sd[k].shape != own[k].shape:
+            raise SystemExit(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
+                             f"for this configuration")
+    on_meta = next(model.parameters()).is_meta
+    if on_meta:  # materialise the non-official parameters (CAT) before assigning the loaded ones
+        model.to_empty(device="cpu")
+        model.reset_cat()
+    model.load_state_dict({k: sd[k].float() for k in want}, strict=False, assign=on_meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion (SPEC section 8): float64 tables, looked up as float32, exactly as improved-diffusion.
+
+
+def beta_schedule(name, T=1000):
+    if name == "linear":
+        scale = 1000 / T
+        return np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+    if name == "squaredcos_cap_v2":
+        abar = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+    raise ValueError(f"unknown noise schedule '{name}'; expected linear or squaredcos_cap_v2")
+
+
+def space_timesteps(T, spec):
+    """The kept timesteps of a respacing: "250", "10,10,3,2,2", "ddim50" or "fast27" (improved-diffusion)."""
+    if spec.startswith("ddim"):
+        want = int(spec[4:])
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == want:
+                return set(range(0, T, stride))
+        raise ValueError(f"respacing '{spec}': no integer stride gives {want} steps out of {T}")
+    if spec == "fast27":
+        steps = space_timesteps(T, "10,10,3,2,2")
+        steps.remove(T - 1)
+        steps.add(T - 3)
+        return steps
+    counts = [int(c) for c in spec.split(",")]
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, n in enumerate(counts):
+        size = size_per + (i < extra)
+        if size < n:
+            raise ValueError(f"respacing '{spec}': cannot take {n} steps from a section of {size}")
+        stride = (size - 1) / (n - 1) if n > 1 else 1
+        cur = 0.0
+        for _ in range(n):
+            kept.append(start + round(cur))  # Python round: ties to even, on an accumulated float stride
+            cur += stride
+        start += size
+    return set(kept)
+
+
+class Diffusion:
+    """One (noise schedule, respacing) pair; respacing "" keeps all 1000 steps (training)."""
+
+    def __init__(self, schedule, respacing="", T=1000):
+        betas = beta_schedule(schedule, T)
+        self.T_orig = T
+        if respacing:
+            keep = space_timesteps(T, respacing)
+            abar, last, new, self.timestep_map = np.cumprod(1.0 - betas), 1.0, [], []
+            for i, a in enumerate(abar):
+                if i in keep:
+                    new.append(1 - a / last)
+                    last = a
+                    self.timestep_map.append(i)
+            betas = np.array(new)
+        else:
+            self.timestep_map = list(range(T))
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+
+    def at(self, name, t, ndim=4):
+        """Table `name` at (respaced) indices t, as float32 broadcastable to an ndim tensor."""
+        arr = torch.from_numpy(getattr(self, name)).to(t.device)[t].float()
+        return arr.view(-1, *([1] * (ndim - 1)))
+
+    def model_t(self, t):
+        """What the network sees: timestep_map[t] * 1000 / T as float32 (rescale_timesteps)."""
+        return torch.tensor(self.timestep_map, device=t.device)[t].float() * (1000.0 / self.T_orig)
+
+    def p_mean_variance(self, out, x, t, clip=True):
+        """Learned-range variance and eps prediction -> (mean, log variance, x0)."""
+        eps, v = out[:, :3], out[:, 3:]
+        min_log = self.at("posterior_log_variance_clipped", t)
+        max_log = self.at("log_betas", t)
+        frac = (v + 1) / 2
+        logvar = frac * max_log + (1 - frac) * min_log
+        x0 = self.at("sqrt_recip_alphas_cumprod", t) * x - self.at("sqrt_recipm1_alphas_cumprod", t) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean = self.at("posterior_mean_coef1", t) * x0 + self.at("posterior_mean_coef2", t) * x
+        return mean, logvar, x0
+
+    def p_sample(self, out, x, t, noise):
+        """One ancestral step; no noise at respaced index 0."""
+        mean, logvar, x0 = self.p_mean_variance(out, x, t)
+        nonzero = (t != 0).float().view(-1, 1, 1, 1)
+        return mean + nonzero * torch.exp(0.5 * logvar) * noise, x0
+
+    def ddim_sample(self, out, x, t, noise, eta=0.0):
+        """One DDIM step (eta = 0: deterministic) from the clipped x0 prediction."""
+        _, _, x0 = self.p_mean_variance(out, x, t)
+        eps = (self.at("sqrt_recip_alphas_cumprod", t) * x - x0) / self.at("sqrt_recipm1_alphas_cumprod", t)
+        a, a_prev = self.at("alphas_cumprod", t), self.at("alphas_cumprod_prev", t)
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+        mean = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma ** 2) * eps
+        nonzero = (t != 0).float().view(-1, 1, 1, 1)
+        return mean + nonzero * sigma * noise, x0
+
+    def q_sample(self, x0, t, noise):
+        return self.at("sqrt_alphas_cumprod", t) * x0 + self.at("sqrt_one_minus_alphas_cumprod", t) * noise
+
+    def training_losses(self, out, x0, x_t, t, noise):
+        """PITI's base loss per sample: mse(eps) + vb, the vb term training only the variance channels."""
+        eps, v = out[:, :3].float(), out[:, 3:].float()
+        mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+        frozen = torch.cat([eps.detach(), v], dim=1)
+        mean, logvar, _ = self.p_mean_variance(frozen, x_t, t, clip=False)
+        true_mean = self.at("posterior_mean_coef1", t) * x0 + self.at("posterior_mean_coef2", t) * x_t
+        true_logvar = self.at("posterior_log_variance_clipped", t)
+        kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))
+        kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)  # RESCALED_MSE
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of 8-bit data in [-1, 1] under a Gaussian, bins of width 2/255."""
+    cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (norms and softmax stay float32 in the blocks); nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises=None, generator=None,
+           ddim=False, eta=0.0, temp=None, amp=True, trace=None, progress=False):
+    """Sample images for conditioning images `ref` (B,3,R,R) (from `model.ref(label)`).
+
+    steps: respacing ("250", "fast27", "ddim50", ...); default the official one for the model.
+    guidance: classifier-free scale s (base default 1.3); eps = eps_u + s (eps_c - eps_u) on the eps
+      channels, variance from the cond half; cond and uncond run as one 2B batch. None or 1 for
+      the upsampler: cond only, as the official code.
+    x_T / noises: the initial noise and the per-step noises (for exact replays); else drawn from
+      `generator` (initial noise x `temp`, official upsampler temp 0.997).
+    trace: a list that receives per-step dicts (x, t, model_out, x0) for tests.
+    The encoder runs once per sample (cond and uncond), not once per step.
+    """
+    steps = steps or (UP_STEPS if model.super_res else BASE_STEPS)
+    if guidance is None:
+        guidance = 1.0 if model.super_res else GUIDANCE
+    if guidance < 0:
+        raise ValueError(f"guidance scale {guidance} < 0; expected >= 0 (official base 1.3)")
+    temp = temp if temp is not None else (UP_TEMP if model.super_res else 1.0)
+    device = ref.device
+    diff = Diffusion(model.noise_schedule, steps)
+    B, size = ref.shape[0], model.image_size
+    guided = guidance != 1.0
+    with autocast(device) if amp else nullcontext():
+        ctx = model.encode(torch.cat([ref, torch.ones_like(ref)]) if guided else ref)
+    ctx = tuple(c.float() for c in ctx) if amp else ctx
+    if low_res is not None:  # bilinear once per sample, not at every step
+        low_res = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        low_res = torch.cat([low_res, low_res]) if guided else low_res
+    x = x_T if x_T is not None else torch.randn(B, 3, size, size, generator=generator, device=device) * temp
+    n = diff.num_timesteps
+    it = range(n - 1, -1, -1)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"sampling {steps}", leave=False)
+    for k, i in enumerate(it):
+        t = torch.full((B,), i, device=device, dtype=torch.long)
+        tm = diff.model_t(t)
+        with autocast(device) if amp else nullcontext():
+            if guided:
+                out = model.denoise(torch.cat([x, x]), torch.cat([tm, tm]), *ctx, low_res=low_res).float()
+                cond, uncond = out[:B], out[B:]
+                eps = uncond[:, :3] + guidance * (cond[:, :3] - uncond[:, :3])
+                out = torch.cat([eps, cond[:, 3:]], dim=1)
+            else:
+                out = model.denoise(x, tm, *ctx, low_res=low_res).float()
+        noise = noises[k] if noises is not None else torch.randn(x.shape, generator=generator, device=device)
+        x_next, x0 = diff.ddim_sample(out, x, t, noise, eta) if ddim else diff.p_sample(out, x, t, noise)
+        if trace is not None:
+            trace.append({"x": x, "t": i, "model_out": out, "x0": x0})
+        x = x_next
+    return x
+
+
+def quantize(x):
+    """The official base -> upsampler glue: clamp, then 8 bits by truncation."""
+    return (127.5 * (x.clamp(-1, 1) + 1)).int() / 127.5 - 1
+
+
+@torch.no_grad()
+def cascade(base, up, label, generator=None, steps=None, up_steps=None, guidance=None, ddim=False, amp=True,
+            progress=False):
+    """(B,H,W) channel ids -> (B,3,256,256) images in [-1,1]: base 64x64 with guidance, then the upsampler."""
+    low = sample(base, base.ref(label), steps=steps, guidance=guidance, generator=generator, ddim=ddim, amp=amp,
+                 progress=progress)
+    return sample(up, up.ref(label), steps=up_steps, low_res=quantize(low), generator=generator, amp=amp,
+                  progress=progress)
