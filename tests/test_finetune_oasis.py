@@ -1,0 +1,206 @@
+"""finetune_oasis.py end to end on the toy task, with tiny widths: runs, resumes exactly, trains under
+torchrun, and refuses bad input in one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from models import oasis
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16",
+        "--d-last", "8", "--batch", "2", "--n", "4", "--bn-batches", "2", "--grid-n", "2", "--device", "cpu"]
+# toy target class -> its source look-alike (lava has none: spread over rock and sand)
+PAIRS = {"sky": "sky", "lawn": "grass", "sea": "water", "street": "road", "house": "building", "bush": "tree",
+         "beach": "sand", "boat": "car"}
+
+
+def run(*args, ok=True):
+    # one thread per process: the test machine has 2 cores shared with other jobs, and OpenMP spinning
+    # under contention makes these tiny models 10x slower
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, env=env,
+                       timeout=300)
+    if ok and r.returncode != 0:
+        pytest.fail(f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def finetune(*args, **kw):
+    return run("finetune_oasis.py", *args, **kw)
+
+
+def log_losses(out):
+    lines = [json.loads(s) for s in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return {e["step"]: (e["loss_G"], e["loss_D"]) for e in lines if "loss_G" in e}
+
+
+def hard_affinity(path):
+    src, tgt = data.class_table("toy-source"), data.class_table("toy-target")
+    A = np.zeros((len(tgt), len(src)), np.float32)
+    for t, name in enumerate(tgt.names):
+        if name in PAIRS:
+            A[t, src.names.index(PAIRS[name])] = 1
+        else:
+            A[t, src.names.index("rock")] = A[t, src.names.index("sand")] = 0.5
+    np.save(path, A)
+    return A
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny toy source model trained from scratch for 2 steps (also the --init scratch end-to-end test)."""
+    out = tmp_path_factory.mktemp("src")
+    finetune("--init", "scratch", "--data", "toy-source", "--out", out, "--stage1-steps", "0",
+             "--stage2-steps", "2", "--eval-every", "2", "--log-every", "1", *TINY)
+    aff = hard_affinity(out / "affinity.npy")
+    return out / "checkpoint.pt", out / "affinity.npy", aff
+
+
+def cat_args(source, out, *extra):
+    ckpt, aff, _ = source
+    return ["--source", "toy-source", "--source-ckpt", ckpt, "--affinity", aff, "--data", "toy-target",
+            "--out", out, "--log-every", "1", *TINY, *extra]
+
+
+def test_scratch_checkpoint(source):
+    ckpt = torch.load(source[0], map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "oasis-cat" and ckpt["step"] == 2 and ckpt["affinity"] is None
+    assert ckpt["target"]["dataset"] == "toy-source" and ckpt["target"]["n_channels"] == 13
+    G = oasis.Generator(**ckpt["G_kwargs"])
+    G.load_state_dict(ckpt["EMA"])
+    out = G(data.onehot(torch.zeros(1, 64, 64, dtype=torch.long), 13), torch.zeros(1, 8))
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_cat_end_to_end(source, tmp_path):
+    finetune(*cat_args(source, tmp_path, "--stage1-steps", "2", "--stage2-steps", "2", "--eval-every", "2"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["source"]["dataset"] == "toy-source" and ckpt["target"]["dataset"] == "toy-target"
+    assert torch.equal(ckpt["affinity"], torch.from_numpy(source[2]))
+    assert ckpt["G_kwargs"]["cat_nc"] == 10 and ckpt["D_kwargs"]["semantic_nc"] == 10
+    G, D = oasis.Generator(**ckpt["G_kwargs"]), oasis.Discriminator(**ckpt["D_kwargs"])
+    G.load_state_dict(ckpt["G"])
+    D.load_state_dict(ckpt["D"])
+    losses = log_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(losses[s]).all() for s in losses)
+    assert (tmp_path / "samples" / "000000.png").is_file() and (tmp_path / "samples" / "000004.png").is_file()
+    assert (tmp_path / "subset.txt").read_text().count("\n") == 4
+    # stage 1 leaves everything outside the stage-1 set (e.g. the first conv) at its source value
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    assert torch.equal(ckpt["G"]["fc.weight"], src["EMA"]["fc.weight"])
+
+
+def test_resume_is_exact(source, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    finetune(*cat_args(source, full, "--stage1-steps", "2", "--stage2-steps", "4", "--eval-every", "3"))
+    finetune(*cat_args(source, part, "--stage1-steps", "2", "--stage2-steps", "1", "--eval-every", "3"))
+    finetune(*cat_args(source, part, "--stage1-steps", "2", "--stage2-steps", "4", "--eval-every", "3", "--resume"))
+    a, b = log_losses(full), log_losses(part)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+    ca = torch.load(full / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cb = torch.load(part / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for k in ca["G"]:
+        assert torch.equal(ca["G"][k], cb["G"][k]), k
+
+
+def test_torchrun_two_ranks_agree(source, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import finetune_oasis\n"
+        "G, D, EMA = finetune_oasis.main(sys.argv[1:])\n"
+        "torch.save({'G': dict(G.named_parameters()), 'D': dict(D.named_parameters())},"
+        f" os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
+    args = cat_args(source, tmp_path / "run")
+    args[args.index("--batch") + 1] = "4"
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args,
+        "--stage1-steps", "2", "--stage2-steps", "2", "--eval-every", "4")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    for part in ("G", "D"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), (part, k)
+    moved = [k for k in src["EMA"] if k in r0["G"] and not torch.equal(r0["G"][k], src["EMA"][k])]
+    assert moved, "no generator weight changed in 4 steps"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = [s for s in r.stderr.splitlines() if s.strip()]
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_affinity_shape(source, tmp_path):
+    np.save(tmp_path / "a.npy", np.full((9, 11), 1 / 11, np.float32))
+    args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
+    args[args.index("--affinity") + 1] = tmp_path / "a.npy"
+    one_line_error(finetune(*args, ok=False), "a.npy", "(9, 11)", "(9, 12)")
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "rows"])
+def test_bad_affinity_values(source, tmp_path, bad):
+    A = source[2].copy()
+    if bad == "nan":
+        A[0, 0] = np.nan
+    elif bad == "negative":
+        A[0, 1] = -0.5
+        A[0, 0] = 1.5
+    else:
+        A[1] *= 3
+    np.save(tmp_path / "a.npy", A)
+    args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
+    args[args.index("--affinity") + 1] = tmp_path / "a.npy"
+    one_line_error(finetune(*args, ok=False), "a.npy", {"nan": "NaN", "negative": "negative", "rows": "row 1"}[bad])
+
+
+def test_checkpoint_of_another_dataset(source, tmp_path):
+    args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
+    args[args.index("--source") + 1] = "toy-target"
+    one_line_error(finetune(*args, ok=False), "toy-source", "toy-target")
+
+
+def test_n_bigger_than_data(source, tmp_path):
+    args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
+    args[args.index("--n") + 1] = "100000"
+    one_line_error(finetune(*args, ok=False), "--n 100000")
+
+
+def test_size_not_multiple_of_64(source, tmp_path):
+    one_line_error(finetune("--init", "scratch", "--data", "toy-source", "--out", tmp_path, "--size", "96",
+                            "--stage2-steps", "1", *TINY, ok=False), "96x96", "64")
+
+
+def test_label_out_of_range(tmp_path):
+    root = tmp_path / "ds"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("a\nb\n")
+    for i in range(2):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((64, 64), 2 + 3 * i, np.uint8)).save(root / "labels" / f"{i}.png")
+    args = ["--init", "scratch", "--data", "folder", "--data-root", root, "--size", "64", "--out", tmp_path / "o",
+            "--stage2-steps", "1", *TINY]
+    args[args.index("--n") + 1] = "2"
+    one_line_error(finetune(*args, ok=False), "1.png", "5")
+
+
+def test_nan_loss_stops_with_step(source, tmp_path):
+    r = finetune(*cat_args(source, tmp_path, "--stage1-steps", "0", "--stage2-steps", "6", "--eval-every", "1",
+                           "--lr", "1e30"), ok=False)
+    one_line_error(r, "not finite at step", "checkpoint.pt")
