@@ -1,0 +1,190 @@
+"""evaluate.py: FID parity with pytorch-fid, KID, mIoU, folder mode and model mode.
+
+The Inception weights are random (built at test time in the exact key format of the pytorch-fid file),
+so the tests check parity and plumbing, not magnitudes. pytorch-fid is a test-only dependency.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as ev
+
+REPO = Path(__file__).resolve().parents[1]
+INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """Random weights with the keys and shapes of pytorch-fid's file, from pytorch-fid's own graph recipe."""
+    import torchvision
+    from pytorch_fid import inception as pi
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pi.FIDInceptionA(192, 32), pi.FIDInceptionA(256, 64), pi.FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = pi.FIDInceptionC(768, 128), pi.FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = pi.FIDInceptionC(768, 160), pi.FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = pi.FIDInceptionE_1(1280), pi.FIDInceptionE_2(2048)
+    g = torch.Generator().manual_seed(0)
+    sd = net.state_dict()
+    for k, v in sd.items():  # scale-preserving random values, so that features differ between images
+        if k.endswith("conv.weight") or k == "fc.weight":
+            v.copy_(torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5)
+        elif k.endswith("bn.weight") or k.endswith("running_var"):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+        elif k.endswith("bn.bias") or k.endswith("running_mean") or k == "fc.bias":
+            v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+    path = tmp_path_factory.mktemp("inception") / INCEPTION
+    torch.save(sd, path)
+    return path
+
+
+def write_images(folder, n, size, seed, smooth):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        x = rng.uniform(0, 255, (size[0] // 4, size[1] // 4, 3)) if smooth else rng.uniform(0, 255, (*size, 3))
+        im = Image.fromarray(x.astype(np.uint8))
+        (im.resize(size[::-1], Image.BICUBIC) if smooth else im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_images(root / "real", 4, (32, 48), 1, True), write_images(root / "fake", 4, (32, 48), 2, False)
+
+
+def pytorch_fid_activations(files, inception_file, monkeypatch):
+    from pytorch_fid import fid_score, inception as pi
+    monkeypatch.setattr(pi, "load_state_dict_from_url",
+                        lambda *a, **k: torch.load(inception_file, map_location="cpu", weights_only=True))
+    model = pi.InceptionV3([3]).eval()
+    return fid_score.get_activations([str(f) for f in files], model, batch_size=4, dims=2048, device="cpu",
+                                     num_workers=0)
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, tmp_path, monkeypatch):
+    from pytorch_fid import fid_score
+    real_dir, fake_dir = image_dirs
+    real_files, fake_files = sorted(real_dir.iterdir()), sorted(fake_dir.iterdir())
+    net = ev.load_feature_net(inception=inception_file)
+    ours = ev.features(net, ev.image_batches(real_files, 4, "cpu"))
+    ref_real = pytorch_fid_activations(real_files, inception_file, monkeypatch)
+    ref_fake = pytorch_fid_activations(fake_files, inception_file, monkeypatch)
+    assert ours.shape == ref_real.shape == (4, 2048) and ours.dtype == np.float64
+    assert rel(ours, ref_real) < 1e-4
+    assert np.ptp(ref_real, axis=0).max() > 1e-2  # the random net does tell images apart
+
+    r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o",
+            "--batch-size", 4, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    mu1, s1 = ref_fake.mean(0), np.cov(ref_fake, rowvar=False)
+    mu2, s2 = ref_real.mean(0), np.cov(ref_real, rowvar=False)
+    ref_fid = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+    assert ref_fid > 1e-3
+    assert abs(res["fid"] - ref_fid) / ref_fid < 1e-4
+    assert res["n_real"] == 4 and res["n_fake"] == 4 and res["toy_domain_fid"] is False
+    assert res["kid_std"] >= 0 and np.isfinite(res["kid_mean"])
+    assert any(line.startswith("fid ") for line in r.stdout.splitlines())
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    s1, s2 = a @ a.T + np.eye(8), b @ b.T + 0.5 * np.eye(8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    # tr sqrt(s1 s2) = sum of the square roots of the (real, positive) eigenvalues of s1 s2
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def kid_direct(x, y):
+    """Unbiased MMD^2 written out pair by pair."""
+    d, m = x.shape[1], len(x)
+    k = lambda u, v: (u @ v / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_against_direct_computation():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)), rng.normal(0.5, 1.2, size=(12, 5))
+    direct = kid_direct(x, y)
+    mean, std = ev.kid(x, y, n_subsets=5)  # subsets capped at the sample count: every subset is the full set
+    assert mean == pytest.approx(direct, rel=1e-10) and std < 1e-9 * abs(direct)
+    # the mean over random subsets estimates the full-sample statistic without bias
+    mean, std = ev.kid(x, y, n_subsets=3000, subset_size=6, seed=1)
+    assert std > 0 and abs(mean - direct) < 4 * std / np.sqrt(3000)
+
+
+def test_miou_against_hand_computed_confusion():
+    label = torch.tensor([[[0, 1, 1, 2],
+                           [2, 2, 3, 3]]])
+    pred = torch.tensor([[[1, 1, 2, 2],
+                          [2, 3, 3, 3]]])
+    conf = ev.confusion(pred, label, 5)
+    expected = np.zeros((5, 5), np.int64)  # rows: true, columns: predicted; the dontcare pixel is ignored
+    expected[1, 1], expected[1, 2], expected[2, 2], expected[2, 3], expected[3, 3] = 1, 1, 2, 1, 2
+    assert (conf == expected).all()
+    miou, per = ev.iou(conf, [1, 2, 3, 4])
+    # class 1: 1 / (2 + 1 - 1); class 2: 2 / (3 + 3 - 2); class 3: 2 / (2 + 3 - 2); class 4 absent
+    assert per[:3] == pytest.approx([0.5, 0.5, 2 / 3]) and per[3] is None
+    assert miou == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    # labels larger than the prediction are nearest-resized (legacy: rows/cols 0 and 2 of a 4x4 map)
+    big = torch.arange(16).reshape(1, 4, 4) % 4
+    conf = ev.confusion(torch.full((1, 2, 2), 1), big, 4)
+    assert conf[:, 1].tolist() == [0, 0, 2, 0]  # sampled labels: 0, 2, 0, 2 -> two dontcare, two class 2
+
+
+def test_segment_never_predicts_dontcare_and_checks_channels():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 0] = 5.0  # dontcare has the largest logit everywhere
+    logits[0, 2, 0, 0] = 1.0
+    seg = lambda x: logits  # noqa: E731
+    pred = ev.segment(seg, torch.zeros(1, 3, 2, 2), 3)
+    assert pred.tolist() == [[[2, 1], [1, 1]]]
+    with pytest.raises(SystemExit, match="3 channels; the dataset has 4"):
+        ev.segment(seg, torch.zeros(1, 3, 2, 2), 4, name="seg.pt")
+
+
+def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
+    real_dir, fake_dir = image_dirs
+    r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", tmp_path / INCEPTION, "--out", tmp_path / "o")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert INCEPTION in r.stderr and "fid_weights" in r.stderr and "mseitzer/pytorch-fid" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    one = write_images(tmp_path / "one", 1, (32, 48), 3, True)
+    r = run("--real-dir", real_dir, "--fake-dir", one, "--inception", inception_file, "--out", tmp_path / "o")
+    assert r.returncode != 0 and "at least 2" in r.stderr and str(one) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    mixed = write_images(tmp_path / "mixed", 2, (32, 48), 4, True)
+    write_images(tmp_path / "other", 1, (40, 40), 5, True)
+    (tmp_path / "other" / "000.png").rename(mixed / "zzz.png")
+    r = run("--real-dir", mixed, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o")
+    assert r.returncode != 0 and "mixed sizes" in r.stderr and "48x32" in r.stderr and "40x40" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    bogus = tmp_path / "bogus.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bogus)
+    with pytest.raises(SystemExit, match="not the FID Inception weights"):
+        ev.load_feature_net(inception=bogus)
