@@ -183,3 +183,67 @@ def test_small_trajectories(name):
             assert torch.equal(tr["init_randn"] * 0.997, tr["x"][0])
             torch.manual_seed(4321)
             assert maxdiff(sample(model, ref, steps=steps, low_res=low), tr["final"]) <= tol
+
+
+# ---------------------------------------------------------------------------------------------- released sizes
+
+
+def recipe_tensor(name, shape):
+    n = int(np.prod(shape))
+    z = np.random.RandomState(zlib.crc32(name.encode("utf-8"))).standard_normal(n)
+    if name.endswith(("cls_token", "positional_embedding")):
+        v = 0.5 * z
+    elif len(shape) == 1:
+        v = 1 + 0.1 * z if name.endswith(".weight") else 0.1 * z
+    else:
+        v = z / np.sqrt(n / shape[0])
+    return torch.from_numpy(v.astype(np.float32)).reshape(shape)
+
+
+def stats(x):
+    x = x.double()
+    return torch.stack([x.sum(), x.abs().sum(), x.abs().max()])
+
+
+@pytest.mark.parametrize("name", ["full_coco_base64.pt", "full_coco_upsample256.pt"])
+def test_released_size(name):
+    """The hard-coded full-size constants, with the recipe weights; ~60 s for both on 2 free cores."""
+    g = load(name)
+    with torch.device("meta"):
+        model = PITI(**official_kwargs(g["options"]))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(shapes) == g["recipe_keys"]  # same keys, same order as the official state dict
+    sd = {}
+    for k, s, a in zip(g["recipe_keys"], g["recipe_sum"].tolist(), g["recipe_abs_sum"].tolist()):
+        sd[k] = recipe_tensor(k, shapes[k])
+        got = sd[k].double()  # float64 sums depend on the summation order: compare relative to sum|x|
+        assert abs(got.sum().item() - s) <= 1e-12 * a and abs(got.abs().sum().item() - a) <= 1e-12 * a, k
+    load_official_state(model, sd, name)
+    model.eval()
+    ref = load("palette.pt")["ref_a"]
+    side = model.image_size
+    x = torch.from_numpy(np.random.RandomState(g["x_t_seed"]).standard_normal((1, 3, side, side)).astype(np.float32))
+    t = g["t_model"]
+    with torch.no_grad():
+        if model.super_res:
+            low = torch.from_numpy(np.random.RandomState(g["low_res_seed"]).randint(0, 256, (1, 3, 64, 64))
+                                   .astype(np.int32)) / 127.5 - 1
+            xf_proj, xf_out = model.encode(ref)
+            out = model.denoise(x, t, xf_proj, xf_out, low_res=low)
+            up = F.interpolate(low, (side, side), mode="bilinear", align_corners=False)
+            assert torch.allclose(stats(torch.cat([x, up], 1)), g["unet_in_stats"], rtol=1e-6)
+            assert maxdiff(out[..., ::8, ::8], g["out_stride8"]) <= FWD
+            assert maxdiff(out[..., 120:136, 120:136], g["out_crop_120_136"]) <= FWD
+        else:
+            xf_proj, xf_out = model.encode(torch.cat([ref, torch.ones_like(ref)]))
+            out = model.denoise(torch.cat([x, x]), torch.cat([t, t]), xf_proj, xf_out)
+            assert maxdiff(out[..., ::4, ::4], g["out_stride4"]) <= FWD
+            assert torch.allclose(stats(out[:1]), g["out_stats_cond"], rtol=1e-5)
+            assert torch.allclose(stats(out[1:]), g["out_stats_uncond"], rtol=1e-5)
+        assert torch.allclose(stats(out), g["out_stats"], rtol=1e-5)
+        emb = model.decoder.time_embed(timestep_embedding(torch.cat([t] * len(xf_proj)), model.decoder.mc)) \
+            + model.decoder.transformer_proj(xf_proj)
+    assert maxdiff(xf_proj, g["xf_proj"]) <= FWD
+    assert maxdiff(xf_out[..., :8], g["xf_out_first8"]) <= FWD
+    assert torch.allclose(stats(xf_out), g["xf_out_stats"], rtol=1e-5)
+    assert maxdiff(emb, g["emb"]) <= FWD
