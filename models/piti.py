@@ -703,3 +703,54 @@ def cascade(base, up, label, generator=None, steps=None, up_steps=None, guidance
                  progress=progress)
     return sample(up, up.ref(label), steps=up_steps, low_res=quantize(low), generator=generator, amp=amp,
                   progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# CAT checkpoints (written by finetune_piti.py)
+
+
+def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
+    """A 'piti-cat' checkpoint dict -> (base, upsampler) PITI models in eval mode.
+
+    The checkpoint keeps only what CAT trained (1x1 conv, prompts, encoder parts, or all with
+    --finetune-all) plus the paths of the official files it started from; `base` / `upsampler`
+    override those paths when the files moved.
+    """
+    models = []
+    for part, path, sr in (("base", base, False), ("up", upsampler, True)):
+        path = path or ckpt[f"{part}_file"]
+        model = load_official(path, super_res=sr, device="cpu", **ckpt[f"{part}_kwargs"])
+        trained = ckpt[f"{part}_ema" if ema else part]
+        unknown = [k for k in trained if k not in model.state_dict()]
+        if unknown:
+            raise SystemExit(f"checkpoint {part} weights do not fit {path}: unknown keys {unknown[:3]}")
+        model.load_state_dict(trained, strict=False)
+        models.append(model.to(device).eval())
+    return tuple(models)
+
+
+def load_piti_generator(ckpt_path, device, upsampler=None, base=None, steps=None, up_steps=None, guidance=None,
+                        ddim=False, amp=True):
+    """A PITI-CAT checkpoint -> generator(label, seed) -> images (B,3,256,256) in [-1,1].
+
+    label: (B,H,W) long TARGET channel ids (data.py convention, any H, W); the base samples 64x64
+    with classifier-free guidance (official 250 steps, s = 1.3), the upsampler takes it to 256x256
+    (fast27). steps / up_steps / guidance / ddim override the defaults (e.g. steps="ddim50", ddim=True).
+    upsampler / base: paths of the official files if they moved since finetuning.
+    """
+    import os
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"{ckpt_path}: PITI-CAT checkpoint not found (written by finetune_piti.py)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "piti-cat":
+        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"{ckpt_path}: expected a finetune_piti.py checkpoint (kind 'piti-cat'), found {kind!r}")
+    base_model, up_model = load_cat_models(ckpt, device, base=base, upsampler=upsampler)
+
+    def generate(label, seed=0):
+        gen = torch.Generator(device).manual_seed(int(seed))
+        return cascade(base_model, up_model, label.to(device), generator=gen, steps=steps, up_steps=up_steps,
+                       guidance=guidance, ddim=ddim, amp=amp)
+
+    generate.base, generate.upsampler, generate.checkpoint = base_model, up_model, ckpt
+    return generate
