@@ -363,6 +363,7 @@ class PITI(nn.Module):
         if ref_size // 16 * (ref_size // 16) != n_tokens:
             raise ValueError(f"ref_size {ref_size} gives {(ref_size // 16) ** 2} CNN tokens, n_tokens is {n_tokens}")
         self.image_size, self.super_res, self.ref_size = image_size, bool(super_res), ref_size
+        self.stride = 2 ** (len(channel_mult) - 1)  # the UNet halves the side this many times over
         self.noise_schedule, self.source_channels = noise_schedule, source_channels
         self.encoder = Encoder(in_chans, xf_width, encoder_layers, xf_heads, cnn_widths, n_tokens)
         self.decoder = UNet(6 if super_res else 3, model_channels, 6, num_res_blocks, channel_mult, attention_ds,
@@ -412,6 +413,8 @@ class PITI(nn.Module):
 
     def denoise(self, x, t, xf_proj, xf_out, low_res=None):
         """UNet output (B, 6, H, W) = [eps | variance values]; `low_res` for the upsampler (already at H, W ok)."""
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(f"image side {tuple(x.shape[-2:])} is not a multiple of {self.stride}, which this UNet needs")
         if self.super_res:
             if low_res is None:
                 raise ValueError("the upsampler needs low_res")
