@@ -1,0 +1,207 @@
+"""The toy transfer benchmark: CAT against the paper's baselines on a task anyone can run.
+
+Pipeline (each step is one of the project's scripts, run as a subprocess; finished steps are
+skipped when the benchmark is run again with the same --out):
+  1. the toy task (data.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
+     trained on the FULL toy target training set (bench/toy_segmenter.py);
+  2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch);
+  3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source
+     discriminator as segmenter), combination (text + supervised; no DINO file here), hard and soft;
+  4. at n target images and equal step budgets, the paper's rows: from scratch; finetune with a random
+     first layer; FreezeD; CAT training-free (random / text / supervised / combination);
+     CAT finetuned (text / supervised / combination, hard and soft);
+  5. evaluate.py on the target validation maps: toy FID (features of the toy-domain net, NOT
+     comparable to Inception FID) and mIoU; a table (mean ± std over seeds) and a figure.
+
+    python bench/toy_transfer.py --quick --out runs/toy_quick       # the README demo: one CAT run, minutes on CPU
+    python bench/toy_transfer.py --out runs/toy_bench --seeds 0 1 2 --write-benchmarks
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The sizes: "gpu" trains in minutes on one GPU; "cpu" is the reduced form for a 2-core machine.
+SIZES = {
+    "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
+                       "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20),
+    "cpu": dict(width=["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64",
+                       "--d-last", "16"], batch=8, source_steps=3000, steps=600, seg_epochs=10),
+    "quick": dict(width=["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64",
+                         "--d-last", "16"], batch=8, source_steps=400, steps=150, seg_epochs=3),
+}
+
+
+def run(cmd, log, done=None):
+    """Run one stage (skipped when `done` exists), teeing its output to a log file."""
+    if done is not None and Path(done).exists():
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        tail = Path(log).read_text().splitlines()[-5:]
+        raise SystemExit(f"step failed (exit {r.returncode}), see {log}:\n" + "\n".join(tail))
+    print(f"  done in {time.time() - t0:.0f}s", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/toy_bench", help="working folder (re-running skips finished steps)")
+    p.add_argument("--quick", action="store_true", help="the demo: one seed, combination CAT only, tiny budgets")
+    p.add_argument("--size-preset", default=None, choices=list(SIZES), help="budgets (default: gpu on CUDA, else cpu)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="n-shot subset + training seeds")
+    p.add_argument("--n", type=int, default=100, help="target training images")
+    p.add_argument("--steps", type=int, default=None, help="training budget of every target run (overrides the preset)")
+    p.add_argument("--source-steps", type=int, default=None, help="source pretraining steps (overrides the preset)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--write-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
+    args = p.parse_args()
+
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = "quick" if args.quick else args.size_preset or ("gpu" if device == "cuda" else "cpu")
+    cfg = SIZES[preset]
+    steps = args.steps or cfg["steps"]
+    source_steps = args.source_steps or cfg["source_steps"]
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    dev = ["--device", device]
+    t_start = time.time()
+
+    # 1. evaluation nets (the toy data is generated on first use)
+    evalnets = out / "evalnets"
+    run(["bench/toy_segmenter.py", "--out", evalnets, "--epochs", cfg["seg_epochs"]], logs / "evalnets.log",
+        done=evalnets / "features.pt")
+    eval_flags = ["--data", "toy-target", "--split", "val", "--fid-features", evalnets / "features.pt",
+                  "--segmenter", evalnets / "segmenter.pt", "--stats-cache", out / "fid_stats"] + dev
+
+    # 2. the source model
+    source = out / "source"
+    run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch", cfg["batch"],
+         "--stage1-steps", "0", "--stage2-steps", source_steps, "--eval-every", max(source_steps // 4, 50),
+         "--out", source] + dev, logs / "source.log", done=source / "checkpoint.pt")
+    src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt"]
+
+    rows = {}  # row name -> list of results.json dicts (one per seed)
+    for seed in args.seeds:
+        sd = out / f"seed{seed}"
+        shot = ["--data", "toy-target", "--n", args.n, "--subset-seed", seed]
+
+        # 3. affinities
+        methods = ["combination"] if args.quick else ["random", "text", "supervised", "combination"]
+        aff = {}
+        for method in methods:
+            for kind in (["hard"] if method == "random" or args.quick else ["hard", "soft"]):
+                d = sd / f"aff_{method}_{kind}"
+                run(["estimate_affinity.py", "--source", "toy-source", "--target", "toy-target", "--method", method,
+                     f"--{kind}", "--source-ckpt", source / "checkpoint.pt", "--n", args.n, "--subset-seed", seed,
+                     "--seed", seed, "--out", d] + dev, logs / f"seed{seed}_aff_{method}_{kind}.log",
+                    done=d / "affinity.npy")
+                aff[method, kind] = d / "affinity.npy"
+
+        # 4. the rows: (name, finetune flags or None for training-free, affinity for training-free)
+        common = ["--batch", cfg["batch"], "--seed", seed, "--eval-every", max(steps // 2, 25)] + shot + dev
+        split = ["--stage1-steps", steps * 2 // 5, "--stage2-steps", steps - steps * 2 // 5]
+        plan = []
+        if not args.quick:
+            plan += [
+                ("From scratch", ["--init", "scratch", *cfg["width"]] + split, None),
+                ("Finetune, random 1x1", [*src, "--affinity", "none", "--freeze-d", "0"] + split, None),
+                ("FreezeD, random 1x1", [*src, "--affinity", "none", "--freeze-d", "2"] + split, None),
+            ]
+            plan += [(f"CAT training-free, {m}", None, aff[m, "hard"]) for m in ("random", "text", "supervised", "combination")]
+            plan += [(f"CAT finetuned, {m} ({k})", [*src, "--affinity", aff[m, k]] + split, None)
+                     for m in ("text", "supervised", "combination") for k in ("hard", "soft")]
+        else:
+            plan += [("CAT training-free, combination", None, aff["combination", "hard"]),
+                     ("CAT finetuned, combination (hard)", [*src, "--affinity", aff["combination", "hard"]] + split, None)]
+        for name, flags, affinity in plan:
+            tag = name.lower().replace(",", "").replace("(", "").replace(")", "").replace(" ", "_")
+            ev = sd / f"eval_{tag}"
+            if flags is not None:
+                run_dir = sd / f"run_{tag}"
+                run(["finetune_oasis.py", *flags, *common, "--out", run_dir], logs / f"seed{seed}_{tag}.log",
+                    done=run_dir / "checkpoint.pt")
+                model = ["--ckpt", run_dir / "checkpoint.pt"]
+            else:
+                model = ["--ckpt", source / "checkpoint.pt", "--source", "toy-source", "--affinity", affinity]
+            run(["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev], logs / f"seed{seed}_eval_{tag}.log",
+                done=ev / "results.json")
+            rows.setdefault(name, []).append(json.loads((ev / "results.json").read_text()))
+            rows[name][-1]["_eval_dir"] = str(ev)
+
+    # 5. table + figure
+    table = format_table(rows, args, preset, steps, source_steps, device)
+    (out / "table.md").write_text(table)
+    figure(rows, out / "figure.png")
+    summary = {name: {k: [r.get(k) for r in rs] for k in ("fid", "miou")} for name, rs in rows.items()}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(table)
+    print(f"total {time.time() - t_start:.0f}s")
+    last = rows[list(rows)[-1]][-1]["_eval_dir"]
+    print(f"grid: {Path(last) / 'grid.png'}\nnumbers: {out / 'results.json'} (per row), {Path(last) / 'results.json'}\n"
+          f"figure: {out / 'figure.png'}")
+    if args.write_benchmarks:
+        write_benchmarks(table)
+
+
+def format_table(rows, args, preset, steps, source_steps, device):
+    cmd = "python bench/toy_transfer.py " + " ".join(sys.argv[1:])
+
+    def cell(vals, fmt):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return (fmt % np.mean(vals)) + (f" ± {fmt % np.std(vals)}" if len(vals) > 1 else "")
+
+    lines = [f"Toy transfer, n = {args.n} target images, seeds {args.seeds}, preset `{preset}` "
+             f"({steps} steps per target run, source pretrained {source_steps} steps), device {device}.",
+             f"Command: `{cmd}`", "",
+             "| method | FID-toy ↓ | mIoU ↑ |", "|---|---|---|"]
+    for name, rs in rows.items():
+        lines.append(f"| {name} | {cell([r.get('fid') for r in rs], '%.2f')} | {cell([r.get('miou') for r in rs], '%.3f')} |")
+    real = [r.get("miou_real") for rs in rows.values() for r in rs if r.get("miou_real") is not None]
+    if real:
+        lines.append(f"| real target val images | 0 | {np.mean(real):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows, path, n_maps=4):
+    """Sample rows per method: for the first validation maps, one generated image from every method."""
+    cols = []
+    for name, rs in rows.items():
+        imgs = sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]
+        if len(imgs) == n_maps:
+            cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
+    if cols:
+        Image.fromarray(np.concatenate(cols, 1)).save(path)
+
+
+def write_benchmarks(table):
+    """Replace the toy-transfer section of BENCHMARKS.md (between its markers) with the new table."""
+    path = REPO / "BENCHMARKS.md"
+    begin, end = "<!-- toy-transfer:begin -->", "<!-- toy-transfer:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    stamp = time.strftime("%Y-%m-%d")
+    block = f"{begin}\n## Toy transfer benchmark ({stamp})\n\n{table}{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
