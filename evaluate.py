@@ -48,6 +48,7 @@ import argparse
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,12 @@ def file_digest(path):
     return h.hexdigest()[:10]
 
 
+def jit_load(path, device):
+    with warnings.catch_warnings():  # torch 2.14 flags torch.jit as deprecated; TorchScript files are our format
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device)
+
+
 def load_feature_net(inception=None, fid_features=None, device="cpu"):
     """The FID Inception from its local file, or a TorchScript feature net; eval mode, on `device`.
 
@@ -261,7 +268,7 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
             raise SystemExit(f"--fid-features {path}: file not found; expected a TorchScript feature net "
                              "(input (B,3,H,W) in [0,1], output (B,D))")
         try:
-            scripted = torch.jit.load(str(path), map_location="cpu")
+            scripted = jit_load(path, "cpu")
         except Exception as e:
             raise SystemExit(f"--fid-features {path}: not a TorchScript file ({type(e).__name__})")
         net = ScriptedFeatures(scripted, f"features-{path.stem}-{file_digest(path)}")
@@ -412,7 +419,7 @@ def load_segmenter(path, device):
         raise SystemExit(f"--segmenter {path}: file not found; expected a TorchScript segmenter "
                          "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        return jit_load(path, device).eval()
     except Exception as e:
         raise SystemExit(f"--segmenter {path}: not a TorchScript file ({type(e).__name__})")
 
@@ -539,8 +546,10 @@ def load_generator(args, dataset, device, bf16):
             from models.piti import load_piti_generator
         except ImportError as e:
             raise SystemExit(f"--ckpt {path}: a PITI checkpoint, but models.piti.load_piti_generator is unavailable ({e})")
-        piti = load_piti_generator(str(path), device)
-        info["kind"] = "piti-cat"
+        steps = args.piti_steps
+        piti = load_piti_generator(str(path), device, steps=steps, ddim=bool(steps and steps.startswith("ddim")),
+                                   amp=bf16)
+        info.update(kind="piti-cat", steps=steps or "official defaults")
         return (lambda label, seeds: piti(label, seeds[0])), info
 
     from models.oasis import Generator, check_state_dict, load_official, oasis_config
@@ -573,7 +582,7 @@ def load_generator(args, dataset, device, bf16):
             raise SystemExit(f"--affinity {apath}: file not found; estimate_affinity.py writes it")
         M = affinity_to_channels(np.load(apath), dataset.classes, source)
         G = Generator(**{**kwargs, "cat_nc": dataset.n_channels})
-        G.load_source(sd)
+        G.load_source(sd, path)
         G.set_affinity(M)
         info.update(kind="oasis-training-free", source=args.source, affinity=str(apath))
     takes = G.kwargs.get("cat_nc") or G.kwargs["semantic_nc"]
@@ -620,6 +629,7 @@ def main():
     p.add_argument("--source", help="training-free mode: the source model's dataset (ade20k, coco, cityscapes, ...)")
     p.add_argument("--source-root", help="training-free mode: folder of a folder/toy source dataset (classes.txt)")
     p.add_argument("--affinity", help="training-free mode: affinity .npy (target classes x source classes)")
+    p.add_argument("--piti-steps", help="PITI base sampler respacing, e.g. ddim50 (default: the official 250 steps)")
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")

@@ -61,7 +61,7 @@ def write_images(folder, n, size, seed, smooth):
 @pytest.fixture(scope="module")
 def image_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return write_images(root / "real", 4, (32, 48), 1, True), write_images(root / "fake", 4, (32, 48), 2, False)
+    return write_images(root / "real", 3, (32, 48), 1, True), write_images(root / "fake", 3, (32, 48), 2, False)
 
 
 def pytorch_fid_activations(files, inception_file, monkeypatch):
@@ -82,15 +82,15 @@ def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, t
     real_dir, fake_dir = image_dirs
     real_files, fake_files = sorted(real_dir.iterdir()), sorted(fake_dir.iterdir())
     net = ev.load_feature_net(inception=inception_file)
-    ours = ev.features(net, ev.image_batches(real_files, 4, "cpu"))
+    ours = ev.features(net, ev.image_batches(real_files, 3, "cpu"))
     ref_real = pytorch_fid_activations(real_files, inception_file, monkeypatch)
     ref_fake = pytorch_fid_activations(fake_files, inception_file, monkeypatch)
-    assert ours.shape == ref_real.shape == (4, 2048) and ours.dtype == np.float64
+    assert ours.shape == ref_real.shape == (3, 2048) and ours.dtype == np.float64
     assert rel(ours, ref_real) < 1e-4
     assert np.ptp(ref_real, axis=0).max() > 1e-2  # the random net does tell images apart
 
     r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o",
-            "--batch-size", 4, "--device", "cpu")
+            "--batch-size", 3, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     mu1, s1 = ref_fake.mean(0), np.cov(ref_fake, rowvar=False)
@@ -98,7 +98,7 @@ def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, t
     ref_fid = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
     assert ref_fid > 1e-3
     assert abs(res["fid"] - ref_fid) / ref_fid < 1e-4
-    assert res["n_real"] == 4 and res["n_fake"] == 4 and res["toy_domain_fid"] is False
+    assert res["n_real"] == 3 and res["n_fake"] == 3 and res["toy_domain_fid"] is False
     assert res["kid_std"] >= 0 and np.isfinite(res["kid_mean"])
     assert any(line.startswith("fid ") for line in r.stdout.splitlines())
 
@@ -188,3 +188,138 @@ def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
     torch.save({"conv.weight": torch.zeros(1)}, bogus)
     with pytest.raises(SystemExit, match="not the FID Inception weights"):
         ev.load_feature_net(inception=bogus)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model mode on a shrunken toy task with a tiny OASIS generator, a toy feature net and segmenter
+
+
+class ToyFeatures(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean((2, 3))
+
+
+class ToySegmenter(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, n, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def our_checkpoint(G, table):
+    info = {"dataset": table.dataset, "names": table.names, "n_channels": table.n_channels}
+    return {"kind": "oasis-cat", "step": 0, "args": {}, "affinity": None, "source": info, "target": info,
+            "G_kwargs": G.kwargs, "EMA": G.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    import data
+    from models.oasis import Generator
+    root = tmp_path_factory.mktemp("toy")
+    data.write_toy(root / "toy", size=32, splits={"source": {"train": 2, "val": 2}, "target": {"train": 2, "val": 5}})
+    src, tgt = data.class_table("toy-source", root / "toy/source"), data.class_table("toy-target", root / "toy/target")
+    torch.manual_seed(0)
+    kw = dict(z_dim=4, channels=2, spade_hidden=8, crop_size=32)
+    G_tgt, G_src = Generator(tgt.n_channels, **kw).eval(), Generator(src.n_channels, **kw).eval()
+    for G in (G_tgt, G_src):  # train-mode passes give the BN layers non-trivial running statistics
+        G.train()
+        with torch.no_grad():
+            G(torch.rand(2, G.semantic_nc, 32, 32))
+        G.eval()
+    torch.save(our_checkpoint(G_tgt, tgt), root / "tgt.pt")
+    torch.save(our_checkpoint(G_src, src), root / "src.pt")
+    torch.jit.script(ToyFeatures()).save(root / "feat.pt")
+    torch.jit.script(ToySegmenter(tgt.n_channels)).save(root / "seg.pt")
+    torch.jit.script(ToySegmenter(5)).save(root / "seg5.pt")
+    return {"root": root, "src": src, "tgt": tgt, "G_tgt": G_tgt, "G_src": G_src,
+            "data": ["--data", "toy-target", "--data-root", root / "toy/target", "--size", 32, "--workers", 0]}
+
+
+def expected_png(G, label, n_channels, map_index, k=0, seed=0):
+    """The documented protocol: z from the seed (seed, map, sample); PNG = round(255 (x+1)/2)."""
+    import data
+    s = int(np.random.SeedSequence([seed, map_index, k]).generate_state(1)[0])
+    z = torch.randn(G.z_dim, generator=torch.Generator().manual_seed(s))[None]
+    with torch.no_grad():
+        x = G(data.onehot(label[None], n_channels), z)
+    return ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), x
+
+
+def test_model_mode_on_toy_task(toy, tmp_path):
+    import data
+    from scipy import linalg
+    out, cache = tmp_path / "eval", tmp_path / "cache"
+    args = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", out, "--fid-features", toy["root"] / "feat.pt",
+            "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch-size", 2, "--stats-cache", cache]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_maps"] == 5 and res["n_fake"] == 10 and res["toy_domain_fid"] is True
+    assert "not comparable to Inception FID" in res["fid_features"]
+    assert set(res["per_class_iou"]) == set(toy["tgt"].display) and 0 <= res["miou"] <= 1
+    assert [line.split()[0] for line in r.stdout.splitlines()[:4]] == ["fid", "kid", "miou", "miou_real"]
+    assert len(list((out / "images").glob("*.png"))) == 10
+    assert Image.open(out / "grid.png").size == (4 * 34, 5 * 34)  # label | 2 samples | real, 32px tiles + 2px gaps
+
+    # PNGs follow the documented seeding and rounding; FID follows the OASIS protocol (float fakes)
+    ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
+    feat = torch.jit.load(str(toy["root"] / "feat.pt"))
+    fakes, reals = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        for k in range(2):
+            png, x = expected_png(toy["G_tgt"], item["label"], ds.n_channels, i, k)
+            saved = np.asarray(Image.open(out / "images" / f"{Path(item['path']).stem}_{k}.png"))
+            assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+            fakes.append(feat((x + 1) / 2)[0].detach().double().numpy())
+        reals.append(feat((item["image"][None] + 1) / 2)[0].detach().double().numpy())
+    fakes, reals = np.stack(fakes), np.stack(reals)
+    s1, s2 = np.cov(fakes, rowvar=False), np.cov(reals, rowvar=False)
+    tr = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    fid = ((fakes.mean(0) - reals.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
+    assert res["fid"] == pytest.approx(fid, rel=1e-4, abs=1e-6)
+
+    # the real statistics are cached and reused: same numbers, one cache file
+    r = run(*args[:-1], cache)
+    assert r.returncode == 0, r.stderr
+    assert len(list(cache.glob("*.npz"))) == 1
+    assert json.loads((out / "results.json").read_text())["fid"] == res["fid"]
+
+
+def test_training_free_mode_equals_source_on_mapped_labels(toy, tmp_path):
+    import data
+    src, tgt = toy["src"], toy["tgt"]
+    pick = np.arange(len(tgt)) % len(src)  # a hard affinity: target class t -> source class pick[t]
+    A = np.eye(len(src), dtype=np.float32)[pick]
+    np.save(tmp_path / "A.npy", A)
+    out = tmp_path / "eval"
+    r = run("--ckpt", toy["root"] / "src.pt", "--source", "toy-source", "--source-root", toy["root"] / "toy/source",
+            "--affinity", tmp_path / "A.npy", *toy["data"], "--out", out, "--limit", 3)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["generator"]["kind"] == "oasis-training-free" and res["n_maps"] == 3
+    lut = torch.zeros(tgt.n_channels, dtype=torch.long)
+    lut[torch.tensor(tgt.channels)] = torch.tensor([src.channels[j] for j in pick])
+    ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
+    for i in range(3):
+        item = ds[i]
+        png, _ = expected_png(toy["G_src"], lut[item["label"]], src.n_channels, i)
+        saved = np.asarray(Image.open(out / "images" / f"{Path(item['path']).stem}.png"))
+        assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+
+
+def test_model_mode_bad_inputs(toy, tmp_path):
+    r = run("--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", tmp_path, "--segmenter", toy["root"] / "seg5.pt",
+            "--limit", 2)
+    assert r.returncode != 0 and "5 channels; the dataset has 10" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run("--ckpt", toy["root"] / "src.pt", *toy["data"], "--out", tmp_path, "--limit", 2)
+    assert r.returncode != 0 and "takes 13 label channels, --data toy-target has 10" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
