@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import data
@@ -220,8 +219,11 @@ def hash_seed(*parts):
     return int.from_bytes(str(parts).encode(), "little") % (2 ** 63)
 
 
-def loader(ds, batches, workers):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available())
+def loader(ds, batches, workers, seed):
+    # its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a
+    # resumed run (which opens its iterator after restoring that RNG) would drift from an uninterrupted one
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +396,9 @@ def main(argv=None):
     if ckpt is not None:
         optG.load_state_dict(ckpt["optG"])
         optD.load_state_dict(ckpt["optD"])
+        for opt, lr in ((optG, args.lr), (optD, args.lr_d)):  # the command line's rates, e.g. to continue slower
+            for group in opt.param_groups:
+                group["lr"] = lr
         step, best_fid, bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
         rngs = ckpt["rng"]
         if len(rngs) == world:
@@ -498,7 +503,7 @@ def main(argv=None):
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         batches = epoch_batches(len(train_ds), args.batch, args.seed, epoch, rank, world)[k:]
-        for batch in loader(train_items, batches, args.workers):
+        for batch in loader(train_items, batches, args.workers, hash_seed(args.seed, epoch, rank)):
             if stage_of(step) != stage:
                 stage = stage_of(step)
                 G, D = wrap(stage)
@@ -513,6 +518,7 @@ def main(argv=None):
                 losses /= world
             lg, ld = losses.tolist()
             if not (math.isfinite(lg) and math.isfinite(ld)):
+                bar.close()
                 where = f"{out / 'checkpoint.pt'} (step {last_saved})" if last_saved is not None else "none saved yet"
                 raise SystemExit(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
             bar.update(1)

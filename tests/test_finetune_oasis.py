@@ -2,6 +2,7 @@
 torchrun, and refuses bad input in one line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import finetune_oasis
 from models import oasis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,27 +82,36 @@ def test_scratch_checkpoint(source):
     assert out.shape == (1, 3, 64, 64)
 
 
-def test_cat_end_to_end(source, tmp_path):
-    finetune(*cat_args(source, tmp_path, "--stage1-steps", "2", "--stage2-steps", "2", "--eval-every", "2"))
+@pytest.fixture(scope="module")
+def cat_run(source, tmp_path_factory):
+    """An uninterrupted CAT run: 2 stage-1 steps, 4 stage-2 steps, saved at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("cat")
+    finetune(*cat_args(source, out, "--stage1-steps", "2", "--stage2-steps", "4", "--eval-every", "3"))
+    return out
+
+
+def test_cat_end_to_end(source, cat_run):
+    tmp_path = cat_run
     ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 4 and ckpt["source"]["dataset"] == "toy-source" and ckpt["target"]["dataset"] == "toy-target"
+    assert ckpt["step"] == 6 and ckpt["source"]["dataset"] == "toy-source" and ckpt["target"]["dataset"] == "toy-target"
     assert torch.equal(ckpt["affinity"], torch.from_numpy(source[2]))
     assert ckpt["G_kwargs"]["cat_nc"] == 10 and ckpt["D_kwargs"]["semantic_nc"] == 10
     G, D = oasis.Generator(**ckpt["G_kwargs"]), oasis.Discriminator(**ckpt["D_kwargs"])
     G.load_state_dict(ckpt["G"])
     D.load_state_dict(ckpt["D"])
     losses = log_losses(tmp_path)
-    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(losses[s]).all() for s in losses)
-    assert (tmp_path / "samples" / "000000.png").is_file() and (tmp_path / "samples" / "000004.png").is_file()
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(losses[s]).all() for s in losses)
+    for s in (0, 3, 6):
+        assert Image.open(tmp_path / "samples" / f"{s:06d}.png").size[0] > 3 * 64
     assert (tmp_path / "subset.txt").read_text().count("\n") == 4
-    # stage 1 leaves everything outside the stage-1 set (e.g. the first conv) at its source value
+    # neither stage trains the layers outside the SPADE blocks (fc, conv_img); stage 2 moved the body
     src = torch.load(source[0], map_location="cpu", weights_only=True)
     assert torch.equal(ckpt["G"]["fc.weight"], src["EMA"]["fc.weight"])
+    assert not torch.equal(ckpt["G"]["body.0.conv_0.weight_orig"], src["EMA"]["body.0.conv_0.weight_orig"])
 
 
-def test_resume_is_exact(source, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    finetune(*cat_args(source, full, "--stage1-steps", "2", "--stage2-steps", "4", "--eval-every", "3"))
+def test_resume_is_exact(source, cat_run, tmp_path):
+    full, part = cat_run, tmp_path / "part"
     finetune(*cat_args(source, part, "--stage1-steps", "2", "--stage2-steps", "1", "--eval-every", "3"))
     finetune(*cat_args(source, part, "--stage1-steps", "2", "--stage2-steps", "4", "--eval-every", "3", "--resume"))
     a, b = log_losses(full), log_losses(part)
@@ -123,7 +134,7 @@ def test_torchrun_two_ranks_agree(source, tmp_path):
         f" os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
     args = cat_args(source, tmp_path / "run")
     args[args.index("--batch") + 1] = "4"
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args,
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", script, *args,
         "--stage1-steps", "2", "--stage2-steps", "2", "--eval-every", "4")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -136,21 +147,31 @@ def test_torchrun_two_ranks_agree(source, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+# Checked in-process (main(argv) raises SystemExit before training starts) to save a Python start-up
+# each; the first one also runs as a real subprocess to see what a user sees.
 
 
-def one_line_error(r, *words):
-    assert r.returncode != 0
-    lines = [s for s in r.stderr.splitlines() if s.strip()]
-    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+def bad_input(args, *words):
+    with pytest.raises(SystemExit) as e:
+        finetune_oasis.main([str(a) for a in args])
+    msg = str(e.value.code)
+    assert "\n" not in msg, msg
     for w in words:
-        assert w in lines[0], lines[0]
+        assert w in msg, msg
 
 
-def test_bad_affinity_shape(source, tmp_path):
-    np.save(tmp_path / "a.npy", np.full((9, 11), 1 / 11, np.float32))
+def with_affinity(source, tmp_path, A):
+    np.save(tmp_path / "a.npy", A)
     args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
     args[args.index("--affinity") + 1] = tmp_path / "a.npy"
-    one_line_error(finetune(*args, ok=False), "a.npy", "(9, 11)", "(9, 12)")
+    return args
+
+
+def test_bad_affinity_shape_one_line(source, tmp_path):
+    r = finetune(*with_affinity(source, tmp_path, np.full((9, 11), 1 / 11, np.float32)), ok=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [s for s in r.stderr.splitlines() if s.strip()]
+    assert len(lines) == 1 and all(w in lines[0] for w in ("a.npy", "(9, 11)", "(9, 12)")), r.stderr
 
 
 @pytest.mark.parametrize("bad", ["nan", "negative", "rows"])
@@ -163,27 +184,24 @@ def test_bad_affinity_values(source, tmp_path, bad):
         A[0, 0] = 1.5
     else:
         A[1] *= 3
-    np.save(tmp_path / "a.npy", A)
-    args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
-    args[args.index("--affinity") + 1] = tmp_path / "a.npy"
-    one_line_error(finetune(*args, ok=False), "a.npy", {"nan": "NaN", "negative": "negative", "rows": "row 1"}[bad])
+    bad_input(with_affinity(source, tmp_path, A), "a.npy", {"nan": "NaN", "negative": "negative", "rows": "row 1"}[bad])
 
 
 def test_checkpoint_of_another_dataset(source, tmp_path):
     args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
     args[args.index("--source") + 1] = "toy-target"
-    one_line_error(finetune(*args, ok=False), "toy-source", "toy-target")
+    bad_input(args, "toy-source", "toy-target")
 
 
 def test_n_bigger_than_data(source, tmp_path):
     args = cat_args(source, tmp_path / "o", "--stage2-steps", "1")
     args[args.index("--n") + 1] = "100000"
-    one_line_error(finetune(*args, ok=False), "--n 100000")
+    bad_input(args, "--n 100000")
 
 
-def test_size_not_multiple_of_64(source, tmp_path):
-    one_line_error(finetune("--init", "scratch", "--data", "toy-source", "--out", tmp_path, "--size", "96",
-                            "--stage2-steps", "1", *TINY, ok=False), "96x96", "64")
+def test_size_not_multiple_of_64(tmp_path):
+    bad_input(["--init", "scratch", "--data", "toy-source", "--out", tmp_path, "--size", "96", "--stage2-steps", "1",
+               *TINY], "96x96", "64")
 
 
 def test_label_out_of_range(tmp_path):
@@ -197,10 +215,17 @@ def test_label_out_of_range(tmp_path):
     args = ["--init", "scratch", "--data", "folder", "--data-root", root, "--size", "64", "--out", tmp_path / "o",
             "--stage2-steps", "1", *TINY]
     args[args.index("--n") + 1] = "2"
-    one_line_error(finetune(*args, ok=False), "1.png", "5")
+    bad_input(args, "1.png", "5")
 
 
-def test_nan_loss_stops_with_step(source, tmp_path):
-    r = finetune(*cat_args(source, tmp_path, "--stage1-steps", "0", "--stage2-steps", "6", "--eval-every", "1",
-                           "--lr", "1e30"), ok=False)
-    one_line_error(r, "not finite at step", "checkpoint.pt")
+def test_nan_loss_keeps_last_good_checkpoint(source, cat_run, tmp_path):
+    """Continue the 6-step run with an absurd learning rate: it must stop at step 7, naming the step, and
+    leave the step-6 checkpoint in place."""
+    for name in ("checkpoint.pt", "subset.txt"):
+        shutil.copy(cat_run / name, tmp_path / name)
+    r = finetune(*cat_args(source, tmp_path, "--stage1-steps", "2", "--stage2-steps", "8", "--eval-every", "3",
+                           "--lr", "1e30", "--resume"), ok=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "not finite at step 7" in last and "step 6" in last, r.stderr
+    assert torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 6
