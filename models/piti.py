@@ -428,14 +428,15 @@ class PITI(nn.Module):
         return self.denoise(x, t, *self.encode(ref), low_res=low_res)
 
 
-def load_official(path, super_res=False, device="cpu", **kwargs):
+def load_official(path, super_res=False, device="cpu", config=None):
     """A released PITI file (flat state dict, `encoder.*`/`decoder.*`) -> PITI in eval mode, strict keys.
 
-    kwargs override the released configuration (BASE_KWARGS / UP_KWARGS), e.g. the CAT arguments.
-    Problems raise SystemExit with one line naming the file.
+    config: constructor arguments overriding the released configuration (BASE_KWARGS / UP_KWARGS),
+    e.g. the CAT arguments or a tiny test model. Problems raise SystemExit with one line naming the file.
     """
-    kw = dict(UP_KWARGS if super_res else BASE_KWARGS)
-    kw.update(kwargs)
+    kw = {**(UP_KWARGS if super_res else BASE_KWARGS), **(config or {})}
+    if bool(kw["super_res"]) != super_res:
+        raise ValueError(f"config says super_res={kw['super_res']}, loading the {'upsampler' if super_res else 'base'}")
     sd = read_state_dict(path, "upsampler" if super_res else "base")
     with torch.device("meta"):
         model = PITI(**kw)
@@ -722,7 +723,7 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
     models = []
     for part, path, sr in (("base", base, False), ("up", upsampler, True)):
         path = path or ckpt[f"{part}_file"]
-        model = load_official(path, super_res=sr, device="cpu", **ckpt[f"{part}_kwargs"])
+        model = load_official(path, super_res=sr, config=ckpt[f"{part}_kwargs"])
         trained = ckpt[f"{part}_ema" if ema else part]
         unknown = [k for k in trained if k not in model.state_dict()]
         if unknown:

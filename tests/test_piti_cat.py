@@ -146,10 +146,9 @@ def test_bad_input(golden, tmp_path):
     path = tmp_path / "base.pt"
     torch.save(golden["state_dict"], path)
     kw = official_kwargs(golden["options"], golden["shrink"])
-    kw.pop("super_res")
-    assert load_official(str(path), **kw).super_res is False
+    assert load_official(str(path), config=kw).super_res is False
     with pytest.raises(SystemExit, match="is a base checkpoint"):
-        load_official(str(path), super_res=True, **kw)
+        load_official(str(path), super_res=True, config=dict(kw, super_res=True))
     with pytest.raises(SystemExit, match="not found"):
         load_official(str(tmp_path / "missing.pt"))
     torch.save({"G": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
@@ -157,4 +156,4 @@ def test_bad_input(golden, tmp_path):
         load_official(str(tmp_path / "foreign.pt"))
     torch.save({"encoder.cls_token": torch.zeros(1)}, tmp_path / "partial.pt")
     with pytest.raises(SystemExit, match="keys missing"):
-        load_official(str(tmp_path / "partial.pt"), **kw)
+        load_official(str(tmp_path / "partial.pt"), config=kw)

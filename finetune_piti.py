@@ -1,0 +1,360 @@
+"""Finetune the official PITI models on a few target images with Class Affinity Transfer (CAT).
+
+    # COCO-Stuff PITI -> your label set: affinity from estimate_affinity.py, 100 target images
+    python finetune_piti.py --base ckpt/base_mask.pt --upsampler ckpt/upsample_mask.pt \
+        --affinity runs/aff/affinity.npy --data folder --data-root my_data --n 100 --lr 2e-4 --out runs/piti_cat
+    # training-free CAT (no steps): writes the checkpoint evaluate.py samples from, and a grid
+    python finetune_piti.py --base ... --upsampler ... --affinity affinity.npy --steps 0 --prompts 0 --out runs/free
+
+The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
+affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
+encoder CNN and the last transformer block are trained; the UNet decoder stays fixed. Table 11 rows:
+--train all (finetune everything), --prompts 0 (no prompts), --affinity none (no CAT: random 1x1).
+Loss: the official PITI base loss, eps MSE + the variational bound training the learned variance
+(uniform t); condition dropout (--uncond-p, the input becomes ones as in the official code) keeps
+classifier-free guidance working; AdamW without weight decay, EMA of the trained weights.
+The upsampler is used as released (its own encoder gets the same CAT 1x1 conv, training-free) unless
+--finetune-upsampler, which trains it the same way on 8-bit bicubic low-res inputs (the official
+BSRGAN degradation, VGG and adversarial terms are left out).
+
+Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
+--fid-features (early stopping with --patience), <out>/checkpoint.pt written atomically. Each step
+draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run.
+The checkpoint keeps the trained weights and the official files' paths (the decoder is not copied).
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from models import piti
+
+# flags a resumed run must share with the run it continues
+SAME_ON_RESUME = ("base", "upsampler", "base_config", "up_config", "source", "affinity", "data", "data_root", "n",
+                  "subset_seed", "size", "prompts", "train", "finetune_upsampler", "batch", "lr", "ema_decay",
+                  "uncond_p", "seed")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, samples/, subset.txt")
+    p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly (more --steps allowed)")
+    g = p.add_argument_group("source model")
+    g.add_argument("--base", help="official PITI base file (base_mask.pt, from the PITI README's 'Pretrained Models')")
+    g.add_argument("--upsampler", help="official PITI upsampler file (upsample_mask.pt)")
+    g.add_argument("--base-config", default="{}", help="JSON overrides of the released base configuration (tiny tests)")
+    g.add_argument("--up-config", default="{}", help="JSON overrides of the released upsampler configuration")
+    g.add_argument("--source", default="coco", choices=data.DATASETS, help="label space the PITI models were trained on")
+    g.add_argument("--source-root", default=None, help="folder of the source classes.txt (--source folder)")
+    g.add_argument("--affinity", default=None,
+                   help="affinity.npy (target x source classes) from estimate_affinity.py, or 'none' for the no-CAT row "
+                        "(random 1x1 conv)")
+    data.add_data_args(p)
+    g = p.add_argument_group("CAT recipe (paper Table 11)")
+    g.add_argument("--prompts", type=int, default=8, help="learned prompt tokens K at the encoder input (0: none)")
+    g.add_argument("--train", default="fixdec", choices=["fixdec", "all"],
+                   help="fixdec: 1x1 conv, prompts, encoder CNN, last transformer block; all: the whole model")
+    g.add_argument("--finetune-upsampler", action="store_true", help="also train the upsampler (same recipe)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=5000)
+    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
+    g.add_argument("--uncond-p", type=float, default=0.2, help="condition dropout for guidance (official 0.2)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-every", type=int, default=500, help="grid + FID + checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--grid-n", type=int, default=4, help="validation label maps in the sample grid")
+    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100)")
+    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID")
+    g.add_argument("--guidance", type=float, default=piti.GUIDANCE)
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: early stopping on val FID")
+    g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
+    g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
+    args = p.parse_args(argv)
+    for flag in ("base_config", "up_config"):
+        try:
+            setattr(args, flag, json.loads(getattr(args, flag)))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--{flag.replace('_', '-')}: not JSON ({e})")
+    if not args.resume:
+        for flag in ("base", "upsampler", "affinity"):
+            if getattr(args, flag) is None:
+                raise SystemExit(f"--{flag} is required (see --help)")
+    if args.prompts < 0 or not 0 <= args.uncond_p <= 1 or args.batch < 1 or args.guidance < 0:
+        raise SystemExit("--prompts >= 0, --batch >= 1, --guidance >= 0 and --uncond-p in [0, 1] expected")
+    return args
+
+
+def load_affinity(path, target, source, seed):
+    """Channel-space affinity (T, S): from the .npy, or a random row-stochastic one for 'none'."""
+    if path == "none":
+        A = np.random.RandomState(seed).rand(len(target), len(source)).astype(np.float32)
+        return None, data.affinity_to_channels(A / A.sum(1, keepdims=True), target, source)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--affinity {path}: not found; make one with estimate_affinity.py")
+    A = np.load(path)
+    if A.ndim != 2 or A.shape != (len(target), len(source)):
+        raise SystemExit(f"--affinity {path}: shape {A.shape}, expected ({len(target)}, {len(source)}) = "
+                         f"({target.dataset} classes, {source.dataset} classes)")
+    return torch.from_numpy(A.astype(np.float32)), data.affinity_to_channels(A, target, source)
+
+
+def trainable(model, mode):
+    """FixDec's parameter set (or everything): names -> parameters, in model order."""
+    if mode == "all":
+        return dict(model.named_parameters())
+    last = f"encoder.transformer.resblocks.{len(model.encoder.transformer.resblocks) - 1}."
+    keep = ("cat_map", "prompts", "encoder.cnn.", last)
+    return {k: p for k, p in model.named_parameters() if k.startswith(keep)}
+
+
+@contextmanager
+def swapped(params, ema):
+    """Temporarily put the EMA weights into the model (only the trained tensors are copied)."""
+    raw = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(raw[k])
+
+
+def step_seed(seed, what, i):
+    """Independent seed for (run seed, what: 0 = a step's draws, 1 = an epoch's order, index)."""
+    return int(np.random.SeedSequence([seed, what, i]).generate_state(1)[0])
+
+
+def batch_indices(step, n, batch, seed):
+    """Items of a step: consecutive slices of per-epoch permutations (stateless, so resumes are exact)."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
+        out.append(int(perm[i]))
+    return out
+
+
+def training_loss(model, diff, image, label, uncond_p, low_res_side=None):
+    """Official PITI loss on one batch: q_sample at uniform t, model output, mse + vb (means over the batch)."""
+    B = image.shape[0]
+    side = model.image_size
+    x0 = F.interpolate(image, (side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    ref = model.ref(label)
+    drop = torch.rand(B, device=image.device) < uncond_p
+    ref = torch.where(drop[:, None, None, None], torch.ones_like(ref), ref)
+    t = torch.randint(0, diff.num_timesteps, (B,), device=image.device)
+    noise = torch.randn_like(x0)
+    x_t = diff.q_sample(x0, t, noise)
+    low = None
+    if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
+        low = piti.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
+                                          align_corners=False))
+    with piti.autocast(image.device):
+        out = model(x_t, diff.model_t(t), ref, low_res=low)
+    terms = diff.training_losses(out.float(), x0, x_t, t, noise)
+    return {k: v.mean() for k, v in terms.items()}
+
+
+def sampler(base, up, args, out_side):
+    """sample(label, seeds) -> images in [-1,1] at the dataset's side (one seed per batch)."""
+    def sample(label, seeds):
+        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+        x = piti.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
+                         guidance=args.guidance, ddim=args.sample_steps.startswith("ddim"), amp=args.amp == "bf16")
+        if x.shape[-2:] != tuple(out_side):
+            x = F.interpolate(x, out_side, mode="bilinear", antialias=True, align_corners=False)
+        return x.clamp(-1, 1)
+    return sample
+
+
+def save_grid(sample, grid, path):
+    import evaluate
+    fake = sample(grid["label"], grid["seeds"])
+    colours = evaluate.palette(grid["n_channels"])
+    rows = [[colours[lab], f, r] for lab, f, r in
+            zip(grid["label"].cpu().numpy(), evaluate.to_uint8(fake), evaluate.to_uint8(grid["real"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    evaluate.save_grid(rows, path)
+
+
+def save_checkpoint(obj, path):
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = Path(args.out)
+    path = out / "checkpoint.pt"
+    ckpt = None
+    if args.resume:
+        if not path.is_file():
+            raise SystemExit(f"{path}: nothing to resume")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        old = ckpt["args"]
+        for k in ("base", "upsampler", "affinity"):
+            if getattr(args, k) is None:
+                setattr(args, k, old[k])
+        for k in SAME_ON_RESUME:
+            if getattr(args, k) != old[k]:
+                raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {out} used "
+                                 f"{old[k]!r}")
+    elif path.exists():
+        raise SystemExit(f"{path} exists; use --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    # data, class tables, affinity
+    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=None if args.resume else out)
+    val_ds = data.dataset_from_args(args, "val")
+    target = train_ds.classes
+    source = data.class_table(args.source, args.source_root)
+    A, M = load_affinity(args.affinity, target, source, args.seed)
+
+    # models: official weights + CAT layers (the upsampler's 1x1 conv gets the same affinity)
+    cat = dict(source_channels=source.n_channels, target_channels=target.n_channels)
+    base_kw = {**piti.BASE_KWARGS, **args.base_config, **cat, "prompts": args.prompts}
+    up_kw = {**piti.UP_KWARGS, **args.up_config, **cat, "prompts": args.prompts if args.finetune_upsampler else 0}
+    base = piti.load_official(args.base, super_res=False, config=base_kw)
+    up = piti.load_official(args.upsampler, super_res=True, config=up_kw)
+    torch.manual_seed(args.seed)  # prompts' random init
+    for m in (base, up):
+        m.reset_cat()
+        m.set_affinity(M)
+    models = {"base": base, "up": up} if args.finetune_upsampler else {"base": base}
+    params = {name: trainable(m, args.train) for name, m in models.items()}
+    for name, m in models.items():
+        m.requires_grad_(False)
+        for p in params[name].values():
+            p.requires_grad_(True)
+    saved = {"base": params["base"], "up": params.get("up", {"cat_map": up.cat_map})}  # what a checkpoint keeps
+    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
+    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
+    step, best_fid, bad_evals = 0, None, 0
+    if ckpt is not None:
+        for name, m in models.items():
+            m.load_state_dict(ckpt[name], strict=False)
+            ema[name] = {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()}
+        step, best_fid, bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
+    for m in (base, up):
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
+    if ckpt is not None:  # optimizer state follows its parameters' device
+        opt.load_state_dict(ckpt["opt"])
+    diffs = {"base": piti.Diffusion(base.noise_schedule), "up": piti.Diffusion(up.noise_schedule)}
+
+    # evaluation: grid of fixed val maps and seeds, FID of the EMA cascade
+    import evaluate
+    grid_items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
+    grid = {"label": torch.stack([it["label"] for it in grid_items]).to(device),
+            "real": torch.stack([it["image"] for it in grid_items]), "n_channels": target.n_channels,
+            "seeds": [args.seed]}
+    sample = sampler(base, up, args, val_ds.size)
+    fid = None
+    if args.inception or args.fid_features:
+        net = evaluate.load_feature_net(args.inception, args.fid_features, device)
+        fid_ds = copy.copy(val_ds)
+        fid_ds.files = val_ds.files[:args.fid_n]
+        real = evaluate.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device)[:2]
+
+        def fid():
+            return evaluate.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed)
+
+    def evaluate_and_save(s):
+        """EMA grid, FID, checkpoint; True when early stopping says stop."""
+        nonlocal best_fid, bad_evals
+        for m in (base, up):
+            m.eval()
+        with ExitStack() as stack:
+            for name in params:
+                stack.enter_context(swapped(params[name], ema[name]))
+            save_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            entry = {"step": s, "grid": f"samples/{s:06d}.png"}
+            stop = False
+            if fid is not None:
+                entry["fid"] = fid()
+                better = best_fid is None or entry["fid"] < best_fid
+                best_fid, bad_evals = (entry["fid"], 0) if better else (best_fid, bad_evals + 1)
+                stop = bad_evals >= args.patience
+        state = {"kind": "piti-cat", "step": s, "args": vars(args), "affinity": A,
+                 "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
+                 "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
+                 "base_kwargs": base.kwargs, "base_file": os.path.abspath(args.base),
+                 "up_kwargs": up.kwargs, "up_file": os.path.abspath(args.upsampler),
+                 "opt": opt.state_dict(), "best_fid": best_fid, "bad_evals": bad_evals}
+        for name, ps in saved.items():
+            state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
+            state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()} if name in ema else state[name]
+        save_checkpoint(state, path)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return stop
+
+    if step == 0 and not args.resume:
+        if evaluate_and_save(0) or args.steps == 0:  # the model before training: training-free CAT
+            return
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="finetune_piti")
+    t0 = time.time()
+    for s in bar:
+        seed = step_seed(args.seed, 0, s)
+        torch.manual_seed(seed)  # t, noise, condition dropout, UNet dropout
+        random.seed(seed)  # the dataset's crop and flip
+        items = [train_ds[i] for i in batch_indices(s, len(train_ds), args.batch, args.seed)]
+        image = torch.stack([it["image"] for it in items]).to(device)
+        label = torch.stack([it["label"] for it in items]).to(device)
+        if label.max() >= target.n_channels:
+            raise SystemExit(f"label id {int(label.max())} beyond the affinity's {target.n_channels} target channels")
+        for m in models.values():
+            m.train()
+        logs, total = {}, 0.0
+        for name, m in models.items():
+            terms = training_loss(m, diffs[name], image, label, args.uncond_p,
+                                  base.image_size if name == "up" else None)
+            total = total + terms["loss"]
+            logs.update({f"{name}_{k}": float(v) for k, v in terms.items()})
+        if not torch.isfinite(total):
+            raise SystemExit(f"loss is {float(total)} at step {s}; stopping, {path} left as it was (lower --lr?)")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            for name, ps in params.items():
+                for k, p in ps.items():
+                    ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+        bar.set_postfix(loss=f"{float(total):.4f}")
+        done = s + 1
+        if done % args.log_every == 0 or done == args.steps:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, "loss": float(total), **logs,
+                                    "sec_per_step": (time.time() - t0) / (done - step)}) + "\n")
+        if done % args.eval_every == 0 or done == args.steps:
+            if evaluate_and_save(done):
+                print(f"early stop at step {done}: no better FID in {args.patience} evaluations (best {best_fid:.2f})")
+                break
+
+
+if __name__ == "__main__":
+    main()
