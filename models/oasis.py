@@ -110,6 +110,11 @@ class Affinity(nn.Module):
         return F.conv2d(y, self.weight)
 
 
+def _resize(y, hw):
+    """Legacy nearest resize (SPEC §0.3: source index floor(i * in / out)); no copy when already hw."""
+    return y if tuple(y.shape[2:]) == tuple(hw) else F.interpolate(y, size=tuple(hw), mode='nearest')
+
+
 def _noise_and_labels(z, y):
     """The official SPADE input: z broadcast over H x W, concatenated BEFORE the label channels."""
     b, _, h, w = y.shape
@@ -148,8 +153,7 @@ class SPADE(nn.Module):
     def forward(self, x, z, y):
         with _fp32(x.device):
             normalized = self.first_norm(x.float())
-        if y.shape[2:] != x.shape[2:]:
-            y = F.interpolate(y, size=x.shape[2:], mode='nearest')
+        y = _resize(y, x.shape[2:])
         if not self.paths:
             a = self.mlp_shared(_noise_and_labels(z, y))
             gamma, beta = self.mlp_gamma(a), self.mlp_beta(a)
@@ -236,7 +240,7 @@ class Generator(nn.Module):
             raise ValueError(f'label map has shape {tuple(y.shape)}, the generator expects (B, {nc}, H, W)')
         if z is None:
             z = torch.randn(y.shape[0], self.z_dim, dtype=torch.float32, device=y.device)
-        y_lat = F.interpolate(y, size=self.latent_hw, mode='nearest')
+        y_lat = _resize(y, self.latent_hw)
         if self.cat_nc is None:
             x = self.fc(_noise_and_labels(z, y_lat))
         else:
@@ -245,7 +249,7 @@ class Generator(nn.Module):
                 x = x + self.fc_res(y_lat)
         for i, block in enumerate(self.body):
             # resize the label map once per block (nearest from full size, as the official SPADE does)
-            x = block(x, z, F.interpolate(y, size=x.shape[2:], mode='nearest'))
+            x = block(x, z, _resize(y, x.shape[2:]))
             if i < len(self.body) - 1:
                 x = F.interpolate(x, scale_factor=2, mode='nearest')
         x = self.conv_img(F.leaky_relu(x, 0.2))
