@@ -374,6 +374,8 @@ class PITI(nn.Module):
 
     def reset_cat(self):
         """CAT parameters before training: identity-like 1x1 conv (set_affinity replaces it), N(0, 0.02) prompts."""
+        if self.encoder.cls_token.is_meta:  # built on the meta device: load_official_state resets later
+            return
         with torch.no_grad():
             if self.cat_map is not None:
                 self.cat_map.copy_(torch.eye(*self.cat_map.shape))
