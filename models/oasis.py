@@ -492,10 +492,10 @@ def recompute_bn_stats(ema, batches, n_batches=51):
     spectral-norm power iteration, as in the official code."""
     was_training = ema.training
     ema.train()
-    for i, y in enumerate(batches):
-        if i == n_batches:
-            break
+    for done, y in enumerate(batches, 1):
         ema(y)
+        if done == n_batches:  # stop before fetching another batch: a loader draw would move the RNG
+            break
     ema.train(was_training)
 
 
