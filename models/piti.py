@@ -108,8 +108,9 @@ def attention(q, k, v):
     step by ~8e-3, past the golden tolerance. bf16 (autocast): SDPA's flash kernels, which keep the
     softmax in float32 internally.
     """
-    if q.dtype != torch.float32:
-        return F.scaled_dot_product_attention(q, k, v)
+    if q.dtype != torch.float32:  # (1, N, L, ch): the 4-D layout the flash kernels take
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0] if q.dim() == 3 else \
+            F.scaled_dot_product_attention(q, k, v)
     scale = q.shape[-1] ** -0.25
     w = torch.softmax((q * scale) @ (k * scale).transpose(-1, -2), dim=-1)
     return w @ v
@@ -561,15 +562,22 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(betas)
+        self._on_device = {}
+
+    def table(self, name, device):
+        """A float64 table as a tensor on `device`, copied once."""
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = torch.as_tensor(np.asarray(getattr(self, name)), device=device)
+        return self._on_device[key]
 
     def at(self, name, t, ndim=4):
         """Table `name` at (respaced) indices t, as float32 broadcastable to an ndim tensor."""
-        arr = torch.from_numpy(getattr(self, name)).to(t.device)[t].float()
-        return arr.view(-1, *([1] * (ndim - 1)))
+        return self.table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
 
     def model_t(self, t):
         """What the network sees: timestep_map[t] * 1000 / T as float32 (rescale_timesteps)."""
-        return torch.tensor(self.timestep_map, device=t.device)[t].float() * (1000.0 / self.T_orig)
+        return self.table("timestep_map", t.device)[t].float() * (1000.0 / self.T_orig)
 
     def p_mean_variance(self, out, x, t, clip=True):
         """Learned-range variance and eps prediction -> (mean, log variance, x0)."""
