@@ -20,6 +20,7 @@ are re-estimated, a sample grid is written, FID is computed when a feature netwo
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -67,7 +68,8 @@ def get_args(argv=None):
                    help="2: the paper's schedule; 1: stage-1 parameters only, for stage1+stage2 steps (equal budget)")
     g.add_argument("--stage1-steps", type=int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
     g.add_argument("--stage2-steps", type=int, default=3000, help="iterations training every SPADE-block layer")
-    g.add_argument("--freeze-d", type=int, default=2, help="FreezeD: keep the first K encoder blocks of D frozen")
+    g.add_argument("--freeze-d", type=int, default=2,
+                   help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
     g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
                    help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
     g = p.add_argument_group("model widths (--init scratch only; a source model brings its own)")
@@ -216,7 +218,7 @@ def epoch_batches(n_items, batch, seed, salt, rank, world):
 
 
 def hash_seed(*parts):
-    return int.from_bytes(str(parts).encode(), "little") % (2 ** 63)
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
 
 def loader(ds, batches, workers, seed):
@@ -230,13 +232,17 @@ def loader(ds, batches, workers, seed):
 # One training iteration: G step, D step, EMA (the official order)
 
 
-def train_step(G, D, G_raw, D_raw, EMA, optG, optD, d_trainable, y, real, lambda_labelmix, ema_decay, ctx):
-    """G/D may be DDP or compiled wrappers of G_raw/D_raw; returns the two losses (detached)."""
+def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_decay, ctx):
+    """One official iteration; returns the two losses (detached).
+
+    nets: 'G', 'D' train (DDP and/or compiled wrappers); 'G_fwd', 'D_fwd' the same modules without DDP
+    (the D step's fake images, D inside the G loss); 'G_raw' the plain module the EMA follows."""
+    G, D, EMA = nets["G"], nets["D"], nets["EMA"]
     for p in d_trainable:  # D's gradients from the G step would be thrown away: don't compute them
         p.requires_grad_(False)
     with ctx:
         fake = G(y)
-        loss_G = oasis.generator_loss(D_raw, fake, y)
+        loss_G = oasis.generator_loss(nets["D_fwd"], fake, y)
     optG.zero_grad(set_to_none=True)
     loss_G.backward()
     optG.step()
@@ -244,12 +250,12 @@ def train_step(G, D, G_raw, D_raw, EMA, optG, optD, d_trainable, y, real, lambda
         p.requires_grad_(True)
     with ctx:
         with torch.no_grad():
-            fake = G_raw(y)  # train mode, fresh z, as the official D step
+            fake = nets["G_fwd"](y)  # train mode, fresh z, as the official D step
         loss_D, _ = oasis.discriminator_loss(D, real, fake, y, lambda_labelmix)
     optD.zero_grad(set_to_none=True)
     loss_D.backward()
     optD.step()
-    oasis.ema_update(EMA, G_raw, ema_decay)
+    oasis.ema_update(EMA, nets["G_raw"], ema_decay)
     return loss_G.detach(), loss_D.detach()
 
 
@@ -387,9 +393,9 @@ def main(argv=None):
         p.requires_grad_(False)
     if ddp and cuda:
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)  # EMA keeps plain BN: only rank 0 runs it
-    G, D, EMA = (m.to(device, memory_format=mem) for m in (G, D, EMA))
-    G_raw, D_raw = G, D
-    g_params = list(G.parameters()) if scratch else G.stage_parameters(2)
+    G_raw, D_raw, EMA = (m.to(device, memory_format=mem) for m in (G, D, EMA))
+    del G, D  # from here on: G_raw/D_raw are the modules, train_step gets their wrappers
+    g_params = list(G_raw.parameters()) if scratch else G_raw.stage_parameters(2)
     optG = torch.optim.Adam(g_params, lr=args.lr, betas=(0.0, 0.999))
     optD = torch.optim.Adam(d_trainable, lr=args.lr_d, betas=(0.0, 0.999))
     step, best_fid, bad_evals = 0, None, 0
@@ -410,15 +416,14 @@ def main(argv=None):
         return 1 if (args.stages == 1 or s < args.stage1_steps) and not scratch else 2
 
     def wrap(stage):
-        """(G, D) to train with in this stage: compiled and/or DDP-wrapped over the stage's parameters."""
+        """The networks of train_step for this stage (DDP registers the parameters that require grad)."""
         set_stage(G_raw, stage, scratch)
-        g, d = G_raw, D_raw
-        if args.compile:
-            g, d = torch.compile(g), torch.compile(d)
+        g, d = (torch.compile(G_raw), torch.compile(D_raw)) if args.compile else (G_raw, D_raw)
+        nets = {"G": g, "D": d, "G_fwd": g, "D_fwd": d, "G_raw": G_raw, "EMA": EMA}
         if ddp:
-            g = DDP(g, device_ids=[device.index] if cuda else None)
-            d = DDP(d, device_ids=[device.index] if cuda else None)
-        return g, d
+            nets["G"] = DDP(g, device_ids=[device.index] if cuda else None)
+            nets["D"] = DDP(d, device_ids=[device.index] if cuda else None)
+        return nets
 
     # Samples come from evaluate.py's sampler: EMA in eval mode, noise seeded per image, global RNG untouched
     bf16 = cuda and args.amp == "bf16"
@@ -446,10 +451,10 @@ def main(argv=None):
         net = evaluate.load_feature_net(args.inception, args.fid_features, device)
         fid_ds = copy.copy(val_ds)
         fid_ds.files = val_ds.files[:args.fid_n]
-        real = evaluate.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device, bf16=bf16)[:2]
+        fid_real = evaluate.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device, bf16=bf16)[:2]
 
         def fid():
-            return evaluate.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed, bf16)
+            return evaluate.generator_fid(sample, fid_ds, net, fid_real, device, args.batch, args.seed, bf16)
 
     def evaluate_and_save(s):
         """BN pass on the EMA, grid, FID, checkpoint; returns True when early stopping says stop."""
@@ -467,7 +472,6 @@ def main(argv=None):
                 better = best_fid is None or entry["fid"] < best_fid
                 best_fid, bad_evals = (entry["fid"], 0) if better else (best_fid, bad_evals + 1)
                 stop = bad_evals >= args.patience
-            rngs = [None] * world
         if ddp:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
@@ -506,11 +510,11 @@ def main(argv=None):
         for batch in loader(train_items, batches, args.workers, hash_seed(args.seed, epoch, rank)):
             if stage_of(step) != stage:
                 stage = stage_of(step)
-                G, D = wrap(stage)
+                nets = wrap(stage)
             y = data.onehot(batch["label"].to(device, non_blocking=True), target.n_channels).contiguous(memory_format=mem)
             real = batch["image"].to(device, non_blocking=True).contiguous(memory_format=mem)
-            loss_G, loss_D = train_step(G, D, G_raw, D_raw, EMA, optG, optD, d_trainable, y, real,
-                                        args.lambda_labelmix, args.ema_decay, ctx)
+            loss_G, loss_D = train_step(nets, optG, optD, d_trainable, y, real, args.lambda_labelmix,
+                                        args.ema_decay, ctx)
             step += 1
             losses = torch.stack([loss_G, loss_D]).float()
             if ddp:  # log the mean over ranks; a NaN anywhere stops every rank at the same step

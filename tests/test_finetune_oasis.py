@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,18 @@ def source(tmp_path_factory):
     finetune("--init", "scratch", "--data", "toy-source", "--out", out, "--stage1-steps", "0",
              "--stage2-steps", "2", "--eval-every", "2", "--log-every", "1", *TINY)
     aff = hard_affinity(out / "affinity.npy")
-    return out / "checkpoint.pt", out / "affinity.npy", aff
+    # a stand-in feature net for FID (pooled colours: 12 features), as TorchScript like the real ones
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, but TorchScript is the format we load
+        warnings.simplefilter("ignore", FutureWarning)
+        net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()))
+    net.save(str(out / "features.pt"))
+    return out / "checkpoint.pt", out / "affinity.npy", aff, out / "features.pt"
 
 
 def cat_args(source, out, *extra):
-    ckpt, aff, _ = source
+    ckpt, aff, _, features = source
     return ["--source", "toy-source", "--source-ckpt", ckpt, "--affinity", aff, "--data", "toy-target",
-            "--out", out, "--log-every", "1", *TINY, *extra]
+            "--out", out, "--log-every", "1", "--fid-features", features, "--fid-n", "48", *TINY, *extra]
 
 
 def test_scratch_checkpoint(source):
@@ -104,6 +110,11 @@ def test_cat_end_to_end(source, cat_run):
     for s in (0, 3, 6):
         assert Image.open(tmp_path / "samples" / f"{s:06d}.png").size[0] > 3 * 64
     assert (tmp_path / "subset.txt").read_text().count("\n") == 4
+    # FID at every evaluation; best.pt holds the best one
+    fids = {e["step"]: e["fid"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in e}
+    assert sorted(fids) == [3, 6] and all(np.isfinite(list(fids.values())))
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert best["best_fid"] == min(fids.values()) and best["step"] == min(fids, key=fids.get)
     # neither stage trains the layers outside the SPADE blocks (fc, conv_img); stage 2 moved the body
     src = torch.load(source[0], map_location="cpu", weights_only=True)
     assert torch.equal(ckpt["G"]["fc.weight"], src["EMA"]["fc.weight"])
