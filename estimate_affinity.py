@@ -190,13 +190,15 @@ def load_segmenter(args, source, source_dataset, device):
     ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
     if isinstance(ckpt, dict) and "D_kwargs" in ckpt:  # a checkpoint of ours
         D = oasis.Discriminator(**ckpt["D_kwargs"])
-        oasis.check_state_dict(D, ckpt["D"], path)
+        oasis.check_state_dict(D, ckpt["D"], path, f"--source {source_dataset}")
     else:
         if source_dataset not in ("ade20k", "coco", "cityscapes"):
             fail(f"--source-ckpt {path}: an official OASIS file needs --source ade20k, coco or cityscapes, "
                  f"found {source_dataset}; use a finetune_oasis.py checkpoint or --segmenter")
         D = oasis.Discriminator(**oasis.oasis_config(source_dataset)[1])
-        oasis.check_state_dict(D, oasis.load_official(path, part="D"), path)
+        has_best = any(os.path.isfile(os.path.join(path, d, "best_D.pth")) for d in ("models", ""))
+        which = "latest" if os.path.isdir(path) and not has_best else "best"  # runs without a best_* keep latest_*
+        oasis.check_state_dict(D, oasis.load_official(path, part="D", which=which), path, f"--source {source_dataset}")
     D = D.eval().to(device)
     # output channel 0 is "fake", k+1 is semantic channel k (OASIS's N+1 loss)
     return (lambda x: D(x)[:, 1:]), f"OASIS discriminator ({path})", path
@@ -392,7 +394,7 @@ def read_mapping(path, target, source):
 
 def write_report(out, A, estimate, target, source, meta, marks):
     """mapping.md (final choice + top-3 of the estimate per target class) and affinity.png (heatmap)."""
-    lines = [f"# Class affinity: {target.dataset} -> {source.dataset}", "",
+    lines = [f"# Class affinity: {meta['args']['target']} -> {meta['args']['source']}", "",
              f"method: {meta['method']} ({'hard' if meta['hard'] else 'soft'})" + "".join(f"; {k}: {v}" for k, v in meta["encoders"].items()),
              *(f"skipped {m}: {why}" for m, why in meta["skipped"].items()), "",
              "| target | → source | top-3 of the estimate (score) | note |", "|---|---|---|---|"]

@@ -1,0 +1,353 @@
+"""estimate_affinity.py on hand-built cases, tiny CLIP / DINO / OASIS-D files, and the toy transfer task."""
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import packaging.version
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import estimate_affinity as ea
+from conftest import REPO, golden_path
+
+
+def folder_dataset(root, classes, labels=(), images=()):
+    """A folder dataset: classes.txt plus train/{images,labels} from uint8 arrays."""
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    for i, (lab, img) in enumerate(zip(labels, images)):
+        Image.fromarray(img).save(root / "train" / "images" / f"{i:03d}.png")
+        Image.fromarray(lab).save(root / "train" / "labels" / f"{i:03d}.png")
+    return str(root)
+
+
+def run(tmp_path, *argv):
+    out = tmp_path / "out"
+    A = ea.main([*argv, "--out", str(out), "--device", "cpu"])
+    meta = json.loads((out / "affinity.json").read_text())
+    assert np.array_equal(np.load(out / "affinity.npy"), A) and A.dtype == np.float32
+    return A, meta, out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A small copy of the toy task (source 40 / target 24 training images, 64 px)."""
+    root = tmp_path_factory.mktemp("toy")
+    data.write_toy(root, splits={"source": {"train": 40, "val": 1}, "target": {"train": 24, "val": 1}})
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# supervised
+
+
+class KnownSegmenter(nn.Module):
+    """Red pixels predict P1, black pixels P2 (over source channels 1..3); dontcare gets a huge logit."""
+
+    def forward(self, x):
+        p1, p2 = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.3, 0.6])
+        r = x[:, :1]
+        logits = r * p1.log()[None, :, None, None] + (1 - r) * p2.log()[None, :, None, None]
+        return torch.cat([torch.full_like(r, 50.0), logits], 1)
+
+
+@pytest.mark.parametrize("stat", ["soft", "argmax"])
+def test_supervised_row_is_the_known_mix_of_source_predictions(tmp_path, stat):
+    # target class 'a' = left half, 3/4 of it red; 'b' = right half, black; 'c' never appears
+    lab = np.zeros((16, 16), np.uint8)
+    lab[:, :8], lab[:, 8:] = 1, 2
+    lab[0, 8:] = 0  # dontcare pixels are ignored
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:12, :8, 0] = 255
+    src = folder_dataset(tmp_path / "src", ["grass", "water", "road"])
+    tgt = folder_dataset(tmp_path / "tgt", ["lawn", "sea", "street"], [lab, lab], [img, img])
+    seg = tmp_path / "seg.pt"
+    torch.jit.script(KnownSegmenter()).save(str(seg))
+    A, meta, out = run(tmp_path, "--source", src, "--target", tgt, "--size", "16", "--method", "supervised",
+                       "--segmenter", str(seg), "--seg-stat", stat, "--soft")
+    p1, p2 = np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.3, 0.6])
+    if stat == "argmax":
+        p1, p2 = np.eye(3)[0], np.eye(3)[2]
+    np.testing.assert_allclose(A[0], 0.75 * p1 + 0.25 * p2, atol=1e-5)
+    np.testing.assert_allclose(A[1], p2, atol=1e-5)
+    # 'street' is absent from the images: its row is the text row, and the report says so
+    assert "absent" in meta["marks"]["street"]
+    assert "street | road" in (out / "mapping.md").read_text()
+    np.testing.assert_allclose(A.sum(1), 1, atol=1e-5)
+
+
+def test_oasis_discriminator_as_source_segmenter(tmp_path, toy):
+    # the golden 'sq' discriminator has 13 label channels = toy-source's 12 classes + dontcare
+    sd = torch.load(golden_path("oasis", "sq", "models", "latest_D.pth"), map_location="cpu", weights_only=True)
+    from models.oasis import Discriminator
+    kwargs = dict(semantic_nc=13, channels=[3, 4, 4, 8, 8, 16, 16], last_width=4)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"kind": "oasis-cat", "D_kwargs": kwargs, "D": sd}, ckpt)
+    A, meta, _ = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
+                     "--n", "4", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft")
+    # reference: softmax over channels 1..12 of logits[:, 1:] (fake channel and dontcare dropped)
+    D = Discriminator(**kwargs).eval()
+    D.load_state_dict(sd)
+    ds = data.open_dataset("folder", toy / "target", n=4, size=64)
+    sums, counts = np.zeros((9, 12)), np.zeros(9)
+    with torch.no_grad():
+        for item in ds:
+            p = torch.softmax(D(item["image"][None])[0, 2:], 0).numpy()
+            for t in range(9):
+                m = item["label"].numpy() == t + 1
+                sums[t] += p[:, m].sum(1)
+                counts[t] += m.sum()
+    present = counts > 0
+    np.testing.assert_allclose(A[present], sums[present] / counts[present, None], atol=1e-4)
+    assert "OASIS discriminator" in meta["encoders"]["supervised"]
+
+
+def test_official_discriminator_with_wrong_classes_is_one_clear_line(tmp_path, toy):
+    with pytest.raises(SystemExit, match=r"has 13 label channels, --source ade20k expects 151"):
+        ea.main(["--source", "ade20k", "--target", str(toy / "target"), "--method", "supervised",
+                 "--source-ckpt", str(golden_path("oasis", "sq")), "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------
+# self-supervised
+
+
+def tiny_dino(dim=128, depth=2, patch=8, grid=4, seed=0):
+    """A state dict in DINO's backbone key format (2 heads at dim 128)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, grid * grid + 1, dim),
+          "patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
+          "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "norm2.weight": 1 + r(dim),
+                   b + "norm2.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
+                   b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                   b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+                   b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim)})
+    return sd
+
+
+def reference_vit(sd, x, depth=2, heads=2):
+    """Patch tokens written out from the ViT equations (no interpolation: the grid matches pos_embed)."""
+    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], sd[k + ".weight"], sd[k + ".bias"], eps=1e-6)
+    lin = lambda t, k: t @ sd[k + ".weight"].T + sd[k + ".bias"]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=8).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], 1) + sd["pos_embed"]
+    D = t.shape[-1]
+    for i in range(depth):
+        b = f"blocks.{i}."
+        q, k, v = lin(ln(t, b + "norm1"), b + "attn.qkv").split(D, -1)
+        outs = []
+        for h in range(heads):
+            s = slice(h * D // heads, (h + 1) * D // heads)
+            w = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / (D // heads) ** 0.5, -1)
+            outs.append(w @ v[..., s])
+        t = t + lin(torch.cat(outs, -1), b + "attn.proj")
+        t = t + lin(F.gelu(lin(ln(t, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
+    return ln(t, "norm")[:, 1:]
+
+
+def test_dino_vit_reads_the_official_key_format(tmp_path):
+    sd = tiny_dino()
+    path = tmp_path / "dino.pth"
+    torch.save(sd, path)
+    vit = ea.load_dino(str(path))
+    assert vit.kwargs == dict(dim=128, depth=2, patch=8, n_pos=17)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = vit(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(got, reference_vit(sd, x), atol=1e-4, rtol=1e-4)
+        assert vit(torch.randn(1, 3, 48, 64)).shape == (1, 128, 6, 8)  # other sizes: interpolated positions
+    # a full training checkpoint (teacher, 'module.backbone.' prefixes, projection head) gives the same backbone
+    full = {"teacher": {**{"module.backbone." + k: v for k, v in sd.items()}, "module.head.last_layer.weight": torch.ones(3, 3)}}
+    torch.save(full, tmp_path / "full.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(ea.load_dino(str(tmp_path / "full.pth"))(x), vit(x))
+    torch.save({"weight": torch.ones(2)}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match="not a DINO ViT"):
+        ea.load_dino(str(tmp_path / "other.pth"))
+    with pytest.raises(SystemExit, match="facebookresearch/dino"):
+        ea.load_dino(str(tmp_path / "missing.pth"))
+
+
+def test_identical_prototypes_give_an_identity_like_matrix(tmp_path, toy):
+    # the toy source images as both source and target: every class prototype meets its twin
+    torch.save(tiny_dino(), tmp_path / "dino.pth")
+    src = str(toy / "source")
+    A, meta, _ = run(tmp_path, "--source", src, "--target", src, "--size", "64", "--method", "self-supervised",
+                     "--dino-weights", str(tmp_path / "dino.pth"), "--dino-size", "32", "--soft", "--temperature", "0.01")
+    np.testing.assert_array_equal(A.argmax(1), np.arange(12))
+    assert (np.diag(A) > 0.5).all() and "patch 8" in meta["encoders"]["self-supervised"]
+    # the unit: equal prototypes score a cosine of 1, the maximum
+    proto = F.normalize(torch.randn(5, 16), dim=1)
+    P = ea.prototype_affinity(proto, proto, np.ones(5, bool), 0.05)
+    np.testing.assert_array_equal(P.argmax(1), np.arange(5))
+    # a source class missing from the source sample can take no mass
+    P = ea.prototype_affinity(proto, proto, np.array([1, 1, 0, 1, 1], bool), 0.05)
+    assert (P[:, 2] == 0).all() and np.allclose(P.sum(1), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# text
+
+
+def test_clip_text_tower_from_a_local_file(tmp_path):
+    sys.modules.setdefault("pkg_resources", types.SimpleNamespace(packaging=packaging))
+    import clip
+    torch.manual_seed(0)
+    model = clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                            transformer_layers=2).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny_clip.pt")
+    with torch.no_grad():  # the OpenAI release files are TorchScript archives: the same model, traced
+        torch.jit.trace(model, (torch.randn(1, 3, 32, 32), clip.tokenize(["a dog"]))).save(str(tmp_path / "tiny_clip_jit.pt"))
+    src = folder_dataset(tmp_path / "src", ["grass", "water", "road", "car"])
+    tgt = folder_dataset(tmp_path / "tgt", ["lawn", "sea", "boat"])
+
+    # reference: the fp16-rounded model as clip.load builds it, prompt ensemble, cosine, softmax
+    ref = clip.model.build_model(model.state_dict()).float().eval()
+    def embed(names):
+        with torch.no_grad():
+            e = F.normalize(ref.encode_text(clip.tokenize([p.format(n) for n in names for p in ea.PROMPTS])).float(), dim=-1)
+        return F.normalize(e.reshape(len(names), len(ea.PROMPTS), -1).mean(1), dim=-1)
+    expected = torch.softmax(embed(["lawn", "sea", "boat"]) @ embed(["grass", "water", "road", "car"]).T / 0.1, 1).numpy()
+    for name in ("tiny_clip.pt", "tiny_clip_jit.pt"):
+        A, meta, _ = run(tmp_path, "--source", src, "--target", tgt, "--method", "text", "--soft", "--temperature", "0.1",
+                         "--clip-weights", str(tmp_path / name))
+        np.testing.assert_allclose(A, expected, atol=1e-5)
+        assert meta["encoders"]["text"].startswith("CLIP") and meta["files"] == [str(tmp_path / name)]
+    with pytest.raises(SystemExit, match="ViT-B-32.pt"):
+        ea.main(["--source", src, "--target", tgt, "--method", "text", "--clip-weights", str(tmp_path / "nope.pt"),
+                 "--out", str(tmp_path / "o")])
+
+
+def test_class_names_clean_and_synonyms():
+    ade = data.class_table("ade20k")
+    first, mean = ea.class_names(ade, "first"), ea.class_names(ade, "mean")
+    assert first[ade.ids.index(2)] == ["building"] and mean[ade.ids.index(2)] == ["building", "edifice"]
+    coco = data.class_table("coco")
+    assert ea.class_names(coco, "mean")[coco.names.index("building-other")] == ["building"]
+
+
+# ----------------------------------------------------------------------------------------------
+# random / identity / hand / override / hard
+
+
+def test_random_is_seeded_hard_rows_are_one_hot_at_the_argmax(tmp_path, toy):
+    args = ["--source", str(toy / "source"), "--target", str(toy / "target"), "--method", "random"]
+    A, meta, _ = run(tmp_path, *args, "--seed", "3")
+    estimate = np.array(meta["estimate"])
+    np.testing.assert_array_equal(A, np.eye(12)[estimate.argmax(1)])
+    assert np.array_equal(run(tmp_path, *args, "--seed", "3")[0], A)
+    S, _, _ = run(tmp_path, *args, "--seed", "3", "--soft")
+    np.testing.assert_allclose(S, estimate, atol=1e-6)
+    np.testing.assert_allclose(S.sum(1), 1, atol=1e-6)
+    assert not np.allclose(run(tmp_path, *args, "--seed", "4", "--soft")[0], S)
+
+
+def test_override_replaces_exactly_the_named_rows(tmp_path, toy):
+    args = ["--source", str(toy / "source"), "--target", str(toy / "target"), "--method", "random", "--soft"]
+    base = run(tmp_path, *args)[0]
+    (tmp_path / "fix.txt").write_text("# fixes\nLava -> rock\nbush -> tree: 3, grass: 1\n")
+    A, meta, out = run(tmp_path, *args, "--override", str(tmp_path / "fix.txt"))
+    lava, bush = 8, 5
+    np.testing.assert_array_equal(A[lava], np.eye(12)[8])
+    np.testing.assert_allclose(A[bush], 0.75 * np.eye(12)[5] + 0.25 * np.eye(12)[1])
+    keep = [i for i in range(9) if i not in (lava, bush)]
+    np.testing.assert_array_equal(A[keep], base[keep])
+    assert set(meta["marks"]) == {"lava", "bush"} and "overridden" in (out / "mapping.md").read_text()
+    (tmp_path / "bad.txt").write_text("lava -> magma\n")
+    with pytest.raises(SystemExit, match=r"bad.txt:1: unknown class 'magma'"):
+        run(tmp_path, *args, "--override", str(tmp_path / "bad.txt"))
+
+
+def test_hand_and_identity(tmp_path, toy):
+    src, tgt = str(toy / "source"), str(toy / "target")
+    pairs = dict(sky="sky", lawn="grass", sea="water", street="road", house="building", bush="tree", beach="sand",
+                 boat="car", lava="rock")
+    (tmp_path / "hand.txt").write_text("".join(f"{t} -> {s}\n" for t, s in pairs.items()))
+    A, _, _ = run(tmp_path, "--source", src, "--target", tgt, "--method", "hand", "--hand", str(tmp_path / "hand.txt"))
+    source = data.class_table("folder", src)
+    np.testing.assert_array_equal(A.argmax(1), [source.names.index(s) for s in pairs.values()])
+    (tmp_path / "part.txt").write_text("sky -> sky\n")
+    with pytest.raises(SystemExit, match="maps 1 of 9 target classes; missing: lawn"):
+        run(tmp_path, "--source", src, "--target", tgt, "--method", "hand", "--hand", str(tmp_path / "part.txt"))
+    np.testing.assert_array_equal(run(tmp_path, "--source", src, "--target", src, "--method", "identity")[0], np.eye(12))
+    with pytest.raises(SystemExit, match="unknown class 'lawn'"):
+        run(tmp_path, "--source", src, "--target", tgt, "--method", "identity")
+
+
+# ----------------------------------------------------------------------------------------------
+# the toy task, end to end
+
+
+class LDASegmenter(nn.Module):
+    """Linear discriminant on per-image-normalised colour and 5x5 colour statistics."""
+
+    def __init__(self, W, b):
+        super().__init__()
+        self.register_buffer("W", W)
+        self.register_buffer("b", b)
+
+    def forward(self, x):
+        return torch.einsum("cf,bfhw->bchw", self.W, lda_features(x)) + self.b[None, :, None, None]
+
+
+def lda_features(x):
+    x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
+    m = F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    v = F.avg_pool2d(x * x, 5, 1, 2, count_include_pad=False) - m * m
+    return torch.cat([x, m, v.clamp(min=0).sqrt()], 1)
+
+
+def fit_lda(dataset):
+    """Closed-form LDA on the labelled source pixels (the toy source renderings), in a second."""
+    x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    y = torch.stack([dataset[i]["label"] for i in range(len(dataset))]).reshape(-1)
+    f = lda_features((x + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 9).double()
+    f, y = f[y > 0], y[y > 0]
+    n = torch.bincount(y, minlength=dataset.n_channels).double()
+    mu = torch.zeros(dataset.n_channels, 9, dtype=torch.float64).index_add_(0, y, f) / n.clamp(min=1)[:, None]
+    cov = (f - mu[y]).T @ (f - mu[y]) / len(f) + 1e-3 * torch.eye(9, dtype=torch.float64)
+    W = mu @ torch.linalg.inv(cov)
+    b = -0.5 * (W * mu).sum(1)
+    b[n == 0] = -1e4
+    return LDASegmenter(W.float(), b.float())
+
+
+def test_toy_combination_maps_obvious_counterparts(tmp_path, toy):
+    seg = fit_lda(data.open_dataset("folder", toy / "source", size=64))
+    torch.jit.script(seg).save(str(tmp_path / "seg.pt"))
+    A, meta, out = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
+                       "--method", "combination", "--segmenter", str(tmp_path / "seg.pt"))
+    source, target = data.class_table("folder", toy / "source"), data.class_table("folder", toy / "target")
+    got = {target.names[t]: source.names[int(A[t].argmax())] for t in range(len(target))}
+    for t, s in dict(lawn="grass", sea="water", street="road", house="building", bush="tree", beach="sand").items():
+        assert got[t] == s, got
+    assert set(meta["matrices"]) == {"text", "supervised"} and "no --dino-weights" in meta["skipped"]["self-supervised"]
+    assert (out / "affinity.png").stat().st_size > 0 and "| lawn | grass |" in (out / "mapping.md").read_text()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "estimate_affinity.py", "--source", "imagenet", "--target", "ade20k",
+                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["estimate_affinity.py: --source imagenet: neither a dataset "
+                                             "(coco, ade20k, cityscapes, toy-source, toy-target) nor a folder with classes.txt"]
+    torch.jit.script(KnownSegmenter()).save(str(tmp_path / "seg.pt"))  # 4 channels: dontcare + 3 classes
+    src = folder_dataset(tmp_path / "src", ["x", "y", "z"])
+    empty = folder_dataset(tmp_path / "empty", ["a", "b"], [np.zeros((8, 8), np.uint8)], [np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(SystemExit, match="no pixel carries a target class"):
+        run(tmp_path, "--source", src, "--target", empty, "--size", "8", "--method", "supervised", "--segmenter", str(tmp_path / "seg.pt"))
+    two = folder_dataset(tmp_path / "two", ["x", "y"])
+    with pytest.raises(SystemExit, match="segmenter outputs 4 channels, --source folder has 3"):
+        run(tmp_path, "--source", two, "--target", empty, "--size", "8", "--method", "supervised", "--segmenter", str(tmp_path / "seg.pt"))
