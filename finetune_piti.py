@@ -331,7 +331,8 @@ def main(argv=None):
             m.train()
         logs, total = {}, 0.0
         for name, m in models.items():
-            terms = training_loss(m, diffs[name], image, label, args.uncond_p,
+            # the official upsampler is never trained unconditionally (it samples without guidance)
+            terms = training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
                                   base.image_size if name == "up" else None)
             total = total + terms["loss"]
             logs.update({f"{name}_{k}": float(v) for k, v in terms.items()})

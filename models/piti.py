@@ -17,6 +17,7 @@ runs the respaced DDPM/DDIM loop with classifier-free guidance (cond and uncond 
 batch, the encoder run once per sample); `cascade` chains base -> 8-bit -> upsampler.
 """
 import math
+import os
 from contextlib import nullcontext
 from functools import lru_cache
 
@@ -365,6 +366,8 @@ class PITI(nn.Module):
             raise ValueError(f"ref_size {ref_size} gives {(ref_size // 16) ** 2} CNN tokens, n_tokens is {n_tokens}")
         self.image_size, self.super_res, self.ref_size = image_size, bool(super_res), ref_size
         self.stride = 2 ** (len(channel_mult) - 1)  # the UNet halves the side this many times over
+        if image_size % self.stride:
+            raise ValueError(f"image_size {image_size} is not a multiple of {self.stride} ({len(channel_mult)} levels)")
         self.noise_schedule, self.source_channels = noise_schedule, source_channels
         self.encoder = Encoder(in_chans, xf_width, encoder_layers, xf_heads, cnn_widths, n_tokens)
         self.decoder = UNet(6 if super_res else 3, model_channels, 6, num_res_blocks, channel_mult, attention_ds,
@@ -448,7 +451,6 @@ def load_official(path, super_res=False, device="cpu", config=None):
 
 
 def read_state_dict(path, what):
-    import os
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
                          f"(github.com/PITI-Synthesis/PITI, 'Pretrained Models': base_mask.pt / upsample_mask.pt)")
@@ -469,10 +471,10 @@ def load_official_state(model, sd, path="state dict"):
         found = "an upsampler" if first.shape[1] == 6 else "a base"
         want = "upsampler" if model.super_res else "base"
         raise SystemExit(f"{path}: is {found} checkpoint ({first.shape[1]} UNet input channels); expected the {want}")
-    own = model.state_dict()
-    want = model.official_keys()
+    own, want = model.state_dict(), model.official_keys()
     missing = [k for k in want if k not in sd]
-    extra = [k for k in sd if k not in own or k not in want]
+    wanted = set(want)
+    extra = [k for k in sd if k not in wanted]
     if missing or extra:
         hint = " (an encoder-only stage-1 file?)" if any(k.startswith("cnn.") for k in sd) else ""
         raise SystemExit(f"{path}: not a PITI checkpoint of this configuration{hint}: {len(missing)} keys missing "
@@ -481,11 +483,14 @@ def load_official_state(model, sd, path="state dict"):
         if sd[k].shape != own[k].shape:
             raise SystemExit(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
                              f"for this configuration")
-    on_meta = next(model.parameters()).is_meta
-    if on_meta:  # materialise the non-official parameters (CAT) before assigning the loaded ones
-        model.to_empty(device="cpu")
-        model.reset_cat()
+    on_meta = model.encoder.cls_token.is_meta
     model.load_state_dict({k: sd[k].float() for k in want}, strict=False, assign=on_meta)
+    if on_meta:  # the loaded tensors replaced the official parameters; give the CAT ones real storage
+        for name in ("cat_map", "prompts"):
+            p = getattr(model, name)
+            if p is not None:
+                setattr(model, name, nn.Parameter(torch.empty(p.shape)))
+        model.reset_cat()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +757,6 @@ def load_piti_generator(ckpt_path, device, upsampler=None, base=None, steps=None
     (fast27). steps / up_steps / guidance / ddim override the defaults (e.g. steps="ddim50", ddim=True).
     upsampler / base: paths of the official files if they moved since finetuning.
     """
-    import os
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"{ckpt_path}: PITI-CAT checkpoint not found (written by finetune_piti.py)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
