@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import evaluate
 from models import piti
 
 # flags a resumed run must share with the run it continues
@@ -154,7 +155,7 @@ def batch_indices(step, n, batch, seed):
     return out
 
 
-def training_loss(model, diff, image, label, uncond_p, low_res_side=None):
+def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True):
     """Official PITI loss on one batch: q_sample at uniform t, model output, mse + vb (means over the batch)."""
     B = image.shape[0]
     side = model.image_size
@@ -169,7 +170,7 @@ def training_loss(model, diff, image, label, uncond_p, low_res_side=None):
     if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
         low = piti.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
                                           align_corners=False))
-    with piti.autocast(image.device):
+    with piti.autocast(image.device, amp):
         out = model(x_t, diff.model_t(t), ref, low_res=low)
     terms = diff.training_losses(out.float(), x0, x_t, t, noise)
     return {k: v.mean() for k, v in terms.items()}
@@ -188,7 +189,6 @@ def sampler(base, up, args, out_side):
 
 
 def save_grid(sample, grid, path):
-    import evaluate
     fake = sample(grid["label"], grid["seeds"])
     colours = evaluate.palette(grid["n_channels"])
     rows = [[colours[lab], f, r] for lab, f, r in
@@ -267,7 +267,6 @@ def main(argv=None):
     diffs = {"base": piti.Diffusion(base.noise_schedule), "up": piti.Diffusion(up.noise_schedule)}
 
     # evaluation: grid of fixed val maps and seeds, FID of the EMA cascade
-    import evaluate
     grid_items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
     grid = {"label": torch.stack([it["label"] for it in grid_items]).to(device),
             "real": torch.stack([it["image"] for it in grid_items]), "n_channels": target.n_channels,
@@ -333,7 +332,7 @@ def main(argv=None):
         for name, m in models.items():
             # the official upsampler is never trained unconditionally (it samples without guidance)
             terms = training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                  base.image_size if name == "up" else None)
+                                  base.image_size if name == "up" else None, amp=args.amp == "bf16")
             total = total + terms["loss"]
             logs.update({f"{name}_{k}": float(v) for k, v in terms.items()})
         if not torch.isfinite(total):

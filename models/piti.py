@@ -649,9 +649,10 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # Sampling
 
 
-def autocast(device):
+def autocast(device, enabled=True):
     """bf16 autocast on CUDA (norms and softmax stay float32 in the blocks); nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+    on = enabled and torch.device(device).type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else nullcontext()
 
 
 @torch.no_grad()
@@ -678,9 +679,8 @@ def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises
     diff = Diffusion(model.noise_schedule, steps)
     B, size = ref.shape[0], model.image_size
     guided = guidance != 1.0
-    with autocast(device) if amp else nullcontext():
+    with autocast(device, amp):
         ctx = model.encode(torch.cat([ref, torch.ones_like(ref)]) if guided else ref)
-    ctx = tuple(c.float() for c in ctx) if amp else ctx
     if low_res is not None:  # bilinear once per sample, not at every step
         low_res = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         low_res = torch.cat([low_res, low_res]) if guided else low_res
@@ -693,7 +693,7 @@ def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises
     for k, i in enumerate(it):
         t = torch.full((B,), i, device=device, dtype=torch.long)
         tm = diff.model_t(t)
-        with autocast(device) if amp else nullcontext():
+        with autocast(device, amp):
             if guided:
                 out = model.denoise(torch.cat([x, x]), torch.cat([tm, tm]), *ctx, low_res=low_res).float()
                 cond, uncond = out[:B], out[B:]
