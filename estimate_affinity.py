@@ -183,6 +183,9 @@ def load_segmenter(args, source, source_dataset, device):
             seg = torch.jit.load(path, map_location=device).eval()
         return (lambda x: seg((x + 1) / 2)), f"TorchScript segmenter ({path})", path
     path = args.source_ckpt
+    if path is None:
+        fail("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator segments) "
+             "or --segmenter FILE (TorchScript)")
     if not os.path.exists(path):
         fail(f"--source-ckpt {path}: not found; expected the source OASIS run dir (models/best_D.pth, from the "
              "boschresearch/OASIS release) or a checkpoint written by finetune_oasis.py")
@@ -292,7 +295,7 @@ class ViT(nn.Module):
 
 def load_dino(path):
     """A DINO backbone file (ViT-S/16, S/8, B/16, B/8, or a full checkpoint's teacher); sizes from the keys."""
-    if not os.path.isfile(path):
+    if path is None or not os.path.isfile(path):
         fail(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
              "from the facebookresearch/dino release")
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -393,16 +396,19 @@ def read_mapping(path, target, source):
 
 
 def write_report(out, A, estimate, target, source, meta, marks):
-    """mapping.md (final choice + top-3 of the estimate per target class) and affinity.png (heatmap)."""
+    """mapping.md (final choice, top-3 of the estimate and, for a combination, each method's top-1 per target
+    class: the form of the CAT supplement's Tables 5 and 6) and affinity.png (heatmap)."""
     lines = [f"# Class affinity: {meta['args']['target']} -> {meta['args']['source']}", "",
              f"method: {meta['method']} ({'hard' if meta['hard'] else 'soft'})" + "".join(f"; {k}: {v}" for k, v in meta["encoders"].items()),
              *(f"skipped {m}: {why}" for m, why in meta["skipped"].items()), "",
-             "| target | → source | top-3 of the estimate (score) | note |", "|---|---|---|---|"]
+             "| target | → source | top-3 of the estimate (score) | " + "".join(f"{m} | " for m in meta["matrices"]) + "note |",
+             "|---|---|---|" + "---|" * len(meta["matrices"]) + "---|"]
     # a display name shared by two source classes (COCO: door, desk, mirror, window) is shown by its raw name
     label = [d if source.display.count(d) == 1 else n for d, n in zip(source.display, source.names)]
     for t in range(len(target)):
         scores = ", ".join(f"{label[s]} {estimate[t, s]:.2f}" for s in np.argsort(-estimate[t], kind="stable")[:3])
-        lines.append(f"| {target.display[t]} | {label[int(A[t].argmax())]} | {scores} | {marks.get(t, '')} |")
+        per_method = "".join(f"{label[int(np.argmax(E[t]))]} {max(E[t]):.2f} | " for E in meta["matrices"].values())
+        lines.append(f"| {target.display[t]} | {label[int(A[t].argmax())]} | {scores} | {per_method}{marks.get(t, '')} |")
     with open(os.path.join(out, "mapping.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -494,7 +500,9 @@ def main(argv=None):
 
     def target_images():
         if "target" not in cache:
-            cache["target"] = data.dataset_from_args(args, "train", False, args.out)
+            ds = cache["target"] = data.dataset_from_args(args, "train", False, args.out)
+            if [n.lower() for n in ds.classes.names] != [n.lower() for n in target.names]:
+                fail(f"--data {args.data} {ds.root}: its {len(ds.classes)} classes differ from the {len(target)} of --target {args.target}")
             print(f"target images: {len(cache['target'])} from {cache['target'].root}")
         return cache["target"]
 
@@ -503,7 +511,7 @@ def main(argv=None):
         if not present.all():
             A[~present] = text()[~present]
             for i in np.flatnonzero(~present):
-                marks[i] = "absent from the target images: text row"
+                marks[i] = "absent from the target images: text row for the image-based methods"
             print(f"{method}: {int((~present).sum())} target classes absent from the images take their text row")
         return A
 
@@ -520,6 +528,8 @@ def main(argv=None):
         files.append(args.dino_weights)
         spec = args.source_data or args.source
         sd_name, sd_root = ("folder", spec) if os.path.isdir(spec) else (spec, args.source_root)
+        if sd_name in ("coco", "ade20k", "cityscapes") and sd_root is None:
+            fail(f"--method self-supervised needs labelled {sd_name} images for the source prototypes: --source-root DIR")
         src = data.open_dataset(sd_name, sd_root, "train")
         if len(src) > args.source_n:
             src = data.open_dataset(sd_name, sd_root, "train", n=args.source_n, subset_seed=args.subset_seed)
@@ -548,13 +558,13 @@ def main(argv=None):
                 weights[m.strip()] = float(w)
             except ValueError:
                 fail(f"--weights {args.weights}: weight of {m.strip()} is '{w}', expected a number")
-        needs = {"supervised": args.source_ckpt or args.segmenter or "no --source-ckpt / --segmenter given",
-                 "self-supervised": args.dino_weights or "no --dino-weights given"}
+        lacking = {"text": None, "supervised": None if args.source_ckpt or args.segmenter else "no --source-ckpt / --segmenter given",
+                   "self-supervised": None if args.dino_weights else "no --dino-weights given"}
         for m, w in weights.items():
             if w <= 0:
                 skipped[m] = f"weight {w}"
-            elif m != "text" and needs[m].startswith("no --"):
-                skipped[m] = needs[m]
+            elif lacking[m]:
+                skipped[m] = lacking[m]
             else:
                 estimates[m] = run[m]()
         if not estimates:
@@ -564,7 +574,6 @@ def main(argv=None):
         estimate = sum(weights[m] * A for m, A in estimates.items()) / sum(weights[m] for m in estimates)
     elif args.method == "random":
         estimate = np.random.default_rng(args.seed).random((len(target), len(source)))
-        estimate /= estimate.sum(1, keepdims=True)
     elif args.method == "identity":
         estimate = np.zeros((len(target), len(source)))
         for t_i, name in enumerate(target.names):

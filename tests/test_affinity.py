@@ -38,9 +38,9 @@ def run(tmp_path, *argv):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """A small copy of the toy task (source 40 / target 24 training images, 64 px)."""
+    """A small copy of the toy task (source 24 / target 16 training images, 64 px)."""
     root = tmp_path_factory.mktemp("toy")
-    data.write_toy(root, splits={"source": {"train": 40, "val": 1}, "target": {"train": 24, "val": 1}})
+    data.write_toy(root, splits={"source": {"train": 24, "val": 1}, "target": {"train": 16, "val": 1}})
     return root
 
 
@@ -91,11 +91,11 @@ def test_oasis_discriminator_as_source_segmenter(tmp_path, toy):
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"kind": "oasis-cat", "D_kwargs": kwargs, "D": sd}, ckpt)
     A, meta, _ = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
-                     "--n", "4", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft")
+                     "--n", "2", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft")
     # reference: softmax over channels 1..12 of logits[:, 1:] (fake channel and dontcare dropped)
     D = Discriminator(**kwargs).eval()
     D.load_state_dict(sd)
-    ds = data.open_dataset("folder", toy / "target", n=4, size=64)
+    ds = data.open_dataset("folder", toy / "target", n=2, size=64)
     sums, counts = np.zeros((9, 12)), np.zeros(9)
     with torch.no_grad():
         for item in ds:
@@ -228,6 +228,16 @@ def test_clip_text_tower_from_a_local_file(tmp_path):
     with pytest.raises(SystemExit, match="ViT-B-32.pt"):
         ea.main(["--source", src, "--target", tgt, "--method", "text", "--clip-weights", str(tmp_path / "nope.pt"),
                  "--out", str(tmp_path / "o")])
+
+
+def test_bundled_text_encoder_coco_to_ade20k(tmp_path):
+    A, meta, out = run(tmp_path, "--source", "coco", "--target", "ade20k", "--method", "text")
+    assert A.shape == (150, 182) and "all-MiniLM-L6-v2" in meta["encoders"]["text"]
+    coco, ade = data.class_table("coco"), data.class_table("ade20k")
+    got = {ade.display[t]: coco.names[int(A[t].argmax())] for t in range(150)}
+    assert got["sky"] == "sky-other" and got["bus"] == "bus" and got["grass"] == "grass"
+    assert got["door"] == "door-stuff"  # the used stuff class wins the tie with the unused thing id 70 'door'
+    assert "| signboard | street sign |" in (out / "mapping.md").read_text()
 
 
 def test_class_names_clean_and_synonyms():
