@@ -110,15 +110,30 @@ class Affinity(nn.Module):
         return F.conv2d(y, self.weight)
 
 
+def _conv_dtype(t):
+    """The dtype convolutions run in: the autocast dtype inside autocast, else t's own."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
 def _resize(y, hw):
     """Legacy nearest resize (SPEC §0.3: source index floor(i * in / out)); no copy when already hw."""
     return y if tuple(y.shape[2:]) == tuple(hw) else F.interpolate(y, size=tuple(hw), mode='nearest')
 
 
+def _memory_format(t):
+    return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 def _noise_and_labels(z, y):
-    """The official SPADE input: z broadcast over H x W, concatenated BEFORE the label channels."""
-    b, _, h, w = y.shape
-    return torch.cat([z.to(y.dtype)[:, :, None, None].expand(b, z.shape[1], h, w), y], dim=1)
+    """The official SPADE input: z broadcast over H x W, concatenated BEFORE the label channels.
+    Written into one buffer in y's memory format (torch.cat with a broadcast z would fall back to NCHW)."""
+    b, c, h, w = y.shape
+    seg = torch.empty((b, z.shape[1] + c, h, w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+    seg[:, :z.shape[1]] = z[:, :, None, None]
+    seg[:, z.shape[1]:] = y
+    return seg
 
 
 class SPADE(nn.Module):
@@ -150,12 +165,14 @@ class SPADE(nn.Module):
             a = a + residual(y)
         return F.relu(a)
 
-    def forward(self, x, z, y):
+    def forward(self, x, z, y, seg=None):
+        """x: features; z: (B, z_dim); y: label map; seg: cat(z, y) at x's size when the caller already
+        built it (the non-CAT SPADEs of a block share one, so autograd keeps one copy)."""
         with _fp32(x.device):
             normalized = self.first_norm(x.float())
         y = _resize(y, x.shape[2:])
         if not self.paths:
-            a = self.mlp_shared(_noise_and_labels(z, y))
+            a = self.mlp_shared(seg if seg is not None else _noise_and_labels(z, y))
             gamma, beta = self.mlp_gamma(a), self.mlp_beta(a)
         elif self.paths == ('',):
             a = self._hidden(z, y, '')
@@ -163,7 +180,8 @@ class SPADE(nn.Module):
         else:
             gamma = self.mlp_gamma(self._hidden(z, y, 'gamma'))
             beta = self.mlp_beta(self._hidden(z, y, 'beta'))
-        return normalized * (1 + gamma) + beta
+        # statistics in fp32; the modulation runs in the conv dtype (bf16 under autocast: half the memory)
+        return normalized.to(gamma.dtype) * (1 + gamma) + beta
 
 
 class SPADEResBlock(nn.Module):
@@ -183,9 +201,10 @@ class SPADEResBlock(nn.Module):
             self.norm_s = SPADE(fin, semantic_nc, z_dim, **spade_kw)
 
     def forward(self, x, z, y):
-        x_s = self.conv_s(self.norm_s(x, z, y)) if self.learned_shortcut else x
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, z, y), 0.2, inplace=True))
-        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, z, y), 0.2, inplace=True))
+        seg = None if self.norm_0.paths else _noise_and_labels(z, y)
+        x_s = self.conv_s(self.norm_s(x, z, y, seg)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, z, y, seg), 0.2, inplace=True))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, z, y, seg), 0.2, inplace=True))
         return x_s + dx
 
 
@@ -240,6 +259,9 @@ class Generator(nn.Module):
             raise ValueError(f'label map has shape {tuple(y.shape)}, the generator expects (B, {nc}, H, W)')
         if z is None:
             z = torch.randn(y.shape[0], self.z_dim, dtype=torch.float32, device=y.device)
+        # label maps in the dtype and memory format the convs run in (bf16 under autocast, channels_last
+        # when the model was moved to it), so no conv converts its input again
+        y = y.to(_conv_dtype(y), memory_format=_memory_format(self.fc.weight))
         y_lat = _resize(y, self.latent_hw)
         if self.cat_nc is None:
             x = self.fc(_noise_and_labels(z, y_lat))

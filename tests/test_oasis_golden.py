@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GOLDEN, golden_path
-from models.oasis import (Discriminator, Generator, check_state_dict, class_balance_weights, discriminator_loss,
+from models.oasis import (Discriminator, Generator, SNConv2d, check_state_dict, class_balance_weights, discriminator_loss,
                           ema_update, generator_loss, labelmix_mask, n1_loss, oasis_config, recompute_bn_stats)
 
 TOL = 1e-5
@@ -146,6 +146,25 @@ def test_composite_training_losses(name):
     assert maxdiff(parts['D_lm'], io['model_loss_D_lm_weighted']) < TOL
     assert_buffers(G, io['model_buffers_after_losses']['G'])
     assert_buffers(D, io['model_buffers_after_losses']['D'])
+
+
+@pytest.mark.parametrize('name', SETS)
+def test_channels_last_matches_and_stays_channels_last(name):
+    """Moved to channels_last, G and D give the golden outputs and every conv sees NHWC input."""
+    io, y = inputs(name)
+    cl = torch.channels_last
+    G, D = fresh(name, 'G').eval().to(memory_format=cl), fresh(name, 'D').eval().to(memory_format=cl)
+    formats = []
+    for m in [*G.modules(), *D.modules()]:
+        if isinstance(m, (torch.nn.Conv2d, SNConv2d)):
+            m.register_forward_pre_hook(lambda mod, args: formats.append(args[0].is_contiguous(memory_format=cl)))
+    with torch.no_grad():
+        assert maxdiff(G(y, io['z']), io['G_eval']) < TOL  # a plain NCHW label map goes in
+        assert maxdiff(D(io['image'].contiguous(memory_format=cl)), io['D_eval_real']) < TOL
+        formats.clear()  # 1x1 maps (64-pixel D inputs) are ambiguous; check G again and D at 256 pixels
+        G(y, io['z'])
+        D(torch.zeros(1, 3, 256, 256).contiguous(memory_format=cl))
+    assert formats and all(formats)
 
 
 EMA_SETS = [n for n in SETS if (OASIS / n / 'ema_update_inputs.pt').is_file()]
