@@ -65,6 +65,7 @@ def main():
     p.add_argument("--n", type=int, default=100, help="target training images")
     p.add_argument("--steps", type=int, default=None, help="training budget of every target run (overrides the preset)")
     p.add_argument("--source-steps", type=int, default=None, help="source pretraining steps (overrides the preset)")
+    p.add_argument("--seg-epochs", type=int, default=None, help="epochs of the toy evaluation nets (overrides the preset)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--write-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args()
@@ -82,7 +83,7 @@ def main():
 
     # 1. evaluation nets (the toy data is generated on first use)
     evalnets = out / "evalnets"
-    run(["bench/toy_segmenter.py", "--out", evalnets, "--epochs", cfg["seg_epochs"]], logs / "evalnets.log",
+    run(["bench/toy_segmenter.py", "--out", evalnets, "--epochs", args.seg_epochs or cfg["seg_epochs"]], logs / "evalnets.log",
         done=evalnets / "features.pt")
     eval_flags = ["--data", "toy-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--stats-cache", out / "fid_stats"] + dev
