@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -100,8 +101,13 @@ def test_bad_input_one_line(files, tmp_path):
 
 def test_ablation_rows_and_upsampler(files, tmp_path):
     """Table 11 rows in one run: finetune all, no prompts, no CAT (random 1x1 conv); upsampler trained too."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with warnings.catch_warnings():  # TorchScript is what evaluate.py reads, deprecated or not
+        warnings.simplefilter("ignore", FutureWarning)
+        feats = torch.jit.script(net)
+    feats.save(str(tmp_path / "feats.pt"))  # a toy FID feature net: (B,3,H,W) in [0,1] -> (B,8)
     r = run(files, tmp_path / "abl", "--steps", "1", "--train", "all", "--prompts", "0", "--affinity", "none",
-            "--finetune-upsampler")
+            "--finetune-upsampler", "--fid-features", str(tmp_path / "feats.pt"), "--fid-n", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(tmp_path / "abl" / "checkpoint.pt", weights_only=True)
     assert "prompts" not in ck["base"] and ck["affinity"] is None
@@ -110,3 +116,5 @@ def test_ablation_rows_and_upsampler(files, tmp_path):
     assert not torch.equal(cat_map, cat_map.round())  # random soft rows, not a hard affinity
     log = [json.loads(s) for s in (tmp_path / "abl" / "log.jsonl").read_text().splitlines()]
     assert np.isfinite(log[-2]["up_loss"]) and np.isfinite(log[-2]["base_vb"])
+    assert [e["step"] for e in log if "fid" in e] == [0, 1] and all(np.isfinite(e["fid"]) for e in log if "fid" in e)
+    assert ck["best_fid"] == min(e["fid"] for e in log if "fid" in e)
