@@ -122,6 +122,7 @@ def _resize(y, hw):
 
 
 def _memory_format(t):
+    """channels_last when t is stored NHWC (and not trivially both), else the default layout."""
     return torch.channels_last if t.dim() == 4 and not t.is_contiguous() and \
         t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
