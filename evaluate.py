@@ -28,8 +28,9 @@ Protocol (also written into results.json):
   channel 0 never predicted; one confusion matrix over the whole split; IoU of a class with an empty
   union is undefined and left out of the mean. The same segmenter on the real images gives miou_real.
 - PNGs: uint8 = round(255 (x+1)/2), clamped (the official OASIS test.py truncates instead).
-- On CUDA the networks run under bf16 autocast (--fp32 turns it off); bench/bench_fid.py measures the
-  effect on FID.
+- Precision: on CUDA the generator and the segmenter run under bf16 autocast (--fp32 turns it off).
+  The FID/KID network runs in fp32 (cuDNN's default TF32, as pytorch-fid) unless --bf16-features;
+  bench/bench_fid.py measures what bf16 does to FID (allowed: 0.1% relative) and the speed-up.
 
 Importable helpers (stable names; the finetune scripts use them for early stopping):
     load_feature_net(inception=None, fid_features=None, device='cpu') -> net ((B,3,H,W) in [0,1] -> (B,D))
@@ -42,7 +43,10 @@ Importable helpers (stable names; the finetune scripts use them for early stoppi
     oasis_sampler(G, n_channels, bf16=False) -> sample(label, seeds) -> images in [-1, 1]
     generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1) -> yields batches
     generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False) -> float
-    load_segmenter(path, device), confusion(logits, label, n_channels), iou(conf, channels)
+    image_seeds(seed, first_map, n_maps, k) -> the per-image noise seeds of `generate`
+    load_segmenter(path, device), segment(seg, images, n_channels), confusion(pred, label, n_channels),
+    iou(conf, channels) -> (mIoU, per-class IoU)
+    to_uint8(x), palette(n), save_grid(rows, path)                    PNGs and grids
 """
 import argparse
 import hashlib
@@ -174,7 +178,7 @@ class MixedE(nn.Module):
 class FIDInception(nn.Module):
     """(B,3,H,W) in [0,1] -> (B,2048) pool3 features."""
 
-    tag = "inception"
+    tag, toy = "inception", False  # load_feature_net adds the weight file's digest to the tag
 
     def __init__(self):
         super().__init__()
@@ -208,6 +212,8 @@ class FIDInception(nn.Module):
 
 class ScriptedFeatures(nn.Module):
     """A TorchScript feature net ((B,3,H,W) in [0,1] -> (B,D)) for the toy-domain FID."""
+
+    toy = True
 
     def __init__(self, net, tag):
         super().__init__()
@@ -249,19 +255,19 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
         except Exception as e:
             raise SystemExit(f"--inception {path}: not a readable state dict ({type(e).__name__}); "
                              f"expected {INCEPTION_FILE}")
-        net = FIDInception()
-        if not isinstance(sd, dict):
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise SystemExit(f"--inception {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise SystemExit(f"--inception {path}: not the FID Inception weights ({len(missing)} keys missing, e.g. "
-                             f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}); expected {INCEPTION_FILE}")
-        try:
-            net.load_state_dict(sd)
-        except RuntimeError as e:  # right keys, wrong shapes
-            raise SystemExit(f"--inception {path}: not the FID Inception weights ({str(e).splitlines()[-1].strip()})")
-        net.tag, net.toy = f"inception-{file_digest(path)}", False
+        net = FIDInception()
+        own = net.state_dict()
+        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
+        unexpected = [k for k in sd if k not in own]
+        shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise SystemExit(f"--inception {path}: not the FID Inception weights ({len(missing)} keys missing, "
+                             f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "
+                             f"{(missing + unexpected + shapes)[0]}); expected {INCEPTION_FILE}")
+        net.load_state_dict(sd)
+        net.tag = f"inception-{file_digest(path)}"
     else:
         path = Path(fid_features)
         if not path.is_file():
@@ -272,7 +278,6 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
         except Exception as e:
             raise SystemExit(f"--fid-features {path}: not a TorchScript file ({type(e).__name__})")
         net = ScriptedFeatures(scripted, f"features-{path.stem}-{file_digest(path)}")
-        net.toy = True
     net.requires_grad_(False)
     net = net.to(device).eval()
     if torch.device(device).type == "cuda":
@@ -286,7 +291,7 @@ def embed(net, images, bf16=False):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
         f = net(images)
     if f.ndim != 2 or f.shape[0] != images.shape[0]:
-        raise SystemExit(f"feature net {net.tag}: returned shape {tuple(f.shape)}, expected (B, D) = ({images.shape[0]}, D)")
+        raise SystemExit(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, expected (B, D) = ({images.shape[0]}, D)")
     return f.double().cpu().numpy()
 
 
@@ -393,12 +398,12 @@ def oasis_sampler(G, n_channels, bf16=False):
 
 
 def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0):
-    """Yields per batch {'label', 'real' (in [-1,1]), 'fake': [K tensors in [-1,1]], 'path', 'index'}."""
+    """Yields per batch {'label', 'real' (in [-1,1]), 'fake': [K tensors in [-1,1]], 'path'}."""
     first = 0
     for batch in loader(dataset, batch_size, workers):
         label = batch["label"].to(device)
         fake = [sample(label, image_seeds(seed, first, len(label), k)) for k in range(samples_per_map)]
-        yield {"label": label, "real": batch["image"].to(device), "fake": fake, "path": batch["path"], "index": first}
+        yield {"label": label, "real": batch["image"].to(device), "fake": fake, "path": batch["path"]}
         first += len(label)
 
 
@@ -482,7 +487,8 @@ def palette(n):
 
 
 def save_grid(rows, path):
-    """rows: lists of (H,W,3) uint8 tiles (label colours | samples | real), padded to a common tile size."""
+    """rows: lists of (H,W,3) uint8 tiles (label colours | samples | real); tiles of another size are
+    nearest-resized to the largest one; 2-pixel white gaps."""
     h = max(t.shape[0] for r in rows for t in r)
     w = max(t.shape[1] for r in rows for t in r)
     cols = max(len(r) for r in rows)
@@ -517,11 +523,22 @@ def folder_images(folder, flag):
     return files
 
 
-def image_batches(files, batch_size, device):
-    """Float batches in [0,1], read as pytorch-fid does (PIL, RGB, /255)."""
-    for i in range(0, len(files), batch_size):
-        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[i:i + batch_size]]
-        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255).to(device)
+class ImageFiles(torch.utils.data.Dataset):
+    """Images read as pytorch-fid does: PIL, RGB, uint8 / 255 -> float (3,H,W) in [0,1]."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.asarray(Image.open(self.files[i]).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+
+
+def image_batches(files, batch_size, device, workers=0):
+    for x in loader(ImageFiles(files), batch_size, workers):
+        yield x.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,23 +658,29 @@ def main():
     p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached real statistics ('' = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA for the generator and segmenter")
+    p.add_argument("--bf16-features", action="store_true",
+                   help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
     args = p.parse_args()
 
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and not args.fp32
+    bf16_features = device.type == "cuda" and args.bf16_features
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     out = Path(args.out)
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "ckpt", "affinity",
                                            "real_dir", "fake_dir") if getattr(args, k)}
-    results = {"precision": "bf16 autocast" if bf16 else "fp32", "files": files}
+    results = {"precision": {"generator and segmenter": "bf16 autocast" if bf16 else "fp32",
+                             "features": "bf16 autocast" if bf16_features else "fp32"}, "files": files}
 
     if args.real_dir or args.fake_dir:  # folder mode
         if not (args.real_dir and args.fake_dir):
             raise SystemExit("folder mode needs both --real-dir and --fake-dir")
         real_files, fake_files = folder_images(args.real_dir, "--real-dir"), folder_images(args.fake_dir, "--fake-dir")
         net = load_feature_net(args.inception, args.fid_features, device)
-        real_feats = features(net, image_batches(real_files, args.batch_size, device), bf16)
-        fake_feats = features(net, image_batches(fake_files, args.batch_size, device), bf16)
+        real_feats = features(net, image_batches(real_files, args.batch_size, device, args.workers), bf16_features)
+        fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
         metrics = fid_metrics(real_feats, fake_feats)
         results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
                    "fid_features": describe_features(net, args), "toy_domain_fid": net.toy, **results}
@@ -696,7 +719,7 @@ def main():
                 name = Path(src).stem + (f"_{k}" if K > 1 else "") + ".png"
                 Image.fromarray(tiles[k][i]).save(out / "images" / name)
             if net is not None:
-                fake_feats.append(embed(net, (fake + 1) / 2, bf16))
+                fake_feats.append(embed(net, (fake + 1) / 2, bf16_features))
             if seg is not None:
                 conf += confusion(segment(seg, (fake + 1) / 2, dataset.n_channels, bf16, args.segmenter),
                                   b["label"], dataset.n_channels)
@@ -715,7 +738,8 @@ def main():
                            "size": list(dataset.size), "limit": args.limit}, **results}
     lines = []
     if net is not None:
-        mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16, args.workers)
+        mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16_features,
+                                   args.workers)
         metrics = fid_metrics(rf, np.concatenate(fake_feats), (mu, sigma))
         results.update(metrics, fid_features=describe_features(net, args), toy_domain_fid=net.toy)
         lines += [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if net.toy else ""),
