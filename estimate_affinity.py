@@ -152,16 +152,15 @@ def class_names(table, synonyms):
     return out
 
 
-def embed_classes(encode, table, synonyms):
-    """One unit vector per class: mean over synonyms x prompt templates (the CLIP prompt ensemble)."""
-    names = class_names(table, synonyms)
-    e = encode([p.format(n) for ns in names for n in ns for p in PROMPTS])
-    sizes = [len(ns) * len(PROMPTS) for ns in names]
-    return F.normalize(torch.stack([chunk.mean(0) for chunk in e.split(sizes)]), dim=-1)
-
-
 def text_affinity(encode, target, source, synonyms, temperature):
-    cos = embed_classes(encode, target, synonyms) @ embed_classes(encode, source, synonyms).T
+    """Softmax over source classes of the cosine between class embeddings; a class embedding is the mean
+    over its names x prompt templates (CLIP's prompt ensemble). Each distinct text is encoded once."""
+    names = class_names(target, synonyms) + class_names(source, synonyms)
+    texts = sorted({p.format(n) for ns in names for n in ns for p in PROMPTS})
+    index = {text: i for i, text in enumerate(texts)}
+    e = encode(texts)
+    emb = F.normalize(torch.stack([e[[index[p.format(n)] for n in ns for p in PROMPTS]].mean(0) for ns in names]), dim=-1)
+    cos = emb[:len(target)] @ emb[len(target):].T
     return torch.softmax(cos / temperature, dim=1).numpy()
 
 
