@@ -551,7 +551,9 @@ def load_official(path, part='EMA', which='best'):
         tries = [p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth']
         found = [t for t in tries if t.is_file()]
         if not found:
-            raise SystemExit(f'{p}: no {which}_{part}.pth in it or in {p / "models"}; {_WHERE}')
+            have = sorted(f.name for d in (p, p / 'models') if d.is_dir() for f in d.glob('*.pth'))
+            raise SystemExit(f'{p}: no {which}_{part}.pth in it or in {p / "models"} (found: '
+                             f'{", ".join(have) or "no .pth files"}); {_WHERE}')
         p = found[0]
     elif not p.is_file():
         raise SystemExit(f'{p}: file not found; {_WHERE}')
