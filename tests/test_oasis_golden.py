@@ -228,6 +228,34 @@ def test_labelmix_vectorised_equals_official_loop():
     assert pitfalls >= 3  # the in-place reassignment case was exercised
 
 
+def reference_class_balance_loop(y):
+    """Class-balancing weights written as a plain loop over classes (the reference)."""
+    B, C, H, W = y.shape
+    occ = [float(y[:, c].sum()) for c in range(C)]
+    occ[0] = 0.0
+    n = sum(o > 0 for o in occ)
+    k = y.argmax(1)
+    w = torch.zeros(B, H, W)
+    for c in range(1, C):
+        if occ[c] > 0:
+            coeff = torch.reciprocal(torch.tensor(occ[c])) * y.numel() / torch.tensor(n * C)
+            w[k == c] = coeff
+    return w
+
+
+def test_class_balancing_equals_reference_loop():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        C = int(torch.randint(2, 12, (1,), generator=g))
+        label = torch.randint(0, C, (3, 1, 7, 9), generator=g)
+        y = torch.zeros(3, C, 7, 9).scatter_(1, label, 1.0)
+        if trial % 2:  # soft maps too: occurrences are channel sums, the weight index is the argmax
+            y = 0.7 * y + 0.3 * torch.softmax(torch.randn(3, C, 7, 9, generator=g), dim=1)
+        got, ref = class_balance_weights(y), reference_class_balance_loop(y)
+        # one-hot sums are exact integers; soft sums may round differently in another reduction order
+        assert torch.equal(got, ref) if trial % 2 == 0 else torch.allclose(got, ref, rtol=1e-6, atol=0), trial
+
+
 # ---------------------------------------------------------------------------------------------
 # Full-size default configs, weights from the README's recipe
 
