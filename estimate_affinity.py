@@ -70,6 +70,14 @@ def open_table(spec, flag):
     return dataset, root, table
 
 
+def torch_file(path, flag):
+    """torch.load(weights_only=True) with one clear line for a file that is not a weights-only torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors
+        fail(f"{flag} {path}: not a file torch.load(weights_only=True) can read ({type(e).__name__})")
+
+
 def channel_rows(table):
     """Lookup channel id -> row of the table (-1 for dontcare and channels without a class)."""
     lut = torch.full((table.n_channels,), -1, dtype=torch.long)
@@ -95,14 +103,17 @@ def load_clip(path, device):
     except ImportError:  # setuptools >= 81 has no pkg_resources; clip-anytorch only takes `packaging` from it
         import packaging.version
         sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
-    import clip
+    try:
+        import clip
+    except ImportError:
+        fail("--clip-weights needs `pip install clip-anytorch` (CLIP's model code and tokenizer)")
 
     if is_torchscript(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             sd = torch.jit.load(path, map_location="cpu").state_dict()
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_file(path, "--clip-weights")
     try:
         model = clip.model.build_model(dict(sd))
     except (KeyError, AttributeError, TypeError) as e:
@@ -111,7 +122,10 @@ def load_clip(path, device):
 
 
 def is_torchscript(path):
-    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
 
 
 def text_encoder(clip_weights, device):
@@ -189,7 +203,7 @@ def load_segmenter(args, source, source_dataset, device):
         fail(f"--source-ckpt {path}: not found; expected the source OASIS run dir (models/best_D.pth, from the "
              "boschresearch/OASIS release) or a checkpoint written by finetune_oasis.py")
     from models import oasis
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    ckpt = torch_file(path, "--source-ckpt") if os.path.isfile(path) else None
     if isinstance(ckpt, dict) and "D_kwargs" in ckpt:  # a checkpoint of ours
         D = oasis.Discriminator(**ckpt["D_kwargs"])
         oasis.check_state_dict(D, ckpt["D"], path, f"--source {source_dataset}")
@@ -297,25 +311,25 @@ def load_dino(path):
     if path is None or not os.path.isfile(path):
         fail(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
              "from the facebookresearch/dino release")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("teacher", sd)
+    sd = torch_file(path, "--dino-weights")
+    sd = sd.get("teacher", sd) if isinstance(sd, dict) else {}
     # full checkpoints prefix 'module.' and 'backbone.' and add a projection head, as DINO's load_pretrained_weights strips
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        fail(f"--dino-weights {path}: not a DINO ViT state dict (no cls_token / patch_embed.proj.weight keys)")
+    if not all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")):
+        fail(f"--dino-weights {path}: not a DINO ViT state dict (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     vit = ViT(sd["cls_token"].shape[-1], depth, sd["patch_embed.proj.weight"].shape[-1], sd["pos_embed"].shape[1])
-    missing, unexpected = vit.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        fail(f"--dino-weights {path}: keys do not match a DINO ViT (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        vit.load_state_dict(sd)
+    except RuntimeError as e:
+        fail(f"--dino-weights {path}: does not match a DINO ViT ({' '.join(str(e).split())[:200]})")
     return vit.eval()
 
 
 @torch.no_grad()
 def class_prototypes(vit, dataset, table, side, device, batch_size):
     """Mean unit-norm patch feature over the pixels of each class (a patch counts by its pixel share)."""
-    rows = channel_rows(table)
     p = vit.kwargs["patch"]
     mean, std = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None], torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     sums, counts = torch.zeros(len(table), vit.kwargs["dim"], dtype=torch.float64), torch.zeros(len(table), dtype=torch.float64)
