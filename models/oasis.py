@@ -343,7 +343,8 @@ class DBlock(nn.Module):
         if first:
             self.conv1 = nn.Sequential(SNConv2d(fin, fout, 3, padding=1))
         elif up:
-            self.conv1 = nn.Sequential(nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2), SNConv2d(fin, fout, 3, padding=1))
+            self.conv1 = nn.Sequential(nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2),
+                                       SNConv2d(fin, fout, 3, padding=1))
         else:
             self.conv1 = nn.Sequential(nn.LeakyReLU(0.2), SNConv2d(fin, fout, 3, padding=1))
         self.conv2 = nn.Sequential(nn.LeakyReLU(0.2), SNConv2d(fout, fout, 3, padding=1))
@@ -351,6 +352,8 @@ class DBlock(nn.Module):
             self.conv_s = SNConv2d(fin, fout, 1)
 
     def forward(self, x):
+        # shortcut as official: the first block pools then convs, other down blocks conv then pool,
+        # up blocks upsample then conv
         s = x
         if self.up:
             s = F.interpolate(s, scale_factor=2, mode='nearest')
@@ -393,7 +396,7 @@ class Discriminator(nn.Module):
             skips.append(x)
         x = self.body_up[0](x)
         for i in range(1, len(self.body_down)):
-            x = self.body_up[i](torch.cat([skips[-i - 1], x], dim=1))
+            x = self.body_up[i](torch.cat([skips[-i - 1], x], dim=1))  # skip first, then x
         return self.layer_up_last(x)
 
     def blocks_for_freeze(self):
