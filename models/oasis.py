@@ -459,12 +459,12 @@ def labelmix_mask(y):
     are overwritten by class 1's draw when class 1 is present. One batched draw equals the per-class
     draws (same CPU RNG stream)."""
     t = y.argmax(1)
-    n_ch = y.shape[1]
-    present = torch.bincount(t.flatten(), minlength=n_ch) > 0
-    draws = torch.randint(0, 2, (int(present.sum()),)).to(t.device)
-    lut = draws[(present.cumsum(0) - 1).clamp(min=0)]  # draw of each present class, by ascending rank
-    if n_ch > 1:
-        lut[0] = torch.where(present[0] & (lut[0] == 1) & present[1], lut[1], lut[0])
+    classes = torch.unique(t)  # ascending, as the official loop
+    lut = torch.zeros(y.shape[1], dtype=torch.long, device=t.device)
+    lut[classes] = torch.randint(0, 2, (len(classes),)).to(t.device)
+    if y.shape[1] > 1:
+        collide = (classes == 0).any() & (lut[0] == 1) & (classes == 1).any()
+        lut[0] = torch.where(collide, lut[1], lut[0])
     return lut[t].unsqueeze(1).float()
 
 
