@@ -1,6 +1,6 @@
 """Estimate CAT's class-affinity matrix: which source classes each target class borrows from.
 
-CAT (Careil et al., CVPR 2023, Sec. 3.2) maps every target class t to a distribution A[t] over the
+CAT (Careil et al., CVPR 2023) maps every target class t to a distribution A[t] over the
 source classes of a pretrained generator. This script estimates A in the ways of the paper:
   text             cosine of class-name embeddings, softmax over source classes (temperature)
   supervised       a segmenter of the SOURCE classes run on the target training images; row t =
