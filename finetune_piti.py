@@ -14,8 +14,8 @@ Loss: the official PITI base loss, eps MSE + the variational bound training the 
 (uniform t); condition dropout (--uncond-p, the input becomes ones as in the official code) keeps
 classifier-free guidance working; AdamW without weight decay, EMA of the trained weights.
 The upsampler is used as released (its own encoder gets the same CAT 1x1 conv, training-free) unless
---finetune-upsampler, which trains it the same way on 8-bit bicubic low-res inputs (the official
-BSRGAN degradation, VGG and adversarial terms are left out).
+--finetune-upsampler, which trains it the same way on 8-bit bicubic low-res inputs, without condition
+dropout as the official upsampler (the official BSRGAN degradation, VGG and adversarial terms are left out).
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
 --fid-features (early stopping with --patience), <out>/checkpoint.pt written atomically. Each step
