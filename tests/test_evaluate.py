@@ -192,18 +192,21 @@ def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
     assert len(r.stderr.strip().splitlines()) == 1
 
     one = write_images(tmp_path / "one", 1, (32, 48), 3, True)
-    r = run("--real-dir", real_dir, "--fake-dir", one, "--inception", inception_file, "--out", tmp_path / "o")
-    assert r.returncode != 0 and "at least 2" in r.stderr and str(one) in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit, match="1 image.* at least 2") as e:
+        ev.folder_images(one, "--fake-dir")
+    assert str(one) in str(e.value) and "\n" not in str(e.value)
 
     mixed = write_images(tmp_path / "mixed", 2, (32, 48), 4, True)
     write_images(tmp_path / "other", 1, (40, 40), 5, True)
     (tmp_path / "other" / "000.png").rename(mixed / "zzz.png")
-    r = run("--real-dir", mixed, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o")
-    assert r.returncode != 0 and "mixed sizes" in r.stderr and "48x32" in r.stderr and "40x40" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit, match="mixed sizes: 000.png is 48x32, zzz.png is 40x40") as e:
+        ev.folder_images(mixed, "--real-dir")
+    assert "\n" not in str(e.value)
 
-    # files without BatchNorm's num_batches_tracked counters (472 keys) load too, with the same features
+    with pytest.raises(SystemExit, match="at least 2 images, got 1"):
+        ev.stats(np.zeros((1, 8)))
+
+    # files without BatchNorm's num_batches_tracked counters (472 keys) load too, with the same weights
     sd = torch.load(inception_file, weights_only=True)
     torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, tmp_path / "472.pth")
     net = ev.load_feature_net(inception=tmp_path / "472.pth")
@@ -311,11 +314,16 @@ def test_model_mode_on_toy_task(toy, tmp_path):
     fid = ((fakes.mean(0) - reals.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
     assert res["fid"] == pytest.approx(fid, rel=1e-4, abs=1e-6)
 
-    # the real statistics are cached and reused: same numbers, one cache file
-    r = run(*args[:-1], cache)
-    assert r.returncode == 0, r.stderr
-    assert len(list(cache.glob("*.npz"))) == 1
-    assert json.loads((out / "results.json").read_text())["fid"] == res["fid"]
+    # the real statistics were cached (keyed by dataset, split, resolution, network) and are reused
+    assert len(list(cache.glob("toy-target-val-32x32-features-feat-*.npz"))) == 1
+    net = ev.load_feature_net(fid_features=toy["root"] / "feat.pt")
+    mu, sigma, cached = ev.real_stats(ds, net, cache)
+    assert np.allclose(cached, reals, rtol=1e-5, atol=1e-7) and np.allclose(mu, reals.mean(0))
+    net.forward = None  # a cache hit never runs the network
+    assert np.array_equal(ev.real_stats(ds, net, cache)[2], cached)
+    ds.files = ds.files[:3]  # another image list is another cache entry
+    assert len(ev.real_stats(ds, ev.load_feature_net(fid_features=toy["root"] / "feat.pt"), cache)[2]) == 3
+    assert len(list(cache.glob("*.npz"))) == 2
 
 
 def test_training_free_mode_equals_source_on_mapped_labels(toy, tmp_path):
@@ -345,6 +353,13 @@ def test_model_mode_bad_inputs(toy, tmp_path):
             "--limit", 2)
     assert r.returncode != 0 and "5 channels; the dataset has 10" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run("--ckpt", toy["root"] / "src.pt", *toy["data"], "--out", tmp_path, "--limit", 2)
-    assert r.returncode != 0 and "takes 13 label channels, --data toy-target has 10" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    import argparse
+    import data
+    ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
+    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source=None)
+    with pytest.raises(SystemExit, match="takes 13 label channels, --data toy-target has 10"):
+        ev.load_generator(args, ds, "cpu", False)
+    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=toy["root"] / "nope.npy", source="toy-source",
+                              source_root=toy["root"] / "toy/source")
+    with pytest.raises(SystemExit, match="nope.npy: file not found"):
+        ev.load_generator(args, ds, "cpu", False)
