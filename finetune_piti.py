@@ -334,9 +334,10 @@ def main(argv=None):
             terms = training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
                                   base.image_size if name == "up" else None, amp=args.amp == "bf16")
             total = total + terms["loss"]
-            logs.update({f"{name}_{k}": float(v) for k, v in terms.items()})
-        if not torch.isfinite(total):
-            raise SystemExit(f"loss is {float(total)} at step {s}; stopping, {path} left as it was (lower --lr?)")
+            logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
+        loss = total.detach().item()
+        if not np.isfinite(loss):
+            raise SystemExit(f"loss is {loss} at step {s}; stopping, {path} left as it was (lower --lr?)")
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -344,11 +345,11 @@ def main(argv=None):
             for name, ps in params.items():
                 for k, p in ps.items():
                     ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
-        bar.set_postfix(loss=f"{float(total):.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         done = s + 1
         if done % args.log_every == 0 or done == args.steps:
             with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "loss": float(total), **logs,
+                f.write(json.dumps({"step": done, "loss": loss, **logs,
                                     "sec_per_step": (time.time() - t0) / (done - step)}) + "\n")
         if done % args.eval_every == 0 or done == args.steps:
             if evaluate_and_save(done):

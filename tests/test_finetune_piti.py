@@ -118,3 +118,9 @@ def test_ablation_rows_and_upsampler(files, tmp_path):
     assert np.isfinite(log[-2]["up_loss"]) and np.isfinite(log[-2]["base_vb"])
     assert [e["step"] for e in log if "fid" in e] == [0, 1] and all(np.isfinite(e["fid"]) for e in log if "fid" in e)
     assert ck["best_fid"] == min(e["fid"] for e in log if "fid" in e)
+
+
+def test_nan_loss_stops_without_overwriting(files, tmp_path):
+    r = run(files, tmp_path / "nan", "--steps", "3", "--train", "all", "--lr", "1e30")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "loss is" in r.stderr, r.stderr[-1500:]
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 0  # the last good one
