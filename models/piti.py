@@ -732,7 +732,7 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
     """A 'piti-cat' checkpoint dict -> (base, upsampler) PITI models in eval mode.
 
     The checkpoint keeps only what CAT trained (1x1 conv, prompts, encoder parts, or all with
-    --finetune-all) plus the paths of the official files it started from; `base` / `upsampler`
+    --train all) plus the paths of the official files it started from; `base` / `upsampler`
     override those paths when the files moved.
     """
     models = []
@@ -744,7 +744,10 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
         if unknown:
             raise SystemExit(f"checkpoint {part} weights do not fit {path}: unknown keys {unknown[:3]}")
         model.load_state_dict(trained, strict=False)
-        models.append(model.to(device).eval())
+        model.to(device).eval()
+        if torch.device(device).type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        models.append(model)
     return tuple(models)
 
 
