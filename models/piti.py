@@ -657,7 +657,7 @@ def autocast(device, enabled=True):
 
 @torch.no_grad()
 def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises=None, generator=None,
-           ddim=False, eta=0.0, temp=None, amp=True, trace=None, progress=False):
+           ddim=False, eta=0.0, temp=None, amp=True, trace=None, progress=False, official_rng=False):
     """Sample images for conditioning images `ref` (B,3,R,R) (from `model.ref(label)`).
 
     steps: respacing ("250", "fast27", "ddim50", ...); default the official one for the model.
@@ -667,6 +667,8 @@ def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises
     x_T / noises: the initial noise and the per-step noises (for exact replays); else drawn from
       `generator` (initial noise x `temp`, official upsampler temp 0.997).
     trace: a list that receives per-step dicts (x, t, model_out, x0) for tests.
+    official_rng: draw the step noise for the whole 2B guidance batch and keep the first half, as the
+      official sampler does, so torch.manual_seed(s) reproduces its samples (costs nothing else).
     The encoder runs once per sample (cond and uncond), not once per step.
     """
     steps = steps or (UP_STEPS if model.super_res else BASE_STEPS)
@@ -701,7 +703,11 @@ def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises
                 out = torch.cat([eps, cond[:, 3:]], dim=1)
             else:
                 out = model.denoise(x, tm, *ctx, low_res=low_res).float()
-        noise = noises[k] if noises is not None else torch.randn(x.shape, generator=generator, device=device)
+        if noises is not None:
+            noise = noises[k]
+        else:
+            shape = (2 * B, *x.shape[1:]) if guided and official_rng else x.shape
+            noise = torch.randn(shape, generator=generator, device=device)[:B]
         x_next, x0 = diff.ddim_sample(out, x, t, noise, eta) if ddim else diff.p_sample(out, x, t, noise)
         if trace is not None:
             trace.append({"x": x, "t": i, "model_out": out, "x0": x0})

@@ -181,6 +181,9 @@ def test_small_trajectories(name):
         assert maxdiff(final, tr["final"]) <= tol
         if "low_res_for_upsampler" in tr:
             assert torch.equal(quantize(tr["final"]), tr["low_res_for_upsampler"])
+            torch.manual_seed(int(tr.get("seed", 1234)))  # README: the base trajectory uses seed 1234
+            x = sample(model, ref, steps=steps, guidance=guidance, official_rng=True)
+            assert maxdiff(x, tr["final"]) <= tol  # the official random stream, 2B noise per step
         if "init_randn" in tr:  # the upsampler's official random stream: randn * 0.997, then randn per step
             assert torch.equal(tr["init_randn"] * 0.997, tr["x"][0])
             torch.manual_seed(int(tr.get("seed", 4321)))  # README: the upsampler trajectories use seed 4321
