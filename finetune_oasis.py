@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -130,11 +131,16 @@ def load_source(args, source_table):
     if not path.exists():
         raise SystemExit(f"{path}: source checkpoint not found (the official OASIS zips are linked in the README)")
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, or pickled objects: one line, not a traceback
+            raise SystemExit(f"{path}: not a weights-only torch checkpoint ({type(e).__name__})")
         if isinstance(ckpt, dict) and "kind" in ckpt:  # ours
-            if ckpt["kind"] != "oasis-cat" or ckpt["G_kwargs"].get("cat_nc") is not None:
-                raise SystemExit(f"{path}: a '{ckpt['kind']}' checkpoint with CAT layers; expected a plain OASIS model "
-                                 f"(continue it with --resume instead)")
+            if ckpt["kind"] != "oasis-cat":
+                raise SystemExit(f"{path}: a '{ckpt['kind']}' checkpoint; expected an OASIS model")
+            if ckpt["G_kwargs"].get("cat_nc") is not None:
+                raise SystemExit(f"{path}: already has CAT layers; a source model is a plain OASIS model "
+                                 f"(continue a CAT run with --resume)")
             got = ckpt["target"]
             if got["dataset"] != source_table.dataset or got["n_channels"] != source_table.n_channels:
                 raise SystemExit(f"{path}: trained on {got['dataset']} ({got['n_channels']} label channels), "
@@ -178,7 +184,6 @@ def load_affinity(path, target_table, source_table):
 
 def check_labels(ds, what):
     """Read every label file once so that a bad id fails here, in one line, not inside a loader worker."""
-    from PIL import Image
     for _, lbl in ds.files:
         data.label_channels(np.asarray(Image.open(lbl)), ds.dataset, ds.n_channels, lbl)
     if ds.size[0] % 64 or ds.size[1] % 64:
@@ -287,11 +292,12 @@ def save_checkpoint(obj, path):
 
 
 def rng_state():
-    np_state = np.random.get_state()
+    """Every global RNG, as plain lists and tensors (weights_only loading accepts nothing else)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
 
 
 def set_rng_state(s):
@@ -336,7 +342,8 @@ def main(argv=None):
         if not path.is_file():
             raise SystemExit(f"{path}: nothing to resume")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for k in ("init", "data", "n", "subset_seed", "batch", "seed", "source", "affinity", "stages", "stage1_steps"):
+        for k in ("init", "data", "n", "subset_seed", "batch", "seed", "source", "affinity", "stages", "stage1_steps",
+                  "freeze_d"):
             if ckpt["args"].get(k) != getattr(args, k) and not (k in ("source", "affinity") and getattr(args, k) is None):
                 raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {out} used "
                                  f"{ckpt['args'].get(k)!r}")
@@ -391,8 +398,9 @@ def main(argv=None):
     d_trainable = [p for p in D.parameters() if id(p) not in frozen_ids]
     for p in frozen:
         p.requires_grad_(False)
-    if ddp and cuda:
-        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)  # EMA keeps plain BN: only rank 0 runs it
+    if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; EMA keeps plain BN (rank 0 runs it)
+        G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    # (SyncBatchNorm is CUDA-only: under gloo on CPU each rank normalises with its own batch statistics)
     G_raw, D_raw, EMA = (m.to(device, memory_format=mem) for m in (G, D, EMA))
     del G, D  # from here on: G_raw/D_raw are the modules, train_step gets their wrappers
     g_params = list(G_raw.parameters()) if scratch else G_raw.stage_parameters(2)
@@ -407,7 +415,7 @@ def main(argv=None):
                 group["lr"] = lr
         step, best_fid, bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
         rngs = ckpt["rng"]
-        if len(rngs) == world:
+        if len(rngs) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
             set_rng_state(rngs[rank])
         ckpt = None
     total = args.stage1_steps + args.stage2_steps

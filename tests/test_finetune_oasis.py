@@ -119,6 +119,34 @@ def test_cat_end_to_end(source, cat_run):
     src = torch.load(source[0], map_location="cpu", weights_only=True)
     assert torch.equal(ckpt["G"]["fc.weight"], src["EMA"]["fc.weight"])
     assert not torch.equal(ckpt["G"]["body.0.conv_0.weight_orig"], src["EMA"]["body.0.conv_0.weight_orig"])
+    # FreezeD (default 2): the first two encoder blocks of D keep their source weights, the third trains
+    for k in ("body_down.0.conv1.0.weight_orig", "body_down.1.conv1.1.weight_orig"):
+        assert torch.equal(ckpt["D"][k], src["D"][k]), k
+    assert not torch.equal(ckpt["D"]["body_down.2.conv1.1.weight_orig"], src["D"]["body_down.2.conv1.1.weight_orig"])
+
+
+def test_stage1_only_and_baseline_flags(source, tmp_path):
+    """--stages 1 trains the CAT layers and SPADE gamma/beta convs and nothing else of G; the Table 10
+    baseline flags build and train (shared paths, no residual, random 1x1 layer, fresh D head, all of
+    D's encoder frozen)."""
+    args = cat_args(source, tmp_path, "--stages", "1", "--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "2",
+                    "--paths", "shared", "--no-residual", "--freeze-d", "6")
+    args[args.index("--affinity") + 1] = "none"
+    finetune(*args)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    assert ckpt["affinity"] is None and ckpt["G_kwargs"]["cat_paths"] == "shared" and not ckpt["G_kwargs"]["cat_residual"]
+    G = oasis.Generator(**ckpt["G_kwargs"])
+    stage1 = {id(p) for p in G.stage_parameters(1)}
+    names = {n for n, p in G.named_parameters() if id(p) in stage1}
+    changed = {k for k in names if not (k in src["EMA"] and torch.equal(ckpt["G"][k], src["EMA"][k]))}
+    assert changed and any(".mlp_gamma." in k for k in changed)
+    for n, _ in G.named_parameters():
+        if n not in names:
+            assert torch.equal(ckpt["G"][n], src["EMA"][n]), n
+    for n in (k for k in ckpt["D"] if k.startswith("body_down.") and k.endswith("weight_orig")):
+        assert torch.equal(ckpt["D"][n], src["D"][n]), n
+    assert not torch.equal(ckpt["D"]["body_up.0.conv1.2.weight_orig"], src["D"]["body_up.0.conv1.2.weight_orig"])
 
 
 def test_resume_is_exact(source, cat_run, tmp_path):
