@@ -564,9 +564,9 @@ def load_generator(args, dataset, device, bf16):
         except ImportError as e:
             raise SystemExit(f"--ckpt {path}: a PITI checkpoint, but models.piti.load_piti_generator is unavailable ({e})")
         steps = args.piti_steps
-        piti = load_piti_generator(str(path), device, steps=steps, ddim=bool(steps and steps.startswith("ddim")),
-                                   amp=bf16)
-        info.update(kind="piti-cat", steps=steps or "official defaults")
+        piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
+                                   ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
+        info.update(kind="piti-cat", steps=steps or "official (250)", up_steps=args.piti_up_steps or "official (fast27)")
         return (lambda label, seeds: piti(label, seeds[0])), info
 
     from models.oasis import Generator, check_state_dict, load_official, oasis_config
@@ -647,6 +647,7 @@ def main():
     p.add_argument("--source-root", help="training-free mode: folder of a folder/toy source dataset (classes.txt)")
     p.add_argument("--affinity", help="training-free mode: affinity .npy (target classes x source classes)")
     p.add_argument("--piti-steps", help="PITI base sampler respacing, e.g. ddim50 (default: the official 250 steps)")
+    p.add_argument("--piti-up-steps", help="PITI upsampler respacing (default: the official fast27)")
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")

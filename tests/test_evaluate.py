@@ -363,3 +363,41 @@ def test_model_mode_bad_inputs(toy, tmp_path):
                               source_root=toy["root"] / "toy/source")
     with pytest.raises(SystemExit, match="nope.npy: file not found"):
         ev.load_generator(args, ds, "cpu", False)
+
+
+def test_model_mode_piti_checkpoint(toy, tmp_path):
+    """A training-free PITI-CAT checkpoint (finetune_piti.py --steps 0, tiny models) through load_piti_generator."""
+    import data
+    from models.piti import PITI, load_piti_generator
+    tiny = dict(model_channels=32, num_res_blocks=1, attention_ds=[2], num_head_channels=16, xf_width=32, xf_heads=4,
+                encoder_layers=2, cnn_widths=[8, 8, 16, 16, 32], n_tokens=16, ref_size=64, transformer_proj_in=32)
+    configs = {"base": dict(tiny, image_size=16, channel_mult=[1, 2]), "up": dict(tiny, image_size=32, channel_mult=[1, 1])}
+    torch.manual_seed(0)
+    for part, kw in configs.items():  # tiny files in the official key format
+        m = PITI(**kw, super_res=part == "up", source_channels=toy["src"].n_channels)
+        torch.save({k: v for k, v in m.state_dict().items() if k in m.official_keys()}, tmp_path / f"{part}.pt")
+    np.save(tmp_path / "A.npy", np.full((len(toy["tgt"]), len(toy["src"])), 1 / len(toy["src"]), np.float32))
+    cmd = [sys.executable, REPO / "finetune_piti.py", "--out", tmp_path / "run", "--steps", 0,
+           "--base", tmp_path / "base.pt", "--upsampler", tmp_path / "up.pt",
+           "--base-config", json.dumps(configs["base"]), "--up-config", json.dumps(configs["up"]),
+           "--source", "toy-source", "--source-root", toy["root"] / "toy/source", "--affinity", tmp_path / "A.npy",
+           "--data", "toy-target", "--data-root", toy["root"] / "toy/target", "--size", 32, "--n", 2,
+           "--prompts", 2, "--grid-n", 2, "--sample-steps", 4, "--up-steps", 4, "--device", "cpu"]
+    r = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "eval"
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", out, "--limit", 2,
+            "--piti-steps", 4, "--piti-up-steps", 4, "--segmenter", toy["root"] / "seg.pt")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["generator"]["kind"] == "piti-cat" and res["n_fake"] == 2 and 0 <= res["miou"] <= 1
+    # one batch: the PITI sampler gets the seed of the batch's first image, (seed 0, map 0, sample 0)
+    ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
+    gen = load_piti_generator(str(tmp_path / "run/checkpoint.pt"), "cpu", steps="4", up_steps="4", amp=False)
+    label = torch.stack([ds[0]["label"], ds[1]["label"]])
+    with torch.no_grad():
+        x = gen(label, seed=int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0]))
+    png = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
+        assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png[i]).max() <= 1
