@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import random
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,7 +50,8 @@ SAME_ON_RESUME = ("base", "upsampler", "base_config", "up_config", "source", "af
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, samples/, subset.txt")
-    p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly (more --steps allowed)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue <out>/checkpoint.pt exactly; model, data and optimisation flags default to the run's")
     g = p.add_argument_group("source model")
     g.add_argument("--base", help="official PITI base file (base_mask.pt, from the PITI README's 'Pretrained Models')")
     g.add_argument("--upsampler", help="official PITI upsampler file (upsample_mask.pt)")
@@ -88,12 +90,26 @@ def get_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    given = {a.dest for a in p._actions if flags & set(a.option_strings)}
     for flag in ("base_config", "up_config"):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as e:
             raise SystemExit(f"--{flag.replace('_', '-')}: not JSON ({e})")
-    if not args.resume:
+    if args.resume:  # flags not repeated come from the run being continued
+        path = Path(args.out) / "checkpoint.pt"
+        if not path.is_file():
+            raise SystemExit(f"{path}: nothing to resume")
+        old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+        for k in SAME_ON_RESUME:
+            if k not in given:
+                setattr(args, k, old[k])
+            elif getattr(args, k) != old[k]:
+                raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
+                                 f"used {old[k]!r}")
+    else:
         for flag in ("base", "upsampler", "affinity"):
             if getattr(args, flag) is None:
                 raise SystemExit(f"--{flag} is required (see --help)")
@@ -209,17 +225,7 @@ def main(argv=None):
     path = out / "checkpoint.pt"
     ckpt = None
     if args.resume:
-        if not path.is_file():
-            raise SystemExit(f"{path}: nothing to resume")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        old = ckpt["args"]
-        for k in ("base", "upsampler", "affinity"):
-            if getattr(args, k) is None:
-                setattr(args, k, old[k])
-        for k in SAME_ON_RESUME:
-            if getattr(args, k) != old[k]:
-                raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {out} used "
-                                 f"{old[k]!r}")
     elif path.exists():
         raise SystemExit(f"{path} exists; use --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)

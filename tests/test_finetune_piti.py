@@ -65,7 +65,11 @@ def test_finetune_resume_and_generator(files, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     half = run(files, tmp_path / "half", "--steps", "2")
     assert half.returncode == 0, half.stderr[-2000:]
-    more = run(files, tmp_path / "half", "--steps", "4", "--resume")
+    # resuming needs only the run folder: model, data and optimisation flags come from the checkpoint
+    more = subprocess.run([sys.executable, "finetune_piti.py", "--out", str(tmp_path / "half"), "--resume",
+                           "--steps", "4", "--eval-every", "2", "--log-every", "1", "--grid-n", "2", "--sample-steps",
+                           "4", "--up-steps", "4", "--device", "cpu"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
     a, b = losses(tmp_path / "full"), losses(tmp_path / "half")
     assert sorted(a) == [1, 2, 3, 4] and a == b  # the resumed steps 3 and 4 equal the uninterrupted run's
@@ -91,6 +95,8 @@ def test_finetune_resume_and_generator(files, tmp_path):
 
 
 def test_bad_input_one_line(files, tmp_path):
+    r = run(files, tmp_path / "none", "--steps", "1", "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "nothing to resume" in r.stderr
     np.save(tmp_path / "wrong.npy", np.ones((9, 5), np.float32) / 5)
     r = run(files, tmp_path / "a", "--steps", "1", "--affinity", str(tmp_path / "wrong.npy"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "(9, 12)" in r.stderr
