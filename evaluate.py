@@ -68,6 +68,17 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
                   f"(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE})")
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
+PROTOCOL = {  # the module docstring in short, written into results.json
+    "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
+    "fid": "pool3 features of the preprocessed real images and of the generated images as floats (x+1)/2, "
+           "not quantised (OASIS); input resized bilinearly (align_corners=False) to 299x299, mapped to 2x-1; "
+           "float64 mean and np.cov; Frechet distance with scipy's sqrtm as pytorch-fid 0.3.0",
+    "kid": "unbiased MMD^2, kernel (x.y/d+1)^3, 100 subsets of min(1000, N) images per side; mean and std",
+    "miou": "segmenter on the generated images at the generated resolution; labels nearest-resized; dontcare "
+            "(channel 0) ignored and never predicted; one confusion matrix per split; classes with an empty "
+            "union left out of the mean",
+    "images": "images/<label stem>[_k].png = uint8 round(255 (x+1)/2); grid.png rows: label | samples | real",
+}
 
 # ----------------------------------------------------------------------------------------------
 # The FID Inception: TF's 2015-12-05 Inception v3 as ported by pytorch-fid. Module names equal the
@@ -125,7 +136,8 @@ class MixedC(nn.Module):
         super().__init__()
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = Conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = Conv(cin, c7, 1), Conv(c7, c7, **row), Conv(c7, 192, **col)
+        self.branch7x7_1, self.branch7x7_2 = Conv(cin, c7, 1), Conv(c7, c7, **row)
+        self.branch7x7_3 = Conv(c7, 192, **col)
         self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **col)
         self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **row), Conv(c7, c7, **col)
         self.branch7x7dbl_5 = Conv(c7, 192, **row)
@@ -160,7 +172,8 @@ class MixedE(nn.Module):
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
         self.max_pool = max_pool  # the last block of the FID Inception max-pools (a quirk of the TF graph)
         self.branch1x1 = Conv(cin, 320, 1)
-        self.branch3x3_1, self.branch3x3_2a, self.branch3x3_2b = Conv(cin, 384, 1), Conv(384, 384, **row), Conv(384, 384, **col)
+        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, **row), Conv(384, 384, **col)
         self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3, padding=1)
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, **row), Conv(384, 384, **col)
         self.branch_pool = Conv(cin, 192, 1)
@@ -256,7 +269,8 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
             raise SystemExit(f"--inception {path}: not a readable state dict ({type(e).__name__}); "
                              f"expected {INCEPTION_FILE}")
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-            raise SystemExit(f"--inception {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
+            raise SystemExit(f"--inception {path}: holds a {type(sd).__name__}, expected the state dict "
+                             f"{INCEPTION_FILE}")
         net = FIDInception()
         own = net.state_dict()
         missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
@@ -291,7 +305,8 @@ def embed(net, images, bf16=False):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
         f = net(images)
     if f.ndim != 2 or f.shape[0] != images.shape[0]:
-        raise SystemExit(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, expected (B, D) = ({images.shape[0]}, D)")
+        raise SystemExit(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, "
+                         f"expected (B, D) with B = {images.shape[0]}")
     return f.double().cpu().numpy()
 
 
@@ -436,8 +451,9 @@ def segment(seg, images, n_channels, bf16=False, name="segmenter"):
         logits = seg(images)
     logits = logits.float()
     if logits.ndim != 4 or logits.shape[1] != n_channels:
-        raise SystemExit(f"{name}: outputs shape {tuple(logits.shape)}, i.e. {logits.shape[1] if logits.ndim == 4 else '?'} "
-                         f"channels; the dataset has {n_channels} (channel 0 = dontcare)")
+        got = f"{logits.shape[1]} channels" if logits.ndim == 4 else "not (B, C, H, W)"
+        raise SystemExit(f"{name}: outputs shape {tuple(logits.shape)}, i.e. {got}; the dataset has {n_channels} "
+                         "(channel 0 = dontcare)")
     if logits.shape[2:] != images.shape[2:]:
         logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
     return logits[:, 1:].argmax(1) + 1
@@ -533,7 +549,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.asarray(Image.open(self.files[i]).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+        image = np.asarray(Image.open(self.files[i]).convert("RGB")).copy()
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255
 
 
 def image_batches(files, batch_size, device, workers=0):
@@ -562,11 +579,13 @@ def load_generator(args, dataset, device, bf16):
         try:
             from models.piti import load_piti_generator
         except ImportError as e:
-            raise SystemExit(f"--ckpt {path}: a PITI checkpoint, but models.piti.load_piti_generator is unavailable ({e})")
+            raise SystemExit(f"--ckpt {path}: a PITI checkpoint, but models.piti.load_piti_generator is "
+                             f"unavailable ({e})")
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
                                    ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
-        info.update(kind="piti-cat", steps=steps or "official (250)", up_steps=args.piti_up_steps or "official (fast27)")
+        info.update(kind="piti-cat", steps=steps or "official (250)",
+                    up_steps=args.piti_up_steps or "official (fast27)")
         return (lambda label, seeds: piti(label, seeds[0])), info
 
     from models.oasis import Generator, check_state_dict, load_official, oasis_config
@@ -651,7 +670,8 @@ def main():
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")
-    p.add_argument("--segmenter", help="TorchScript segmenter for mIoU (input [0,1], logits over the dataset's channels)")
+    p.add_argument("--segmenter",
+                   help="TorchScript segmenter for mIoU (input [0,1], logits over the dataset's channels)")
     p.add_argument("--samples-per-map", type=int, default=1, help="images generated per label map")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -753,21 +773,12 @@ def main():
                        per_class_iou_real=dict(zip(names, per_real)))
         lines += [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",
                   f"miou_real {miou_real:.4f}" if miou_real is not None else "miou_real undefined"]
-    results["protocol"] = {k.strip(): v.strip() for k, v in
-                           (line.split(":", 1) for line in PROTOCOL.strip().splitlines())}
+    results["protocol"] = PROTOCOL
     write_results(out, results)
     for line in lines:
         print(line)
     print(f"wrote {out / 'results.json'}, {out / 'grid.png'} and {n_fake} images in {out / 'images'}")
 
-
-PROTOCOL = """
-generation: EMA generator in eval mode; image k of label map i from its own noise seeded by (seed, i, k)
-fid: pool3 features of real preprocessed images and generated images as floats (x+1)/2, not quantised (OASIS); input resized bilinear (align_corners=False) to 299x299 and mapped to 2x-1; float64 mean and np.cov; Frechet distance with scipy sqrtm as pytorch-fid 0.3.0
-kid: unbiased MMD^2, kernel (x.y/d+1)^3, 100 subsets of min(1000, N) images per side; mean and std over subsets
-miou: segmenter on generated images at the generated resolution; labels nearest-resized; dontcare (channel 0) ignored and never predicted; one confusion matrix per split; classes with an empty union left out of the mean
-images: images/<label stem>[_k].png as uint8 round(255 (x+1)/2); grid.png rows = label colours | samples | real
-"""
 
 if __name__ == "__main__":
     main()

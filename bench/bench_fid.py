@@ -30,7 +30,8 @@ p.add_argument("--n", type=int, default=2000, help="images timed per configurati
 p.add_argument("--size", type=int, default=256, help="image side fed to the networks (resized to 299 inside)")
 p.add_argument("--batch-size", type=int, default=50, help="pytorch-fid's batch (its default 50)")
 p.add_argument("--ours-batch", type=int, default=200, help="batch of ours under bf16")
-p.add_argument("--fid-images", type=int, default=200, help="toy validation images per side for the bf16 FID check (0: skip)")
+p.add_argument("--fid-images", type=int, default=200,
+               help="toy validation images per side for the bf16 FID check (0: skip)")
 args = p.parse_args()
 device = torch.device(args.device)
 
@@ -120,5 +121,6 @@ for bf16 in (False, True):
     fids[bf16] = ev.frechet_distance(*ev.stats(fr), *ev.stats(ft))
 change = abs(fids[True] - fids[False]) / abs(fids[False])
 note = "" if args.inception else "  (random weights: not meaningful)"
+cpu = " (no effect on CPU)" if device.type != "cuda" else ""
 print(f"  FID toy source vs target val ({min(len(target), args.fid_images)} images): fp32 {fids[False]:.4f}, "
-      f"bf16{' (no effect on CPU)' if device.type != 'cuda' else ''} {fids[True]:.4f}, relative change {change:.2e}{note}")
+      f"bf16{cpu} {fids[True]:.4f}, relative change {change:.2e}{note}")

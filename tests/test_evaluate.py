@@ -30,7 +30,8 @@ def inception_file(tmp_path_factory):
     import torchvision
     from pytorch_fid import inception as pi
     net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
-    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pi.FIDInceptionA(192, 32), pi.FIDInceptionA(256, 64), pi.FIDInceptionA(288, 64)
+    net.Mixed_5b, net.Mixed_5c = pi.FIDInceptionA(192, 32), pi.FIDInceptionA(256, 64)
+    net.Mixed_5d = pi.FIDInceptionA(288, 64)
     net.Mixed_6b, net.Mixed_6c = pi.FIDInceptionC(768, 128), pi.FIDInceptionC(768, 160)
     net.Mixed_6d, net.Mixed_6e = pi.FIDInceptionC(768, 160), pi.FIDInceptionC(768, 192)
     net.Mixed_7b, net.Mixed_7c = pi.FIDInceptionE_1(1280), pi.FIDInceptionE_2(2048)
@@ -128,7 +129,8 @@ def test_frechet_distance_closed_form():
     s1, s2 = a @ a.T + np.eye(8), b @ b.T + 0.5 * np.eye(8)
     mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
     # tr sqrt(s1 s2) = sum of the square roots of the (real, positive) eigenvalues of s1 s2
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
     assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
 
@@ -186,7 +188,8 @@ def test_segment_never_predicts_dontcare_and_checks_channels():
 
 def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
     real_dir, fake_dir = image_dirs
-    r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", tmp_path / INCEPTION, "--out", tmp_path / "o")
+    missing = tmp_path / INCEPTION
+    r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", missing, "--out", tmp_path / "o")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert INCEPTION in r.stderr and "fid_weights" in r.stderr and "mseitzer/pytorch-fid" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -282,7 +285,6 @@ def expected_png(G, label, n_channels, map_index, k=0, seed=0):
 
 def test_model_mode_on_toy_task(toy, tmp_path):
     import data
-    from scipy import linalg
     out, cache = tmp_path / "eval", tmp_path / "cache"
     args = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", out, "--fid-features", toy["root"] / "feat.pt",
             "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch-size", 2, "--stats-cache", cache]
@@ -371,7 +373,8 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     from models.piti import PITI, load_piti_generator
     tiny = dict(model_channels=32, num_res_blocks=1, attention_ds=[2], num_head_channels=16, xf_width=32, xf_heads=4,
                 encoder_layers=2, cnn_widths=[8, 8, 16, 16, 32], n_tokens=16, ref_size=64, transformer_proj_in=32)
-    configs = {"base": dict(tiny, image_size=16, channel_mult=[1, 2]), "up": dict(tiny, image_size=32, channel_mult=[1, 1])}
+    configs = {"base": dict(tiny, image_size=16, channel_mult=[1, 2]),
+               "up": dict(tiny, image_size=32, channel_mult=[1, 1])}
     torch.manual_seed(0)
     for part, kw in configs.items():  # tiny files in the official key format
         m = PITI(**kw, super_res=part == "up", source_channels=toy["src"].n_channels)
