@@ -226,11 +226,17 @@ def hash_seed(*parts):
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
 
-def loader(ds, batches, workers, seed):
-    # its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a
-    # resumed run (which opens its iterator after restoring that RNG) would drift from an uninterrupted one
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       generator=torch.Generator().manual_seed(seed))
+class Batches:
+    """Endless batches from iteration `start` on: epoch e is epoch_batches(..., salt=e), as if never stopped."""
+
+    def __init__(self, n_items, batch, seed, rank, world, start):
+        self.n_items, self.batch, self.seed, self.rank, self.world, self.start = n_items, batch, seed, rank, world, start
+
+    def __iter__(self):
+        epoch, k = divmod(self.start, self.n_items // self.batch)
+        while True:
+            yield from epoch_batches(self.n_items, self.batch, self.seed, epoch, self.rank, self.world)[k:]
+            epoch, k = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,11 +322,11 @@ def main(argv=None):
     out = Path(args.out)
     ddp = "RANK" in os.environ
     if ddp:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
     master = rank == 0
@@ -441,7 +447,6 @@ def main(argv=None):
             "real": torch.stack([it["image"] for it in grid_items]), "n_channels": target.n_channels,
             "seeds": evaluate.image_seeds(args.seed, 0, len(grid_items), 0)}
     train_items = Seeded(train_ds, args.seed)
-    steps_per_epoch = len(train_ds) // args.batch
 
     def bn_batches(s):
         """One-hot label maps for the EMA BN pass: shuffled, augmented, as the official training loader."""
@@ -497,7 +502,7 @@ def main(argv=None):
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if ddp:
-            flag = torch.tensor([int(stop)])
+            flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         return stop
@@ -512,10 +517,13 @@ def main(argv=None):
     stage = None
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.time()
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_ds), args.batch, args.seed, epoch, rank, world)[k:]
-        for batch in loader(train_items, batches, args.workers, hash_seed(args.seed, epoch, rank)):
+    # One loader for the whole run. Its own generator: a DataLoader iterator otherwise draws a seed from the
+    # global RNG, and a resumed run (which opens it after restoring that RNG) would drift from an uninterrupted one.
+    batches = Batches(len(train_ds), args.batch, args.seed, rank, world, start=step)
+    train_loader = torch.utils.data.DataLoader(train_items, batch_sampler=batches, num_workers=args.workers,
+                                               pin_memory=cuda, generator=torch.Generator().manual_seed(args.seed))
+    if step < total:
+        for batch in train_loader:
             if stage_of(step) != stage:
                 stage = stage_of(step)
                 nets = wrap(stage)
@@ -544,7 +552,6 @@ def main(argv=None):
                 if evaluate_and_save(step):
                     if master:
                         print(f"early stop at step {step}: no better FID in {args.patience} evaluations")
-                    total = step
                     break
             if step >= total:
                 break
