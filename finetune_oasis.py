@@ -449,15 +449,15 @@ def main(argv=None):
     train_items = Seeded(train_ds, args.seed)
 
     def bn_batches(s):
-        """One-hot label maps for the EMA BN pass: shuffled, augmented, as the official training loader."""
-        done, epoch = 0, 0
-        while True:
-            for b in epoch_batches(len(train_ds), args.batch, args.seed, f"bn{s}.{epoch}", 0, 1):
-                if done == args.bn_batches:
-                    return
-                yield data.onehot(torch.stack([train_items[k]["label"] for k in b]), target.n_channels).to(device, memory_format=mem)
-                done += 1
+        """One-hot label maps for the EMA BN pass at step s: shuffled, augmented, full batches (as the
+        official training loader), over as many epochs as --bn-batches needs."""
+        keys, epoch = [], 0
+        while len(keys) < args.bn_batches:
+            keys += epoch_batches(len(train_ds), args.batch, args.seed, f"bn{s}.{epoch}", 0, 1)
             epoch += 1
+        dl = torch.utils.data.DataLoader(train_items, batch_sampler=keys[:args.bn_batches], num_workers=args.workers,
+                                         generator=torch.Generator().manual_seed(s))
+        return (data.onehot(b["label"].to(device), target.n_channels).contiguous(memory_format=mem) for b in dl)
 
     fid = None
     if master and (args.inception or args.fid_features):
