@@ -63,6 +63,8 @@ from PIL import Image
 from scipy import linalg
 
 from data import add_data_args, affinity_to_channels, class_table, dataset_from_args, onehot
+from models.oasis import Generator, check_state_dict, load_official, oasis_config
+from models.piti import load_piti_generator
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
@@ -562,6 +564,21 @@ def image_batches(files, batch_size, device, workers=0):
 # Generators from checkpoints
 
 
+def read_affinity(path):
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--affinity {path}: file not found; estimate_affinity.py writes it")
+    try:
+        A = np.load(path)
+    except Exception as e:
+        raise SystemExit(f"--affinity {path}: not a .npy array ({type(e).__name__})")
+    sums = A.sum(1) if A.ndim == 2 else None
+    if sums is not None and not np.allclose(sums, 1, atol=1e-3):
+        k = int(np.argmax(np.abs(sums - 1)))
+        raise SystemExit(f"--affinity {path}: row {k} sums to {sums[k]:.4f}; expected rows summing to 1")
+    return A
+
+
 def load_generator(args, dataset, device, bf16):
     """A sampler for the target dataset from --ckpt (ours, official OASIS + affinity, or PITI), and a description."""
     path = Path(args.ckpt)
@@ -576,11 +593,6 @@ def load_generator(args, dataset, device, bf16):
         ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
     info = {"ckpt": str(path)}
     if ckpt is not None and ckpt["kind"] == "piti-cat":
-        try:
-            from models.piti import load_piti_generator
-        except ImportError as e:
-            raise SystemExit(f"--ckpt {path}: a PITI checkpoint, but models.piti.load_piti_generator is "
-                             f"unavailable ({e})")
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
                                    ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
@@ -588,7 +600,6 @@ def load_generator(args, dataset, device, bf16):
                     up_steps=args.piti_up_steps or "official (fast27)")
         return (lambda label, seeds: piti(label, seeds[0])), info
 
-    from models.oasis import Generator, check_state_dict, load_official, oasis_config
     if ckpt is not None and ckpt["kind"] != "oasis-cat":
         raise SystemExit(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
     if ckpt is not None and args.affinity is None:
@@ -599,8 +610,8 @@ def load_generator(args, dataset, device, bf16):
         info["kind"] = "oasis-cat"
     else:  # training-free CAT: a source generator + an affinity
         if args.affinity is None or args.source is None:
-            raise SystemExit(f"--ckpt {path}: an official OASIS model; the training-free mode also needs --source "
-                             "(its dataset) and --affinity (target x source .npy)")
+            raise SystemExit(f"--ckpt {path}: a source model; the training-free mode needs --source (its dataset) "
+                             "and --affinity (target x source .npy)")
         source = class_table(args.source, args.source_root)
         if ckpt is not None:
             kwargs, sd = dict(ckpt["G_kwargs"]), ckpt["EMA"]
@@ -613,14 +624,11 @@ def load_generator(args, dataset, device, bf16):
         if kwargs["semantic_nc"] != source.n_channels:
             raise SystemExit(f"--ckpt {path}: has {kwargs['semantic_nc']} label channels, --source {args.source} "
                              f"expects {source.n_channels}")
-        apath = Path(args.affinity)
-        if not apath.is_file():
-            raise SystemExit(f"--affinity {apath}: file not found; estimate_affinity.py writes it")
-        M = affinity_to_channels(np.load(apath), dataset.classes, source)
+        M = affinity_to_channels(read_affinity(args.affinity), dataset.classes, source)
         G = Generator(**{**kwargs, "cat_nc": dataset.n_channels})
         G.load_source(sd, path)
         G.set_affinity(M)
-        info.update(kind="oasis-training-free", source=args.source, affinity=str(apath))
+        info.update(kind="oasis-training-free", source=args.source, affinity=str(args.affinity))
     takes = G.kwargs.get("cat_nc") or G.kwargs["semantic_nc"]
     if takes != dataset.n_channels:
         raise SystemExit(f"--ckpt {path}: the generator takes {takes} label channels, --data {dataset.dataset} "

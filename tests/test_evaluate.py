@@ -365,6 +365,24 @@ def test_model_mode_bad_inputs(toy, tmp_path):
                               source_root=toy["root"] / "toy/source")
     with pytest.raises(SystemExit, match="nope.npy: file not found"):
         ev.load_generator(args, ds, "cpu", False)
+    # an official OASIS run folder (the golden 'sq' one: 13 label channels) against --source ade20k (151)
+    from tests.conftest import golden_path
+    np.save(tmp_path / "ade.npy", np.full((len(toy["tgt"]), 150), 1 / 150, np.float32))
+    args = argparse.Namespace(ckpt=golden_path("oasis", "sq"), affinity=tmp_path / "ade.npy", source="ade20k",
+                              source_root=None, which="latest")
+    with pytest.raises(SystemExit, match="sq: has .* label channels, .*expects 151") as e:
+        ev.load_generator(args, ds, "cpu", False)
+    assert "\n" not in str(e.value)
+    args.which = "best"
+    with pytest.raises(SystemExit, match="no best_EMA.pth"):
+        ev.load_generator(args, ds, "cpu", False)
+
+    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source="toy-source",
+                              source_root=toy["root"] / "toy/source")
+    np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
+    args.affinity = tmp_path / "half.npy"
+    with pytest.raises(SystemExit, match="row 0 sums to 0.5000; expected rows summing to 1"):
+        ev.load_generator(args, ds, "cpu", False)
 
 
 def test_model_mode_piti_checkpoint(toy, tmp_path):
