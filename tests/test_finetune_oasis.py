@@ -125,6 +125,23 @@ def test_cat_end_to_end(source, cat_run):
     assert not torch.equal(ckpt["D"]["body_down.2.conv1.1.weight_orig"], src["D"]["body_down.2.conv1.1.weight_orig"])
 
 
+def test_zero_steps_saves_the_training_free_model(source, tmp_path):
+    """0 + 0 steps: the CAT model as built (affinity in every CAT layer, D head through A) is saved, gridded
+    and scored, with no BN pass (nothing was trained)."""
+    finetune(*cat_args(source, tmp_path, "--stage1-steps", "0", "--stage2-steps", "0"))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    M = data.affinity_to_channels(source[2], data.class_table("toy-target"), data.class_table("toy-source"))
+    assert ckpt["step"] == 0 and torch.equal(ckpt["EMA"]["fc_cat.weight"][:, :, 0, 0], M.t())
+    assert torch.equal(ckpt["EMA"]["body.3.norm_0.first_norm.running_var"],
+                       src["EMA"]["body.3.norm_0.first_norm.running_var"])
+    head = ckpt["D"]["layer_up_last.weight"][:, :, 0, 0]
+    assert torch.equal(head[0], src["D"]["layer_up_last.weight"][0, :, 0, 0])  # the fake row is kept
+    assert torch.allclose(head[1:], M @ src["D"]["layer_up_last.weight"][1:, :, 0, 0], atol=1e-6)
+    fids = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert fids[0]["step"] == 0 and np.isfinite(fids[0]["fid"]) and (tmp_path / "samples" / "000000.png").is_file()
+
+
 def test_stage1_only_and_baseline_flags(source, tmp_path):
     """--stages 1 trains the CAT layers and SPADE gamma/beta convs and nothing else of G; the Table 10
     baseline flags build and train (shared paths, no residual, random 1x1 layer, fresh D head, all of
