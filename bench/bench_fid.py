@@ -34,6 +34,7 @@ p.add_argument("--fid-images", type=int, default=200,
                help="toy validation images per side for the bf16 FID check (0: skip)")
 args = p.parse_args()
 device = torch.device(args.device)
+torch.backends.cudnn.benchmark = True  # as evaluate.py: fixed sizes, fastest kernels (for both networks)
 
 
 def random_state_dict():
@@ -90,9 +91,10 @@ pool = torch.stack([target[i]["image"] for i in range(min(len(target), args.n))]
 images = ((pool.repeat((args.n + len(pool) - 1) // len(pool), 1, 1, 1)[:args.n] + 1) / 2).to(device)
 images = F.interpolate(images, size=(args.size, args.size), mode="bicubic", align_corners=False).clamp(0, 1)
 
+# every configuration ends with its features in host memory, as pytorch-fid's get_activations does
 rates = {
-    "pytorch-fid fp32": throughput(lambda x: ref(x)[0], images, args.batch_size),
-    "ours fp32": throughput(lambda x: ours(x), images, args.batch_size),
+    "pytorch-fid fp32": throughput(lambda x: ref(x)[0].flatten(1).cpu().numpy(), images, args.batch_size),
+    "ours fp32": throughput(lambda x: ev.embed(ours, x), images, args.batch_size),
     "ours bf16": throughput(lambda x: ev.embed(ours, x, bf16=True), images, args.ours_batch),
 }
 dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
