@@ -72,9 +72,11 @@ INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of m
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
 PROTOCOL = {  # the module docstring in short, written into results.json
     "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
-    "fid": "pool3 features of the preprocessed real images and of the generated images as floats (x+1)/2, "
-           "not quantised (OASIS); input resized bilinearly (align_corners=False) to 299x299, mapped to 2x-1; "
-           "float64 mean and np.cov; Frechet distance with scipy's sqrtm as pytorch-fid 0.3.0",
+    "fid_inputs": "model mode: the preprocessed real images and the generated images as floats (x+1)/2, not "
+                  "quantised (OASIS); folder mode: PNG/JPEG files read with PIL as RGB, uint8/255 (pytorch-fid)",
+    "fid": "Inception input resized bilinearly (align_corners=False) to 299x299, mapped to 2x-1, 2048-d pool3 "
+           "(or the --fid-features net's output); float64 mean and np.cov; Frechet distance with scipy's sqrtm "
+           "as pytorch-fid 0.3.0",
     "kid": "unbiased MMD^2, kernel (x.y/d+1)^3, 100 subsets of min(1000, N) images per side; mean and std",
     "miou": "segmenter on the generated images at the generated resolution; labels nearest-resized; dontcare "
             "(channel 0) ignored and never predicted; one confusion matrix per split; classes with an empty "
@@ -684,7 +686,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png")
+    p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png (0: no grid)")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached real statistics ('' = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA for the generator and segmenter")
@@ -712,7 +714,8 @@ def main():
         fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
         metrics = fid_metrics(real_feats, fake_feats)
         results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
-                   "fid_features": describe_features(net, args), "toy_domain_fid": net.toy, **results}
+                   "fid_features": describe_features(net, args), "toy_domain_fid": net.toy, **results,
+                   "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}}
         out.mkdir(parents=True, exist_ok=True)
         write_results(out, results)
         print(f"fid {metrics['fid']:.4f}")
@@ -724,6 +727,8 @@ def main():
         raise SystemExit("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
     if args.samples_per_map < 1:
         raise SystemExit(f"--samples-per-map {args.samples_per_map}: expected at least 1")
+    if args.n is not None and args.split != "train":
+        raise SystemExit(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     dataset = dataset_from_args(args, args.split)
     if args.limit:
         dataset.files = dataset.files[:args.limit]
@@ -737,7 +742,7 @@ def main():
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     colours = palette(dataset.n_channels)
-    fake_feats, real_feats, grid = [], [], []
+    fake_feats, grid = [], []
     conf = np.zeros((dataset.n_channels,) * 2, np.int64)
     conf_real = np.zeros_like(conf)
     for b in generate(sample, dataset, device, args.batch_size, args.seed, args.samples_per_map, args.workers):
@@ -758,7 +763,8 @@ def main():
         reals = to_uint8(b["real"])
         for i in range(min(len(b["path"]), args.grid_rows - len(grid))):
             grid.append([colours[b["label"][i].cpu().numpy()]] + [t[i] for t in tiles[:4]] + [reals[i]])
-    save_grid(grid, out / "grid.png")
+    if grid:
+        save_grid(grid, out / "grid.png")
 
     n_fake = len(dataset) * args.samples_per_map
     results = {"mode": "model", "generator": gen_info, "n_real": len(dataset), "n_fake": n_fake,
@@ -774,7 +780,7 @@ def main():
         lines += [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if net.toy else ""),
                   f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}"]
     if seg is not None:
-        names = dataset.classes.display
+        names = dataset.classes.names  # unique, unlike COCO's display names
         miou, per = iou(conf, dataset.classes.channels)
         miou_real, per_real = iou(conf_real, dataset.classes.channels)
         results.update(miou=miou, miou_real=miou_real, per_class_iou=dict(zip(names, per)),
@@ -785,7 +791,8 @@ def main():
     write_results(out, results)
     for line in lines:
         print(line)
-    print(f"wrote {out / 'results.json'}, {out / 'grid.png'} and {n_fake} images in {out / 'images'}")
+    print(f"wrote {out / 'results.json'}" + (f", {out / 'grid.png'}" if grid else "") +
+          f" and {n_fake} images in {out / 'images'}")
 
 
 if __name__ == "__main__":
