@@ -582,6 +582,9 @@ def _explain(model, sd, path, name):
             return f'{path}: not an OASIS generator state dict (no fc.weight)'
         zd = model.z_dim
         got_nc, exp_nc = sd['fc.weight'].shape[1] - zd, model.semantic_nc
+        if got_nc < 1:  # the noise width differs too: say what the input holds rather than a negative count
+            return (f'{path}: takes {sd["fc.weight"].shape[1]} input channels (z_dim + label channels), '
+                    f'{want} expects {zd} + {exp_nc}')
         if got_nc != exp_nc:
             return f'{path}: has {got_nc} label channels, {want} expects {exp_nc}'
         got_w, exp_w = sd['fc.weight'].shape[0], model.fc.weight.shape[0]
