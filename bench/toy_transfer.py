@@ -30,13 +30,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 # The sizes: "gpu" trains in minutes on one GPU; "cpu" is the reduced form for a 2-core machine.
+# Learning rates and EMA decays are set for short runs (the official 1e-4 / 0.9999 are for 100k+ steps:
+# at a few hundred steps the EMA would still be the initial model) and are the same for every target row.
+SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 SIZES = {
     "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
-                       "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20),
-    "cpu": dict(width=["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64",
-                       "--d-last", "16"], batch=8, source_steps=3000, steps=600, seg_epochs=10),
-    "quick": dict(width=["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64",
-                         "--d-last", "16"], batch=8, source_steps=400, steps=150, seg_epochs=3),
+                       "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20,
+                source_opt=["--lr", "4e-4", "--ema-decay", "0.999"], target_opt=["--lr", "2e-4", "--ema-decay", "0.999"]),
+    "cpu": dict(width=SMALL, batch=8, source_steps=2000, steps=300, seg_epochs=10,
+                source_opt=["--lr", "1e-3", "--ema-decay", "0.999"], target_opt=["--lr", "4e-4", "--ema-decay", "0.99"]),
+    "quick": dict(width=SMALL, batch=8, source_steps=400, steps=150, seg_epochs=3,
+                  source_opt=["--lr", "1e-3", "--ema-decay", "0.99"], target_opt=["--lr", "4e-4", "--ema-decay", "0.99"]),
 }
 
 
@@ -91,7 +95,7 @@ def main():
     # 2. the source model
     source = out / "source"
     run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch", cfg["batch"],
-         "--stage1-steps", "0", "--stage2-steps", source_steps, "--eval-every", max(source_steps // 4, 50),
+         "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--eval-every", max(source_steps // 4, 50),
          "--out", source] + dev, logs / "source.log", done=source / "checkpoint.pt")
     src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt"]
 
@@ -113,7 +117,7 @@ def main():
                 aff[method, kind] = d / "affinity.npy"
 
         # 4. the rows: (name, finetune flags or None for training-free, affinity for training-free)
-        common = ["--batch", cfg["batch"], "--seed", seed, "--eval-every", max(steps // 2, 25)] + shot + dev
+        common = ["--batch", cfg["batch"], *cfg["target_opt"], "--seed", seed, "--eval-every", max(steps // 2, 25)] + shot + dev
         split = ["--stage1-steps", steps * 2 // 5, "--stage2-steps", steps - steps * 2 // 5]
         plan = []
         if not args.quick:
