@@ -47,6 +47,7 @@ Importable helpers (stable names; the finetune scripts use them for early stoppi
     load_segmenter(path, device), segment(seg, images, n_channels), confusion(pred, label, n_channels),
     iou(conf, channels) -> (mIoU, per-class IoU)
     to_uint8(x), palette(n), save_grid(rows, path)                    PNGs and grids
+    sample_grid(sample, grid, path)                                   the finetune scripts' fixed grid
 """
 import argparse
 import hashlib
@@ -519,6 +520,17 @@ def save_grid(rows, path):
                 t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
             grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = t
     Image.fromarray(grid).save(path)
+
+
+def sample_grid(sample, grid, path):
+    """The training scripts' grid: label colours | sample | real image for fixed val maps and seeds.
+    grid: {'label': (B,H,W) long, 'real': (B,3,H,W) in [-1,1], 'seeds': per-row seeds, 'n_channels': int}."""
+    fake = sample(grid["label"], grid["seeds"])
+    colours = palette(grid["n_channels"])
+    rows = [[colours[lab], f, r] for lab, f, r in
+            zip(grid["label"].cpu().numpy(), to_uint8(fake), to_uint8(grid["real"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(rows, path)
 
 
 def folder_images(folder, flag):

@@ -281,16 +281,6 @@ def set_stage(G, stage, scratch):
 # Evaluation helpers
 
 
-def sample_grid(sample, grid, path):
-    """Rows: label colours | EMA sample | real image, for fixed val label maps and fixed noise seeds."""
-    fake = sample(grid["label"], grid["seeds"])
-    colours = evaluate.palette(grid["n_channels"])
-    rows = [[colours[lab], f, r] for lab, f, r in
-            zip(grid["label"].cpu().numpy(), evaluate.to_uint8(fake), evaluate.to_uint8(grid["real"]))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.save_grid(rows, path)
-
-
 def save_checkpoint(obj, path):
     tmp = str(path) + ".tmp"
     torch.save(obj, tmp)
@@ -477,7 +467,7 @@ def main(argv=None):
             if s > 0:
                 with ctx:
                     oasis.recompute_bn_stats(EMA, bn_batches(s))
-            sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            evaluate.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
             entry = {"step": s, "grid": f"samples/{s:06d}.png"}
             better = False
             if fid is not None:
@@ -512,7 +502,7 @@ def main(argv=None):
         print(f"{args.init}: {target.dataset} ({len(train_ds)} images, {target.n_channels} channels) from "
               f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}")
         if step == 0:
-            sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")  # the model before training (training-free CAT)
+            evaluate.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")  # the model before training (training-free CAT)
     last_saved = step if args.resume else None
     stage = None
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)

@@ -204,15 +204,6 @@ def sampler(base, up, args, out_side):
     return sample
 
 
-def save_grid(sample, grid, path):
-    fake = sample(grid["label"], grid["seeds"])
-    colours = evaluate.palette(grid["n_channels"])
-    rows = [[colours[lab], f, r] for lab, f, r in
-            zip(grid["label"].cpu().numpy(), evaluate.to_uint8(fake), evaluate.to_uint8(grid["real"]))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.save_grid(rows, path)
-
-
 def save_checkpoint(obj, path):
     tmp = str(path) + ".tmp"
     torch.save(obj, tmp)
@@ -296,7 +287,7 @@ def main(argv=None):
         with ExitStack() as stack:
             for name in params:
                 stack.enter_context(swapped(params[name], ema[name]))
-            save_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            evaluate.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
             entry = {"step": s, "grid": f"samples/{s:06d}.png"}
             stop = False
             if fid is not None:

@@ -370,7 +370,7 @@ def test_model_mode_bad_inputs(toy, tmp_path):
     np.save(tmp_path / "ade.npy", np.full((len(toy["tgt"]), 150), 1 / 150, np.float32))
     args = argparse.Namespace(ckpt=golden_path("oasis", "sq"), affinity=tmp_path / "ade.npy", source="ade20k",
                               source_root=None, which="latest")
-    with pytest.raises(SystemExit, match="sq: has .* label channels, .*expects 151") as e:
+    with pytest.raises(SystemExit, match="sq: .* label channels.*expects .*151") as e:
         ev.load_generator(args, ds, "cpu", False)
     assert "\n" not in str(e.value)
     args.which = "best"
