@@ -47,6 +47,11 @@ class ClassTable:
     display: list  # cleaned names for text encoders
     channels: list  # OASIS one-hot channel of each real class
     n_channels: int  # = OASIS semantic_nc; channel 0 is dontcare
+    eval_channels: list = None  # channels scored by mIoU (Cityscapes: its 19 evaluation classes); default all
+
+    def __post_init__(self):
+        if self.eval_channels is None:
+            self.eval_channels = list(self.channels)
 
     def __len__(self):
         return len(self.ids)
@@ -85,7 +90,8 @@ def class_table(dataset, root=None):
     if dataset == "cityscapes":
         rows = [r for r in _read_tsv("cityscapes.tsv") if int(r["id"]) != 0]  # labelId 0 is the dontcare channel
         ids = [int(r["id"]) for r in rows]
-        return ClassTable("cityscapes", ids, [r["name"] for r in rows], [r["display"] for r in rows], ids, 35)
+        scored = [int(r["id"]) for r in rows if r["train_id"] != "255"]  # the 19 classes of the benchmark
+        return ClassTable("cityscapes", ids, [r["name"] for r in rows], [r["display"] for r in rows], ids, 35, scored)
     if dataset in ("folder", "toy-source", "toy-target"):
         root = dataset_root(dataset, root)
         names = _read_classes_txt(root)

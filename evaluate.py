@@ -81,7 +81,7 @@ PROTOCOL = {  # the module docstring in short, written into results.json
     "kid": "unbiased MMD^2, kernel (x.y/d+1)^3, 100 subsets of min(1000, N) images per side; mean and std",
     "miou": "segmenter on the generated images at the generated resolution; labels nearest-resized; dontcare "
             "(channel 0) ignored and never predicted; one confusion matrix per split; classes with an empty "
-            "union left out of the mean",
+            "union left out of the mean; Cityscapes scores its 19 evaluation classes and ignores void pixels",
     "images": "images/<label stem>[_k].png = uint8 round(255 (x+1)/2); grid.png rows: label | samples | real",
 }
 
@@ -477,11 +477,13 @@ def confusion(pred, label, n_channels):
 
 
 def iou(conf, channels):
-    """(mIoU, [IoU per channel in `channels`, None where the class is absent from labels and predictions])."""
-    conf = conf.astype(np.float64)
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    per = [float(inter[c] / union[c]) if union[c] > 0 else None for c in channels]
+    """(mIoU, [IoU per channel in `channels`, None where the class is absent from labels and predictions]).
+
+    Pixels labelled with a channel outside `channels` are ignored, as Cityscapes ignores its void classes."""
+    conf = conf.astype(np.float64)[channels]  # rows: the scored label channels only
+    inter = conf[np.arange(len(channels)), channels]
+    union = conf.sum(1) + conf[:, channels].sum(0) - inter
+    per = [float(i / u) if u > 0 else None for i, u in zip(inter, union)]
     present = [v for v in per if v is not None]
     return (float(np.mean(present)) if present else None), per
 
@@ -792,9 +794,10 @@ def main():
         lines += [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if net.toy else ""),
                   f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}"]
     if seg is not None:
-        names = dataset.classes.names  # unique, unlike COCO's display names
-        miou, per = iou(conf, dataset.classes.channels)
-        miou_real, per_real = iou(conf_real, dataset.classes.channels)
+        scored = dataset.classes.eval_channels
+        names = [n for n, c in zip(dataset.classes.names, dataset.classes.channels) if c in scored]  # unique names
+        miou, per = iou(conf, scored)
+        miou_real, per_real = iou(conf_real, scored)
         results.update(miou=miou, miou_real=miou_real, per_class_iou=dict(zip(names, per)),
                        per_class_iou_real=dict(zip(names, per_real)))
         lines += [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",

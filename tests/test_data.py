@@ -36,6 +36,8 @@ def test_class_tables():
     assert ade.names[8] == "windowpane;window" and ade.display[8] == "windowpane"
     assert (len(city), city.n_channels, city.ids[0], city.ids[-1]) == (33, 35, 1, 33)
     assert city.names[city.ids.index(7)] == "road"
+    assert len(city.eval_channels) == 19 and 7 in city.eval_channels and 1 not in city.eval_channels
+    assert coco.eval_channels == coco.channels
 
 
 def test_affinity_to_channels_hard_matches_mapped_onehot(rng):

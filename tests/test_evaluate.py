@@ -169,6 +169,9 @@ def test_miou_against_hand_computed_confusion():
     # class 1: 1 / (2 + 1 - 1); class 2: 2 / (3 + 3 - 2); class 3: 2 / (2 + 3 - 2); class 4 absent
     assert per[:3] == pytest.approx([0.5, 0.5, 2 / 3]) and per[3] is None
     assert miou == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    # scoring a subset (Cityscapes' 19 classes): pixels labelled 2 no longer count, so its 2 -> 3 error vanishes
+    miou, per = ev.iou(conf, [1, 3])
+    assert per == pytest.approx([0.5, 1.0]) and miou == pytest.approx(0.75)
     # labels larger than the prediction are nearest-resized (legacy: rows/cols 0 and 2 of a 4x4 map)
     big = torch.arange(16).reshape(1, 4, 4) % 4
     conf = ev.confusion(torch.full((1, 2, 2), 1), big, 4)
