@@ -19,6 +19,7 @@ skipped when the benchmark is run again with the same --out):
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -159,7 +160,7 @@ def main():
     print(f"grid: {Path(last) / 'grid.png'}\nnumbers: {out / 'results.json'} (per row), {Path(last) / 'results.json'}\n"
           f"figure: {out / 'figure.png'}")
     if args.write_benchmarks:
-        write_benchmarks(table)
+        write_benchmarks(table, out / "figure.png", list(rows))
 
 
 def format_table(rows, args, preset, steps, source_steps, device):
@@ -184,23 +185,34 @@ def format_table(rows, args, preset, steps, source_steps, device):
 
 
 def figure(rows, path, n_maps=4):
-    """Sample rows per method: for the first validation maps, one generated image from every method."""
-    cols = []
+    """Columns: label colours, then one generated image per method (in table order), then the real image,
+    for the first validation maps."""
+    sys.path.insert(0, str(REPO))
+    import data
+    import evaluate
+    val = data.open_dataset("toy-target", split="val")
+    items = [val[i] for i in range(n_maps)]
+    colours = evaluate.palette(val.n_channels)
+    cols = [np.concatenate([colours[it["label"].numpy()] for it in items], 0)]
     for name, rs in rows.items():
         imgs = sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]
-        if len(imgs) == n_maps:
-            cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
-    if cols:
-        Image.fromarray(np.concatenate(cols, 1)).save(path)
+        cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
+    cols.append(np.concatenate([evaluate.to_uint8(it["image"][None])[0] for it in items], 0))
+    gap = np.full((cols[0].shape[0], 2, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([c for col in cols for c in (col, gap)][:-1], 1)).save(path)
 
 
-def write_benchmarks(table):
-    """Replace the toy-transfer section of BENCHMARKS.md (between its markers) with the new table."""
+def write_benchmarks(table, figure_path, names):
+    """Replace the toy-transfer section of BENCHMARKS.md (between its markers) with the new table, and
+    keep the figure beside it as bench/toy_transfer.png."""
     path = REPO / "BENCHMARKS.md"
     begin, end = "<!-- toy-transfer:begin -->", "<!-- toy-transfer:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     stamp = time.strftime("%Y-%m-%d")
-    block = f"{begin}\n## Toy transfer benchmark ({stamp})\n\n{table}{end}"
+    shutil.copyfile(figure_path, REPO / "bench" / "toy_transfer.png")
+    legend = ("Figure `bench/toy_transfer.png` (seed 0, first 4 validation maps), columns: label colours | "
+              + " | ".join(names) + " | real image.\n")
+    block = f"{begin}\n## Toy transfer benchmark ({stamp})\n\n{table}\n{legend}{end}"
     if begin in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
