@@ -369,7 +369,7 @@ def test_model_mode_bad_inputs(toy, tmp_path):
     with pytest.raises(SystemExit, match="nope.npy: file not found"):
         ev.load_generator(args, ds, "cpu", False)
     # an official OASIS run folder (the golden 'sq' one: 13 label channels) against --source ade20k (151)
-    from tests.conftest import golden_path
+    from conftest import golden_path
     np.save(tmp_path / "ade.npy", np.full((len(toy["tgt"]), 150), 1 / 150, np.float32))
     args = argparse.Namespace(ckpt=golden_path("oasis", "sq"), affinity=tmp_path / "ade.npy", source="ade20k",
                               source_root=None, which="latest")

@@ -11,7 +11,7 @@ import torch
 
 import data
 from models.piti import PITI, load_piti_generator
-from tests.conftest import REPO
+from conftest import REPO
 
 TINY = dict(model_channels=32, num_res_blocks=1, attention_ds=[2], num_head_channels=16, xf_width=32, xf_heads=4,
             encoder_layers=2, cnn_widths=[8, 8, 16, 16, 32], n_tokens=16, ref_size=64, transformer_proj_in=32)

@@ -8,7 +8,7 @@ import torch
 
 import data
 from models.piti import PITI, load_official, load_official_state, official_kwargs, palette, sample
-from tests.conftest import golden_path
+from conftest import golden_path
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.piti import (PITI, Diffusion, load_official_state, official_kwargs, palette, quantize, resize_nearest,
                          sample, timestep_embedding)
-from tests.conftest import GOLDEN, golden_path
+from conftest import GOLDEN, golden_path
 
 FWD, STEP = 2e-5, 1e-6
 
