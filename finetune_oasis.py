@@ -129,7 +129,7 @@ def load_source(args, source_table):
     """(G kwargs, D kwargs, G state, D state) of the source model, with one-line errors."""
     path = Path(args.source_ckpt)
     if not path.exists():
-        raise SystemExit(f"{path}: source checkpoint not found (the official OASIS checkpoints, oasis_{ade20k,coco,cityscapes}_pretrained.zip, are linked in the README of github.com/boschresearch/OASIS)")
+        raise SystemExit(f"{path}: source checkpoint not found (the official OASIS checkpoints, oasis_{{ade20k,coco,cityscapes}}_pretrained.zip, are linked in the README of github.com/boschresearch/OASIS)")
     if path.is_file():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
