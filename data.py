@@ -146,14 +146,17 @@ def onehot(label, n_channels):
 # Files
 
 
-def _pairs_by_stem(img_dir, lbl_dir, label_suffix=""):
-    """Match images and labels by file stem; fail on empty folders and unpaired files."""
+def _pairs_by_stem(img_dir, lbl_dir, image_suffix="", label_suffix=""):
+    """Match images and labels by file stem (less the given suffixes); fail on empty folders and unpaired files."""
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
             raise DataError(f"{d}: no such folder")
-    images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
-    labels = {p.stem[: len(p.stem) - len(label_suffix)]: p for p in sorted(lbl_dir.iterdir())
-              if p.suffix.lower() == ".png" and p.stem.endswith(label_suffix)}
+
+    def by_key(folder, suffix, exts):
+        return {p.stem[: len(p.stem) - len(suffix)]: p for p in sorted(folder.iterdir())
+                if p.suffix.lower() in exts and p.stem.endswith(suffix)}
+
+    images, labels = by_key(img_dir, image_suffix, IMAGE_EXTS), by_key(lbl_dir, label_suffix, (".png",))
     if not images:
         raise DataError(f"{img_dir}: no images (.jpg/.png) found")
     missing_l = sorted(set(images) - set(labels))
@@ -180,24 +183,14 @@ def list_files(dataset, root, split):
             raise DataError(f"{img_root}: no such folder (Cityscapes layout leftImg8bit/<split>/<city>)")
         pairs = []
         for city in sorted(p.name for p in img_root.iterdir() if p.is_dir()):
-            for img, lbl in _pairs_by_stem_city(img_root / city, lbl_root / city):
-                pairs.append((img, lbl))
+            # aachen_000000_000019_leftImg8bit.png <-> aachen_000000_000019_gtFine_labelIds.png
+            pairs += _pairs_by_stem(img_root / city, lbl_root / city, "_leftImg8bit", "_gtFine_labelIds")
         if not pairs:
             raise DataError(f"{img_root}: no images found")
         return pairs
     # folder / toy: <root>/<split>/{images,labels} when split folders exist, else <root>/{images,labels}
     base = root / split if (root / split / "images").is_dir() else root
     return _pairs_by_stem(base / "images", base / "labels")
-
-
-def _pairs_by_stem_city(img_dir, lbl_dir):
-    # aachen_000000_000019_leftImg8bit.png <-> aachen_000000_000019_gtFine_labelIds.png
-    images = {p.name[: -len("_leftImg8bit.png")]: p for p in sorted(img_dir.glob("*_leftImg8bit.png"))}
-    labels = {p.name[: -len("_gtFine_labelIds.png")]: p for p in sorted(lbl_dir.glob("*_gtFine_labelIds.png"))}
-    missing = sorted(set(images) - set(labels))
-    if missing:
-        raise DataError(f"{img_dir}: {len(missing)} image(s) without a *_gtFine_labelIds.png in {lbl_dir}, e.g. '{missing[0]}'")
-    return [(images[k], labels[k]) for k in sorted(images)]
 
 
 def label_channels(label, dataset, n_channels, path=""):
