@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import evaluate  # noqa: E402
 
 
 def block(cin, cout):
@@ -63,16 +64,6 @@ class ToyFeatures(nn.Module):
 
     def forward(self, x):
         return self.seg.encode(x)[2].mean(dim=(2, 3))
-
-
-def miou(logits, label, n_channels):
-    """Mean IoU over the real channels present in `label` (channel 0 = dontcare ignored)."""
-    pred = logits.argmax(1)
-    keep = label > 0
-    conf = torch.bincount(label[keep] * n_channels + pred[keep], minlength=n_channels ** 2).view(n_channels, n_channels)
-    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    present = conf.sum(1) > 0
-    return (inter[present].float() / union[present].float()).mean().item()
 
 
 def batches(ds, batch_size, shuffle, gen):
@@ -120,9 +111,9 @@ def main():
         print(f"epoch {epoch + 1}/{args.epochs}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
 
     seg.eval()
-    with torch.no_grad():
-        logits, labels = zip(*[(seg(x), y) for x, y in batches(val, 64, False, gen)])
-    val_miou = miou(torch.cat(logits), torch.cat(labels), C)
+    with torch.no_grad():  # scored exactly as evaluate.py scores generated images
+        conf = sum(evaluate.confusion(evaluate.segment(seg, x, C), y, C) for x, y in batches(val, 64, False, gen))
+    val_miou, _ = evaluate.iou(conf, val.classes.eval_channels)
     print(f"val mIoU on real {args.data} images: {val_miou:.4f}")
 
     out = Path(args.out)
