@@ -16,6 +16,7 @@ the models use.
 """
 import argparse
 import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import DataError, cli  # bad input: one line, raised here, printed by the scripts' entry points
+
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
 TOY_ROOT = REPO / "data" / "toy"
@@ -31,8 +34,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DATASETS = ("coco", "ade20k", "cityscapes", "folder", "toy-source", "toy-target")
 
 
-class DataError(SystemExit):
-    """Bad input: printed as one line, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +133,45 @@ def affinity_to_channels(A, target, source):
     M[0, 0] = 1.0
     M[torch.tensor(target.channels)[:, None], torch.tensor(source.channels)[None, :]] = A
     return M
+
+
+def load_affinity(path, target, source, flag="--affinity"):
+    """The one reader of affinity.npy: -> (A (T, S) float32 array, channel-space matrix M).
+
+    Checks what a wrong file would otherwise slip through: not a plain .npy (pickled, corrupt), the shape
+    against the two class tables, NaN/negative entries, rows not summing to 1, and, when estimate_affinity.py's
+    affinity.json lies beside it, the class names it was estimated for."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: file not found; estimate_affinity.py writes affinity.npy")
+    try:
+        A = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{flag} {path}: not a plain .npy array ({str(e).splitlines()[0][:100]})")
+    if A.ndim != 2 or not np.issubdtype(A.dtype, np.number):
+        raise DataError(f"{flag} {path}: holds a {A.dtype} array of shape {A.shape}, expected a ({len(target)}, "
+                        f"{len(source)}) float matrix = ({target.dataset} classes, {source.dataset} classes)")
+    try:
+        M = affinity_to_channels(A, target, source)
+    except DataError as e:
+        raise DataError(f"{flag} {path}: {e}")
+    sums = A.sum(1)
+    if not np.allclose(sums, 1, atol=1e-3):
+        k = int(np.argmax(np.abs(sums - 1)))
+        raise DataError(f"{flag} {path}: row {k} ({target.display[k]}) sums to {sums[k]:.4f}; expected rows summing to 1")
+    meta = path.with_name("affinity.json")
+    if meta.is_file():
+        try:
+            names = json.loads(meta.read_text())
+            names = {side: names[side]["names"] for side in ("target", "source")}
+        except (ValueError, KeyError, TypeError):
+            names = None  # not estimate_affinity.py's file: nothing to compare
+        for side, table in (("target", target), ("source", source)) if names else ():
+            if [n.lower() for n in names[side]] != [n.lower() for n in table.names]:
+                raise DataError(f"{flag} {path}: {meta.name} says it was estimated for other {side} classes "
+                                f"({len(names[side])} classes, first '{names[side][0] if names[side] else ''}') than "
+                                f"{table.dataset} ({len(table)} classes, first '{table.names[0]}')")
+    return A.astype(np.float32), M
 
 
 def onehot(label, n_channels):
@@ -473,7 +513,7 @@ def write_toy(out, size=64, seed=0, splits=None):
 
 # ----------------------------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
@@ -483,7 +523,7 @@ if __name__ == "__main__":
     i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram")
     add_data_args(i)
     i.add_argument("--split", default="train", choices=["train", "val"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cmd == "toy":
         if not 16 <= args.size <= 512:
             raise DataError(f"--size {args.size}: expected 16..512")
@@ -499,3 +539,7 @@ if __name__ == "__main__":
         for ch in np.argsort(-hist):
             if hist[ch]:
                 print(f"  {names.get(int(ch), 'dontcare'):<24s} {hist[ch] / hist.sum():7.2%}")
+
+
+if __name__ == "__main__":
+    cli(main)

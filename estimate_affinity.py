@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+from models import DataError, cli
 
 ESTIMATORS = ("text", "supervised", "self-supervised")
 PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there is {} in the scene.", "the {} in the image.")
@@ -55,7 +56,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def fail(msg):
-    raise SystemExit(f"estimate_affinity.py: {msg}")
+    raise DataError(msg)
 
 
 def open_table(spec, flag):
@@ -626,4 +627,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

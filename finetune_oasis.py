@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import evaluate
+from models import DataError, cli
+import metrics
 from models import oasis
 
 OFFICIAL = ("coco", "ade20k", "cityscapes")
@@ -105,7 +106,7 @@ def get_args(argv=None):
     if args.init == "source":
         for flag in ("source", "source_ckpt", "affinity"):
             if getattr(args, flag) is None and not args.resume:
-                raise SystemExit(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
+                raise DataError(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
     args.lr_d = args.lr_d if args.lr_d is not None else 4 * args.lr
     if args.lambda_labelmix is None:
         args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
@@ -114,7 +115,7 @@ def get_args(argv=None):
     if args.d_head is None:
         args.d_head = "affinity" if args.affinity not in (None, "none") else "reinit"
     if args.d_head == "affinity" and args.affinity in (None, "none"):
-        raise SystemExit("--d-head affinity needs an --affinity file")
+        raise DataError("--d-head affinity needs an --affinity file")
     args.d_channels = [int(c) for c in str(args.d_channels).split(",")]
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
@@ -129,25 +130,25 @@ def load_source(args, source_table):
     """(G kwargs, D kwargs, G state, D state) of the source model, with one-line errors."""
     path = Path(args.source_ckpt)
     if not path.exists():
-        raise SystemExit(f"{path}: source checkpoint not found (the official OASIS checkpoints, oasis_{{ade20k,coco,cityscapes}}_pretrained.zip, are linked in the README of github.com/boschresearch/OASIS)")
+        raise DataError(f"{path}: source checkpoint not found (the official OASIS checkpoints, oasis_{{ade20k,coco,cityscapes}}_pretrained.zip, are linked in the README of github.com/boschresearch/OASIS)")
     if path.is_file():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # not a torch file, or pickled objects: one line, not a traceback
-            raise SystemExit(f"{path}: not a weights-only torch checkpoint ({type(e).__name__})")
+            raise DataError(f"{path}: not a weights-only torch checkpoint ({type(e).__name__})")
         if isinstance(ckpt, dict) and "kind" in ckpt:  # ours
             if ckpt["kind"] != "oasis-cat":
-                raise SystemExit(f"{path}: a '{ckpt['kind']}' checkpoint; expected an OASIS model")
+                raise DataError(f"{path}: a '{ckpt['kind']}' checkpoint; expected an OASIS model")
             if ckpt["G_kwargs"].get("cat_nc") is not None:
-                raise SystemExit(f"{path}: already has CAT layers; a source model is a plain OASIS model "
+                raise DataError(f"{path}: already has CAT layers; a source model is a plain OASIS model "
                                  f"(continue a CAT run with --resume)")
             got = ckpt["target"]
             if got["dataset"] != source_table.dataset or got["n_channels"] != source_table.n_channels:
-                raise SystemExit(f"{path}: trained on {got['dataset']} ({got['n_channels']} label channels), "
+                raise DataError(f"{path}: trained on {got['dataset']} ({got['n_channels']} label channels), "
                                  f"--source {source_table.dataset} expects {source_table.n_channels}")
             return ckpt["G_kwargs"], ckpt["D_kwargs"], ckpt["EMA"], ckpt["D"]
     if args.source not in OFFICIAL:
-        raise SystemExit(f"{path}: official OASIS checkpoints exist for {', '.join(OFFICIAL)} only; "
+        raise DataError(f"{path}: official OASIS checkpoints exist for {', '.join(OFFICIAL)} only; "
                          f"for --source {args.source} pass a checkpoint.pt of this script")
     G_kwargs, D_kwargs = oasis.oasis_config(args.source)
     if path.is_dir():
@@ -155,7 +156,7 @@ def load_source(args, source_table):
         D_sd = oasis.load_official(path, "D", args.which)
     else:
         if args.source_d is None:
-            raise SystemExit(f"{path} is a single generator file; pass the run dir or --source-d <..._D.pth> too")
+            raise DataError(f"{path} is a single generator file; pass the run dir or --source-d <..._D.pth> too")
         G_sd, D_sd = oasis.load_official(path), oasis.load_official(args.source_d)
     return G_kwargs, D_kwargs, G_sd, D_sd
 
@@ -163,22 +164,22 @@ def load_source(args, source_table):
 def load_affinity(path, target_table, source_table):
     """affinity.npy -> (A float32 tensor, channel-space matrix M)."""
     if not Path(path).is_file():
-        raise SystemExit(f"{path}: affinity file not found (write one with estimate_affinity.py)")
+        raise DataError(f"{path}: affinity file not found (write one with estimate_affinity.py)")
     try:
         A = np.load(path)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"{path}: not a .npy array ({e})")
+        raise DataError(f"{path}: not a .npy array ({e})")
     if A.ndim != 2:
-        raise SystemExit(f"{path}: affinity has shape {A.shape}, expected ({len(target_table)}, {len(source_table)}) "
+        raise DataError(f"{path}: affinity has shape {A.shape}, expected ({len(target_table)}, {len(source_table)}) "
                          f"= ({target_table.dataset} classes, {source_table.dataset} classes)")
     try:
         M = data.affinity_to_channels(A, target_table, source_table)
     except data.DataError as e:
-        raise SystemExit(f"{path}: {e}")
+        raise DataError(f"{path}: {e}")
     sums = A.sum(1)
     if not np.allclose(sums, 1, atol=1e-3):
         k = int(np.argmax(np.abs(sums - 1)))
-        raise SystemExit(f"{path}: row {k} ({target_table.display[k]}) sums to {sums[k]:.4f}, expected rows summing to 1")
+        raise DataError(f"{path}: row {k} ({target_table.display[k]}) sums to {sums[k]:.4f}, expected rows summing to 1")
     return torch.as_tensor(A, dtype=torch.float32), M
 
 
@@ -187,7 +188,7 @@ def check_labels(ds, what):
     for _, lbl in ds.files:
         data.label_channels(np.asarray(Image.open(lbl)), ds.dataset, ds.n_channels, lbl)
     if ds.size[0] % 64 or ds.size[1] % 64:
-        raise SystemExit(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
+        raise DataError(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
 
 
 def table_info(t):
@@ -323,7 +324,7 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
+        raise DataError(f"--batch {args.batch} must be a multiple of the {world} ranks")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -336,12 +337,12 @@ def main(argv=None):
     if args.resume:
         path = out / "checkpoint.pt"
         if not path.is_file():
-            raise SystemExit(f"{path}: nothing to resume")
+            raise DataError(f"{path}: nothing to resume")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         for k in ("init", "data", "n", "subset_seed", "batch", "seed", "source", "affinity", "stages", "stage1_steps",
                   "freeze_d"):
             if ckpt["args"].get(k) != getattr(args, k) and not (k in ("source", "affinity") and getattr(args, k) is None):
-                raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {out} used "
+                raise DataError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {out} used "
                                  f"{ckpt['args'].get(k)!r}")
         args.subset_file = str(out / "subset.txt")
 
@@ -350,7 +351,7 @@ def main(argv=None):
     val_ds = data.dataset_from_args(args, "val", augment=False)
     target = train_ds.classes
     if len(train_ds) < args.batch:
-        raise SystemExit(f"--batch {args.batch} is larger than the {len(train_ds)} training images (--n)")
+        raise DataError(f"--batch {args.batch} is larger than the {len(train_ds)} training images (--n)")
     check_labels(train_ds, f"--data {args.data}")
     scratch = args.init == "scratch"
 
@@ -382,7 +383,7 @@ def main(argv=None):
         source_info = table_info(source_table)
         del G_sd, D_sd
     if G.output_hw != train_ds.size:
-        raise SystemExit(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
+        raise DataError(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
                          f"{train_ds.size[0]}x{train_ds.size[1]} (--size)")
     EMA = copy.deepcopy(G) if ckpt is None else oasis.Generator(**ckpt["G_kwargs"])
     if ckpt is not None:
@@ -429,13 +430,13 @@ def main(argv=None):
             nets["D"] = DDP(d, device_ids=[device.index] if cuda else None)
         return nets
 
-    # Samples come from evaluate.py's sampler: EMA in eval mode, noise seeded per image, global RNG untouched
+    # Samples come from the metrics sampler: EMA in eval mode, noise seeded per image, global RNG untouched
     bf16 = cuda and args.amp == "bf16"
-    sample = evaluate.oasis_sampler(EMA, target.n_channels, bf16)
+    sample = metrics.oasis_sampler(EMA, target.n_channels, bf16)
     grid_items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
     grid = {"label": torch.stack([it["label"] for it in grid_items]).to(device),
             "real": torch.stack([it["image"] for it in grid_items]), "n_channels": target.n_channels,
-            "seeds": evaluate.image_seeds(args.seed, 0, len(grid_items), 0)}
+            "seeds": metrics.image_seeds(args.seed, 0, len(grid_items), 0)}
     train_items = Seeded(train_ds, args.seed)
 
     def bn_batches(s):
@@ -451,13 +452,13 @@ def main(argv=None):
 
     fid = None
     if master and (args.inception or args.fid_features):
-        net = evaluate.load_feature_net(args.inception, args.fid_features, device)
+        net = metrics.load_feature_net(args.inception, args.fid_features, device)
         fid_ds = copy.copy(val_ds)
         fid_ds.files = val_ds.files[:args.fid_n]
-        fid_real = evaluate.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device, bf16=bf16)[:2]
+        fid_real = metrics.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device, bf16=bf16)[:2]
 
         def fid():
-            return evaluate.generator_fid(sample, fid_ds, net, fid_real, device, args.batch, args.seed, bf16)
+            return metrics.generator_fid(sample, fid_ds, net, fid_real, device, args.batch, args.seed, bf16)
 
     def evaluate_and_save(s):
         """BN pass on the EMA, grid, FID, checkpoint; returns True when early stopping says stop."""
@@ -467,7 +468,7 @@ def main(argv=None):
             if s > 0:
                 with ctx:
                     oasis.recompute_bn_stats(EMA, bn_batches(s))
-            evaluate.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
             entry = {"step": s, "grid": f"samples/{s:06d}.png"}
             better = False
             if fid is not None:
@@ -502,7 +503,7 @@ def main(argv=None):
         print(f"{args.init}: {target.dataset} ({len(train_ds)} images, {target.n_channels} channels) from "
               f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}")
         if step == 0:
-            evaluate.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")  # the model before training (training-free CAT)
+            metrics.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")  # the model before training (training-free CAT)
     last_saved = step if args.resume else None
     stage = None
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
@@ -530,7 +531,7 @@ def main(argv=None):
             if not (math.isfinite(lg) and math.isfinite(ld)):
                 bar.close()
                 where = f"{out / 'checkpoint.pt'} (step {last_saved})" if last_saved is not None else "none saved yet"
-                raise SystemExit(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
+                raise DataError(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
             bar.update(1)
             bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
             if master and (step % args.log_every == 0 or step == total):
@@ -556,4 +557,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

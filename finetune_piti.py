@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import evaluate
+from models import DataError, cli
+import metrics
 from models import piti
 
 # flags a resumed run must share with the run it continues
@@ -97,24 +98,24 @@ def get_args(argv=None):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as e:
-            raise SystemExit(f"--{flag.replace('_', '-')}: not JSON ({e})")
+            raise DataError(f"--{flag.replace('_', '-')}: not JSON ({e})")
     if args.resume:  # flags not repeated come from the run being continued
         path = Path(args.out) / "checkpoint.pt"
         if not path.is_file():
-            raise SystemExit(f"{path}: nothing to resume")
+            raise DataError(f"{path}: nothing to resume")
         old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
         for k in SAME_ON_RESUME:
             if k not in given:
                 setattr(args, k, old[k])
             elif getattr(args, k) != old[k]:
-                raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
+                raise DataError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
                                  f"used {old[k]!r}")
     else:
         for flag in ("base", "upsampler", "affinity"):
             if getattr(args, flag) is None:
-                raise SystemExit(f"--{flag} is required (see --help)")
+                raise DataError(f"--{flag} is required (see --help)")
     if args.prompts < 0 or not 0 <= args.uncond_p <= 1 or args.batch < 1 or args.guidance < 0:
-        raise SystemExit("--prompts >= 0, --batch >= 1, --guidance >= 0 and --uncond-p in [0, 1] expected")
+        raise DataError("--prompts >= 0, --batch >= 1, --guidance >= 0 and --uncond-p in [0, 1] expected")
     return args
 
 
@@ -124,10 +125,10 @@ def load_affinity(path, target, source, seed):
         A = np.random.RandomState(seed).rand(len(target), len(source)).astype(np.float32)
         return None, data.affinity_to_channels(A / A.sum(1, keepdims=True), target, source)
     if not os.path.isfile(path):
-        raise SystemExit(f"--affinity {path}: not found; make one with estimate_affinity.py")
+        raise DataError(f"--affinity {path}: not found; make one with estimate_affinity.py")
     A = np.load(path)
     if A.ndim != 2 or A.shape != (len(target), len(source)):
-        raise SystemExit(f"--affinity {path}: shape {A.shape}, expected ({len(target)}, {len(source)}) = "
+        raise DataError(f"--affinity {path}: shape {A.shape}, expected ({len(target)}, {len(source)}) = "
                          f"({target.dataset} classes, {source.dataset} classes)")
     return torch.from_numpy(A.astype(np.float32)), data.affinity_to_channels(A, target, source)
 
@@ -218,7 +219,7 @@ def main(argv=None):
     if args.resume:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     elif path.exists():
-        raise SystemExit(f"{path} exists; use --resume to continue it, or another --out")
+        raise DataError(f"{path} exists; use --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
 
@@ -271,13 +272,13 @@ def main(argv=None):
     sample = sampler(base, up, args, val_ds.size)
     fid = None
     if args.inception or args.fid_features:
-        net = evaluate.load_feature_net(args.inception, args.fid_features, device)
+        net = metrics.load_feature_net(args.inception, args.fid_features, device)
         fid_ds = copy.copy(val_ds)
         fid_ds.files = val_ds.files[:args.fid_n]
-        real = evaluate.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device)[:2]
+        real = metrics.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device)[:2]
 
         def fid():
-            return evaluate.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed)
+            return metrics.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed)
 
     def evaluate_and_save(s):
         """EMA grid, FID, checkpoint; True when early stopping says stop."""
@@ -287,7 +288,7 @@ def main(argv=None):
         with ExitStack() as stack:
             for name in params:
                 stack.enter_context(swapped(params[name], ema[name]))
-            evaluate.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
             entry = {"step": s, "grid": f"samples/{s:06d}.png"}
             stop = False
             if fid is not None:
@@ -322,7 +323,7 @@ def main(argv=None):
         image = torch.stack([it["image"] for it in items]).to(device)
         label = torch.stack([it["label"] for it in items]).to(device)
         if label.max() >= target.n_channels:
-            raise SystemExit(f"label id {int(label.max())} beyond the affinity's {target.n_channels} target channels")
+            raise DataError(f"label id {int(label.max())} beyond the affinity's {target.n_channels} target channels")
         for m in models.values():
             m.train()
         logs, total = {}, 0.0
@@ -334,7 +335,7 @@ def main(argv=None):
             logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
         loss = total.detach().item()
         if not np.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {s}; stopping, {path} left as it was (lower --lr?)")
+            raise DataError(f"loss is {loss} at step {s}; stopping, {path} left as it was (lower --lr?)")
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -355,4 +356,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 
 def block(cin, cout):
@@ -112,8 +112,8 @@ def main():
 
     seg.eval()
     with torch.no_grad():  # scored exactly as evaluate.py scores generated images
-        conf = sum(evaluate.confusion(evaluate.segment(seg, x, C), y, C) for x, y in batches(val, 64, False, gen))
-    val_miou, _ = evaluate.iou(conf, val.classes.eval_channels)
+        conf = sum(metrics.confusion(metrics.segment(seg, x, C), y, C) for x, y in batches(val, 64, False, gen))
+    val_miou, _ = metrics.iou(conf, val.classes.eval_channels)
     print(f"val mIoU on real {args.data} images: {val_miou:.4f}")
 
     out = Path(args.out)

@@ -189,15 +189,16 @@ def figure(rows, path, n_maps=4):
     for the first validation maps."""
     sys.path.insert(0, str(REPO))
     import data
-    import evaluate
+    import metrics
+    from models.piti import palette
     val = data.open_dataset("toy-target", split="val")
     items = [val[i] for i in range(n_maps)]
-    colours = evaluate.palette(val.n_channels)
+    colours = palette(val.n_channels).numpy()
     cols = [np.concatenate([colours[it["label"].numpy()] for it in items], 0)]
     for name, rs in rows.items():
         imgs = sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]
         cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
-    cols.append(np.concatenate([evaluate.to_uint8(it["image"][None])[0] for it in items], 0))
+    cols.append(np.concatenate([metrics.to_uint8(it["image"][None])[0] for it in items], 0))
     gap = np.full((cols[0].shape[0], 2, 3), 255, np.uint8)
     Image.fromarray(np.concatenate([c for col in cols for c in (col, gap)][:-1], 1)).save(path)
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import DataError
+
 
 def _fp32(device):
     """Context that switches autocast off: spectral norm, BatchNorm and loss reductions need fp32."""
@@ -555,21 +557,62 @@ def load_official(path, part='EMA', which='best'):
         found = [t for t in tries if t.is_file()]
         if not found:
             have = sorted(f.name for d in (p, p / 'models') if d.is_dir() for f in d.glob('*.pth'))
-            raise SystemExit(f'{p}: no {which}_{part}.pth in it or in {p / "models"} (found: '
+            raise DataError(f'{p}: no {which}_{part}.pth in it or in {p / "models"} (found: '
                              f'{", ".join(have) or "no .pth files"}); {_WHERE}')
         p = found[0]
     elif not p.is_file():
-        raise SystemExit(f'{p}: file not found; {_WHERE}')
+        raise DataError(f'{p}: file not found; {_WHERE}')
     try:
         sd = torch.load(p, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle / zip errors: one line, not a traceback
-        raise SystemExit(f'{p}: not a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})')
+        raise DataError(f'{p}: not a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})')
     if isinstance(sd, dict) and isinstance(sd.get('kind'), str) and part in sd:
         sd = sd[part]
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise SystemExit(f'{p}: not an OASIS state dict (expected a dict of tensors as saved by the official '
+        raise DataError(f'{p}: not an OASIS state dict (expected a dict of tensors as saved by the official '
                          f'save_networks)')
     return sd
+
+
+def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EMA', 'D'), flag='--source-ckpt'):
+    """The one resolver of a source (non-CAT) OASIS model -> {'G_kwargs', 'D_kwargs', 'EMA', 'D'}.
+
+    `path` is an official run folder (<dir>/models/{which}_{EMA,D}.pth), an official generator .pth (its
+    discriminator in `d_path`), or a checkpoint.pt of ours (kind 'oasis-cat', e.g. a toy source pretrained
+    with --init scratch). `dataset`/`n_channels` are the source label space the caller expects; `parts`
+    says which state dicts to read (a missing one is None). Every mismatch is one DataError line."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f'{flag} {p}: not found; {_WHERE}')
+    if p.is_file():
+        try:
+            obj = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
+        except Exception as e:
+            raise DataError(f'{flag} {p}: not a weights-only torch file ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:100] if str(e) else ""})')
+        if isinstance(obj, dict) and isinstance(obj.get('kind'), str):  # a checkpoint of ours
+            if obj['kind'] != 'oasis-cat':
+                raise DataError(f"{flag} {p}: a '{obj['kind']}' checkpoint; expected an OASIS model")
+            if obj['G_kwargs'].get('cat_nc') is not None:
+                raise DataError(f'{flag} {p}: already has CAT layers; a source model is a plain OASIS model '
+                                '(continue a CAT run with --resume)')
+            got = obj['target']
+            if got['n_channels'] != n_channels or got['dataset'] != dataset:
+                raise DataError(f"{flag} {p}: trained on {got['dataset']} ({got['n_channels']} label channels), "
+                                f'--source {dataset} expects {n_channels}')
+            return {'G_kwargs': dict(obj['G_kwargs']), 'D_kwargs': dict(obj['D_kwargs']),
+                    'EMA': obj['EMA'] if 'EMA' in parts else None, 'D': obj['D'] if 'D' in parts else None}
+    if dataset not in _DATASETS:
+        raise DataError(f'{flag} {p}: official OASIS checkpoints exist for {", ".join(sorted(_DATASETS))} only; '
+                        f'for --source {dataset} pass a checkpoint.pt of finetune_oasis.py')
+    G_kwargs, D_kwargs = oasis_config(dataset)
+    if p.is_dir():
+        sds = {part: load_official(p, part, which) if part in parts else None for part in ('EMA', 'D')}
+    else:
+        if 'D' in parts and d_path is None:
+            raise DataError(f'{flag} {p}: a single generator file; pass the run folder, or --source-d <..._D.pth> too')
+        sds = {'EMA': load_official(p), 'D': load_official(d_path) if 'D' in parts else None}
+    return {'G_kwargs': G_kwargs, 'D_kwargs': D_kwargs, **sds}
 
 
 def _explain(model, sd, path, name):
@@ -602,7 +645,7 @@ def _explain(model, sd, path, name):
 
 
 def _check_keys(model, own, sd, path, name):
-    """Raise SystemExit with one line unless `sd` has exactly the keys and shapes of `own`."""
+    """Raise DataError with one line unless `sd` has exactly the keys and shapes of `own`."""
     msg = _explain(model, sd, path, name)
     if msg is None:
         missing = [k for k in own if k not in sd]
@@ -615,14 +658,14 @@ def _check_keys(model, own, sd, path, name):
                     parts.append(f'{len(keys)} {what} keys (e.g. {keys[0]})')
             msg = f'{path}: does not match {name or "the model"}: ' + ', '.join(parts)
     if msg is not None:
-        raise SystemExit(msg)
+        raise DataError(msg)
 
 
 def check_state_dict(model, sd, path='<state dict>', name=None):
-    """Load `sd` into `model` strictly; a mismatch raises SystemExit with one line, e.g.
+    """Load `sd` into `model` strictly; a mismatch raises DataError with one line, e.g.
     "x.pth: has 151 label channels, --source cityscapes expects 35". `name` words the model."""
     own = model.state_dict()
     if isinstance(model, Generator) and model.cat_nc is not None and 'fc_cat.weight' not in sd:
-        raise SystemExit(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
+        raise DataError(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
     _check_keys(model, own, sd, path, name)
     model.load_state_dict(sd)

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import DataError
+
 # ----------------------------------------------------------------------------------------------
 # Released configurations (SPEC section 3), as our constructor arguments.
 
@@ -438,7 +440,7 @@ def load_official(path, super_res=False, device="cpu", config=None):
     """A released PITI file (flat state dict, `encoder.*`/`decoder.*`) -> PITI in eval mode, strict keys.
 
     config: constructor arguments overriding the released configuration (BASE_KWARGS / UP_KWARGS),
-    e.g. the CAT arguments or a tiny test model. Problems raise SystemExit with one line naming the file.
+    e.g. the CAT arguments or a tiny test model. Problems raise DataError with one line naming the file.
     """
     kw = {**(UP_KWARGS if super_res else BASE_KWARGS), **(config or {})}
     if bool(kw["super_res"]) != super_res:
@@ -452,14 +454,14 @@ def load_official(path, super_res=False, device="cpu", config=None):
 
 def read_state_dict(path, what):
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
+        raise DataError(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
                          f"(github.com/PITI-Synthesis/PITI, 'Pretrained Models': base_mask.pt / upsample_mask.pt)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise SystemExit(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")
+        raise DataError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise SystemExit(f"{path}: expected a flat state dict of tensors (an official PITI file), found "
+        raise DataError(f"{path}: expected a flat state dict of tensors (an official PITI file), found "
                          f"{type(sd).__name__} with keys {list(sd)[:4] if isinstance(sd, dict) else ''}")
     return sd
 
@@ -470,18 +472,18 @@ def load_official_state(model, sd, path="state dict"):
     if first is not None and first.dim() == 4 and first.shape[1] != (6 if model.super_res else 3):
         found = "an upsampler" if first.shape[1] == 6 else "a base"
         want = "upsampler" if model.super_res else "base"
-        raise SystemExit(f"{path}: is {found} checkpoint ({first.shape[1]} UNet input channels); expected the {want}")
+        raise DataError(f"{path}: is {found} checkpoint ({first.shape[1]} UNet input channels); expected the {want}")
     own, want = model.state_dict(), model.official_keys()
     missing = [k for k in want if k not in sd]
     wanted = set(want)
     extra = [k for k in sd if k not in wanted]
     if missing or extra:
         hint = " (an encoder-only stage-1 file?)" if any(k.startswith("cnn.") for k in sd) else ""
-        raise SystemExit(f"{path}: not a PITI checkpoint of this configuration{hint}: {len(missing)} keys missing "
+        raise DataError(f"{path}: not a PITI checkpoint of this configuration{hint}: {len(missing)} keys missing "
                          f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
     for k in want:
         if sd[k].shape != own[k].shape:
-            raise SystemExit(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
+            raise DataError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
                              f"for this configuration")
     on_meta = model.encoder.cls_token.is_meta
     model.load_state_dict({k: sd[k].float() for k in want}, strict=False, assign=on_meta)
@@ -748,7 +750,7 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
         trained = ckpt[f"{part}_ema" if ema else part]
         unknown = [k for k in trained if k not in model.state_dict()]
         if unknown:
-            raise SystemExit(f"checkpoint {part} weights do not fit {path}: unknown keys {unknown[:3]}")
+            raise DataError(f"checkpoint {part} weights do not fit {path}: unknown keys {unknown[:3]}")
         model.load_state_dict(trained, strict=False)
         model.to(device).eval()
         if torch.device(device).type == "cuda":
@@ -767,11 +769,11 @@ def load_piti_generator(ckpt_path, device, upsampler=None, base=None, steps=None
     upsampler / base: paths of the official files if they moved since finetuning.
     """
     if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"{ckpt_path}: PITI-CAT checkpoint not found (written by finetune_piti.py)")
+        raise DataError(f"{ckpt_path}: PITI-CAT checkpoint not found (written by finetune_piti.py)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "piti-cat":
         kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"{ckpt_path}: expected a finetune_piti.py checkpoint (kind 'piti-cat'), found {kind!r}")
+        raise DataError(f"{ckpt_path}: expected a finetune_piti.py checkpoint (kind 'piti-cat'), found {kind!r}")
     base_model, up_model = load_cat_models(ckpt, device, base=base, upsampler=upsampler)
 
     def generate(label, seed=0):

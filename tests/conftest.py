@@ -7,13 +7,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The golden files live in ../shared/golden beside the checkout (CI lays it there too).
-GOLDEN = Path(os.environ.get("CAT_GOLDEN", REPO.parent / "shared" / "golden"))
+# The golden files ship with the repository (tests/golden); CAT_GOLDEN=DIR points the tests at another set.
+GOLDEN = Path(os.environ.get("CAT_GOLDEN", REPO / "tests" / "golden"))
 
 
 def golden_path(*parts):
     """Path inside the golden folder; fails (never skips) when it is missing."""
     p = GOLDEN.joinpath(*parts)
     if not p.exists():
-        pytest.fail(f"golden file missing: {p} (expected ../shared/golden beside the checkout)")
+        pytest.fail(f"golden file missing: {p} (the repository ships them in tests/golden; CAT_GOLDEN overrides)")
     return p

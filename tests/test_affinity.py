@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import estimate_affinity as ea
 from conftest import REPO, golden_path
+from models import DataError
 
 
 def folder_dataset(root, classes, labels=(), images=()):
@@ -110,7 +111,7 @@ def test_oasis_discriminator_as_source_segmenter(tmp_path, toy):
 
 
 def test_official_discriminator_with_wrong_classes_is_one_clear_line(tmp_path, toy):
-    with pytest.raises(SystemExit, match=r"has 13 label channels, --source ade20k expects 151"):
+    with pytest.raises(DataError, match=r"has 13 label channels, --source ade20k expects 151"):
         ea.main(["--source", "ade20k", "--target", str(toy / "target"), "--method", "supervised",
                  "--source-ckpt", str(golden_path("oasis", "sq")), "--out", str(tmp_path)])
 
@@ -173,9 +174,9 @@ def test_dino_vit_reads_the_official_key_format(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ea.load_dino(str(tmp_path / "full.pth"))(x), vit(x))
     torch.save({"weight": torch.ones(2)}, tmp_path / "other.pth")
-    with pytest.raises(SystemExit, match="not a DINO ViT"):
+    with pytest.raises(DataError, match="not a DINO ViT"):
         ea.load_dino(str(tmp_path / "other.pth"))
-    with pytest.raises(SystemExit, match="facebookresearch/dino"):
+    with pytest.raises(DataError, match="facebookresearch/dino"):
         ea.load_dino(str(tmp_path / "missing.pth"))
 
 
@@ -225,7 +226,7 @@ def test_clip_text_tower_from_a_local_file(tmp_path):
                          "--clip-weights", str(tmp_path / name))
         np.testing.assert_allclose(A, expected, atol=1e-5)
         assert meta["encoders"]["text"].startswith("CLIP") and meta["files"] == [str(tmp_path / name)]
-    with pytest.raises(SystemExit, match="ViT-B-32.pt"):
+    with pytest.raises(DataError, match="ViT-B-32.pt"):
         ea.main(["--source", src, "--target", tgt, "--method", "text", "--clip-weights", str(tmp_path / "nope.pt"),
                  "--out", str(tmp_path / "o")])
 
@@ -276,7 +277,7 @@ def test_override_replaces_exactly_the_named_rows(tmp_path, toy):
     np.testing.assert_array_equal(A[keep], base[keep])
     assert set(meta["marks"]) == {"lava", "bush"} and "overridden" in (out / "mapping.md").read_text()
     (tmp_path / "bad.txt").write_text("lava -> magma\n")
-    with pytest.raises(SystemExit, match=r"bad.txt:1: unknown class 'magma'"):
+    with pytest.raises(DataError, match=r"bad.txt:1: unknown class 'magma'"):
         run(tmp_path, *args, "--override", str(tmp_path / "bad.txt"))
 
 
@@ -289,10 +290,10 @@ def test_hand_and_identity(tmp_path, toy):
     source = data.class_table("folder", src)
     np.testing.assert_array_equal(A.argmax(1), [source.names.index(s) for s in pairs.values()])
     (tmp_path / "part.txt").write_text("sky -> sky\n")
-    with pytest.raises(SystemExit, match="maps 1 of 9 target classes; missing: lawn"):
+    with pytest.raises(DataError, match="maps 1 of 9 target classes; missing: lawn"):
         run(tmp_path, "--source", src, "--target", tgt, "--method", "hand", "--hand", str(tmp_path / "part.txt"))
     np.testing.assert_array_equal(run(tmp_path, "--source", src, "--target", src, "--method", "identity")[0], np.eye(12))
-    with pytest.raises(SystemExit, match="unknown class 'lawn'"):
+    with pytest.raises(DataError, match="unknown class 'lawn'"):
         run(tmp_path, "--source", src, "--target", tgt, "--method", "identity")
 
 
@@ -356,8 +357,8 @@ def test_bad_input_is_one_line(tmp_path):
     torch.jit.script(KnownSegmenter()).save(str(tmp_path / "seg.pt"))  # 4 channels: dontcare + 3 classes
     src = folder_dataset(tmp_path / "src", ["x", "y", "z"])
     empty = folder_dataset(tmp_path / "empty", ["a", "b"], [np.zeros((8, 8), np.uint8)], [np.zeros((8, 8, 3), np.uint8)])
-    with pytest.raises(SystemExit, match="no pixel carries a target class"):
+    with pytest.raises(DataError, match="no pixel carries a target class"):
         run(tmp_path, "--source", src, "--target", empty, "--size", "8", "--method", "supervised", "--segmenter", str(tmp_path / "seg.pt"))
     two = folder_dataset(tmp_path / "two", ["x", "y"])
-    with pytest.raises(SystemExit, match="segmenter outputs 4 channels, --source folder has 3"):
+    with pytest.raises(DataError, match="segmenter outputs 4 channels, --source folder has 3"):
         run(tmp_path, "--source", two, "--target", empty, "--size", "8", "--method", "supervised", "--segmenter", str(tmp_path / "seg.pt"))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
+from models import DataError
 from conftest import REPO
 
 
@@ -49,15 +50,15 @@ def test_affinity_to_channels_hard_matches_mapped_onehot(rng):
     mapped_ids = torch.tensor([0] + [src.channels[int(np.argmax(A[t]))] for t in range(150)])[label]
     y = torch.einsum("bthw,ts->bshw", data.onehot(label, 151), M)
     assert torch.equal(y, data.onehot(mapped_ids, 183))
-    with pytest.raises(SystemExit, match=r"shape \(150, 181\), expected \(150, 182\)"):
+    with pytest.raises(DataError, match=r"shape \(150, 181\), expected \(150, 182\)"):
         data.affinity_to_channels(A[:, :181], tgt, src)
     A[3, 3] = np.nan
-    with pytest.raises(SystemExit, match="NaN"):
+    with pytest.raises(DataError, match="NaN"):
         data.affinity_to_channels(A, tgt, src)
 
 
 def test_onehot_rejects_out_of_range():
-    with pytest.raises(SystemExit, match=r"expected 0\.\.4"):
+    with pytest.raises(DataError, match=r"expected 0\.\.4"):
         data.onehot(torch.tensor([[[0, 5]]]), 5)
 
 
@@ -174,7 +175,7 @@ def test_subsets_are_reproducible_and_reusable(tmp_path, rng):
     assert a.files == b.files != c.files and len(a) == 4
     d = data.open_dataset("folder", root, subset_file=tmp_path / "run1" / "subset.txt", size=8)
     assert d.files == a.files
-    with pytest.raises(SystemExit, match="--n 11 is larger than the 10"):
+    with pytest.raises(DataError, match="--n 11 is larger than the 10"):
         data.open_dataset("folder", root, n=11)
 
 
@@ -185,27 +186,27 @@ def test_bad_inputs_give_one_line_errors(tmp_path, rng):
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     (root / "classes.txt").write_text("a\nb\n")
-    with pytest.raises(SystemExit, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         data.SegDataset("folder", root)
     _save(root / "images" / "x.png", _rand_image(rng, 8, 8))
-    with pytest.raises(SystemExit, match="without a label"):
+    with pytest.raises(DataError, match="without a label"):
         data.SegDataset("folder", root)
     _save(root / "labels" / "x.png", np.full((8, 8), 7, np.uint8))
     _save(root / "labels" / "y.png", np.zeros((8, 8), np.uint8))
-    with pytest.raises(SystemExit, match="without an image"):
+    with pytest.raises(DataError, match="without an image"):
         data.SegDataset("folder", root)
     (root / "labels" / "y.png").unlink()
-    with pytest.raises(SystemExit, match=r"label value 7 outside 0\.\.2"):
+    with pytest.raises(DataError, match=r"label value 7 outside 0\.\.2"):
         data.SegDataset("folder", root)[0]
     (root / "images" / "x.png").write_bytes(b"not an image")
-    with pytest.raises(SystemExit, match="unreadable"):
+    with pytest.raises(DataError, match="unreadable"):
         data.SegDataset("folder", root)[0]
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder"):
         data.SegDataset("ade20k", tmp_path / "nowhere")
     coco = tmp_path / "coco"
     _save(coco / "val_img" / "a.jpg", _rand_image(rng, 8, 8), "JPEG")
     _save(coco / "val_label" / "a.png", np.full((8, 8), 200, np.uint8))
-    with pytest.raises(SystemExit, match="label value 200 outside COCO-Stuff"):
+    with pytest.raises(DataError, match="label value 200 outside COCO-Stuff"):
         data.SegDataset("coco", coco, "val")[0]
     r = subprocess.run([sys.executable, "data.py", "info", "--data", "folder", "--data-root", str(tmp_path / "nowhere")],
                        cwd=REPO, capture_output=True, text=True)

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate as ev
+import evaluate
+import metrics as ev
+from models import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
@@ -185,7 +187,7 @@ def test_segment_never_predicts_dontcare_and_checks_channels():
     seg = lambda x: logits  # noqa: E731
     pred = ev.segment(seg, torch.zeros(1, 3, 2, 2), 3)
     assert pred.tolist() == [[[2, 1], [1, 1]]]
-    with pytest.raises(SystemExit, match="3 channels; the dataset has 4"):
+    with pytest.raises(DataError, match="3 channels; the dataset has 4"):
         ev.segment(seg, torch.zeros(1, 3, 2, 2), 4, name="seg.pt")
 
 
@@ -198,18 +200,18 @@ def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
     assert len(r.stderr.strip().splitlines()) == 1
 
     one = write_images(tmp_path / "one", 1, (32, 48), 3, True)
-    with pytest.raises(SystemExit, match="1 image.* at least 2") as e:
+    with pytest.raises(DataError, match="1 image.* at least 2") as e:
         ev.folder_images(one, "--fake-dir")
     assert str(one) in str(e.value) and "\n" not in str(e.value)
 
     mixed = write_images(tmp_path / "mixed", 2, (32, 48), 4, True)
     write_images(tmp_path / "other", 1, (40, 40), 5, True)
     (tmp_path / "other" / "000.png").rename(mixed / "zzz.png")
-    with pytest.raises(SystemExit, match="mixed sizes: 000.png is 48x32, zzz.png is 40x40") as e:
+    with pytest.raises(DataError, match="mixed sizes: 000.png is 48x32, zzz.png is 40x40") as e:
         ev.folder_images(mixed, "--real-dir")
     assert "\n" not in str(e.value)
 
-    with pytest.raises(SystemExit, match="at least 2 images, got 1"):
+    with pytest.raises(DataError, match="at least 2 images, got 1"):
         ev.stats(np.zeros((1, 8)))
 
     # files without BatchNorm's num_batches_tracked counters (472 keys) load too, with the same weights
@@ -220,7 +222,7 @@ def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
 
     bogus = tmp_path / "bogus.pth"
     torch.save({"conv.weight": torch.zeros(1)}, bogus)
-    with pytest.raises(SystemExit, match="not the FID Inception weights"):
+    with pytest.raises(DataError, match="not the FID Inception weights"):
         ev.load_feature_net(inception=bogus)
 
 
@@ -362,30 +364,30 @@ def test_model_mode_bad_inputs(toy, tmp_path):
     import data
     ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
     args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source=None)
-    with pytest.raises(SystemExit, match="takes 13 label channels, --data toy-target has 10"):
-        ev.load_generator(args, ds, "cpu", False)
+    with pytest.raises(DataError, match="takes 13 label channels, --data toy-target has 10"):
+        evaluate.load_generator(args, ds, "cpu", False)
     args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=toy["root"] / "nope.npy", source="toy-source",
                               source_root=toy["root"] / "toy/source")
-    with pytest.raises(SystemExit, match="nope.npy: file not found"):
-        ev.load_generator(args, ds, "cpu", False)
+    with pytest.raises(DataError, match="nope.npy: file not found"):
+        evaluate.load_generator(args, ds, "cpu", False)
     # an official OASIS run folder (the golden 'sq' one: 13 label channels) against --source ade20k (151)
     from conftest import golden_path
     np.save(tmp_path / "ade.npy", np.full((len(toy["tgt"]), 150), 1 / 150, np.float32))
     args = argparse.Namespace(ckpt=golden_path("oasis", "sq"), affinity=tmp_path / "ade.npy", source="ade20k",
                               source_root=None, which="latest")
-    with pytest.raises(SystemExit, match="sq: .* label channels.*expects .*151") as e:
-        ev.load_generator(args, ds, "cpu", False)
+    with pytest.raises(DataError, match="sq: .* label channels.*expects .*151") as e:
+        evaluate.load_generator(args, ds, "cpu", False)
     assert "\n" not in str(e.value)
     args.which = "best"
-    with pytest.raises(SystemExit, match="no best_EMA.pth"):
-        ev.load_generator(args, ds, "cpu", False)
+    with pytest.raises(DataError, match="no best_EMA.pth"):
+        evaluate.load_generator(args, ds, "cpu", False)
 
     args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source="toy-source",
                               source_root=toy["root"] / "toy/source")
     np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
     args.affinity = tmp_path / "half.npy"
-    with pytest.raises(SystemExit, match="row 0 sums to 0.5000; expected rows summing to 1"):
-        ev.load_generator(args, ds, "cpu", False)
+    with pytest.raises(DataError, match="row 0 sums to 0.5000; expected rows summing to 1"):
+        evaluate.load_generator(args, ds, "cpu", False)
 
 
 def test_model_mode_piti_checkpoint(toy, tmp_path):

@@ -304,7 +304,7 @@ def test_full_generator(ds):
     io = load(golden_path('oasis', 'full', f'{ds}.pt'))
     g_kw, _ = oasis_config(ds)
     G = Generator(**g_kw)
-    keys = golden_path('..', 'specs', 'oasis', f'keys_{ds}_G.txt')
+    keys = golden_path('keys', f'keys_{ds}_G.txt')
     check_state_dict(G, recipe_state_dict(keys), keys)
     y, _ = full_inputs(io)
     with torch.no_grad():
@@ -318,7 +318,7 @@ def test_full_discriminator(ds):
     io = load(golden_path('oasis', 'full', f'{ds}.pt'))
     _, d_kw = oasis_config(ds)
     D = Discriminator(**d_kw)
-    keys = golden_path('..', 'specs', 'oasis', f'keys_{ds}_D.txt')
+    keys = golden_path('keys', f'keys_{ds}_D.txt')
     check_state_dict(D, recipe_state_dict(keys), keys)
     _, img = full_inputs(io)
     with torch.no_grad():

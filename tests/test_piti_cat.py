@@ -9,6 +9,7 @@ import torch
 import data
 from models.piti import PITI, load_official, load_official_state, official_kwargs, palette, sample
 from conftest import golden_path
+from models import DataError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,7 +138,7 @@ def test_bad_input(golden, tmp_path):
     cat = build(golden, target_channels=ade.n_channels)
     with pytest.raises(ValueError, match="label ids"):
         cat.ref(torch.full((1, 8, 8), ade.n_channels))
-    with pytest.raises(SystemExit, match="affinity has shape"):
+    with pytest.raises(DataError, match="affinity has shape"):
         data.affinity_to_channels(np.ones((len(ade), 10), np.float32) / 10, ade, coco)
     with pytest.raises(ValueError, match="affinity in channel space"):
         cat.set_affinity(torch.zeros(ade.n_channels, 35))
@@ -149,13 +150,13 @@ def test_bad_input(golden, tmp_path):
     torch.save(golden["state_dict"], path)
     kw = official_kwargs(golden["options"], golden["shrink"])
     assert load_official(str(path), config=kw).super_res is False
-    with pytest.raises(SystemExit, match="is a base checkpoint"):
+    with pytest.raises(DataError, match="is a base checkpoint"):
         load_official(str(path), super_res=True, config=dict(kw, super_res=True))
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_official(str(tmp_path / "missing.pt"))
     torch.save({"G": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
-    with pytest.raises(SystemExit, match="flat state dict"):
+    with pytest.raises(DataError, match="flat state dict"):
         load_official(str(tmp_path / "foreign.pt"))
     torch.save({"encoder.cls_token": torch.zeros(1)}, tmp_path / "partial.pt")
-    with pytest.raises(SystemExit, match="keys missing"):
+    with pytest.raises(DataError, match="keys missing"):
         load_official(str(tmp_path / "partial.pt"), config=kw)

@@ -1,0 +1,360 @@
+"""Metrics shared by evaluate.py and the finetuning scripts' early stopping: FID statistics and the
+Frechet distance (pytorch-fid 0.3.0's numerics), KID, the cached real-image statistics, seeded generation,
+the confusion matrix and IoU, and the PNG/grid helpers. The protocol is written out in evaluate.py's
+docstring and in every results.json.
+"""
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+from data import onehot
+from models import DataError
+from models.inception import FIDInception
+from models.piti import palette
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
+                  f"(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE})")
+IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
+
+class ScriptedFeatures(nn.Module):
+    """A TorchScript feature net ((B,3,H,W) in [0,1] -> (B,D)) for the toy-domain FID."""
+
+    toy = True
+
+    def __init__(self, net, tag):
+        super().__init__()
+        self.net, self.tag = net, tag
+
+    def forward(self, x):
+        return self.net(x).float()
+
+
+def file_digest(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def jit_load(path, device):
+    with warnings.catch_warnings():  # torch 2.14 flags torch.jit as deprecated; TorchScript files are our format
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device)
+
+
+def load_feature_net(inception=None, fid_features=None, device="cpu"):
+    """The FID Inception from its local file, or a TorchScript feature net; eval mode, on `device`.
+
+    `net.tag` names the network (and its file's digest) for the real-statistics cache;
+    `net.toy` is True for a TorchScript feature net (toy-domain FID).
+    """
+    if (inception is None) == (fid_features is None):
+        raise DataError("FID needs exactly one of --inception (the FID Inception weights) or --fid-features "
+                         "(a TorchScript feature net)")
+    if inception is not None:
+        path = Path(inception)
+        if not path.is_file():
+            raise DataError(f"--inception {path}: file not found; FID needs {INCEPTION_HELP}")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"--inception {path}: not a readable state dict ({type(e).__name__}); "
+                             f"expected {INCEPTION_FILE}")
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise DataError(f"--inception {path}: holds a {type(sd).__name__}, expected the state dict "
+                             f"{INCEPTION_FILE}")
+        net = FIDInception()
+        own = net.state_dict()
+        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
+        unexpected = [k for k in sd if k not in own]
+        shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise DataError(f"--inception {path}: not the FID Inception weights ({len(missing)} keys missing, "
+                             f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "
+                             f"{(missing + unexpected + shapes)[0]}); expected {INCEPTION_FILE}")
+        net.load_state_dict(sd)
+        net.tag = f"inception-{file_digest(path)}"
+    else:
+        path = Path(fid_features)
+        if not path.is_file():
+            raise DataError(f"--fid-features {path}: file not found; expected a TorchScript feature net "
+                             "(input (B,3,H,W) in [0,1], output (B,D))")
+        try:
+            scripted = jit_load(path, "cpu")
+        except Exception as e:
+            raise DataError(f"--fid-features {path}: not a TorchScript file ({type(e).__name__})")
+        net = ScriptedFeatures(scripted, f"features-{path.stem}-{file_digest(path)}")
+    net.requires_grad_(False)
+    net = net.to(device).eval()
+    if torch.device(device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@torch.no_grad()
+def embed(net, images, bf16=False):
+    """Features of one batch (B,3,H,W) in [0,1] as a float64 array (B, D)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
+        f = net(images)
+    if f.ndim != 2 or f.shape[0] != images.shape[0]:
+        raise DataError(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, "
+                         f"expected (B, D) with B = {images.shape[0]}")
+    return f.double().cpu().numpy()
+
+
+def features(net, batches, bf16=False):
+    """Features of an iterable of batches in [0,1], stacked: float64 (N, D)."""
+    parts = [embed(net, x, bf16) for x in batches]
+    return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+
+def stats(feats):
+    """Mean and covariance in float64, as pytorch-fid (np.cov: unbiased, 1/(N-1))."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if len(feats) < 2:
+        raise DataError(f"FID needs at least 2 images, got {len(feats)}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1-mu2||^2 + tr(s1 + s2 - 2 sqrt(s1 s2)), with pytorch-fid 0.3.0's numerics."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise DataError(f"FID statistics differ in size: {mu1.shape[0]} vs {mu2.shape[0]} features")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.17: no `disp`, same array
+    if not np.isfinite(covmean).all():
+        print(f"fid: sqrtm gave non-finite values; adding {eps} to the covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance: unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3 over random subsets."""
+    m = min(len(feats1), len(feats2), subset_size)
+    if m < 2:
+        raise DataError(f"KID needs at least 2 images on each side, got {len(feats1)} and {len(feats2)}")
+    d = feats1.shape[1]
+    rng = np.random.default_rng(seed)
+    t = np.empty(n_subsets)
+    for i in range(n_subsets):
+        x = feats1[rng.choice(len(feats1), m, replace=False)]
+        y = feats2[rng.choice(len(feats2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        within = kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)
+        t[i] = within / (m * (m - 1)) - 2 * kxy.mean()
+    return float(t.mean()), float(t.std())
+
+
+def loader(dataset, batch_size, workers=0):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, bf16=False, workers=0):
+    """(mu, sigma, feats) of a dataset's preprocessed images ((x+1)/2, not quantised, as OASIS).
+
+    Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16]-<N>-<digest of the file list>.npz.
+    """
+    h, w = dataset.size
+    key = hashlib.sha1("\n".join(str(Path(img).resolve()) for img, _ in dataset.files).encode()).hexdigest()[:10]
+    name = f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{'-bf16' if bf16 else ''}-{len(dataset)}-{key}.npz"
+    path = Path(cache_dir) / name if cache_dir else None
+    if path is not None and path.is_file():
+        z = np.load(path)
+        return z["mu"], z["sigma"], z["feats"].astype(np.float64)
+    feats = features(net, ((b["image"].to(device) + 1) / 2 for b in loader(dataset, batch_size, workers)), bf16)
+    mu, sigma = stats(feats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, feats=feats.astype(np.float32))  # features are fp32 network outputs
+        os.replace(tmp, path)
+    return mu, sigma, feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def image_seeds(seed, first_map, n_maps, k):
+    """One independent seed per image: (seed, map index, sample index) -> uint32."""
+    return [int(np.random.SeedSequence([seed, first_map + i, k]).generate_state(1)[0]) for i in range(n_maps)]
+
+
+def oasis_sampler(G, n_channels, bf16=False):
+    """sample(label (B,H,W) channel ids, seeds) -> images in [-1,1] from an OASIS Generator, in eval mode."""
+    z_dim = G.kwargs["z_dim"]
+
+    @torch.no_grad()
+    def sample(label, seeds):
+        z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        was_training = G.training
+        G.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and label.is_cuda):
+            x = G(onehot(label, n_channels), z.to(label.device))
+        G.train(was_training)
+        return x.float()
+
+    return sample
+
+
+def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0):
+    """Yields per batch {'label', 'real' (in [-1,1]), 'fake': [K tensors in [-1,1]], 'path'}."""
+    first = 0
+    for batch in loader(dataset, batch_size, workers):
+        label = batch["label"].to(device)
+        fake = [sample(label, image_seeds(seed, first, len(label), k)) for k in range(samples_per_map)]
+        yield {"label": label, "real": batch["image"].to(device), "fake": fake, "path": batch["path"]}
+        first += len(label)
+
+
+def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False):
+    """FID of a sampler on a dataset's label maps against real (mu, sigma), e.g. for early stopping."""
+    batches = ((b["fake"][0] + 1) / 2 for b in generate(sample, dataset, device, batch_size, seed))
+    mu, sigma = stats(features(net, batches, bf16))
+    return frechet_distance(mu, sigma, real[0], real[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# mIoU
+
+
+def load_segmenter(path, device):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--segmenter {path}: file not found; expected a TorchScript segmenter "
+                         "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
+    try:
+        return jit_load(path, device).eval()
+    except Exception as e:
+        raise DataError(f"--segmenter {path}: not a TorchScript file ({type(e).__name__})")
+
+
+@torch.no_grad()
+def segment(seg, images, n_channels, bf16=False, name="segmenter"):
+    """Predicted channel ids (B,H,W) at the images' resolution; channel 0 (dontcare) is never predicted."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
+        logits = seg(images)
+    logits = logits.float()
+    if logits.ndim != 4 or logits.shape[1] != n_channels:
+        got = f"{logits.shape[1]} channels" if logits.ndim == 4 else "not (B, C, H, W)"
+        raise DataError(f"{name}: outputs shape {tuple(logits.shape)}, i.e. {got}; the dataset has {n_channels} "
+                         "(channel 0 = dontcare)")
+    if logits.shape[2:] != images.shape[2:]:
+        logits = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+    return logits[:, 1:].argmax(1) + 1
+
+
+def confusion(pred, label, n_channels):
+    """Confusion matrix (rows: true channel, columns: predicted) over the labelled (non-dontcare) pixels.
+
+    The labels are nearest-resized (legacy 'nearest', as OASIS) to the prediction's resolution.
+    """
+    if label.shape[-2:] != pred.shape[-2:]:
+        label = F.interpolate(label[:, None].float(), size=pred.shape[-2:], mode="nearest")[:, 0].long()
+    valid = label > 0
+    idx = label[valid] * n_channels + pred[valid]
+    return torch.bincount(idx, minlength=n_channels * n_channels).reshape(n_channels, n_channels).cpu().numpy()
+
+
+def iou(conf, channels):
+    """(mIoU, [IoU per channel in `channels`, None where the class is absent from labels and predictions]).
+
+    Pixels labelled with a channel outside `channels` are ignored, as Cityscapes ignores its void classes."""
+    conf = conf.astype(np.float64)[channels]  # rows: the scored label channels only
+    inter = conf[np.arange(len(channels)), channels]
+    union = conf.sum(1) + conf[:, channels].sum(0) - inter
+    per = [float(i / u) if u > 0 else None for i, u in zip(inter, union)]
+    present = [v for v in per if v is not None]
+    return (float(np.mean(present)) if present else None), per
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def to_uint8(x):
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, rounded."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_grid(rows, path):
+    """rows: lists of (H,W,3) uint8 tiles (label colours | samples | real); tiles of another size are
+    nearest-resized to the largest one; 2-pixel white gaps."""
+    h = max(t.shape[0] for r in rows for t in r)
+    w = max(t.shape[1] for r in rows for t in r)
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, t in enumerate(r):
+            if t.shape[:2] != (h, w):
+                t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
+            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = t
+    Image.fromarray(grid).save(path)
+
+
+def sample_grid(sample, grid, path):
+    """The training scripts' grid: label colours | sample | real image for fixed val maps and seeds.
+    grid: {'label': (B,H,W) long, 'real': (B,3,H,W) in [-1,1], 'seeds': per-row seeds, 'n_channels': int}."""
+    fake = sample(grid["label"], grid["seeds"])
+    colours = palette(grid["n_channels"])
+    rows = [[colours[lab], f, r] for lab, f, r in
+            zip(grid["label"].cpu().numpy(), to_uint8(fake), to_uint8(grid["real"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(rows, path)
+
+
+def folder_images(folder, flag):
+    """Sorted image files of a folder (not recursive), all of one size, at least 2."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if len(files) < 2:
+        raise DataError(f"{flag} {folder}: {len(files)} image(s) found, FID and KID need at least 2")
+    sizes = {}
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                sizes.setdefault(im.size, p)
+        except OSError as e:
+            raise DataError(f"{p}: unreadable image ({e})")
+        if len(sizes) > 1:
+            (s1, p1), (s2, p2) = sizes.items()
+            raise DataError(f"{flag} {folder}: images of mixed sizes: {p1.name} is {s1[0]}x{s1[1]}, "
+                             f"{p2.name} is {s2[0]}x{s2[1]}; expected one size")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images read as pytorch-fid does: PIL, RGB, uint8 / 255 -> float (3,H,W) in [0,1]."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = np.asarray(Image.open(self.files[i]).convert("RGB")).copy()
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
+
+def image_batches(files, batch_size, device, workers=0):
+    for x in loader(ImageFiles(files), batch_size, workers):
+        yield x.to(device)

@@ -1,0 +1,129 @@
+"""The run convention shared by the finetuning scripts: one plain checkpoint dict, written atomically and
+read weights-only; a run folder that is never overwritten by accident; logs that hold each step once."""
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import DataError
+
+
+def save(obj, path):
+    """torch.save through a temporary file and os.replace: a killed run never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path, flag="--ckpt", kinds=None, mmap=False):
+    """A weights-only torch file; `kinds` (e.g. ('oasis-cat',)) requires one of our checkpoints of that kind.
+
+    Every failure is one DataError line naming the flag and the file: missing, truncated, pickled objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # zip / pickle errors say little: name the likely cause
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+            why = "holds pickled Python objects, which weights_only loading refuses"
+        elif "zip" in text.lower() or "central directory" in text.lower() or "EOF" in text:
+            why = "is truncated or not a torch file (interrupted copy or download?)"
+        else:
+            why = f"cannot be read ({type(e).__name__}: {text[:120]})"
+        raise DataError(f"{flag} {path}: {why}")
+    if kinds is not None:
+        kind = obj.get("kind") if isinstance(obj, dict) else None
+        if kind not in kinds:
+            raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
+                            f"expected kind {' or '.join(repr(k) for k in kinds)}")
+    return obj
+
+
+def prepare_out(out, resume, overwrite, flag="--out"):
+    """The run folder: --resume needs <out>/checkpoint.pt; a fresh run refuses a non-empty folder unless --overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{flag} {out}: is a file, expected a folder for the run")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise DataError(f"--resume: {out / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start)")
+        return out
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{flag} {out}: folder is not empty; continue the run with --resume, start over with "
+                        "--overwrite, or choose another folder")
+    if out.is_dir() and overwrite:
+        for name in ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt"):
+            (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {out}: cannot write there ({e.strerror})")
+    return out
+
+
+def resume_args(args, saved, model_flags, given):
+    """Continue a run with its own settings: flags not given again come from `saved` (the checkpoint's args);
+    a model/data flag given with another value is refused (one line). Other flags (steps, eval cadence) may change."""
+    for k, v in saved.items():
+        if k in ("resume", "overwrite", "out") or not hasattr(args, k):
+            continue
+        if k not in given:
+            setattr(args, k, v)
+        elif k in model_flags and getattr(args, k) != v:
+            raise DataError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
+                            f"used {v!r}; model and data flags cannot change on resume")
+    return args
+
+
+def parse_with_given(parser, argv=None):
+    """(args, given): the parsed namespace and the dests the command line set explicitly (abbreviations included).
+
+    argparse fills only the dests a namespace lacks, so parsing once more into a namespace pre-filled with a
+    marker leaves the marker exactly where the command line said nothing."""
+    args = parser.parse_args(argv)
+    unset = object()
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
+    return args, {k for k, v in vars(probe).items() if v is not unset}
+
+
+def truncate_log(path, step):
+    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run restarts from)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def append_log(path, entry):
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def rng_state():
+    """Every global RNG, as plain lists and tensors (weights_only loading accepts nothing else)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
