@@ -71,11 +71,15 @@ def prepare_out(out, resume, overwrite, flag="--out"):
     return out
 
 
+# flags that describe the machine a run is on, not the run: never taken from a checkpoint
+MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile")
+
+
 def resume_args(args, saved, model_flags, given):
     """Continue a run with its own settings: flags not given again come from `saved` (the checkpoint's args);
     a model/data flag given with another value is refused (one line). Other flags (steps, eval cadence) may change."""
     for k, v in saved.items():
-        if k in ("resume", "overwrite", "out") or not hasattr(args, k):
+        if k in MACHINE_FLAGS or not hasattr(args, k):
             continue
         if k not in given:
             setattr(args, k, v)
