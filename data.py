@@ -175,6 +175,53 @@ def load_affinity(path, target, source, flag="--affinity"):
     return A.astype(np.float32), M
 
 
+# ----------------------------------------------------------------------------------------------
+# Mapping files 'target class -> source class' (estimate_affinity.py --method hand and --override)
+
+
+def find_class(table, name, where):
+    """Row of a class named by its display name, raw name or any synonym (case-insensitive)."""
+    key = name.strip().lower()
+    for field in (table.names, table.display):
+        hits = [i for i, n in enumerate(field) if n.lower() == key]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise DataError(f"{where}: class '{name}' is ambiguous in {table.dataset} ({', '.join(table.names[i] for i in hits)}); use the raw name")
+    hits = [i for i, n in enumerate(table.names) if key in (s.strip().lower() for s in n.split(";"))]
+    if not hits:
+        raise DataError(f"{where}: unknown class '{name}' (not among the {len(table)} classes of {table.dataset}, "
+             f"e.g. {', '.join(table.display[:4])})")
+    return hits[0]
+
+
+def read_mapping(path, target, source):
+    """Lines 'target -> source' or 'target -> a: 0.7, b: 0.3' ('#' comments) -> {target row: source distribution}."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: mapping file not found (lines 'target class -> source class')")
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            line, where = line.split("#")[0].strip(), f"{path}:{ln}"
+            if not line:
+                continue
+            if "->" not in line:
+                raise DataError(f"{where}: expected 'target -> source', found '{line}'")
+            t, s = (x.strip() for x in line.split("->", 1))
+            row = np.zeros(len(source), np.float32)
+            for part in s.split(","):
+                name, _, w = part.partition(":")
+                try:
+                    weight = float(w) if w.strip() else 1.0
+                except ValueError:
+                    raise DataError(f"{where}: weight '{w.strip()}' of '{name.strip()}' is not a number")
+                row[find_class(source, name, where)] += weight
+            if row.sum() <= 0 or (row < 0).any():
+                raise DataError(f"{where}: weights must be non-negative with a positive sum, found '{s}'")
+            rows[find_class(target, t, where)] = row / row.sum()
+    return rows
+
+
 def onehot(label, n_channels):
     """(B,H,W) long channel ids -> (B,C,H,W) float one-hot, as OASIS's preprocess_input."""
     if label.numel() and (int(label.min()) < 0 or int(label.max()) >= n_channels):

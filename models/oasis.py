@@ -609,9 +609,10 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     if p.is_dir():
         sds = {part: load_official(p, part, which) if part in parts else None for part in ('EMA', 'D')}
     else:
-        if 'D' in parts and d_path is None:
+        if 'EMA' in parts and 'D' in parts and d_path is None:
             raise DataError(f'{flag} {p}: a single generator file; pass the run folder, or --source-d <..._D.pth> too')
-        sds = {'EMA': load_official(p), 'D': load_official(d_path) if 'D' in parts else None}
+        sds = {'EMA': load_official(p) if 'EMA' in parts else None,  # a single file is the part asked for
+               'D': load_official(d_path or p) if 'D' in parts else None}
     return {'G_kwargs': G_kwargs, 'D_kwargs': D_kwargs, **sds}
 
 
