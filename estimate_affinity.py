@@ -185,8 +185,16 @@ def text_affinity(encode, target, source, synonyms, temperature):
 
 def load_segmenter(args, source, source_dataset, device):
     """(fn: images in [-1,1] -> logits over source.n_channels, description, file)."""
-    if args.segmenter:
-        path = args.segmenter
+    from models import segmenters
+    try:
+        name, paths = segmenters.resolve_choice(args.segmenter, args.segmenter_weights, source_dataset)
+        if name not in (None, "torchscript"):  # the paper's segmenter of the source dataset, official weights
+            seg = segmenters.build_segmenter(name, paths, device)
+            return seg, f"{segmenters.NAMES[name]} ({' '.join(paths)})", " ".join(paths)
+    except ValueError as e:
+        fail(str(e))
+    if name == "torchscript":
+        path = paths[0]
         if not os.path.isfile(path):
             fail(f"--segmenter {path}: file not found; expected a TorchScript file (input RGB in [0,1], "
                  f"output logits over the {source.n_channels} channels of --source {source.dataset})")
@@ -478,7 +486,10 @@ def main(argv=None):
     t.add_argument("--synonyms", default="first", choices=["first", "mean"], help="ADE20K synonym lists: first name only, or mean over all")
     s = p.add_argument_group("supervised")
     s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments")
-    s.add_argument("--segmenter", default=None, help="TorchScript segmenter instead (RGB in [0,1] -> logits over the source channels)")
+    s.add_argument("--segmenter", default=None, help="segmenter instead: deeplabv2 (coco), upernet101 (ade20k), drn105 (cityscapes) "
+                   "with --segmenter-weights, or a TorchScript file (RGB in [0,1] -> logits over the source channels)")
+    s.add_argument("--segmenter-weights", nargs="+", default=None, metavar="PATH",
+                   help="official weight file(s) of --segmenter (default segmenter: --source's); upernet101 takes ENCODER DECODER")
     s.add_argument("--seg-stat", default="soft", choices=["soft", "argmax"], help="average the predicted distributions, or count argmax pixels")
     d = p.add_argument_group("self-supervised")
     d.add_argument("--dino-weights", default=None, help="local DINO ViT file (dino_deitsmall16_pretrain.pth, ...)")
@@ -572,7 +583,7 @@ def main(argv=None):
                 weights[m.strip()] = float(w)
             except ValueError:
                 fail(f"--weights {args.weights}: weight of {m.strip()} is '{w}', expected a number")
-        lacking = {"text": None, "supervised": None if args.source_ckpt or args.segmenter else "no --source-ckpt / --segmenter given",
+        lacking = {"text": None, "supervised": None if args.source_ckpt or args.segmenter or args.segmenter_weights else "no --source-ckpt / --segmenter given",
                    "self-supervised": None if args.dino_weights else "no --dino-weights given"}
         for m, w in weights.items():
             if w <= 0:

@@ -436,3 +436,36 @@ def build_segmenter(name, weight_paths, device="cpu"):
     else:
         check_and_load(seg.net, read_state_dict(paths[0]), paths[0], NAMES[name])
     return seg.to(device).eval()
+
+
+CHOICES = ("deeplabv2", "upernet101", "drn105", "torchscript")
+
+
+def resolve_choice(name, weights, dataset):
+    """(name, weight paths) from the scripts' --segmenter / --segmenter-weights for label maps of `dataset`.
+
+    `name` may be one of CHOICES, a TorchScript file path (the older `--segmenter FILE` form) or None; with
+    weights but no name, the dataset's DEFAULT_SEGMENTER. (None, []) when neither is given."""
+    weights = [str(w) for w in (weights or [])]
+    if name is not None and name not in CHOICES:  # --segmenter FILE
+        if weights:
+            raise ValueError(f"--segmenter {name}: not one of {', '.join(CHOICES)}; give the name with "
+                             "--segmenter-weights, or a TorchScript file alone")
+        return "torchscript", [name]
+    if name is None:
+        if not weights:
+            return None, []
+        if dataset not in DEFAULT_SEGMENTER:
+            raise ValueError(f"--segmenter-weights: no default segmenter for '{dataset}' label maps; give "
+                             f"--segmenter torchscript (a TorchScript file over its channels)")
+        name = DEFAULT_SEGMENTER[dataset]
+    if not weights:
+        raise ValueError(f"--segmenter {name}: give its weight file(s) with --segmenter-weights"
+                         + (f" ({_FILE_HINT[name]})" if name in _FILE_HINT else ""))
+    if name == "torchscript":
+        if len(weights) != 1:
+            raise ValueError(f"--segmenter torchscript: takes one file, got {len(weights)}")
+    elif DATASET_OF[name] != dataset:
+        raise ValueError(f"--segmenter {name} predicts {DATASET_OF[name]} classes; the label maps are {dataset} "
+                         f"(use {DEFAULT_SEGMENTER.get(dataset, 'a TorchScript segmenter')} for them)")
+    return name, weights

@@ -181,3 +181,65 @@ def test_num_batches_tracked_and_module_prefix_are_accepted(tmp_path):
     assert torch.equal(seg.net.seg.weight, recipe("seg.weight", (19, 512, 1, 1)))
     out = seg(torch.zeros(2, 3, 20, 36))  # any size: bilinear to the input size; batch of 2
     assert out.shape == (2, 35, 20, 36) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts' flags
+
+
+@pytest.mark.parametrize("name, weights, dataset, expect", [
+    (None, None, "coco", (None, [])),
+    ("seg.pt", None, "toy-target", ("torchscript", ["seg.pt"])),  # the older --segmenter FILE form
+    ("torchscript", ["seg.pt"], "folder", ("torchscript", ["seg.pt"])),
+    (None, ["a.pth"], "cityscapes", ("drn105", ["a.pth"])),
+    (None, ["e.pth", "d.pth"], "ade20k", ("upernet101", ["e.pth", "d.pth"])),
+    ("deeplabv2", ["a.pth"], "coco", ("deeplabv2", ["a.pth"])),
+])
+def test_resolve_choice(name, weights, dataset, expect):
+    assert S.resolve_choice(name, weights, dataset) == expect
+
+
+@pytest.mark.parametrize("name, weights, dataset, match", [
+    ("drn105", ["a.pth"], "ade20k", "drn105 predicts cityscapes classes; the label maps are ade20k"),
+    ("drn105", None, "cityscapes", "give its weight file"),
+    (None, ["a.pth"], "folder", "no default segmenter for 'folder'"),
+    ("torchscript", ["a.pt", "b.pt"], "folder", "takes one file"),
+    ("seg.pt", ["a.pth"], "folder", "not one of deeplabv2"),
+])
+def test_resolve_choice_errors(name, weights, dataset, match):
+    with pytest.raises(ValueError, match=match):
+        S.resolve_choice(name, weights, dataset)
+
+
+def test_evaluate_end_to_end_with_drn105(tmp_path):
+    """evaluate.py --segmenter drn105 on a tiny Cityscapes layout with a tiny OASIS generator and an
+    official-format (random) DRN-D-105 file: mIoU over the 19 scored classes lands in results.json."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from models.oasis import Generator
+    from tests.test_evaluate import our_checkpoint
+    table = data.class_table("cityscapes")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        for sub, suffix, arr in (("leftImg8bit", "leftImg8bit", rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)),
+                                 ("gtFine", "gtFine_labelIds", rng.choice([7, 8, 11, 26], (32, 64)).astype(np.uint8))):
+            d = tmp_path / "cs" / sub / "val" / "aachen"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(d / f"aachen_000000_{i:06d}_{suffix}.png")
+    torch.manual_seed(0)
+    G = Generator(table.n_channels, z_dim=4, channels=2, spade_hidden=8, crop_size=512, aspect_ratio=2.0).eval()
+    torch.save(our_checkpoint(G, table), tmp_path / "G.pt")
+    torch.save(recipe_state_dict(S.DRNSeg()), tmp_path / "drn-d-105_ms_cityscapes.pth")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "evaluate.py"), "--ckpt", tmp_path / "G.pt", "--data", "cityscapes",
+                        "--data-root", tmp_path / "cs", "--workers", "0", "--grid-rows", "0", "--batch-size", "2",
+                        "--segmenter-weights", tmp_path / "drn-d-105_ms_cityscapes.pth", "--out", tmp_path / "eval"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["segmenter"] == "drn105" and res["protocol"]["segmenter"] == S.PROTOCOL["drn105"]
+    assert len(res["per_class_iou"]) == 19 and 0 <= res["miou"] <= 1 and 0 <= res["miou_real"] <= 1
