@@ -186,7 +186,7 @@ def test_num_batches_tracked_and_module_prefix_are_accepted(tmp_path):
     args = types.SimpleNamespace(segmenter=None, segmenter_weights=[str(tmp_path / "drn.pth")], source_ckpt=None)
     fn, desc, _ = ea.load_segmenter(args, data.class_table("cityscapes"), "cityscapes", "cpu")
     assert "DRN-D-105" in desc and fn(torch.zeros(1, 3, 16, 16)).shape == (1, 35, 16, 16)
-    with pytest.raises(SystemExit, match="drn105 predicts cityscapes classes; the label maps are ade20k"):
+    with pytest.raises(ValueError, match="drn105 predicts cityscapes classes; the label maps are ade20k"):
         ea.load_segmenter(types.SimpleNamespace(segmenter="drn105", segmenter_weights=[str(tmp_path / "drn.pth")],
                                                 source_ckpt=None), data.class_table("ade20k"), "ade20k", "cpu")
 
