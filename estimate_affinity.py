@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from models import DataError, cli, oasis
+from models import DataError, cli, oasis, segmenters
 from models.dino import class_prototypes, load_dino
 from models.text import is_torchscript, text_encoder
 
@@ -100,17 +100,18 @@ def text_affinity(encode, target, source, synonyms, temperature):
     return torch.softmax(cos / temperature, dim=1).numpy()
 
 
-# ----------------------------------------------------------------------------------------------
-# supervised: a segmenter of the source classes run on the target images
-
-
 def load_segmenter(args, source, source_dataset, device):
-    """(fn: images in [-1,1] -> logits over source.n_channels, description, file)."""
-    if args.segmenter:
-        path = args.segmenter
+    """Supervised: (fn: images in [-1,1] -> logits over source.n_channels, description, file) of a segmenter of
+    the source classes (the paper's network, a TorchScript file, or the source OASIS discriminator)."""
+    name, paths = segmenters.resolve_choice(args.segmenter, args.segmenter_weights, source_dataset)
+    if name not in (None, "torchscript"):  # the paper's segmenter of the source dataset, official weights
+        seg = segmenters.build_segmenter(name, paths, device)
+        return seg, f"{segmenters.NAMES[name]} ({' '.join(paths)})", " ".join(paths)
+    if name == "torchscript":
+        path = paths[0]
         if not os.path.isfile(path):
             raise DataError(f"--segmenter {path}: file not found; expected a TorchScript file (input RGB in [0,1], "
-                 f"output logits over the {source.n_channels} channels of --source {source.dataset})")
+                            f"output logits over the {source.n_channels} channels of --source {source.dataset})")
         if not is_torchscript(path):
             raise DataError(f"--segmenter {path}: not a TorchScript archive (save it with torch.jit.script(model).save(path))")
         with warnings.catch_warnings():
@@ -255,7 +256,10 @@ def get_args(argv=None):
     t.add_argument("--synonyms", default="first", choices=["first", "mean"], help="ADE20K synonym lists: first name only, or mean over all")
     s = p.add_argument_group("supervised")
     s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments")
-    s.add_argument("--segmenter", default=None, help="TorchScript segmenter instead (RGB in [0,1] -> logits over the source channels)")
+    s.add_argument("--segmenter", default=None, help="segmenter instead: deeplabv2 (coco), upernet101 (ade20k), drn105 (cityscapes) "
+                   "with --segmenter-weights, or a TorchScript file (RGB in [0,1] -> logits over the source channels)")
+    s.add_argument("--segmenter-weights", nargs="+", default=None, metavar="PATH",
+                   help="official weight file(s) of --segmenter (default segmenter: --source's); upernet101 takes ENCODER DECODER")
     s.add_argument("--seg-stat", default="soft", choices=["soft", "argmax"], help="average the predicted distributions, or count argmax pixels")
     d = p.add_argument_group("self-supervised")
     d.add_argument("--dino-weights", default=None, help="local DINO ViT file (dino_deitsmall16_pretrain.pth, ...)")
@@ -379,7 +383,7 @@ def estimate_rows(R):
     elif args.method == "combination":
         weights = parse_weights(args.weights)
         lacking = {"text": None, "self-supervised": None if args.dino_weights else "no --dino-weights given",
-                   "supervised": None if args.source_ckpt or args.segmenter else "no --source-ckpt / --segmenter given"}
+                   "supervised": None if args.source_ckpt or args.segmenter or args.segmenter_weights else "no --source-ckpt / --segmenter given"}
         for m, w in weights.items():
             if w <= 0 or lacking[m]:
                 R.skipped[m] = f"weight {w}" if w <= 0 else lacking[m]

@@ -23,7 +23,8 @@ Protocol (also written into results.json):
   comparable to Inception FID (results.json says so).
 - KID: unbiased MMD^2 with the kernel (x.y/d + 1)^3, over 100 random subsets of min(1000, N) images
   from each side; mean and std over the subsets.
-- mIoU: a TorchScript segmenter on the generated images at the generated resolution; labels
+- mIoU: a segmenter on the generated images at the generated resolution: the paper's (--segmenter deeplabv2 /
+  upernet101 / drn105, official weights, models/segmenters.py) or a TorchScript file; labels
   nearest-resized (legacy 'nearest') to that resolution; dontcare pixels (channel 0) ignored and
   channel 0 never predicted; one confusion matrix over the whole split; IoU of a class with an empty
   union is undefined and left out of the mean. The same segmenter on the real images gives miou_real.
@@ -65,6 +66,7 @@ from metrics import (INCEPTION_FILE, confusion, embed, features, folder_images, 
                      save_grid, segment, stats, to_uint8)
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
+from models import segmenters
 
 PROTOCOL = {  # the module docstring in short, written into results.json
     "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
@@ -160,6 +162,21 @@ def write_results(out, results):
     os.replace(tmp, out / "results.json")
 
 
+def load_any_segmenter(args, dataset, device):
+    """(segmenter, its input from images in [-1,1], name) from --segmenter / --segmenter-weights, or Nones."""
+    try:
+        name, paths = segmenters.resolve_choice(args.segmenter, args.segmenter_weights, dataset.dataset)
+        if name is None:
+            return None, None, None
+        if name == "torchscript":
+            return load_segmenter(paths[0], device), (lambda x: (x + 1) / 2), paths[0]
+        return segmenters.build_segmenter(name, paths, device), (lambda x: x), name
+    except DataError:
+        raise
+    except ValueError as e:  # a wrong segmenter file: one line, like every other input error
+        raise DataError(str(e)) from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
@@ -177,8 +194,11 @@ def main():
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")
-    p.add_argument("--segmenter",
-                   help="TorchScript segmenter for mIoU (input [0,1], logits over the dataset's channels)")
+    p.add_argument("--segmenter", help="segmenter for mIoU: deeplabv2 (coco), upernet101 (ade20k), drn105 (cityscapes) "
+                   "with --segmenter-weights, or torchscript / a TorchScript file (input [0,1], logits over the "
+                   "dataset's channels); default with --segmenter-weights: the dataset's official one")
+    p.add_argument("--segmenter-weights", nargs="+", metavar="PATH",
+                   help="the segmenter's official weight file(s); upernet101 takes ENCODER DECODER")
     p.add_argument("--samples-per-map", type=int, default=1, help="images generated per label map")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -197,8 +217,8 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     out = Path(args.out)
-    files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "ckpt", "affinity",
-                                           "real_dir", "fake_dir") if getattr(args, k)}
+    files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
+                                           "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": "bf16 autocast" if bf16 else "fp32",
                              "features": "bf16 autocast" if bf16_features else "fp32"}, "files": files}
 
@@ -231,7 +251,7 @@ def main():
         dataset.files = dataset.files[:args.limit]
     sample, gen_info = load_generator(args, dataset, device, bf16)
     net = load_feature_net(args.inception, args.fid_features, device) if args.inception or args.fid_features else None
-    seg = load_segmenter(args.segmenter, device) if args.segmenter else None
+    seg, seg_in, seg_name = load_any_segmenter(args, dataset, device)
     if net is None:
         print("no --inception / --fid-features: FID and KID skipped")
     if net is not None and len(dataset) < 2:
@@ -252,10 +272,10 @@ def main():
             if net is not None:
                 fake_feats.append(embed(net, (fake + 1) / 2, bf16_features))
             if seg is not None:
-                conf += confusion(segment(seg, (fake + 1) / 2, dataset.n_channels, bf16, args.segmenter),
+                conf += confusion(segment(seg, seg_in(fake), dataset.n_channels, bf16, seg_name),
                                   b["label"], dataset.n_channels)
         if seg is not None:
-            conf_real += confusion(segment(seg, (b["real"] + 1) / 2, dataset.n_channels, bf16, args.segmenter),
+            conf_real += confusion(segment(seg, seg_in(b["real"]), dataset.n_channels, bf16, seg_name),
                                    b["label"], dataset.n_channels)
         reals = to_uint8(b["real"])
         for i in range(min(len(b["path"]), args.grid_rows - len(grid))):
@@ -281,11 +301,11 @@ def main():
         names = [n for n, c in zip(dataset.classes.names, dataset.classes.channels) if c in scored]  # unique names
         miou, per = iou(conf, scored)
         miou_real, per_real = iou(conf_real, scored)
-        results.update(miou=miou, miou_real=miou_real, per_class_iou=dict(zip(names, per)),
+        results.update(miou=miou, miou_real=miou_real, segmenter=seg_name, per_class_iou=dict(zip(names, per)),
                        per_class_iou_real=dict(zip(names, per_real)))
         lines += [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",
                   f"miou_real {miou_real:.4f}" if miou_real is not None else "miou_real undefined"]
-    results["protocol"] = PROTOCOL
+    results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg, "protocol", "TorchScript file")) if seg else PROTOCOL
     write_results(out, results)
     for line in lines:
         print(line)
