@@ -354,6 +354,19 @@ class SegDataset(torch.utils.data.Dataset):
         return {"image": image, "label": torch.from_numpy(label), "path": str(img_path)}
 
 
+def table_info(t):
+    """The class table as a checkpoint records it."""
+    return {"dataset": t.dataset, "names": list(t.names), "n_channels": t.n_channels}
+
+
+def check_labels(ds, what):
+    """Read every label file once so that a bad id fails here, in one line, not inside a loader worker."""
+    for _, lbl in ds.files:
+        label_channels(np.asarray(Image.open(lbl)), ds.dataset, ds.n_channels, lbl)
+    if ds.size[0] % 64 or ds.size[1] % 64:
+        raise DataError(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
+
+
 def open_dataset(dataset, root=None, split="train", augment=False, n=None, subset_seed=0, subset_file=None,
                  out_dir=None, size=None):
     """A SegDataset, optionally an n-shot subset (reproducible from the seed, or read from a file)."""
@@ -393,6 +406,30 @@ def add_data_args(parser, default="toy-target"):
     g.add_argument("--subset-file", default=None, help="reuse a subset.txt written by an earlier run")
     g.add_argument("--size", type=int, default=None, help="image side for folder/toy data (toy default 64, folder 256)")
     return g
+
+
+def int_list(text):
+    """argparse type: '3,128,128' -> [3, 128, 128]."""
+    try:
+        return [int(c) for c in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated integers, e.g. 3,128,128,256")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 1")
+    return v
+
+
+def nonneg_int(text):
+    """argparse type: an integer >= 0."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or v < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 0")
+    return v
 
 
 def dataset_from_args(args, split="train", augment=False, out_dir=None):

@@ -22,7 +22,6 @@ continues the run in --out exactly, with its own settings; model and data flags 
 import argparse
 import copy
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -32,7 +31,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -40,17 +38,31 @@ import data
 import metrics
 from models import DataError, checkpoint, cli, oasis
 
+# The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
+# transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
+PLAIN = dict(affinity="none", stages=1, g_train="all", no_residual=True, freeze_d=0, d_head="reinit")
+RECIPES = {
+    "finetune": PLAIN,  # the whole source G and D, a random 1x1 input layer: Table 10's first row
+    "freezed": {**PLAIN, "freeze_d": 2},
+    "freezed-2stage": {**PLAIN, "freeze_d": 2, "stages": 2, "g_train": "spade"},
+    "freezed-2stage-resid": {**PLAIN, "freeze_d": 2, "stages": 2, "g_train": "spade", "no_residual": False},
+    "cat": dict(stages=2, g_train="spade", no_residual=False, freeze_d=2),  # all four (needs --affinity FILE)
+    # TransferGAN (Wang et al. 2018): finetune G and D from the source model with a new first layer, which in
+    # this architecture is exactly the plain finetuning row
+    "transfergan": PLAIN,
+    # our adaptation of cGANTransfer (Shahbazi et al. 2021), knowledge propagation across classes: every target
+    # class is a learned convex combination of the source classes (softmax rows, uniform at start), trained
+    # jointly with the whole G and D
+    "cgantransfer": {**PLAIN, "affinity": "learned"},
+}
+# the learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep 1e-4
+LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
+
+SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe"}  # meaningless with --init scratch
 # flags a resumed run takes from its checkpoint and refuses to change
-MODEL_FLAGS = ("init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
+MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
                "channels", "z_dim", "spade_hidden", "d_channels", "d_last", "batch", "seed", "lambda_labelmix")
-
-
-def int_list(text):
-    try:
-        return [int(c) for c in str(text).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated integers, e.g. 3,128,128,256")
 
 
 def get_args(argv=None):
@@ -71,17 +83,21 @@ def get_args(argv=None):
     g.add_argument("--source-d", default=None, help="official discriminator .pth when --source-ckpt is a single generator file")
     g.add_argument("--which", default="best", help="official checkpoint prefix: best, latest or an iteration")
     g.add_argument("--affinity", default=None,
-                   help="affinity.npy (target classes x source classes) from estimate_affinity.py, or 'none' for the "
-                        "'random first layer' baseline (the CAT 1x1 layers keep their random init)")
+                   help="affinity.npy (target classes x source classes) from estimate_affinity.py; 'none': the 1x1 "
+                        "input layers keep their random init; 'learned': softmax rows learned from uniform (cGANTransfer)")
     data.add_data_args(p)
-    g = p.add_argument_group("CAT variants (paper Table 10)")
+    g = p.add_argument_group("CAT variants and baselines (paper Table 10)")
+    g.add_argument("--recipe", default="cat", choices=list(RECIPES),
+                   help="a row of the paper's ablation or a baseline, as the flags below (explicit flags override)")
+    g.add_argument("--g-train", default="spade", choices=["spade", "all"],
+                   help="spade: the paper's SPADE-block layers (+ CAT layers); all: every G parameter incl. fc and conv_img")
     g.add_argument("--paths", default="separate", choices=["separate", "shared"], help="gamma/beta paths of the CAT layers")
     g.add_argument("--no-residual", action="store_true", help="drop the zero-initialised residual layers")
     g.add_argument("--stages", type=int, default=2, choices=[1, 2],
-                   help="2: the paper's schedule; 1: stage-1 parameters only, for stage1+stage2 steps (equal budget)")
-    g.add_argument("--stage1-steps", type=int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
-    g.add_argument("--stage2-steps", type=int, default=3000, help="iterations training every SPADE-block layer")
-    g.add_argument("--freeze-d", type=int, default=2,
+                   help="2: the paper's schedule; 1: the full parameter set from the start, for stage1+stage2 steps")
+    g.add_argument("--stage1-steps", type=data.nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
+    g.add_argument("--stage2-steps", type=data.nonneg_int, default=3000, help="iterations training every SPADE-block layer")
+    g.add_argument("--freeze-d", type=data.nonneg_int, default=2,
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
     g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
                    help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
@@ -89,25 +105,27 @@ def get_args(argv=None):
     g.add_argument("--channels", type=int, default=64, help="G base width (official 64)")
     g.add_argument("--z-dim", type=int, default=64)
     g.add_argument("--spade-hidden", type=int, default=128)
-    g.add_argument("--d-channels", type=int_list, default=[3, 128, 128, 256, 256, 512, 512], help="D encoder widths, comma separated")
+    g.add_argument("--d-channels", type=data.int_list, default=[3, 128, 128, 256, 256, 512, 512], help="D encoder widths, comma separated")
     g.add_argument("--d-last", type=int, default=64, help="width of D's last decoder block")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
-    g.add_argument("--batch", type=int, default=8, help="global batch size (split across torchrun ranks)")
-    g.add_argument("--lr", type=float, default=1e-4, help="generator learning rate")
+    g.add_argument("--batch", type=data.positive_int, default=8, help="global batch size (split across torchrun ranks)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4 x --lr)")
     g.add_argument("--lambda-labelmix", type=float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay (default 0.9999 for ADE20K/COCO as the official runs; 0.999 otherwise: short runs)")
-    g.add_argument("--bn-batches", type=int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
+                   help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
+                        "runs, 0.999 otherwise)")
+    g.add_argument("--bn-batches", type=data.positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10, help="log.jsonl line every N steps")
-    g.add_argument("--grid-n", type=int, default=8, help="rows of the sample grid (fixed val labels and noise)")
+    g.add_argument("--eval-every", type=data.positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
+    g.add_argument("--log-every", type=data.positive_int, default=10, help="log.jsonl line every N steps")
+    g.add_argument("--grid-n", type=data.nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
-    g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
+    g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
@@ -118,19 +136,20 @@ def get_args(argv=None):
         saved = checkpoint.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
         checkpoint.resume_args(args, saved, MODEL_FLAGS, given)
         args.resume = True
-        return args, given
-    if args.init == "source":
+        if "lr" in given and "lr_d" not in given:
+            args.lr_d = None  # 4 x the new --lr
+    else:
+        for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
+            if k not in given:
+                setattr(args, k, v)
+    if args.init == "source" and not args.resume:
         for flag in ("source", "source_ckpt", "affinity"):
             if getattr(args, flag) is None:
                 raise DataError(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
-    elif given & {"source", "source_ckpt", "source_d", "affinity", "d_head"}:
-        raise DataError(f"--init scratch trains a new model: --{sorted(given & {'source', 'source_ckpt', 'source_d', 'affinity', 'd_head'})[0].replace('_', '-')} does not apply")
-    for flag in ("batch", "eval_every", "log_every", "bn_batches", "patience"):
-        if getattr(args, flag) < 1:
-            raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least 1")
-    for flag in ("stage1_steps", "stage2_steps", "grid_n", "freeze_d"):
-        if getattr(args, flag) < 0:
-            raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected 0 or more")
+    elif args.init == "scratch" and given & SOURCE_FLAGS:
+        raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
+    if args.lr is None:
+        args.lr = LR_BY_TARGET.get(args.data, 1e-4)
     if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
         raise DataError(f"--lr {args.lr} / --lr-d {args.lr_d}: expected positive learning rates")
     args.lr_d = args.lr_d if args.lr_d is not None else 4 * args.lr
@@ -141,8 +160,8 @@ def get_args(argv=None):
     if not 0 <= args.ema_decay < 1:
         raise DataError(f"--ema-decay {args.ema_decay}: expected a value in [0, 1)")
     if args.d_head is None:
-        args.d_head = "affinity" if args.affinity not in (None, "none") else "reinit"
-    if args.d_head == "affinity" and args.affinity in (None, "none"):
+        args.d_head = "affinity" if args.affinity not in (None, "none", "learned") else "reinit"
+    if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
@@ -155,33 +174,36 @@ def get_args(argv=None):
 
 def stage_of(step, args):
     """CAT's two finetuning stages: 1 for the first --stage1-steps iterations (CAT layers + SPADE gamma/beta
-    convs), then 2 (every SPADE-block layer). --stages 1 and --init scratch train one parameter set throughout."""
-    if args.init == "scratch":
+    convs), then 2 (every SPADE-block layer, or every G layer with --g-train all). One stage (--stages 1, and
+    --init scratch) trains the full set from the start."""
+    if args.init == "scratch" or args.stages == 1:
         return 2
-    return 1 if args.stages == 1 or step < args.stage1_steps else 2
+    return 1 if step < args.stage1_steps else 2
 
 
-def set_stage(G, stage, scratch):
-    """Only this stage's generator parameters require grad (all of them from scratch)."""
-    ids = {id(p) for p in (G.parameters() if scratch else G.stage_parameters(stage))}
+def stage_parameters(G, stage, args):
+    """The generator parameters trained in `stage`: the paper's sets, or all of them (scratch, --g-train all)."""
+    if stage == 2 and (args.init == "scratch" or args.g_train == "all"):
+        return list(G.parameters())
+    return G.stage_parameters(stage)
+
+
+def set_stage(G, stage, args):
+    """Only this stage's generator parameters require grad."""
+    ids = {id(p) for p in stage_parameters(G, stage, args)}
     for p in G.parameters():
         p.requires_grad_(id(p) in ids)
 
 
+def ema_decay_at(step, decay):
+    """The EMA decay of iteration `step`: min(decay, (1 + step) / (10 + step)). A fixed 0.9999 over a 5000-step
+    finetuning run would leave ~61% of the step-0 weights in the evaluated model; the warm-up lets the average
+    follow a short run from its start and reaches `decay` on long ones."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 # ----------------------------------------------------------------------------------------------
 # Inputs
-
-
-def check_labels(ds, what):
-    """Read every label file once so that a bad id fails here, in one line, not inside a loader worker."""
-    for _, lbl in ds.files:
-        data.label_channels(np.asarray(Image.open(lbl)), ds.dataset, ds.n_channels, lbl)
-    if ds.size[0] % 64 or ds.size[1] % 64:
-        raise DataError(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
-
-
-def table_info(t):
-    return {"dataset": t.dataset, "names": list(t.names), "n_channels": t.n_channels}
 
 
 def build_models(args, target, size):
@@ -192,21 +214,22 @@ def build_models(args, target, size):
         G = oasis.Generator(target.n_channels, z_dim=args.z_dim, channels=args.channels, spade_hidden=args.spade_hidden,
                             crop_size=W, aspect_ratio=W / H)
         D = oasis.Discriminator(target.n_channels, channels=tuple(args.d_channels), last_width=args.d_last)
-        return G, D, None, table_info(target)
+        return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
     G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
-                           "cat_residual": not args.no_residual})
+                           "cat_residual": not args.no_residual,
+                           "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})
     G.load_source(src["EMA"], args.source_ckpt, f"--source {args.source}")
     D = oasis.Discriminator(**src["D_kwargs"])
     oasis.check_state_dict(D, src["D"], args.source_d or args.source_ckpt, f"--source {args.source}")
     A = M = None
-    if args.affinity != "none":
+    if args.affinity not in ("none", "learned"):
         A, M = data.load_affinity(args.affinity, target, source)
         A = torch.from_numpy(A)
         G.set_affinity(M)
     D.retarget(target.n_channels, M if args.d_head == "affinity" else None)
-    return G, D, A, table_info(source)
+    return G, D, A, data.table_info(source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,26 +263,9 @@ def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_deca
     return loss_G.detach(), loss_D.detach()
 
 
-def setup_device(args):
-    """(ddp, rank, world, device): torchrun's environment or a single process."""
-    ddp = "RANK" in os.environ
-    if ddp:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if args.batch % world:
-        raise DataError(f"--batch {args.batch} must be a multiple of the {world} ranks")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, world, device
-
-
 def wrap(G, D, EMA, stage, args, ddp, device):
     """The networks of train_step for this stage (DDP registers the parameters that require grad)."""
-    set_stage(G, stage, args.init == "scratch")
+    set_stage(G, stage, args)
     g, d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     nets = {"G": g, "D": d, "G_fwd": g, "D_fwd": d, "G_raw": G, "EMA": EMA}
     if ddp:
@@ -296,7 +302,7 @@ def fid_fn(args, sample, val_ds, out, device, bf16):
 
 def setup(args):
     """Everything a run needs, fresh or resumed, as one namespace: data, models, optimisers, sampler."""
-    ddp, rank, world, device = setup_device(args)
+    ddp, rank, world, device = checkpoint.init_distributed(args)
     master, cuda = rank == 0, device.type == "cuda"
     out = checkpoint.prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
     ckpt = checkpoint.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
@@ -316,7 +322,7 @@ def setup(args):
     R.target = R.train_ds.classes
     if len(R.train_ds) < args.batch:
         raise DataError(f"--batch {args.batch} is larger than the {len(R.train_ds)} training images (--n)")
-    check_labels(R.train_ds, f"--data {args.data}")
+    data.check_labels(R.train_ds, f"--data {args.data}")
     R.train_items = data.Seeded(R.train_ds, args.seed)
 
     # Models: a fresh run builds them, a resumed one restores every tensor
@@ -340,7 +346,7 @@ def setup(args):
     if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; EMA keeps plain BN (rank 0 runs it)
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     R.G, R.D, R.EMA = (m.to(device, memory_format=R.mem) for m in (G, D, EMA))
-    R.optG = torch.optim.Adam(list(R.G.parameters()) if scratch else R.G.stage_parameters(2), lr=args.lr, betas=(0.0, 0.999))
+    R.optG = torch.optim.Adam(stage_parameters(R.G, 2, args), lr=args.lr, betas=(0.0, 0.999))
     R.optD = torch.optim.Adam(R.d_trainable, lr=args.lr_d, betas=(0.0, 0.999))
     if ckpt is not None:
         R.optG.load_state_dict(ckpt["optG"])
@@ -385,7 +391,7 @@ def evaluate_and_save(R, s):
         rngs = [checkpoint.rng_state()]
     if R.master:
         state = {"kind": "oasis-cat", "step": s, "args": vars(R.args), "affinity": R.A, "source": R.source_info,
-                 "target": table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
+                 "target": data.table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
                  "G": R.G.state_dict(), "D": R.D.state_dict(), "EMA": R.EMA.state_dict(),
                  "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
@@ -407,7 +413,9 @@ def main(argv=None):
     if R.master:
         print(f"{args.init}: {R.target.dataset} ({len(R.train_ds)} images, {R.target.n_channels} channels) from "
               f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}")
-        if step == 0:  # the model before training (training-free CAT)
+        if step == 0:  # the recipe, then the model before training (training-free CAT)
+            checkpoint.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
+                k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
             metrics.sample_grid(R.sample, R.grid, R.out / "samples" / f"{0:06d}.png")
     last_saved = step if args.resume else None
     bar = tqdm(total=total, initial=step, disable=not R.master, dynamic_ncols=True)
@@ -424,7 +432,7 @@ def main(argv=None):
         y = data.onehot(batch["label"].to(R.device, non_blocking=True), R.target.n_channels).contiguous(memory_format=R.mem)
         real = batch["image"].to(R.device, non_blocking=True).contiguous(memory_format=R.mem)
         losses = torch.stack(train_step(nets, R.optG, R.optD, R.d_trainable, y, real, args.lambda_labelmix,
-                                        args.ema_decay, R.ctx)).float()
+                                        ema_decay_at(step, args.ema_decay), R.ctx)).float()
         step += 1
         if R.ddp:  # log the mean over ranks; a NaN anywhere stops every rank at the same step
             dist.all_reduce(losses)

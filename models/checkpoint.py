@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models import DataError
 
@@ -131,3 +132,21 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def init_distributed(args):
+    """(ddp, rank, world, device) for args.device: torchrun's environment (one process per GPU, NCCL; gloo on
+    CPU) or a single process. args.device becomes the rank's GPU; --batch must split evenly over the ranks."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if args.batch % world:
+        raise DataError(f"--batch {args.batch} must be a multiple of the {world} ranks")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, device

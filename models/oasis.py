@@ -2,7 +2,7 @@
 
 The generator and discriminator keep the official state-dict keys (old-style spectral norm:
 weight_orig / weight_u / weight_v; BatchNorm without affine) so that `<run>/models/best_EMA.pth`
-loads strictly, and they compute what the official code computes (see specs/oasis/SPEC.md).
+loads strictly, and they compute what the official code computes (tests/golden/oasis).
 Differences on purpose: the noise z can be passed explicitly, spectral norm and BatchNorm always run
 in fp32 (bf16 autocast friendly), and the generator can carry the CAT layers: a class-affinity 1x1
 conv on the label channels in front of every conv that eats the label map, plus zero-initialised
@@ -112,6 +112,31 @@ class Affinity(nn.Module):
         return F.conv2d(y, self.weight)
 
 
+def _affinity(kind, cat_nc, semantic_nc):
+    return LearnedAffinity(cat_nc, semantic_nc) if kind == 'learned' else Affinity(cat_nc, semantic_nc)
+
+
+class LearnedAffinity(nn.Module):
+    """The cGANTransfer adaptation: every target channel a *learned* convex combination of the source classes.
+    The rows are a softmax over the real source channels of free logits, initialised to zero (uniform rows)
+    and trained with the rest; target dontcare maps to source dontcare. Used by the 'cgantransfer' recipe."""
+
+    def __init__(self, cat_nc, semantic_nc):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(cat_nc, semantic_nc))
+        mask = torch.zeros(cat_nc, semantic_nc)
+        mask[:, 0] = mask[0, :] = float('-inf')
+        mask[0, 0] = 0.0
+        self.register_buffer('mask', mask, persistent=False)
+
+    @property
+    def weight(self):
+        return torch.softmax(self.logits.float() + self.mask, dim=1).T[:, :, None, None]
+
+    def forward(self, y):
+        return F.conv2d(y, self.weight.to(y.dtype))
+
+
 def _conv_dtype(t):
     """The dtype convolutions run in: the autocast dtype inside autocast, else t's own."""
     dev = t.device.type
@@ -119,7 +144,7 @@ def _conv_dtype(t):
 
 
 def _resize(y, hw):
-    """Legacy nearest resize (SPEC §0.3: source index floor(i * in / out)); no copy when already hw."""
+    """Legacy nearest resize (source index floor(i * in / out), as the official F.interpolate default); no copy when already hw."""
     return y if tuple(y.shape[2:]) == tuple(hw) else F.interpolate(y, size=tuple(hw), mode='nearest')
 
 
@@ -148,7 +173,7 @@ class SPADE(nn.Module):
     affinity + residual while sharing the pretrained conv; 'shared' uses one of each."""
 
     def __init__(self, norm_nc, semantic_nc, z_dim, hidden=128, ks=3, cat_nc=None, cat_paths='separate',
-                 cat_residual=True):
+                 cat_residual=True, cat_affinity='fixed'):
         super().__init__()
         self.first_norm = ParamFreeBN(norm_nc)
         self.mlp_shared = nn.Sequential(nn.Conv2d(z_dim + semantic_nc, hidden, ks, padding=ks // 2), nn.ReLU())
@@ -156,7 +181,7 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, ks, padding=ks // 2)
         self.paths = () if cat_nc is None else ('gamma', 'beta') if cat_paths == 'separate' else ('',)
         for p in self.paths:
-            setattr(self, 'cat_' + p if p else 'cat', Affinity(cat_nc, semantic_nc))
+            setattr(self, 'cat_' + p if p else 'cat', _affinity(cat_affinity, cat_nc, semantic_nc))
             setattr(self, 'res_' + p if p else 'res',
                     Residual(cat_nc, hidden, ks) if cat_residual else None)
 
@@ -222,32 +247,38 @@ class Generator(nn.Module):
     crop_size, aspect_ratio: output is (32*H0, 32*W0) with W0 = crop_size // 32, H0 = round(W0 / aspect).
     cat_nc: target label channels when CAT is on (forward then takes target one-hot maps);
     cat_paths: 'separate' (gamma/beta get their own affinity + residual) or 'shared';
-    cat_residual: add the zero-initialised residual convs.
+    cat_residual: add the zero-initialised residual convs;
+    cat_affinity: 'fixed' (CAT: 1x1 convs set from the affinity, then finetuned freely) or 'learned' (each
+    row a softmax over source classes, uniform at start: the cGANTransfer adaptation).
     """
 
     def __init__(self, semantic_nc, z_dim=64, channels=64, spade_hidden=128, num_res_blocks=6, crop_size=256,
-                 aspect_ratio=1.0, spade_ks=3, cat_nc=None, cat_paths='separate', cat_residual=True):
+                 aspect_ratio=1.0, spade_ks=3, cat_nc=None, cat_paths='separate', cat_residual=True,
+                 cat_affinity='fixed'):
         super().__init__()
         if num_res_blocks != 6:
             raise ValueError(f'num_res_blocks={num_res_blocks}: the OASIS generator has 6 SPADE blocks')
+        if cat_affinity not in ('fixed', 'learned'):
+            raise ValueError(f"cat_affinity={cat_affinity!r}: expected 'fixed' or 'learned'")
         if cat_paths not in ('separate', 'shared'):
             raise ValueError(f"cat_paths={cat_paths!r}: expected 'separate' or 'shared'")
         self.kwargs = dict(semantic_nc=semantic_nc, z_dim=z_dim, channels=channels, spade_hidden=spade_hidden,
                            num_res_blocks=num_res_blocks, crop_size=crop_size, aspect_ratio=aspect_ratio,
-                           spade_ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths, cat_residual=cat_residual)
+                           spade_ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths, cat_residual=cat_residual,
+                           cat_affinity=cat_affinity)
         self.semantic_nc, self.z_dim, self.cat_nc = semantic_nc, z_dim, cat_nc
         w0 = crop_size // 2 ** (num_res_blocks - 1)
-        self.latent_hw = (round(w0 / aspect_ratio), w0)  # SPEC §0.4: (H0, W0), banker's rounding as official
+        self.latent_hw = (round(w0 / aspect_ratio), w0)  # (H0, W0), Python's banker's rounding as the official code
         widths = [16 * channels, 16 * channels, 16 * channels, 8 * channels, 4 * channels, 2 * channels, channels]
         spade_kw = dict(hidden=spade_hidden, ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths,
-                        cat_residual=cat_residual)
+                        cat_residual=cat_residual, cat_affinity=cat_affinity)
         self.conv_img = nn.Conv2d(channels, 3, 3, padding=1)
         self.body = nn.ModuleList(SPADEResBlock(widths[i], widths[i + 1], semantic_nc, z_dim, **spade_kw)
                                   for i in range(6))
         self.fc = nn.Conv2d(z_dim + semantic_nc, 16 * channels, 3, padding=1)
         _official_init(self)
         if cat_nc is not None:  # fc also eats the label map, so it gets its own CAT layers
-            self.fc_cat = Affinity(cat_nc, semantic_nc)
+            self.fc_cat = _affinity(cat_affinity, cat_nc, semantic_nc)
             self.fc_res = Residual(cat_nc, 16 * channels, 3) if cat_residual else None
 
     @property

@@ -90,7 +90,8 @@ def test_oasis_discriminator_as_source_segmenter(tmp_path, toy):
     from models.oasis import Discriminator
     kwargs = dict(semantic_nc=13, channels=[3, 4, 4, 8, 8, 16, 16], last_width=4)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"kind": "oasis-cat", "D_kwargs": kwargs, "D": sd}, ckpt)
+    torch.save({"kind": "oasis-cat", "G_kwargs": {}, "D_kwargs": kwargs, "D": sd,
+                "target": {"dataset": "folder", "names": [], "n_channels": 13}}, ckpt)  # the fields estimate reads
     A, meta, _ = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
                      "--n", "2", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft")
     # reference: softmax over channels 1..12 of logits[:, 1:] (fake channel and dontcare dropped)

@@ -143,28 +143,71 @@ def test_zero_steps_saves_the_training_free_model(source, tmp_path):
     assert fids[0]["step"] == 0 and np.isfinite(fids[0]["fid"]) and (tmp_path / "samples" / "000000.png").is_file()
 
 
-def test_stage1_only_and_baseline_flags(source, tmp_path):
-    """--stages 1 trains the CAT layers and SPADE gamma/beta convs and nothing else of G; the Table 10
-    baseline flags build and train (shared paths, no residual, random 1x1 layer, fresh D head, all of
-    D's encoder frozen)."""
-    args = cat_args(source, tmp_path, "--stages", "1", "--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "2",
-                    "--paths", "shared", "--no-residual", "--freeze-d", "6")
-    args[args.index("--affinity") + 1] = "none"
-    finetune(*args)
+def changed_params(ckpt, src):
+    """Generator parameters that moved away from the source model (CAT-only layers count as changed)."""
+    return {k for k in ckpt["G"] if k not in src["EMA"] or not torch.equal(ckpt["G"][k], src["EMA"][k])}
+
+
+@pytest.mark.parametrize("recipe", list(finetune_oasis.RECIPES))
+def test_recipes_build_and_train_what_they_say(source, tmp_path, recipe):
+    """Each ablation row / baseline: which layers exist, which G and D parameters train (a 2-step toy run,
+    one step per stage), and the recipe recorded in the checkpoint and the log."""
+    args = cat_args(source, tmp_path, "--recipe", recipe, "--stage1-steps", "1", "--stage2-steps", "1",
+                    "--eval-every", "2", "--fid-n", "4")
+    if recipe != "cat":  # the baselines need no affinity file
+        i = args.index("--affinity")
+        del args[i:i + 2]
+    finetune_oasis.main([str(a) for a in args])
     ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     src = torch.load(source[0], map_location="cpu", weights_only=True)
-    assert ckpt["affinity"] is None and ckpt["G_kwargs"]["cat_paths"] == "shared" and not ckpt["G_kwargs"]["cat_residual"]
+    flags = {**finetune_oasis.RECIPES[recipe]}
+    assert ckpt["args"]["recipe"] == recipe and all(ckpt["args"][k] == v for k, v in flags.items())
+    log = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["recipe"] == recipe
     G = oasis.Generator(**ckpt["G_kwargs"])
-    stage1 = {id(p) for p in G.stage_parameters(1)}
-    names = {n for n, p in G.named_parameters() if id(p) in stage1}
-    changed = {k for k in names if not (k in src["EMA"] and torch.equal(ckpt["G"][k], src["EMA"][k]))}
-    assert changed and any(".mlp_gamma." in k for k in changed)
-    for n, _ in G.named_parameters():
-        if n not in names:
-            assert torch.equal(ckpt["G"][n], src["EMA"][n]), n
-    for n in (k for k in ckpt["D"] if k.startswith("body_down.") and k.endswith("weight_orig")):
-        assert torch.equal(ckpt["D"][n], src["D"][n]), n
-    assert not torch.equal(ckpt["D"]["body_up.0.conv1.2.weight_orig"], src["D"]["body_up.0.conv1.2.weight_orig"])
+    has_res = any(k.endswith(("res_gamma.weight", "fc_res.weight", "res.weight")) for k in ckpt["G"])
+    assert has_res == (not flags["no_residual"])
+    changed = changed_params(ckpt, src)
+    if flags["g_train"] == "all":  # one stage over every G parameter, fc and conv_img included
+        assert {"fc.weight", "conv_img.weight", "body.0.norm_0.mlp_shared.0.weight"} <= changed
+    else:  # the paper's sets: SPADE-block layers and CAT layers only
+        assert "fc.weight" not in changed and "conv_img.weight" not in changed and "body.0.conv_0.weight_orig" in changed
+    frozen = [k for k in ckpt["D"] if k.startswith(tuple(f"body_down.{b}." for b in range(flags["freeze_d"])))]
+    assert all(torch.equal(ckpt["D"][k], src["D"][k]) for k in frozen)
+    assert not torch.equal(ckpt["D"]["body_down.0.conv1.0.weight_orig"], src["D"]["body_down.0.conv1.0.weight_orig"]) \
+        or flags["freeze_d"] > 0
+    M = data.affinity_to_channels(source[2], data.class_table("toy-target"), data.class_table("toy-source"))
+    if recipe == "cgantransfer":  # learned softmax rows, uniform at the start, trained
+        assert "fc_cat.logits" in ckpt["G"] and G.kwargs["cat_affinity"] == "learned"
+        G0 = oasis.Generator(**ckpt["G_kwargs"])
+        row = G0.fc_cat.weight[:, 3, 0, 0]
+        assert row[0] == 0 and torch.allclose(row[1:], torch.full_like(row[1:], 1 / (len(row) - 1)))
+        assert "fc_cat.logits" in changed
+    elif recipe == "cat":
+        assert ckpt["affinity"] is not None
+    else:  # a random 1x1 input layer, not the affinity
+        assert ckpt["affinity"] is None and not torch.allclose(ckpt["G"]["fc_cat.weight"][:, :, 0, 0], M.t(), atol=1e-3)
+
+
+def test_baseline_recipe_refuses_no_affinity_for_cat(source, tmp_path):
+    args = cat_args(source, tmp_path, "--recipe", "cat")
+    i = args.index("--affinity")
+    del args[i:i + 2]
+    bad_input(args, "--affinity")
+
+
+def test_paper_defaults():
+    """The paper's learning rates per target dataset, and an EMA that follows a short run from its start."""
+    base = ["--source", "ade20k", "--source-ckpt", "x", "--affinity", "a.npy", "--out", "o"]
+    for target, lr in (("cityscapes", 4e-4), ("ade20k", 1e-4), ("coco", 1e-4), ("toy-target", 1e-4)):
+        args, _ = finetune_oasis.get_args(base + ["--data", target])
+        assert args.lr == lr and args.lr_d == 4 * lr
+    args, _ = finetune_oasis.get_args(base + ["--data", "cityscapes", "--lr", "2e-4"])
+    assert args.lr == 2e-4
+    # the weight the step-0 model keeps in the EMA after 100 steps at decay 0.9999
+    keep = np.prod([finetune_oasis.ema_decay_at(s, 0.9999) for s in range(100)])
+    assert keep < 1e-6 and 0.9999 ** 100 > 0.99
+    assert finetune_oasis.ema_decay_at(10 ** 6, 0.9999) == 0.9999
 
 
 def test_resume_is_exact(source, cat_run, tmp_path):
