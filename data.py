@@ -118,21 +118,35 @@ def dataset_root(dataset, root=None):
     return root
 
 
+def extend_affinity(A):
+    """(T, S) -> (T+1, S+1) with the unlabelled channel 0 first, mapped to the source's unlabelled channel."""
+    E = np.zeros((A.shape[0] + 1, A.shape[1] + 1), np.float32)
+    E[0, 0], E[1:, 1:] = 1.0, A
+    return E
+
+
 def affinity_to_channels(A, target, source):
     """(target real x source real) affinity -> (target.n_channels x source.n_channels) channel matrix.
 
-    Dontcare maps to dontcare; a target one-hot y maps to source space as einsum('bthw,ts->bshw', y, M).
+    A (T, S) matrix maps dontcare to dontcare; an extended (T+1, S+1) one (see extend_affinity) also says where
+    the unlabelled channel 0 goes and which classes go to it. A target one-hot y maps to source space as
+    einsum('bthw,ts->bshw', y, M).
     """
     A = torch.as_tensor(np.asarray(A), dtype=torch.float32)
-    if A.shape != (len(target), len(source)):
+    extended = A.shape == (len(target) + 1, len(source) + 1)
+    if A.shape != (len(target), len(source)) and not extended:
         raise DataError(
             f"affinity has shape {tuple(A.shape)}, expected ({len(target)}, {len(source)}) = "
-            f"({target.dataset} classes, {source.dataset} classes)")
+            f"({target.dataset} classes, {source.dataset} classes), or one more of each with the unlabelled channel")
     if not torch.isfinite(A).all() or (A < 0).any():
         raise DataError("affinity has NaN, infinite or negative entries; expected non-negative rows summing to 1")
     M = torch.zeros(target.n_channels, source.n_channels)
-    M[0, 0] = 1.0
-    M[torch.tensor(target.channels)[:, None], torch.tensor(source.channels)[None, :]] = A
+    t_ch, s_ch = torch.tensor(target.channels), torch.tensor(source.channels)
+    if extended:
+        t_ch, s_ch = torch.cat([torch.zeros(1, dtype=torch.long), t_ch]), torch.cat([torch.zeros(1, dtype=torch.long), s_ch])
+    else:
+        M[0, 0] = 1.0
+    M[t_ch[:, None], s_ch[None, :]] = A
     return M
 
 
@@ -159,7 +173,8 @@ def load_affinity(path, target, source, flag="--affinity"):
     sums = A.sum(1)
     if not np.allclose(sums, 1, atol=1e-3):
         k = int(np.argmax(np.abs(sums - 1)))
-        raise DataError(f"{flag} {path}: row {k} ({target.display[k]}) sums to {sums[k]:.4f}; expected rows summing to 1")
+        name = (["unlabelled"] + list(target.display))[k] if len(A) == len(target) + 1 else target.display[k]
+        raise DataError(f"{flag} {path}: row {k} ({name}) sums to {sums[k]:.4f}; expected rows summing to 1")
     meta = path.with_name("affinity.json")
     if meta.is_file():
         try:
@@ -179,9 +194,15 @@ def load_affinity(path, target, source, flag="--affinity"):
 # Mapping files 'target class -> source class' (estimate_affinity.py --method hand and --override)
 
 
-def find_class(table, name, where):
-    """Row of a class named by its display name, raw name or any synonym (case-insensitive)."""
+UNLABELLED = ("unlabeled", "unlabelled", "dontcare")  # names of channel 0 in mapping files
+
+
+def find_class(table, name, where, unlabelled=False):
+    """Row of a class named by its display name, raw name or any synonym (case-insensitive); with
+    `unlabelled`, -1 for the unlabelled channel 0 (a name in UNLABELLED that is not a class of the table)."""
     key = name.strip().lower()
+    if unlabelled and key in UNLABELLED and not any(key == n.lower() for n in table.names):
+        return -1
     for field in (table.names, table.display):
         hits = [i for i, n in enumerate(field) if n.lower() == key]
         if len(hits) == 1:
@@ -196,7 +217,10 @@ def find_class(table, name, where):
 
 
 def read_mapping(path, target, source):
-    """Lines 'target -> source' or 'target -> a: 0.7, b: 0.3' ('#' comments) -> {target row: source distribution}."""
+    """Lines 'target -> source' or 'target -> a: 0.7, b: 0.3' ('#' comments) -> {target index: source distribution}
+    over the extended class lists [unlabelled, *classes]: index 0 / column 0 is channel 0, which a dataset whose
+    generator sees its unlabelled pixels (Cityscapes 'unlabeled' -> COCO-Stuff 'sky-other' in the CAT supplement)
+    can map from and to; class k of a table is index k + 1."""
     if not Path(path).is_file():
         raise DataError(f"{path}: mapping file not found (lines 'target class -> source class')")
     rows = {}
@@ -208,17 +232,17 @@ def read_mapping(path, target, source):
             if "->" not in line:
                 raise DataError(f"{where}: expected 'target -> source', found '{line}'")
             t, s = (x.strip() for x in line.split("->", 1))
-            row = np.zeros(len(source), np.float32)
+            row = np.zeros(len(source) + 1, np.float32)
             for part in s.split(","):
                 name, _, w = part.partition(":")
                 try:
                     weight = float(w) if w.strip() else 1.0
                 except ValueError:
                     raise DataError(f"{where}: weight '{w.strip()}' of '{name.strip()}' is not a number")
-                row[find_class(source, name, where)] += weight
+                row[find_class(source, name, where, unlabelled=True) + 1] += weight
             if row.sum() <= 0 or (row < 0).any():
                 raise DataError(f"{where}: weights must be non-negative with a positive sum, found '{s}'")
-            rows[find_class(target, t, where)] = row / row.sum()
+            rows[find_class(target, t, where, unlabelled=True) + 1] = row / row.sum()
     return rows
 
 

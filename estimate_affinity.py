@@ -197,10 +197,15 @@ def write_report(out, A, estimate, target, source, meta, marks):
              "|---|---|---|" + "---|" * len(meta["matrices"]) + "---|"]
     # a display name shared by two source classes (COCO: door, desk, mirror, window) is shown by its raw name
     label = [d if source.display.count(d) == 1 else n for d, n in zip(source.display, source.names)]
+    ext = len(A) == len(target) + 1  # the unlabelled channel 0 is mapped too (row and column 0)
+    choice = [(["unlabelled"] + label)[int(r.argmax())] if ext else label[int(r.argmax())] for r in A]
+    if ext:
+        lines.append(f"| unlabelled (channel 0) | {choice[0]} | | {'| ' * len(meta['matrices'])}by hand |")
+        A, choice = A[1:, 1:], choice[1:]
     for t in range(len(target)):
         scores = ", ".join(f"{label[s]} {estimate[t, s]:.2f}" for s in np.argsort(-estimate[t], kind="stable")[:3])
         per_method = "".join(f"{label[int(np.argmax(E[t]))]} {max(E[t]):.2f} | " for E in meta["matrices"].values())
-        lines.append(f"| {target.display[t]} | {label[int(A[t].argmax())]} | {scores} | {per_method}{marks.get(t, '')} |")
+        lines.append(f"| {target.display[t]} | {choice[t]} | {scores} | {per_method}{marks.get(t, '')} |")
     with open(os.path.join(out, "mapping.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -402,11 +407,11 @@ def estimate_rows(R):
     else:
         if not args.hand:
             raise DataError("--method hand needs --hand FILE (lines 'target class -> source class')")
-        rows = data.read_mapping(args.hand, target, source)
-        missing = [target.display[i] for i in range(len(target)) if i not in rows]
+        R.hand = data.read_mapping(args.hand, target, source)
+        missing = [target.display[i] for i in range(len(target)) if i + 1 not in R.hand]
         if missing:
-            raise DataError(f"{args.hand}: maps {len(rows)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
-        estimate = np.stack([rows[i] for i in range(len(target))])
+            raise DataError(f"{args.hand}: maps {len(R.hand)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
+        estimate = np.stack([R.hand[i + 1][1:] + 1e-12 * (R.hand[i + 1][1:].sum() == 0) for i in range(len(target))])
         R.files.append(args.hand)
     estimate = np.asarray(estimate, np.float64)
     return estimate / estimate.sum(1, keepdims=True), estimates
@@ -421,15 +426,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),
-                        cache={}, encoders={}, files=[], skipped={}, marks={})
+                        cache={}, encoders={}, files=[], skipped={}, marks={}, hand=None)
 
     estimate, estimates = estimate_rows(R)
     A = estimate.copy() if args.soft else harden(estimate, source)
-    if args.override:
-        for i, row in data.read_mapping(args.override, target, source).items():
-            A[i] = row
-            R.marks[i] = "overridden by hand"
-        R.files.append(args.override)
+    over = data.read_mapping(args.override, target, source) if args.override else {}
+    # rows by hand that involve the unlabelled channel 0 are applied as written, on the extended matrix
+    rows = {**{t: r for t, r in (R.hand or {}).items() if t == 0 or r[0] > 0}, **over}
+    if any(t == 0 or row[0] > 0 for t, row in rows.items()):
+        A = data.extend_affinity(A)
+    for t, row in rows.items():
+        A[t - 1 + len(A) - len(target)] = row if len(A) > len(target) else row[1:]
+        if t in over and t > 0:
+            R.marks[t - 1] = "overridden by hand"
+    R.files.extend([args.override] if args.override else [])
     A = A.astype(np.float32)
 
     table = lambda t: dict(dataset=t.dataset, ids=t.ids, names=t.names, display=t.display, n_channels=t.n_channels)  # noqa: E731

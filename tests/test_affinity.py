@@ -363,3 +363,62 @@ def test_bad_input_is_one_line(tmp_path):
     two = folder_dataset(tmp_path / "two", ["x", "y"])
     with pytest.raises(DataError, match="segmenter outputs 4 channels, --source folder has 3"):
         run(tmp_path, "--source", two, "--target", empty, "--size", "8", "--method", "supervised", "--segmenter", str(tmp_path / "seg.pt"))
+
+
+# The CAT supplement's Table 5 (Cityscapes -> COCO-Stuff), as printed, with its two misspelt cells written as the
+# COCO-Stuff class they name ('builidng-other', 'building': building-other). 'license plate' (labelId -1) never
+# appears in labelIds PNGs and has no channel, so it cannot be mapped.
+TABLE5 = """unlabeled -> sky-other
+ego vehicle -> road
+rectification border -> unlabeled
+out of roi -> unlabeled
+static -> building-other
+dynamic -> building-other
+ground -> pavement
+road -> road
+sidewalk -> pavement
+parking -> road
+rail track -> road
+building -> building-other
+wall -> building-other
+fence -> fence
+guard rail -> railing
+bridge -> building-other
+tunnel -> building-other
+pole -> building-other
+polegroup -> fence
+traffic light -> traffic light
+traffic sign -> building-other
+vegetation -> tree
+terrain -> grass
+sky -> sky-other
+person -> person
+rider -> person
+car -> car
+truck -> truck
+bus -> bus
+caravan -> truck
+trailer -> truck
+train -> bus
+motorcycle -> motorcycle
+bicycle -> bicycle
+"""
+
+
+def test_cityscapes_unlabelled_rows_of_the_supplement(tmp_path):
+    """Cityscapes feeds its 'unlabeled' channel 0 to the generator: the supplement maps it to sky-other, and
+    rectification border / out of roi to COCO-Stuff's unlabeled channel. Both directions reach the channel matrix."""
+    (tmp_path / "table5.txt").write_text(TABLE5)
+    A, meta, out = run(tmp_path, "--source", "coco", "--target", "cityscapes", "--method", "hand",
+                       "--hand", str(tmp_path / "table5.txt"))
+    city, coco = data.class_table("cityscapes"), data.class_table("coco")
+    assert A.shape == (len(city) + 1, len(coco) + 1)  # the extended matrix: channel 0 first on both sides
+    M = data.affinity_to_channels(A, city, coco)
+    sky, road = coco.ids[coco.names.index("sky-other")] + 1, coco.ids[coco.names.index("road")] + 1
+    expect = {0: sky, 2: 0, 3: 0, 7: road, 1: road}  # Cityscapes labelId = channel -> COCO-Stuff channel
+    for t, s in expect.items():
+        assert M[t, s] == 1 and M[t].sum() == 1, (t, s)
+    assert torch.equal(M.sum(1), torch.ones(35).index_fill_(0, torch.tensor([34]), 0))  # 34 has no class
+    assert "| unlabelled (channel 0) | sky |" in (out / "mapping.md").read_text()
+    A2, M2 = data.load_affinity(out / "affinity.npy", city, coco)  # the one loader takes the extended form
+    assert torch.equal(M2, M)
