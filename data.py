@@ -665,6 +665,26 @@ def write_toy(out, size=64, seed=0, splits=None):
     return out
 
 
+def write_example(out, size=64, n_train=120, n_val=40, seed=1):
+    """An example folder dataset 'of your own': target-domain toy scenes (other draws than the toy task's) as
+    JPEG images + PNG class-id labels + classes.txt, split into train/ and val/ (the README walk-through)."""
+    out = Path(out)
+    if (out / "classes.txt").exists():
+        raise DataError(f"{out}: already holds a dataset (classes.txt); choose another folder")
+    classes = list(TOY_TARGET)
+    for s, (split, count) in enumerate((("train", n_train), ("val", n_val))):
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+        (out / split / "labels").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng([seed, 7, s, i])
+            lab = _toy_layout(size, size, rng, classes)
+            Image.fromarray(render_toy(lab, classes, "target", rng)).save(out / split / "images" / f"img{i:04d}.jpg",
+                                                                          quality=95)
+            Image.fromarray(lab).save(out / split / "labels" / f"img{i:04d}.png")
+    (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -674,11 +694,17 @@ def main(argv=None):
     t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
     t.add_argument("--size", type=int, default=64, help="image side in pixels (64-256)")
     t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("example", help="write an example folder dataset (toy target scenes) to try the walk-through")
+    e.add_argument("out", help="folder to create (images/, labels/, classes.txt in train/ and val/)")
     i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram")
     add_data_args(i)
     i.add_argument("--split", default="train", choices=["train", "val"])
     args = p.parse_args(argv)
-    if args.cmd == "toy":
+    if args.cmd == "example":
+        write_example(args.out)
+        print(f"wrote an example folder dataset to {args.out}: 120 train + 40 val pairs, 64x64, "
+              f"{len(TOY_TARGET)} classes (classes.txt)")
+    elif args.cmd == "toy":
         if not 16 <= args.size <= 512:
             raise DataError(f"--size {args.size}: expected 16..512")
         write_toy(args.out, args.size, args.seed)
