@@ -19,10 +19,10 @@ Checked against the official code's training step in tests/test_piti_glide.py.
 import numpy as np
 import torch
 
-from models import piti
+from models import DataError, piti
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A GLIDE / encoder file that cannot be used; the message is one line naming the file and the fix."""
 
 
