@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import data
+import finetune_piti
+from models import DataError
 from models.piti import PITI, load_official, load_piti_generator
 from conftest import REPO
 
@@ -123,10 +125,13 @@ def test_glide_bad_input_one_line(tmp_path):
     r = run(tmp_path / "a", "--steps", "1", "--data", "toy-target", "--n", "4",
             glide=("--glide-ckpt", str(GOLD / "glide_upsample_tiny.pt")))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "GLIDE's upsample.pt" in r.stderr, r.stderr[-1500:]
-    r = run(tmp_path / "b", "--steps", "1", glide=())
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "--glide-ckpt" in r.stderr
-    r = run(tmp_path / "c", "--steps", "1", "--train", "fixdec")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "fixdec" in r.stderr
-    r = run(tmp_path / "d", "--steps", "1", "--data", "toy-target", "--n", "4", "--encoder",
-            str(GOLD / "glide_base_tiny.pt"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "not an encoder" in r.stderr, r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    common = ["--init", "glide", "--base-config", json.dumps(BASE), "--data", "toy-target", "--n", "4", "--steps", "1",
+              "--device", "cpu"]
+    glide = ["--glide-ckpt", str(GOLD / "glide_base_tiny.pt")]
+    for extra, msg in (([], "--glide-ckpt"), (glide + ["--train", "fixdec"], "fixdec"),
+                       (glide + ["--affinity", "a.npy"], "no --affinity"),
+                       (glide + ["--encoder", str(GOLD / "glide_base_tiny.pt")], "not an encoder")):
+        with pytest.raises(DataError, match=msg) as e:
+            finetune_piti.main(["--out", str(tmp_path / "b"), *common, *extra])
+        assert "\n" not in str(e.value)
