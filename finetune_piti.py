@@ -32,7 +32,8 @@ baseline (PITI finetuned from GLIDE on the few target images, no CAT):
 transformer_proj kept; strict), with a fresh encoder (or --encoder: a stage-1 encoder file or an earlier run's
 base.pt); the label space is --data's classes. The run exports <out>/base.pt (and <out>/upsampler.pt), the EMA
 weights in the official flat format: the --base / --upsampler of a later CAT run (with --source set to that
-dataset). Recipes set --train, --uncond-p, --lr, --batch, --schedule-sampler and --ema-decay unless given.
+dataset). Recipes set --train, --uncond-p, --lr, --steps, --schedule-sampler and --ema-decay unless given (--batch
+is yours: the official global batch is 128 for the base stages, 4 for the upsampler).
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
 --fid-features (early stopping with --patience), <out>/checkpoint.pt written atomically. Each step
@@ -121,9 +122,11 @@ def get_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     flags = {a.split("=")[0] for a in argv if a.startswith("--")}
     given = {a.dest for a in p._actions if flags & set(a.option_strings)}
+    if args.recipe and args.resume and "steps" not in given:  # the stage's length, as the run being continued
+        args.steps = old["steps"]
     if args.recipe and not args.resume:  # a named official stage: its settings unless given on the command line
         for k, v in piti_train.RECIPES[args.recipe].items():
-            if k != "doc" and k not in given:
+            if k not in ("doc", "official_batch") and k not in given:  # --batch stays per run (official: 8 GPUs x 16)
                 setattr(args, k, v)
     for flag in ("base_config", "up_config"):
         try:
@@ -135,6 +138,7 @@ def get_args(argv=None):
         if not path.is_file():
             raise DataError(f"{path}: nothing to resume")
         old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+        old = {k: old.get(k, p.get_default(k)) for k in SAME_ON_RESUME} | old  # runs from before --init
         for k in SAME_ON_RESUME:
             if k not in given:
                 setattr(args, k, old[k])

@@ -27,19 +27,20 @@ class CheckpointError(DataError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The official stage schedule (SPEC section 10). batch is the official global batch (8 GPUs x 16 for the base).
+# The official stage schedule (SPEC section 10). official_batch is the official global batch (8 GPUs x 16 for the
+# base); finetune_piti.py applies everything else unless given on the command line.
 
 RECIPES = {
-    "piti-stage1": dict(train="encoder", uncond_p=0.0, lr=3.5e-5, steps=200_000, batch=128,
+    "piti-stage1": dict(train="encoder", uncond_p=0.0, lr=3.5e-5, steps=200_000, official_batch=128,
                         schedule_sampler="loss-second-moment", ema_decay=0.9999,
                         doc="encoder only, decoder = GLIDE base, no condition dropout"),
-    "piti-stage1-cont": dict(train="encoder", uncond_p=0.2, lr=2e-5, steps=60_000, batch=128,
+    "piti-stage1-cont": dict(train="encoder", uncond_p=0.2, lr=2e-5, steps=60_000, official_batch=128,
                              schedule_sampler="loss-second-moment", ema_decay=0.9999,
                              doc="encoder only from the stage-1 EMA (--encoder), condition dropout 0.2"),
-    "piti-stage2": dict(train="all", uncond_p=0.2, lr=3.5e-5, steps=200_000, batch=128,
+    "piti-stage2": dict(train="all", uncond_p=0.2, lr=3.5e-5, steps=200_000, official_batch=128,
                         schedule_sampler="loss-second-moment", ema_decay=0.9999,
                         doc="everything, decoder = GLIDE base, encoder = stage-1-cont EMA (--encoder); open-ended"),
-    "piti-upsample": dict(train="all", uncond_p=0.0, lr=1e-5, steps=200_000, batch=4, schedule_sampler="uniform",
+    "piti-upsample": dict(train="all", uncond_p=0.0, lr=1e-5, steps=200_000, official_batch=4, schedule_sampler="uniform",
                           ema_decay=0.9999, doc="the upsampler: everything from GLIDE upsample.pt, fresh encoder"),
 }
 
