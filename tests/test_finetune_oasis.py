@@ -172,7 +172,8 @@ def test_recipes_build_and_train_what_they_say(source, tmp_path, recipe):
         assert {"fc.weight", "conv_img.weight", "body.0.norm_0.mlp_shared.0.weight"} <= changed
     else:  # the paper's sets: SPADE-block layers and CAT layers only
         assert "fc.weight" not in changed and "conv_img.weight" not in changed and "body.0.conv_0.weight_orig" in changed
-    frozen = [k for k in ckpt["D"] if k.startswith(tuple(f"body_down.{b}." for b in range(flags["freeze_d"])))]
+    frozen = [k for k in ckpt["D"] if k.startswith(tuple(f"body_down.{b}." for b in range(flags["freeze_d"])))
+              and k.endswith(("weight_orig", "bias"))]  # parameters (spectral-norm u/v buffers move in train mode)
     assert all(torch.equal(ckpt["D"][k], src["D"][k]) for k in frozen)
     assert not torch.equal(ckpt["D"]["body_down.0.conv1.0.weight_orig"], src["D"]["body_down.0.conv1.0.weight_orig"]) \
         or flags["freeze_d"] > 0
