@@ -1,4 +1,4 @@
-"""models/oasis.py against the official OASIS goldens (../shared/golden/oasis, see its README).
+"""models/oasis.py against the official OASIS goldens (tests/golden/oasis, see its README).
 
 Every set folder holding config.json + golden_io.pt is discovered (constructor widths from golden_cfg),
 and every full/*.pt recipe file. Tolerances are the README's: 1e-5 for the small sets, 1e-4 (and a
