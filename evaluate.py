@@ -33,22 +33,14 @@ Protocol (also written into results.json):
   The FID/KID network runs in fp32 (cuDNN's default TF32, as pytorch-fid) unless --bf16-features;
   bench/bench_fid.py measures what bf16 does to FID (allowed: 0.1% relative) and the speed-up.
 
-Importable helpers (stable names; the finetune scripts use them for early stopping):
-    load_feature_net(inception=None, fid_features=None, device='cpu') -> net ((B,3,H,W) in [0,1] -> (B,D))
-    embed(net, images, bf16=False) -> float64 array (B, D)           one batch
-    features(net, batches, bf16=False) -> float64 array (N, D)       an iterable of batches
-    stats(feats) -> (mu, sigma)
-    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
-    kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
-    real_stats(dataset, net, cache_dir=None, device='cpu', batch_size=16, bf16=False) -> (mu, sigma, feats)
-    oasis_sampler(G, n_channels, bf16=False) -> sample(label, seeds) -> images in [-1, 1]
-    generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1) -> yields batches
-    generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False) -> float
-    image_seeds(seed, first_map, n_maps, k) -> the per-image noise seeds of `generate`
-    load_segmenter(path, device), segment(seg, images, n_channels), confusion(pred, label, n_channels),
-    iou(conf, channels) -> (mIoU, per-class IoU)
-    to_uint8(x), palette(n), save_grid(rows, path)                    PNGs and grids
-    sample_grid(sample, grid, path)                                   the finetune scripts' fixed grid
+- Sizes: generated and real images must have one size; a generator whose output size differs from the
+  preprocessed real images (e.g. a 64-px toy model on folder data read at the default 256 px) is refused
+  with a line naming the --size to pass, never scored across resolutions.
+- Real statistics are cached in --stats-cache, keyed by every image and label file's path, size and
+  mtime, the preprocessing and the feature network; a cache hit prints "real statistics: cached FILE".
+
+The metrics themselves live in metrics.py (FID, KID, mIoU, generation, grids), the FID Inception in
+models/inception.py.
 """
 import argparse
 import json
@@ -61,12 +53,12 @@ from PIL import Image
 
 from models import DataError, cli
 from data import add_data_args, class_table, dataset_from_args, load_affinity
-from metrics import (INCEPTION_FILE, confusion, embed, features, folder_images, frechet_distance, generate,
-                     image_batches, iou, kid, load_feature_net, load_segmenter, oasis_sampler, real_stats,
-                     save_grid, segment, stats, to_uint8)
+from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou,
+                     kid, load_feature_net, load_segmenter, oasis_sampler, real_stats, save_grid, segment, stats,
+                     to_uint8)
+from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
-from models import segmenters
 
 PROTOCOL = {  # the module docstring in short, written into results.json
     "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
@@ -81,103 +73,15 @@ PROTOCOL = {  # the module docstring in short, written into results.json
             "union left out of the mean; Cityscapes scores its 19 evaluation classes and ignores void pixels",
     "images": "images/<label stem>[_k].png = uint8 round(255 (x+1)/2); grid.png rows: label | samples | real",
 }
-
-# ----------------------------------------------------------------------------------------------
-# Generators from checkpoints
+SOURCE_FLAGS = ("affinity", "source", "source_root")  # the training-free mode's flags
 
 
-def load_generator(args, dataset, device, bf16):
-    """A sampler for the target dataset from --ckpt (ours, official OASIS + affinity, or PITI), and a description."""
-    path = Path(args.ckpt)
-    if not path.exists():
-        raise DataError(f"--ckpt {path}: not found; expected a checkpoint of ours or an official OASIS run folder")
-    ckpt = None
-    if path.is_file():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__})")
-        ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
-    info = {"ckpt": str(path)}
-    if ckpt is not None and ckpt["kind"] == "piti-cat":
-        steps = args.piti_steps
-        piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
-                                   ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
-        info.update(kind="piti-cat", steps=steps or "official (250)",
-                    up_steps=args.piti_up_steps or "official (fast27)")
-        return (lambda label, seeds: piti(label, seeds[0])), info
-
-    if ckpt is not None and ckpt["kind"] != "oasis-cat":
-        raise DataError(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
-    if ckpt is not None and ckpt["G_kwargs"].get("cat_nc"):  # a finetuned CAT model
-        if args.affinity is not None:
-            raise DataError(f"--ckpt {path}: already has CAT layers; --affinity applies to a source model only")
-        G = Generator(**ckpt["G_kwargs"])
-        check_state_dict(G, ckpt["EMA"], path)
-        info["kind"] = "oasis-cat"
-    elif ckpt is not None and args.affinity is None:
-        G = Generator(**ckpt["G_kwargs"])  # a model of the target classes themselves (--init scratch)
-        check_state_dict(G, ckpt["EMA"], path)
-        info["kind"] = "oasis"
-    else:  # training-free CAT: a source generator + an affinity
-        if args.affinity is None or args.source is None:
-            raise DataError(f"--ckpt {path}: a source model; the training-free mode needs --source (its dataset) "
-                            "and --affinity (target x source .npy)")
-        source = class_table(args.source, args.source_root)
-        src = load_source(path, source.dataset, source.n_channels, args.which, parts=("EMA",), flag="--ckpt")
-        _, M = load_affinity(args.affinity, dataset.classes, source)
-        G = Generator(**{**src["G_kwargs"], "cat_nc": dataset.n_channels})
-        G.load_source(src["EMA"], path)
-        G.set_affinity(M)
-        info.update(kind="oasis-training-free", source=args.source, affinity=str(args.affinity))
-    takes = G.kwargs.get("cat_nc") or G.kwargs["semantic_nc"]
-    if takes != dataset.n_channels:
-        raise DataError(f"--ckpt {path}: the generator takes {takes} label channels, --data {dataset.dataset} "
-                         f"has {dataset.n_channels}")
-    G = G.to(device).eval()
-    return oasis_sampler(G, dataset.n_channels, bf16), info
+def flags(args, dests):
+    """The command-line spelling of the given (non-None) options among `dests`."""
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None]
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-def fid_metrics(real_feats, fake_feats, real=None):
-    """FID (from real (mu, sigma) when given) and KID of two feature sets."""
-    mu_r, sigma_r = real if real is not None else stats(real_feats)
-    mu_f, sigma_f = stats(fake_feats)
-    kid_mean, kid_std = kid(real_feats, fake_feats)
-    return {"fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "kid_mean": kid_mean, "kid_std": kid_std}
-
-
-def describe_features(net, args):
-    if net.toy:
-        return (f"toy-domain FID on the TorchScript feature net {args.fid_features}: "
-                "not comparable to Inception FID")
-    return f"Inception FID ({INCEPTION_FILE}, 2048-d pool3, as pytorch-fid 0.3.0)"
-
-
-def write_results(out, results):
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
-
-
-def load_any_segmenter(args, dataset, device):
-    """(segmenter, its input from images in [-1,1], name) from --segmenter / --segmenter-weights, or Nones."""
-    try:
-        name, paths = segmenters.resolve_choice(args.segmenter, args.segmenter_weights, dataset.dataset)
-        if name is None:
-            return None, None, None
-        if name == "torchscript":
-            return load_segmenter(paths[0], device), (lambda x: (x + 1) / 2), paths[0]
-        return segmenters.build_segmenter(name, paths, device), (lambda x: x), name
-    except DataError:
-        raise
-    except ValueError as e:  # a wrong segmenter file: one line, like every other input error
-        raise DataError(str(e)) from None
-
-
-def main():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
     p.add_argument("--inception", help=f"FID Inception weights, {INCEPTION_FILE} (never downloaded)")
@@ -209,8 +113,183 @@ def main():
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA for the generator and segmenter")
     p.add_argument("--bf16-features", action="store_true",
                    help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--samples-per-map", args.samples_per_map, 1), ("--grid-rows", args.grid_rows, 0),
+                               ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise DataError(f"{flag} {value}: expected at least {least}")
+    if args.real_dir or args.fake_dir:
+        if not (args.real_dir and args.fake_dir):
+            raise DataError("folder mode needs both --real-dir and --fake-dir")
+        unused = flags(args, ("ckpt", *SOURCE_FLAGS, "segmenter", "segmenter_weights", "limit"))
+        if unused:
+            raise DataError(f"{', '.join(unused)}: not used in folder mode (--real-dir/--fake-dir scores two "
+                            "folders of images); drop them, or drop --real-dir/--fake-dir to evaluate a model")
+    elif not args.ckpt:
+        raise DataError("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
+    if args.n is not None and args.split != "train":
+        raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
+    return args
 
+
+# ----------------------------------------------------------------------------------------------
+# Generators from checkpoints
+
+
+def load_generator(args, dataset, device, bf16):
+    """A sampler for the target dataset from --ckpt (ours, official OASIS + affinity, or PITI), and a description."""
+    path = Path(args.ckpt)
+    if not path.exists():
+        raise DataError(f"--ckpt {path}: not found; expected a checkpoint of ours or an official OASIS run folder")
+    ckpt = None
+    if path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__})")
+        ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
+    if ckpt is not None and ckpt["kind"] not in ("oasis-cat", "piti-cat"):
+        raise DataError(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
+    given = flags(args, SOURCE_FLAGS)
+    has_cat = ckpt is not None and (ckpt["kind"] == "piti-cat" or ckpt["G_kwargs"].get("cat_nc"))
+    if has_cat and given:
+        raise DataError(f"--ckpt {path}: a finetuned CAT model (it has its CAT layers); {', '.join(given)} apply "
+                        "to a source model only (training-free mode): drop them")
+    info = {"ckpt": str(path)}
+    if ckpt is not None and ckpt["kind"] == "piti-cat":
+        steps = args.piti_steps
+        piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
+                                   ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
+        info.update(kind="piti-cat", steps=steps or "official (250)",
+                    up_steps=args.piti_up_steps or "official (fast27)")
+        return (lambda label, seeds: piti(label, seeds[0])), info
+
+    if ckpt is not None and (has_cat or not given):  # a CAT model, or a model of the target classes themselves
+        G = Generator(**ckpt["G_kwargs"])
+        check_state_dict(G, ckpt["EMA"], path)
+        info["kind"] = "oasis-cat" if has_cat else "oasis"
+    else:  # training-free CAT: a source generator + an affinity
+        if args.affinity is None or args.source is None:
+            raise DataError(f"--ckpt {path}: a source model; the training-free mode needs --source (its dataset) "
+                            "and --affinity (target x source .npy)")
+        source = class_table(args.source, args.source_root)
+        src = load_source(path, source.dataset, source.n_channels, args.which, parts=("EMA",), flag="--ckpt")
+        _, M = load_affinity(args.affinity, dataset.classes, source)
+        G = Generator(**{**src["G_kwargs"], "cat_nc": dataset.n_channels})
+        G.load_source(src["EMA"], path)
+        G.set_affinity(M)
+        info.update(kind="oasis-training-free", source=args.source, affinity=str(args.affinity))
+    takes = G.kwargs.get("cat_nc") or G.kwargs["semantic_nc"]
+    if takes != dataset.n_channels:
+        raise DataError(f"--ckpt {path}: the generator takes {takes} label channels, --data {dataset.dataset} "
+                         f"has {dataset.n_channels}")
+    G = G.to(device).eval()
+    return oasis_sampler(G, dataset.n_channels, bf16), info
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def fid_metrics(real_feats, fake_feats, real=None):
+    """FID (from real (mu, sigma) when given) and KID of two feature sets."""
+    mu_r, sigma_r = real if real is not None else stats(real_feats)
+    mu_f, sigma_f = stats(fake_feats)
+    kid_mean, kid_std = kid(real_feats, fake_feats)
+    return {"fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+def describe_features(net, args):
+    if net.toy:
+        return (f"toy-domain FID on the TorchScript feature net {args.fid_features}: "
+                "not comparable to Inception FID")
+    return f"Inception FID ({INCEPTION_FILE}, 2048-d pool3, as pytorch-fid 0.3.0)"
+
+
+def fid_lines(metrics, toy):
+    return [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if toy else ""),
+            f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}"]
+
+
+def write_results(out, results):
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+
+
+def score_folders(args, device, bf16_features):
+    """Folder mode: FID and KID of two folders of images, as pytorch-fid reads them -> (results, lines)."""
+    real_files, fake_files = folder_images(args.real_dir, "--real-dir"), folder_images(args.fake_dir, "--fake-dir")
+    net = load_feature_net(args.inception, args.fid_features, device)
+    real_feats = features(net, image_batches(real_files, args.batch_size, device, args.workers), bf16_features)
+    fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
+    metrics = fid_metrics(real_feats, fake_feats)
+    results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
+               "fid_features": describe_features(net, args), "toy_domain_fid": net.toy}
+    return results, fid_lines(metrics, False)
+
+
+def check_sizes(fake, real, args, dataset):
+    """Refuses to score generated images of one size against real images of another."""
+    (h, w), (H, W) = fake.shape[-2:], real.shape[-2:]
+    if (h, w) != (H, W):
+        fix = (f"pass --size {w} to read the real images at the generator's size"
+               if (dataset.dataset == "folder" or dataset.dataset.startswith("toy")) and h == w
+               else "evaluate it on data of its own resolution")
+        raise DataError(f"--ckpt {args.ckpt}: the generator makes {h}x{w} images, --data {dataset.dataset} "
+                        f"({args.split}) images are {H}x{W} here; {fix}, so that FID and mIoU compare one size")
+
+
+def generate_and_score(sample, dataset, args, out, net, seg, device, bf16, bf16_features):
+    """Generates every image (PNGs in out/images, grid.png) and accumulates what the metrics need:
+    seg: metrics.load_segmenter's (segmenter, its input from images in [-1,1], name), or None
+    -> (fake features (N, D) or None, confusion of the fakes, confusion of the reals, whether a grid was written)."""
+    colours = palette(dataset.n_channels).numpy()
+    fake_feats, grid = [], []
+    conf = np.zeros((dataset.n_channels,) * 2, np.int64)
+    conf_real = np.zeros_like(conf)
+    for b in generate(sample, dataset, device, args.batch_size, args.seed, args.samples_per_map, args.workers):
+        check_sizes(b["fake"][0], b["real"], args, dataset)
+        K = len(b["fake"])
+        tiles = [to_uint8(x) for x in b["fake"]]
+        for k, fake in enumerate(b["fake"]):
+            for i, src in enumerate(b["path"]):
+                name = Path(src).stem + (f"_{k}" if K > 1 else "") + ".png"
+                Image.fromarray(tiles[k][i]).save(out / "images" / name)
+            if net is not None:
+                fake_feats.append(embed(net, (fake + 1) / 2, bf16_features))
+            if seg is not None:
+                conf += confusion(segment(seg[0], seg[1](fake), dataset.n_channels, bf16, seg[2]),
+                                  b["label"], dataset.n_channels)
+        if seg is not None:
+            conf_real += confusion(segment(seg[0], seg[1](b["real"]), dataset.n_channels, bf16, seg[2]),
+                                   b["label"], dataset.n_channels)
+        reals = to_uint8(b["real"])
+        for i in range(min(len(b["path"]), args.grid_rows - len(grid))):
+            grid.append([colours[b["label"][i].cpu().numpy()]] + [t[i] for t in tiles[:4]] + [reals[i]])
+    if grid:
+        save_grid(grid, out / "grid.png")
+    return (np.concatenate(fake_feats) if fake_feats else None), conf, conf_real, bool(grid)
+
+
+def miou_results(conf, conf_real, dataset, seg):
+    """mIoU of the generated and of the real images over the dataset's scored classes -> (results, lines)."""
+    scored = dataset.classes.eval_channels
+    names = [n for n, c in zip(dataset.classes.names, dataset.classes.channels) if c in scored]  # unique names
+    miou, per = iou(conf, scored)
+    miou_real, per_real = iou(conf_real, scored)
+    results = dict(miou=miou, miou_real=miou_real, segmenter=seg[2], per_class_iou=dict(zip(names, per)),
+                   per_class_iou_real=dict(zip(names, per_real)))
+    return results, [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",
+                     f"miou_real {miou_real:.4f}" if miou_real is not None else "miou_real undefined"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and not args.fp32
     bf16_features = device.type == "cuda" and args.bf16_features
@@ -222,67 +301,30 @@ def main():
     results = {"precision": {"generator and segmenter": "bf16 autocast" if bf16 else "fp32",
                              "features": "bf16 autocast" if bf16_features else "fp32"}, "files": files}
 
-    if args.real_dir or args.fake_dir:  # folder mode
-        if not (args.real_dir and args.fake_dir):
-            raise DataError("folder mode needs both --real-dir and --fake-dir")
-        real_files, fake_files = folder_images(args.real_dir, "--real-dir"), folder_images(args.fake_dir, "--fake-dir")
-        net = load_feature_net(args.inception, args.fid_features, device)
-        real_feats = features(net, image_batches(real_files, args.batch_size, device, args.workers), bf16_features)
-        fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
-        metrics = fid_metrics(real_feats, fake_feats)
-        results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
-                   "fid_features": describe_features(net, args), "toy_domain_fid": net.toy, **results,
-                   "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}}
+    if args.real_dir:  # folder mode
+        scores, lines = score_folders(args, device, bf16_features)
+        results = {**scores, **results, "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}}
         out.mkdir(parents=True, exist_ok=True)
         write_results(out, results)
-        print(f"fid {metrics['fid']:.4f}")
-        print(f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}")
-        print(f"wrote {out / 'results.json'}")
+        for line in lines + [f"wrote {out / 'results.json'}"]:
+            print(line)
         return
 
-    if not args.ckpt:
-        raise DataError("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
-    if args.samples_per_map < 1:
-        raise DataError(f"--samples-per-map {args.samples_per_map}: expected at least 1")
-    if args.n is not None and args.split != "train":
-        raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
+    # model mode: the label maps, the generator, the scoring networks
     dataset = dataset_from_args(args, args.split)
     if args.limit:
         dataset.files = dataset.files[:args.limit]
     sample, gen_info = load_generator(args, dataset, device, bf16)
     net = load_feature_net(args.inception, args.fid_features, device) if args.inception or args.fid_features else None
-    seg, seg_in, seg_name = load_any_segmenter(args, dataset, device)
+    seg = load_segmenter(args.segmenter, device, args.segmenter_weights, dataset.dataset)
     if net is None:
         print("no --inception / --fid-features: FID and KID skipped")
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
     (out / "images").mkdir(parents=True, exist_ok=True)
-    colours = palette(dataset.n_channels).numpy()
-    fake_feats, grid = [], []
-    conf = np.zeros((dataset.n_channels,) * 2, np.int64)
-    conf_real = np.zeros_like(conf)
-    for b in generate(sample, dataset, device, args.batch_size, args.seed, args.samples_per_map, args.workers):
-        K = len(b["fake"])
-        tiles = [to_uint8(x) for x in b["fake"]]
-        for k, fake in enumerate(b["fake"]):
-            for i, src in enumerate(b["path"]):
-                name = Path(src).stem + (f"_{k}" if K > 1 else "") + ".png"
-                Image.fromarray(tiles[k][i]).save(out / "images" / name)
-            if net is not None:
-                fake_feats.append(embed(net, (fake + 1) / 2, bf16_features))
-            if seg is not None:
-                conf += confusion(segment(seg, seg_in(fake), dataset.n_channels, bf16, seg_name),
-                                  b["label"], dataset.n_channels)
-        if seg is not None:
-            conf_real += confusion(segment(seg, seg_in(b["real"]), dataset.n_channels, bf16, seg_name),
-                                   b["label"], dataset.n_channels)
-        reals = to_uint8(b["real"])
-        for i in range(min(len(b["path"]), args.grid_rows - len(grid))):
-            grid.append([colours[b["label"][i].cpu().numpy()]] + [t[i] for t in tiles[:4]] + [reals[i]])
-    if grid:
-        save_grid(grid, out / "grid.png")
-
+    fake_feats, conf, conf_real, has_grid = generate_and_score(sample, dataset, args, out, net, seg, device, bf16,
+                                                               bf16_features)
     n_fake = len(dataset) * args.samples_per_map
     results = {"mode": "model", "generator": gen_info, "n_real": len(dataset), "n_fake": n_fake,
                "n_maps": len(dataset), "samples_per_map": args.samples_per_map, "seed": args.seed,
@@ -292,27 +334,20 @@ def main():
     if net is not None:
         mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16_features,
                                    args.workers)
-        metrics = fid_metrics(rf, np.concatenate(fake_feats), (mu, sigma))
+        metrics = fid_metrics(rf, fake_feats, (mu, sigma))
         results.update(metrics, fid_features=describe_features(net, args), toy_domain_fid=net.toy)
-        lines += [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if net.toy else ""),
-                  f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}"]
+        lines += fid_lines(metrics, net.toy)
     if seg is not None:
-        scored = dataset.classes.eval_channels
-        names = [n for n, c in zip(dataset.classes.names, dataset.classes.channels) if c in scored]  # unique names
-        miou, per = iou(conf, scored)
-        miou_real, per_real = iou(conf_real, scored)
-        results.update(miou=miou, miou_real=miou_real, segmenter=seg_name, per_class_iou=dict(zip(names, per)),
-                       per_class_iou_real=dict(zip(names, per_real)))
-        lines += [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",
-                  f"miou_real {miou_real:.4f}" if miou_real is not None else "miou_real undefined"]
-    results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg, "protocol", "TorchScript file")) if seg else PROTOCOL
+        scores, seg_lines = miou_results(conf, conf_real, dataset, seg)
+        results.update(scores)
+        lines += seg_lines
+    results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg[0], "protocol", "TorchScript file")) if seg else PROTOCOL
     write_results(out, results)
     for line in lines:
         print(line)
-    print(f"wrote {out / 'results.json'}" + (f", {out / 'grid.png'}" if grid else "") +
+    print(f"wrote {out / 'results.json'}" + (f", {out / 'grid.png'}" if has_grid else "") +
           f" and {n_fake} images in {out / 'images'}")
 
 
 if __name__ == "__main__":
     cli(main)
-

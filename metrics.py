@@ -1,7 +1,30 @@
 """Metrics shared by evaluate.py and the finetuning scripts' early stopping: FID statistics and the
 Frechet distance (pytorch-fid 0.3.0's numerics), KID, the cached real-image statistics, seeded generation,
 the confusion matrix and IoU, and the PNG/grid helpers. The protocol is written out in evaluate.py's
-docstring and in every results.json.
+docstring and in every results.json. Every bad input raises models.DataError (one line).
+
+Public functions (stable names; the finetune scripts use the first group for early stopping):
+    load_feature_net(inception=None, fid_features=None, device='cpu') -> net ((B,3,H,W) in [0,1] -> (B,D));
+        net.tag names the network and its file's digest, net.toy is True for a TorchScript feature net
+    real_stats(dataset, net, cache_dir=None, device='cpu', batch_size=16, bf16=False, workers=0)
+        -> (mu, sigma, feats) of a dataset's preprocessed images, cached by file content
+    oasis_sampler(G, n_channels, bf16=False) -> sample(label, seeds) -> images in [-1, 1]
+    image_seeds(seed, first_map, n_maps, k) -> the per-image noise seeds of `generate`
+    generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False) -> float
+    sample_grid(sample, grid, path)                                   the finetune scripts' fixed grid
+
+    embed(net, images, bf16=False) -> float64 array (B, D)           one batch
+    features(net, batches, bf16=False) -> float64 array (N, D)       an iterable of batches
+    stats(feats) -> (mu, sigma)
+    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
+    kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
+    generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0) -> yields batches
+    load_segmenter(segmenter, device='cpu', weights=None, dataset=None) -> (seg, its input from [-1,1], name)
+        or None: the paper's segmenters (models/segmenters.py) or a TorchScript file
+    segment(seg, images, n_channels, bf16=False, name='segmenter') -> channel ids (B,H,W)
+    confusion(pred, label, n_channels) -> (C, C) int64;  iou(conf, channels) -> (mIoU, per-class IoU)
+    to_uint8(x), save_grid(rows, path)                                PNGs and grids
+    folder_images(folder, flag) -> sorted image files; image_batches(files, batch_size, device, workers=0)
 """
 import hashlib
 import os
@@ -16,14 +39,12 @@ from PIL import Image
 from scipy import linalg
 
 from data import onehot
-from models import DataError
-from models.inception import FIDInception
+from models import DataError, segmenters
+from models.inception import INCEPTION_FILE, load_fid_inception
 from models.piti import palette
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
-                  f"(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE})")
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
+
 
 class ScriptedFeatures(nn.Module):
     """A TorchScript feature net ((B,3,H,W) in [0,1] -> (B,D)) for the toy-domain FID."""
@@ -62,28 +83,8 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
         raise DataError("FID needs exactly one of --inception (the FID Inception weights) or --fid-features "
                          "(a TorchScript feature net)")
     if inception is not None:
-        path = Path(inception)
-        if not path.is_file():
-            raise DataError(f"--inception {path}: file not found; FID needs {INCEPTION_HELP}")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"--inception {path}: not a readable state dict ({type(e).__name__}); "
-                             f"expected {INCEPTION_FILE}")
-        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-            raise DataError(f"--inception {path}: holds a {type(sd).__name__}, expected the state dict "
-                             f"{INCEPTION_FILE}")
-        net = FIDInception()
-        own = net.state_dict()
-        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
-        unexpected = [k for k in sd if k not in own]
-        shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise DataError(f"--inception {path}: not the FID Inception weights ({len(missing)} keys missing, "
-                             f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "
-                             f"{(missing + unexpected + shapes)[0]}); expected {INCEPTION_FILE}")
-        net.load_state_dict(sd)
-        net.tag = f"inception-{file_digest(path)}"
+        net = load_fid_inception(inception)
+        net.tag = f"inception-{file_digest(inception)}"
     else:
         path = Path(fid_features)
         if not path.is_file():
@@ -166,16 +167,30 @@ def loader(dataset, batch_size, workers=0):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
+def stats_key(dataset, net, bf16=False):
+    """Digest of what the real statistics depend on: every image and label file (path, size, mtime_ns),
+    the preprocessing (output and load size, augmentation) and the network (tag, bf16)."""
+    h = hashlib.sha1(f"{dataset.size} {getattr(dataset, 'load', None)} {getattr(dataset, 'augment', False)} "
+                     f"{net.tag} {bool(bf16)}\n".encode())
+    for pair in dataset.files:
+        for f in pair:
+            st = os.stat(f)
+            h.update(f"{Path(f).resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:10]
+
+
 def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, bf16=False, workers=0):
     """(mu, sigma, feats) of a dataset's preprocessed images ((x+1)/2, not quantised, as OASIS).
 
-    Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16]-<N>-<digest of the file list>.npz.
+    Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16]-<N>-<stats_key>.npz: replacing an image
+    or a label file (even under the same name) changes the key, so stale statistics are never reused.
     """
     h, w = dataset.size
-    key = hashlib.sha1("\n".join(str(Path(img).resolve()) for img, _ in dataset.files).encode()).hexdigest()[:10]
-    name = f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{'-bf16' if bf16 else ''}-{len(dataset)}-{key}.npz"
+    name = (f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{'-bf16' if bf16 else ''}-{len(dataset)}-"
+            f"{stats_key(dataset, net, bf16)}.npz")
     path = Path(cache_dir) / name if cache_dir else None
     if path is not None and path.is_file():
+        print(f"real statistics: cached {path}")
         z = np.load(path)
         return z["mu"], z["sigma"], z["feats"].astype(np.float64)
     feats = features(net, ((b["image"].to(device) + 1) / 2 for b in loader(dataset, batch_size, workers)), bf16)
@@ -235,11 +250,32 @@ def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16
 # mIoU
 
 
-def load_segmenter(path, device):
+def load_segmenter(segmenter, device="cpu", weights=None, dataset=None):
+    """The mIoU segmenter from --segmenter / --segmenter-weights, the one place where segmenters are resolved.
+
+    `segmenter`: deeplabv2 / upernet101 / drn105 (official weights in `weights`; with weights only, the
+    default segmenter of `dataset`), torchscript (one file in `weights`) or a TorchScript file path
+    (input (B,3,H,W) in [0,1], logits (B,C,H,W) over the dataset's channels). Returns (segmenter in eval
+    mode on `device`, its input from images in [-1,1], its name), or None when neither flag is given."""
+    name, paths = segmenters.resolve_choice(segmenter, weights, dataset)
+    if name is None:
+        return None
+    if name == "torchscript":
+        return jit_segmenter(paths[0], device), (lambda x: (x + 1) / 2), paths[0]
+    try:
+        return segmenters.build_segmenter(name, paths, device), (lambda x: x), name
+    except DataError:
+        raise
+    except ValueError as e:  # a wrong segmenter file: one line, like every other input error
+        raise DataError(str(e)) from None
+
+
+def jit_segmenter(path, device):
+    """A TorchScript segmenter file, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--segmenter {path}: file not found; expected a TorchScript segmenter "
-                         "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
+                        "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
     try:
         return jit_load(path, device).eval()
     except Exception as e:
@@ -312,7 +348,7 @@ def sample_grid(sample, grid, path):
     """The training scripts' grid: label colours | sample | real image for fixed val maps and seeds.
     grid: {'label': (B,H,W) long, 'real': (B,3,H,W) in [-1,1], 'seeds': per-row seeds, 'n_channels': int}."""
     fake = sample(grid["label"], grid["seeds"])
-    colours = palette(grid["n_channels"])
+    colours = palette(grid["n_channels"]).numpy()
     rows = [[colours[lab], f, r] for lab, f, r in
             zip(grid["label"].cpu().numpy(), to_uint8(fake), to_uint8(grid["real"]))]
     path.parent.mkdir(parents=True, exist_ok=True)

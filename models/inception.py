@@ -1,8 +1,20 @@
 """The FID Inception: TF's 2015-12-05 Inception v3 as ported by pytorch-fid 0.3.0
-(pt_inception-2015-12-05-6726825d.pth). Module names equal the keys of that file, so it loads strictly."""
+(pt_inception-2015-12-05-6726825d.pth). Module names equal the keys of that file, so it loads strictly.
+
+    load_fid_inception(path, flag='--inception') -> FIDInception with the file's weights, eval mode
+    FIDInception()(x): (B,3,H,W) in [0,1] -> (B,2048) pool3 features
+"""
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models import DataError
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
+                  f"(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE})")
 
 
 class Conv(nn.Module):
@@ -141,3 +153,29 @@ class FIDInception(nn.Module):
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         return x.float().mean((2, 3))
+
+
+def load_fid_inception(path, flag="--inception"):
+    """The FID Inception with the weights of `path` (the pytorch-fid file), in eval mode on the CPU.
+
+    Files without BatchNorm's num_batches_tracked counters load too. Every failure is one DataError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: file not found; FID needs {INCEPTION_HELP}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{flag} {path}: not a readable state dict ({type(e).__name__}); expected {INCEPTION_FILE}")
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise DataError(f"{flag} {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
+    net = FIDInception()
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise DataError(f"{flag} {path}: not the FID Inception weights ({len(missing)} keys missing, "
+                        f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "
+                        f"{(missing + unexpected + shapes)[0]}); expected {INCEPTION_FILE}")
+    net.load_state_dict(sd)  # BatchNorm fills in a missing num_batches_tracked itself
+    return net.eval()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate
-import metrics as ev
+import metrics
 from models import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +84,8 @@ def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, t
     from pytorch_fid import fid_score
     real_dir, fake_dir = image_dirs
     real_files, fake_files = sorted(real_dir.iterdir()), sorted(fake_dir.iterdir())
-    net = ev.load_feature_net(inception=inception_file)
-    ours = ev.features(net, ev.image_batches(real_files, 3, "cpu"))
+    net = metrics.load_feature_net(inception=inception_file)
+    ours = metrics.features(net, metrics.image_batches(real_files, 3, "cpu"))
     ref_real = pytorch_fid_activations(real_files, inception_file, monkeypatch)
     ref_fake = pytorch_fid_activations(fake_files, inception_file, monkeypatch)
     assert ours.shape == ref_real.shape == (3, 2048) and ours.dtype == np.float64
@@ -122,7 +122,7 @@ def test_frechet_numerics_equal_pytorch_fid():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scipy's deprecation of `disp`, singular-matrix notes
             ref = fid_score.calculate_frechet_distance(*args)
-        assert ev.frechet_distance(*args) == pytest.approx(ref, rel=1e-12)
+        assert metrics.frechet_distance(*args) == pytest.approx(ref, rel=1e-12)
 
 
 def test_frechet_distance_closed_form():
@@ -133,8 +133,8 @@ def test_frechet_distance_closed_form():
     # tr sqrt(s1 s2) = sum of the square roots of the (real, positive) eigenvalues of s1 s2
     tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
 
 
 def kid_direct(x, y):
@@ -151,10 +151,10 @@ def test_kid_against_direct_computation():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(12, 5)), rng.normal(0.5, 1.2, size=(12, 5))
     direct = kid_direct(x, y)
-    mean, std = ev.kid(x, y, n_subsets=5)  # subsets capped at the sample count: every subset is the full set
+    mean, std = metrics.kid(x, y, n_subsets=5)  # subsets capped at the sample count: every subset is the full set
     assert mean == pytest.approx(direct, rel=1e-10) and std < 1e-9 * abs(direct)
     # the mean over random subsets estimates the full-sample statistic without bias
-    mean, std = ev.kid(x, y, n_subsets=3000, subset_size=6, seed=1)
+    mean, std = metrics.kid(x, y, n_subsets=3000, subset_size=6, seed=1)
     assert std > 0 and abs(mean - direct) < 4 * std / np.sqrt(3000)
 
 
@@ -163,20 +163,20 @@ def test_miou_against_hand_computed_confusion():
                            [2, 2, 3, 3]]])
     pred = torch.tensor([[[1, 1, 2, 2],
                           [2, 3, 3, 3]]])
-    conf = ev.confusion(pred, label, 5)
+    conf = metrics.confusion(pred, label, 5)
     expected = np.zeros((5, 5), np.int64)  # rows: true, columns: predicted; the dontcare pixel is ignored
     expected[1, 1], expected[1, 2], expected[2, 2], expected[2, 3], expected[3, 3] = 1, 1, 2, 1, 2
     assert (conf == expected).all()
-    miou, per = ev.iou(conf, [1, 2, 3, 4])
+    miou, per = metrics.iou(conf, [1, 2, 3, 4])
     # class 1: 1 / (2 + 1 - 1); class 2: 2 / (3 + 3 - 2); class 3: 2 / (2 + 3 - 2); class 4 absent
     assert per[:3] == pytest.approx([0.5, 0.5, 2 / 3]) and per[3] is None
     assert miou == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
     # scoring a subset (Cityscapes' 19 classes): pixels labelled 2 no longer count, so its 2 -> 3 error vanishes
-    miou, per = ev.iou(conf, [1, 3])
+    miou, per = metrics.iou(conf, [1, 3])
     assert per == pytest.approx([0.5, 1.0]) and miou == pytest.approx(0.75)
     # labels larger than the prediction are nearest-resized (legacy: rows/cols 0 and 2 of a 4x4 map)
     big = torch.arange(16).reshape(1, 4, 4) % 4
-    conf = ev.confusion(torch.full((1, 2, 2), 1), big, 4)
+    conf = metrics.confusion(torch.full((1, 2, 2), 1), big, 4)
     assert conf[:, 1].tolist() == [0, 0, 2, 0]  # sampled labels: 0, 2, 0, 2 -> two dontcare, two class 2
 
 
@@ -185,10 +185,10 @@ def test_segment_never_predicts_dontcare_and_checks_channels():
     logits[0, 0] = 5.0  # dontcare has the largest logit everywhere
     logits[0, 2, 0, 0] = 1.0
     seg = lambda x: logits  # noqa: E731
-    pred = ev.segment(seg, torch.zeros(1, 3, 2, 2), 3)
+    pred = metrics.segment(seg, torch.zeros(1, 3, 2, 2), 3)
     assert pred.tolist() == [[[2, 1], [1, 1]]]
     with pytest.raises(DataError, match="3 channels; the dataset has 4"):
-        ev.segment(seg, torch.zeros(1, 3, 2, 2), 4, name="seg.pt")
+        metrics.segment(seg, torch.zeros(1, 3, 2, 2), 4, name="seg.pt")
 
 
 def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
@@ -201,29 +201,29 @@ def test_bad_inputs_give_one_line(tmp_path, image_dirs, inception_file):
 
     one = write_images(tmp_path / "one", 1, (32, 48), 3, True)
     with pytest.raises(DataError, match="1 image.* at least 2") as e:
-        ev.folder_images(one, "--fake-dir")
+        metrics.folder_images(one, "--fake-dir")
     assert str(one) in str(e.value) and "\n" not in str(e.value)
 
     mixed = write_images(tmp_path / "mixed", 2, (32, 48), 4, True)
     write_images(tmp_path / "other", 1, (40, 40), 5, True)
     (tmp_path / "other" / "000.png").rename(mixed / "zzz.png")
     with pytest.raises(DataError, match="mixed sizes: 000.png is 48x32, zzz.png is 40x40") as e:
-        ev.folder_images(mixed, "--real-dir")
+        metrics.folder_images(mixed, "--real-dir")
     assert "\n" not in str(e.value)
 
     with pytest.raises(DataError, match="at least 2 images, got 1"):
-        ev.stats(np.zeros((1, 8)))
+        metrics.stats(np.zeros((1, 8)))
 
     # files without BatchNorm's num_batches_tracked counters (472 keys) load too, with the same weights
     sd = torch.load(inception_file, weights_only=True)
     torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, tmp_path / "472.pth")
-    net = ev.load_feature_net(inception=tmp_path / "472.pth")
+    net = metrics.load_feature_net(inception=tmp_path / "472.pth")
     assert torch.equal(net.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"])
 
     bogus = tmp_path / "bogus.pth"
     torch.save({"conv.weight": torch.zeros(1)}, bogus)
     with pytest.raises(DataError, match="not the FID Inception weights"):
-        ev.load_feature_net(inception=bogus)
+        metrics.load_feature_net(inception=bogus)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class ToySegmenter(torch.nn.Module):
 def our_checkpoint(G, table):
     info = {"dataset": table.dataset, "names": table.names, "n_channels": table.n_channels}
     return {"kind": "oasis-cat", "step": 0, "args": {}, "affinity": None, "source": info, "target": info,
-            "G_kwargs": G.kwargs, "EMA": G.state_dict()}
+            "G_kwargs": G.kwargs, "EMA": G.state_dict(), "D_kwargs": {}, "D": {}}  # D: unused by evaluate.py
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +271,8 @@ def toy(tmp_path_factory):
         G.eval()
     torch.save(our_checkpoint(G_tgt, tgt), root / "tgt.pt")
     torch.save(our_checkpoint(G_src, src), root / "src.pt")
+    G_cat = Generator(src.n_channels, cat_nc=tgt.n_channels, **kw).eval()  # a finetuned CAT model's layout
+    torch.save(our_checkpoint(G_cat, tgt), root / "cat.pt")
     torch.jit.script(ToyFeatures()).save(root / "feat.pt")
     torch.jit.script(ToySegmenter(tgt.n_channels)).save(root / "seg.pt")
     torch.jit.script(ToySegmenter(5)).save(root / "seg5.pt")
@@ -288,7 +290,7 @@ def expected_png(G, label, n_channels, map_index, k=0, seed=0):
     return ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), x
 
 
-def test_model_mode_on_toy_task(toy, tmp_path):
+def test_model_mode_on_toy_task(toy, tmp_path, capsys):
     import data
     out, cache = tmp_path / "eval", tmp_path / "cache"
     args = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", out, "--fid-features", toy["root"] / "feat.pt",
@@ -323,13 +325,14 @@ def test_model_mode_on_toy_task(toy, tmp_path):
 
     # the real statistics were cached (keyed by dataset, split, resolution, network) and are reused
     assert len(list(cache.glob("toy-target-val-32x32-features-feat-*.npz"))) == 1
-    net = ev.load_feature_net(fid_features=toy["root"] / "feat.pt")
-    mu, sigma, cached = ev.real_stats(ds, net, cache)
+    net = metrics.load_feature_net(fid_features=toy["root"] / "feat.pt")
+    mu, sigma, cached = metrics.real_stats(ds, net, cache)
     assert np.allclose(cached, reals, rtol=1e-5, atol=1e-7) and np.allclose(mu, reals.mean(0))
     net.forward = None  # a cache hit never runs the network
-    assert np.array_equal(ev.real_stats(ds, net, cache)[2], cached)
+    assert np.array_equal(metrics.real_stats(ds, net, cache)[2], cached)
+    assert "real statistics: cached" in capsys.readouterr().out
     ds.files = ds.files[:3]  # another image list is another cache entry
-    assert len(ev.real_stats(ds, ev.load_feature_net(fid_features=toy["root"] / "feat.pt"), cache)[2]) == 3
+    assert len(metrics.real_stats(ds, metrics.load_feature_net(fid_features=toy["root"] / "feat.pt"), cache)[2]) == 3
     assert len(list(cache.glob("*.npz"))) == 2
 
 
@@ -358,36 +361,114 @@ def test_training_free_mode_equals_source_on_mapped_labels(toy, tmp_path):
 def test_model_mode_bad_inputs(toy, tmp_path):
     r = run("--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", tmp_path, "--segmenter", toy["root"] / "seg5.pt",
             "--limit", 2)
-    assert r.returncode != 0 and "5 channels; the dataset has 10" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    import argparse
-    import data
-    ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
-    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source=None)
-    with pytest.raises(DataError, match="takes 13 label channels, --data toy-target has 10"):
-        evaluate.load_generator(args, ds, "cpu", False)
-    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=toy["root"] / "nope.npy", source="toy-source",
-                              source_root=toy["root"] / "toy/source")
-    with pytest.raises(DataError, match="nope.npy: file not found"):
-        evaluate.load_generator(args, ds, "cpu", False)
+    assert r.returncode != 0 and "5 channels; the dataset has 10" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+    def refused(match, *args):
+        with pytest.raises(DataError, match=match) as e:
+            evaluate.main(list(map(str, [*args, *toy["data"], "--out", tmp_path / "o"])))
+        assert "\n" not in str(e.value)
+
+    src = ["--ckpt", toy["root"] / "src.pt"]
+    refused("takes 13 label channels, --data toy-target has 10", *src)
+    refused("training-free mode needs --source .* and --affinity", *src, "--source", "toy-source")
+    source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
+    refused("nope.npy: file not found", *src, *source, "--affinity", toy["root"] / "nope.npy")
+    np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
+    refused("half.npy: row 0 .*sums to 0.5000; expected rows summing to 1", *src, *source, "--affinity", tmp_path / "half.npy")
     # an official OASIS run folder (the golden 'sq' one: 13 label channels) against --source ade20k (151)
     from conftest import golden_path
     np.save(tmp_path / "ade.npy", np.full((len(toy["tgt"]), 150), 1 / 150, np.float32))
-    args = argparse.Namespace(ckpt=golden_path("oasis", "sq"), affinity=tmp_path / "ade.npy", source="ade20k",
-                              source_root=None, which="latest")
-    with pytest.raises(DataError, match="sq: .* label channels.*expects .*151") as e:
-        evaluate.load_generator(args, ds, "cpu", False)
-    assert "\n" not in str(e.value)
-    args.which = "best"
-    with pytest.raises(DataError, match="no best_EMA.pth"):
-        evaluate.load_generator(args, ds, "cpu", False)
+    sq = ["--ckpt", golden_path("oasis", "sq"), "--affinity", tmp_path / "ade.npy", "--source", "ade20k"]
+    refused("sq: .* label channels.*expects .*151", *sq, "--which", "latest")
+    refused("no best_EMA.pth", *sq)
+    assert not (tmp_path / "o").exists()  # nothing is written before the inputs are checked
 
-    args = argparse.Namespace(ckpt=toy["root"] / "src.pt", affinity=None, source="toy-source",
-                              source_root=toy["root"] / "toy/source")
-    np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
-    args.affinity = tmp_path / "half.npy"
-    with pytest.raises(DataError, match="row 0 sums to 0.5000; expected rows summing to 1"):
-        evaluate.load_generator(args, ds, "cpu", False)
+
+def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
+    """Flags that would have no effect are refused with one line rather than silently ignored."""
+    real_dir, fake_dir = image_dirs
+    folders = ["--real-dir", real_dir, "--fake-dir", fake_dir, "--fid-features", toy["root"] / "feat.pt"]
+    model = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"]]
+    np.save(tmp_path / "A.npy", np.full((len(toy["tgt"]), len(toy["src"])), 1 / len(toy["src"]), np.float32))
+    for match, args in [
+        ("--ckpt: not used in folder mode", [*folders, "--ckpt", toy["root"] / "tgt.pt"]),
+        ("--affinity, --source: not used in folder mode", [*folders, "--affinity", tmp_path / "A.npy",
+                                                           "--source", "toy-source"]),
+        ("folder mode needs both --real-dir and --fake-dir", ["--real-dir", real_dir]),
+        ("give --ckpt .* or --real-dir and --fake-dir", toy["data"]),
+        # a finetuned CAT checkpoint carries its affinity: --affinity / --source would be ignored
+        ("a finetuned CAT model .*; --affinity apply to a source model only",
+         ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--affinity", tmp_path / "A.npy"]),
+        ("a finetuned CAT model .*; --source, --source-root apply",
+         ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--source", "toy-source", "--source-root", toy["root"]]),
+        ("--batch-size 0: expected at least 1", [*model, "--batch-size", 0]),
+        ("--batch-size -2: expected at least 1", [*model, "--batch-size", -2]),
+        ("--limit 0: expected at least 1", [*model, "--limit", 0]),
+        ("--limit -1: expected at least 1", [*model, "--limit", -1]),
+        ("--grid-rows -1: expected at least 0", [*model, "--grid-rows", -1]),
+        ("--samples-per-map 0: expected at least 1", [*model, "--samples-per-map", 0]),
+    ]:
+        with pytest.raises(DataError, match=match) as e:
+            evaluate.main(list(map(str, [*args, "--out", tmp_path / "o"])))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+    # the finetuned CAT checkpoint itself evaluates (the refusals above are about the extra flags only)
+    evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-rows", 0,
+                                 "--out", tmp_path / "cat"])))
+    res = json.loads((tmp_path / "cat" / "results.json").read_text())
+    assert res["generator"]["kind"] == "oasis-cat" and res["n_fake"] == 2
+    assert not (tmp_path / "cat" / "grid.png").exists()
+
+
+def test_generator_size_must_match_the_real_images(toy, tmp_path):
+    """The toy generator makes 32-px images; without --size the toy data is read at 64 px: refused, not
+    scored across resolutions."""
+    data_flags = [f for f in toy["data"] if f not in ("--size", 32)]
+    assert "--size" not in data_flags
+    r = run("--ckpt", toy["root"] / "tgt.pt", *data_flags, "--out", tmp_path / "o", "--limit", 2,
+            "--fid-features", toy["root"] / "feat.pt")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --ckpt ") and "makes 32x32 images" in r.stderr and "are 64x64" in r.stderr
+    assert "pass --size 32" in r.stderr
+    assert not list((tmp_path / "o").rglob("*.png")) and not (tmp_path / "o" / "results.json").exists()
+
+
+def test_stale_real_statistics_are_not_reused(toy, tmp_path, capsys):
+    """Replacing the validation images under the same names gives new statistics and a new FID."""
+    import shutil
+    import data
+    root = tmp_path / "target"
+    shutil.copytree(toy["root"] / "toy/target", root)
+    cache = tmp_path / "cache"
+    flags = ["--ckpt", toy["root"] / "tgt.pt", "--data", "toy-target", "--data-root", root, "--size", 32,
+             "--workers", 0, "--fid-features", toy["root"] / "feat.pt", "--grid-rows", 0, "--batch-size", 5]
+
+    def fid(name, cache_dir=cache):
+        capsys.readouterr()
+        evaluate.main(list(map(str, [*flags, "--out", tmp_path / name, "--stats-cache", cache_dir])))
+        cached = "real statistics: cached" in capsys.readouterr().out
+        return json.loads((tmp_path / name / "results.json").read_text())["fid"], cached
+
+    first, cached = fid("a")
+    assert not cached and len(list(cache.glob("*.npz"))) == 1
+    again, cached = fid("b")
+    assert cached and again == first  # unchanged files: the cache is used
+
+    ds = data.open_dataset("toy-target", root, "val", size=32)
+    images = [img for img, _ in ds.files]
+    for p in images:  # same names, other pictures (colours inverted)
+        Image.fromarray(255 - np.asarray(Image.open(p).convert("RGB"))).save(p)
+    net = metrics.load_feature_net(fid_features=toy["root"] / "feat.pt")
+    fresh = metrics.real_stats(ds, net)[2]
+    capsys.readouterr()
+    assert np.allclose(metrics.real_stats(ds, net, cache)[2], fresh, rtol=1e-5, atol=1e-7)
+    assert "real statistics: cached" not in capsys.readouterr().out
+    new, cached = fid("c")
+    assert cached  # the entry real_stats just wrote for the new files
+    uncached, was_cached = fid("d", "")
+    assert not was_cached and new == pytest.approx(uncached, rel=1e-5) and abs(new - first) > 1e-3 * abs(first)
+    assert len(list(cache.glob("*.npz"))) == 2
 
 
 def test_model_mode_piti_checkpoint(toy, tmp_path):
