@@ -6,7 +6,7 @@
 Prints images/s of pytorch-fid (its defaults: fp32, batch 50), of ours in fp32 (same batch) and of ours
 with bf16 autocast + channels_last (--ours-batch); the largest relative feature difference between ours
 (fp32) and pytorch-fid; and the FID between the toy task's source and target validation images in fp32
-and in bf16 with its relative change (the issue allows 0.1%). Without --inception the weights are random
+and in bf16 with its relative change (allowed: 0.1%). Without --inception the weights are random
 in the official format: the timings hold, the FID figures mean nothing (the script says so).
 pytorch-fid and torchvision are needed here only (test/benchmark dependencies).
 """
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics as ev  # noqa: E402
 from data import open_dataset  # noqa: E402
+from models.inception import INCEPTION_FILE, FIDInception  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--inception", help=f"{ev.INCEPTION_FILE} (random weights in its format when omitted)")
+p.add_argument("--inception", help=f"{INCEPTION_FILE} (random weights in its format when omitted)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--n", type=int, default=2000, help="images timed per configuration")
 p.add_argument("--size", type=int, default=256, help="image side fed to the networks (resized to 299 inside)")
@@ -39,7 +40,7 @@ torch.backends.cudnn.benchmark = True  # as evaluate.py: fixed sizes, fastest ke
 
 def random_state_dict():
     g = torch.Generator().manual_seed(0)
-    sd = ev.FIDInception().state_dict()
+    sd = FIDInception().state_dict()
     for k, v in sd.items():  # scale-preserving values so that activations neither vanish nor explode
         if v.dtype.is_floating_point:
             if k.endswith("weight") and v.ndim > 1:
@@ -56,7 +57,7 @@ if args.inception:
     path = Path(args.inception)
 else:
     sd = random_state_dict()
-    path = Path("/tmp") / "bench_fid_random" / ev.INCEPTION_FILE
+    path = Path("/tmp") / "bench_fid_random" / INCEPTION_FILE
     path.parent.mkdir(exist_ok=True)
     torch.save(sd, path)
     print("no --inception: random weights (timings are valid, FID values are not)")
