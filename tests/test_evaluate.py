@@ -395,6 +395,7 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
         ("--ckpt: not used in folder mode", [*folders, "--ckpt", toy["root"] / "tgt.pt"]),
         ("--affinity, --source: not used in folder mode", [*folders, "--affinity", tmp_path / "A.npy",
                                                            "--source", "toy-source"]),
+        ("--segmenter-weights: not used in folder mode", [*folders, "--segmenter-weights", toy["root"] / "seg.pt"]),
         ("folder mode needs both --real-dir and --fake-dir", ["--real-dir", real_dir]),
         ("give --ckpt .* or --real-dir and --fake-dir", toy["data"]),
         # a finetuned CAT checkpoint carries its affinity: --affinity / --source would be ignored
