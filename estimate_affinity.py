@@ -31,7 +31,6 @@ mapping.md (top-3 source classes of every target class) and affinity.png (heatma
 import argparse
 import json
 import os
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,9 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import metrics
 from models import DataError, cli, oasis, segmenters
 from models.dino import class_prototypes, load_dino
-from models.text import is_torchscript, text_encoder
+from models.text import text_encoder
 
 ESTIMATORS = ("text", "supervised", "self-supervised")
 PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there is {} in the scene.", "the {} in the image.")
@@ -103,21 +103,11 @@ def text_affinity(encode, target, source, synonyms, temperature):
 def load_segmenter(args, source, source_dataset, device):
     """Supervised: (fn: images in [-1,1] -> logits over source.n_channels, description, file) of a segmenter of
     the source classes (the paper's network, a TorchScript file, or the source OASIS discriminator)."""
-    name, paths = segmenters.resolve_choice(args.segmenter, args.segmenter_weights, source_dataset)
-    if name not in (None, "torchscript"):  # the paper's segmenter of the source dataset, official weights
-        seg = segmenters.build_segmenter(name, paths, device)
-        return seg, f"{segmenters.NAMES[name]} ({' '.join(paths)})", " ".join(paths)
-    if name == "torchscript":
-        path = paths[0]
-        if not os.path.isfile(path):
-            raise DataError(f"--segmenter {path}: file not found; expected a TorchScript file (input RGB in [0,1], "
-                            f"output logits over the {source.n_channels} channels of --source {source.dataset})")
-        if not is_torchscript(path):
-            raise DataError(f"--segmenter {path}: not a TorchScript archive (save it with torch.jit.script(model).save(path))")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            seg = torch.jit.load(path, map_location=device).eval()
-        return (lambda x: seg((x + 1) / 2)), f"TorchScript segmenter ({path})", path
+    found = metrics.load_segmenter(args.segmenter, device, args.segmenter_weights, source_dataset)
+    if found is not None:  # the paper's segmenter of the source dataset (official weights) or a TorchScript file
+        seg, prepare, name = found
+        files = " ".join(args.segmenter_weights or [args.segmenter])
+        return (lambda x: seg(prepare(x))), f"{segmenters.NAMES.get(name, 'TorchScript segmenter')} ({files})", files
     path = args.source_ckpt
     if path is None:
         raise DataError("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator "

@@ -262,12 +262,7 @@ def load_segmenter(segmenter, device="cpu", weights=None, dataset=None):
         return None
     if name == "torchscript":
         return jit_segmenter(paths[0], device), (lambda x: (x + 1) / 2), paths[0]
-    try:
-        return segmenters.build_segmenter(name, paths, device), (lambda x: x), name
-    except DataError:
-        raise
-    except ValueError as e:  # a wrong segmenter file: one line, like every other input error
-        raise DataError(str(e)) from None
+    return segmenters.build_segmenter(name, paths, device), (lambda x: x), name
 
 
 def jit_segmenter(path, device):
