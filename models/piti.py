@@ -398,6 +398,11 @@ class PITI(nn.Module):
         with torch.no_grad():
             self.cat_map.copy_(M.t())
 
+    def random_cat_map(self):
+        """The no-CAT baseline: the 1x1 conv gets PyTorch's default init of a Conv2d(T, S, 1) weight (no affinity)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.cat_map, a=math.sqrt(5))
+
     def ref(self, label):
         """(B,H,W) long channel ids (target ids with CAT, source ids without) -> encoder input (B,3,R,R).
 
