@@ -9,7 +9,8 @@
 The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
 affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
 encoder CNN and the last transformer block are trained; the UNet decoder stays fixed. Table 11 rows:
---train all (finetune everything), --prompts 0 (no prompts), --affinity none (no CAT: random 1x1).
+--train all (finetune everything), --prompts 0 (no prompts), --affinity none (no CAT: the 1x1 conv keeps
+PyTorch's default random init, as in finetune_oasis.py).
 Loss: the official PITI base loss, eps MSE + the variational bound training the learned variance
 (uniform t); condition dropout (--uncond-p, the input becomes ones as in the official code) keeps
 classifier-free guidance working; AdamW without weight decay, EMA of the trained weights.
@@ -17,8 +18,8 @@ The upsampler is used as released (its own encoder gets the same CAT 1x1 conv, t
 --finetune-upsampler, which trains it the same way on 8-bit bicubic low-res inputs, without condition
 dropout as the official upsampler (the official BSRGAN degradation, VGG and adversarial terms are left out).
 
-A PITI source for your own dataset (SPEC section 10, the official stage schedule), and the paper's Figure 3
-baseline (PITI finetuned from GLIDE on the few target images, no CAT):
+A PITI source for your own dataset (the official stage schedule), and the paper's Figure 3 baseline (PITI
+finetuned from GLIDE on the few target images, no CAT):
 
     python finetune_piti.py --init glide --glide-ckpt glide/base.pt --recipe piti-stage1 \
         --data ade20k --data-root ADEChallengeData2016 --out runs/ade_stage1
@@ -30,25 +31,29 @@ baseline (PITI finetuned from GLIDE on the few target images, no CAT):
 
 --init glide loads GLIDE's file unchanged into the decoder after the official key filter (the text tower out,
 transformer_proj kept; strict), with a fresh encoder (or --encoder: a stage-1 encoder file or an earlier run's
-base.pt); the label space is --data's classes. The run exports <out>/base.pt (and <out>/upsampler.pt), the EMA
-weights in the official flat format: the --base / --upsampler of a later CAT run (with --source set to that
-dataset). Recipes set --train, --uncond-p, --lr, --steps, --schedule-sampler and --ema-decay unless given (--batch
-is yours: the official global batch is 128 for the base stages, 4 for the upsampler).
+base.pt); the label space is --data's classes. Every evaluation exports <out>/base.pt (and <out>/upsampler.pt),
+the EMA weights in the official flat format: the --base / --upsampler of a later CAT run (with --source set to
+that dataset). Recipes set --train, --uncond-p, --lr, --steps, --schedule-sampler and --ema-decay unless given
+(--batch is yours: the official global batch is 128 for the base stages, 4 for the upsampler). The
+loss-second-moment timestep sampler's loss history is part of the checkpoint, so resumes stay exact.
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
---fid-features (early stopping with --patience), <out>/checkpoint.pt written atomically. Each step
-draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run.
-The checkpoint keeps the trained weights and the official files' paths (the decoder is not copied).
+--fid-features (early stopping with --patience; <out>/best.pt keeps the best), <out>/checkpoint.pt written
+atomically. Each step draws its randomness from (--seed, step), so --resume continues exactly as an
+uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps,
+the evaluation cadence and --lr may); log.jsonl then holds each step once. A non-empty --out is refused
+without --resume or --overwrite. The checkpoint keeps the trained weights and the official files' paths
+(the decoder is not copied unless trained).
 """
 import argparse
 import copy
 import json
 import os
 import random
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,21 +61,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from models import DataError, cli
 import metrics
-from models import piti, piti_train
+from models import DataError, cli, diffusion, piti, piti_train
+from models.checkpoint import append_log, load, parse_with_given, prepare_out, resume_args, save, truncate_log
 
-# flags a resumed run must share with the run it continues
-SAME_ON_RESUME = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler", "base_config", "up_config", "source", "affinity", "data", "data_root", "n",
-                  "subset_seed", "size", "prompts", "train", "finetune_upsampler", "batch", "lr", "ema_decay",
-                  "uncond_p", "seed")
+# flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
+MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
+               "base_config", "up_config", "source", "source_root", "affinity", "data", "data_root", "n", "subset_seed",
+               "subset_file", "size", "prompts", "train", "finetune_upsampler", "batch", "ema_decay", "uncond_p", "seed")
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, samples/, subset.txt")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is a DataError (one line from cli()), not argparse's SystemExit; --help still exits."""
+        raise DataError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, samples/, subset.txt")
     p.add_argument("--resume", action="store_true",
-                   help="continue <out>/checkpoint.pt exactly; model, data and optimisation flags default to the run's")
+                   help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out (its run files are removed)")
     g = p.add_argument_group("source model")
     g.add_argument("--init", default="piti", choices=["piti", "glide"],
                    help="piti: CAT from released PITI files; glide: train PITI itself from GLIDE (a new source, or the "
@@ -78,7 +90,8 @@ def get_args(argv=None):
     g.add_argument("--glide-ckpt", help="--init glide: GLIDE base.pt (openai/glide-text2im) for the base decoder")
     g.add_argument("--glide-up-ckpt", help="--init glide: GLIDE upsample.pt; trains the upsampler too (or alone)")
     g.add_argument("--encoder", help="--init glide: base encoder init, an official stage-1 file or a run's base.pt")
-    g.add_argument("--recipe", choices=sorted(piti_train.RECIPES), help="the official stage: " + piti_train.describe_recipes())
+    g.add_argument("--recipe", choices=sorted(piti_train.RECIPES),
+                   help="the official stage: " + piti_train.describe_recipes())
     g.add_argument("--base", help="official PITI base file (base_mask.pt, from the PITI README's 'Pretrained Models')")
     g.add_argument("--upsampler", help="official PITI upsampler file (upsample_mask.pt)")
     g.add_argument("--base-config", default="{}", help="JSON overrides of the released base configuration (tiny tests)")
@@ -87,7 +100,7 @@ def get_args(argv=None):
     g.add_argument("--source-root", default=None, help="folder of the source classes.txt (--source folder)")
     g.add_argument("--affinity", default=None,
                    help="affinity.npy (target x source classes) from estimate_affinity.py, or 'none' for the no-CAT row "
-                        "(random 1x1 conv)")
+                        "(the 1x1 conv keeps its random init)")
     data.add_data_args(p)
     g = p.add_argument_group("CAT recipe (paper Table 11)")
     g.add_argument("--prompts", type=int, default=8, help="learned prompt tokens K at the encoder input (0: none)")
@@ -110,7 +123,7 @@ def get_args(argv=None):
     g.add_argument("--grid-n", type=int, default=4, help="validation label maps in the sample grid")
     g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100)")
     g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID")
-    g.add_argument("--guidance", type=float, default=piti.GUIDANCE)
+    g.add_argument("--guidance", type=float, default=diffusion.GUIDANCE)
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
@@ -118,64 +131,31 @@ def get_args(argv=None):
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
-    args = p.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
-    given = {a.dest for a in p._actions if flags & set(a.option_strings)}
-    if args.recipe and args.resume and "steps" not in given:  # the stage's length, as the run being continued
-        args.steps = old["steps"]
-    if args.recipe and not args.resume:  # a named official stage: its settings unless given on the command line
-        for k, v in piti_train.RECIPES[args.recipe].items():
-            if k not in ("doc", "official_batch") and k not in given:  # --batch stays per run (official: 8 GPUs x 16)
-                setattr(args, k, v)
+    return p
+
+
+def settings(argv):
+    """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
+    args, given = parse_with_given(build_parser(), argv)
     for flag in ("base_config", "up_config"):
         try:
             setattr(args, flag, json.loads(getattr(args, flag)))
         except json.JSONDecodeError as e:
             raise DataError(f"--{flag.replace('_', '-')}: not JSON ({e})")
-    if args.resume:  # flags not repeated come from the run being continued
-        path = Path(args.out) / "checkpoint.pt"
-        if not path.is_file():
-            raise DataError(f"{path}: nothing to resume")
-        old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
-        old = {k: old.get(k, p.get_default(k)) for k in SAME_ON_RESUME} | old  # runs from before --init
-        for k in SAME_ON_RESUME:
-            if k not in given:
-                setattr(args, k, old[k])
-            elif getattr(args, k) != old[k]:
-                raise DataError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
-                                 f"used {old[k]!r}")
-    elif args.init == "glide":
-        if not (args.glide_ckpt or args.glide_up_ckpt):
-            raise DataError("--init glide needs --glide-ckpt (GLIDE base.pt) and/or --glide-up-ckpt (upsample.pt)")
-        if args.affinity or args.base or ("prompts" in given and args.prompts):
-            raise DataError("--init glide trains PITI on --data's own classes: no --affinity, --base or --prompts")
-        args.prompts = 0
-    else:
-        for flag in ("base", "upsampler", "affinity"):
-            if getattr(args, flag) is None:
-                raise DataError(f"--{flag} is required (see --help)")
-    if args.train is None:
-        args.train = "all" if args.init == "glide" else "fixdec"
-    if args.init == "glide" and args.train == "fixdec":
-        raise DataError("--train fixdec is CAT's recipe; --init glide trains 'encoder' or 'all'")
+    if not args.resume:  # a resumed run's recipe and --init settings are in its checkpoint's args
+        piti_train.fresh_run_args(args, given)
+    out = prepare_out(args.out, args.resume, args.overwrite)
+    ckpt = None
+    if args.resume:
+        ckpt = load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",))
+        resume_args(args, ckpt["args"], MODEL_FLAGS, given)  # runs from before --init keep the new flags' defaults
+    if args.init == "glide" and not args.glide_ckpt and (args.inception or args.fid_features):
+        raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
     if args.prompts < 0 or not 0 <= args.uncond_p <= 1 or args.batch < 1 or args.guidance < 0:
         raise DataError("--prompts >= 0, --batch >= 1, --guidance >= 0 and --uncond-p in [0, 1] expected")
-    return args
-
-
-def load_affinity(path, target, source, seed):
-    """Channel-space affinity (T, S): from the .npy, or a random row-stochastic one for 'none'."""
-    if path == "none":
-        A = np.random.RandomState(seed).rand(len(target), len(source)).astype(np.float32)
-        return None, data.affinity_to_channels(A / A.sum(1, keepdims=True), target, source)
-    if not os.path.isfile(path):
-        raise DataError(f"--affinity {path}: not found; make one with estimate_affinity.py")
-    A = np.load(path)
-    if A.ndim != 2 or A.shape != (len(target), len(source)):
-        raise DataError(f"--affinity {path}: shape {A.shape}, expected ({len(target)}, {len(source)}) = "
-                         f"({target.dataset} classes, {source.dataset} classes)")
-    return torch.from_numpy(A.astype(np.float32)), data.affinity_to_channels(A, target, source)
+    if args.eval_every < 1 or args.log_every < 1:
+        raise DataError(f"--eval-every and --log-every must be >= 1, got {args.eval_every} and {args.log_every}")
+    return args, ckpt
 
 
 def trainable(model, mode):
@@ -185,6 +165,56 @@ def trainable(model, mode):
     last = f"encoder.transformer.resblocks.{len(model.encoder.transformer.resblocks) - 1}."
     keep = ("cat_map", "prompts", "encoder.cnn.", last)
     return {k: p for k, p in model.named_parameters() if k.startswith(keep)}
+
+
+def build(args, source, target, M, ckpt, device):
+    """The models (official weights + CAT layers, or GLIDE decoders for --init glide), what trains, its EMA,
+    optimiser and timestep samplers (restored from `ckpt`)."""
+    if args.init == "glide":  # PITI itself, in the data's own label space (no CAT)
+        base, up, models = piti_train.glide_models(args, target.n_channels)
+    else:
+        cat = dict(source_channels=source.n_channels, target_channels=target.n_channels)
+        base_kw = {**piti.BASE_KWARGS, **args.base_config, **cat, "prompts": args.prompts}
+        up_kw = {**piti.UP_KWARGS, **args.up_config, **cat, "prompts": args.prompts if args.finetune_upsampler else 0}
+        base = piti.load_official(args.base, super_res=False, config=base_kw)
+        up = piti.load_official(args.upsampler, super_res=True, config=up_kw)
+        torch.manual_seed(args.seed)  # prompts' random init (and the 1x1 conv's with --affinity none)
+        for m in (base, up):  # the upsampler's 1x1 conv gets the same affinity
+            m.reset_cat()
+            m.set_affinity(M) if M is not None else m.random_cat_map()
+        models = {"base": base, "up": up} if args.finetune_upsampler else {"base": base}
+    present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
+    params = {name: trainable(m, args.train) for name, m in models.items()}
+    for name, m in models.items():
+        m.requires_grad_(False)
+        for p in params[name].values():
+            p.requires_grad_(True)
+    saved = dict(params) if args.init == "glide" else \
+        {"base": params["base"], "up": params.get("up", {"cat_map": up.cat_map})}  # what a checkpoint keeps
+    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
+    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
+    if ckpt is not None:
+        for name in saved:
+            present[name].load_state_dict(ckpt[name], strict=False)
+        ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
+    for m in present.values():
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
+    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
+        opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
+    samplers = {name: piti_train.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
+    for name, state in (ckpt or {}).get("timestep_samplers", {}).items():
+        samplers[name].load_state_dict(state)
+    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
+    return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, saved=saved,
+                           ema=ema, opt=opt, diffs=diffs, samplers=samplers, low_side=low_side,
+                           step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
+                           bad_evals=ckpt["bad_evals"] if ckpt else 0)
 
 
 @contextmanager
@@ -219,7 +249,7 @@ def batch_indices(step, n, batch, seed):
 
 def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None):
     """Official PITI loss on one batch: q_sample at t from `sampler` (None: uniform), model output, mse + vb;
-    batch values = mean(term * importance weight), as the official TrainLoop; "per_sample" = (t, losses)."""
+    batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses)."""
     B = image.shape[0]
     side = model.image_size
     x0 = F.interpolate(image, (side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
@@ -233,74 +263,119 @@ def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=Tr
     noise = torch.randn_like(x0)
     low = None
     if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
-        low = piti.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
-                                          align_corners=False))
+        low = diffusion.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
+                                               align_corners=False))
     terms = piti_train.diffusion_terms(model, diff, x0, ref, t, noise, low_res=low, amp=amp)
     return {**piti_train.weighted_means(terms, weights), "per_sample": (t.detach(), terms["loss"].detach())}
 
 
-def sampler(base, up, args, out_side, real=None):
-    """sample(label, seeds) -> images in [-1,1] at the dataset's side (one seed per batch).
+def train_step(net, args, train_ds, n_target_channels, s, device):
+    """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms)."""
+    seed = step_seed(args.seed, 0, s)
+    torch.manual_seed(seed)  # t, noise, condition dropout, UNet dropout
+    random.seed(seed)  # the dataset's crop and flip
+    items = [train_ds[i] for i in batch_indices(s, len(train_ds), args.batch, args.seed)]
+    image = torch.stack([it["image"] for it in items]).to(device)
+    label = torch.stack([it["label"] for it in items]).to(device)
+    if label.max() >= n_target_channels:
+        raise DataError(f"label id {int(label.max())} beyond the {n_target_channels} target channels")
+    logs, total = {}, 0.0
+    for name, m in net.models.items():
+        m.train()
+        # the official upsampler is never trained unconditionally (it samples without guidance)
+        terms = training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
+                              net.low_side if name == "up" else None, amp=args.amp == "bf16", sampler=net.samplers[name])
+        net.samplers[name].update(*(v.cpu().numpy() for v in terms.pop("per_sample")))
+        total = total + terms["loss"]
+        logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
+    loss = total.detach().item()
+    if not np.isfinite(loss):
+        raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
+                        "(lower --lr?)")
+    net.opt.zero_grad(set_to_none=True)
+    total.backward()
+    net.opt.step()
+    with torch.no_grad():
+        for name, ps in net.params.items():
+            for k, p in ps.items():
+                net.ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+    return loss, logs
 
-    Base and upsampler: the cascade. Base alone (--init glide without an upsampler): its 64x64 samples.
-    Upsampler alone: it upsamples the 8-bit low-res versions of `real` (the grid's real images)."""
+
+def evaluation(args, net, val_ds, n_target_channels, out, device):
+    """(sample, grid, fid): the EMA models' sampler, fixed val maps and seeds for grids, FID or None.
+
+    Base and upsampler: the cascade. Base alone (--init glide without an upsampler): its own samples. Upsampler
+    alone: it upsamples the 8-bit low-res versions of the grid's real images."""
+    items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
+    grid = {"label": torch.stack([it["label"] for it in items]).to(device),
+            "real": torch.stack([it["image"] for it in items]), "n_channels": n_target_channels, "seeds": [args.seed]}
+    base, up, amp, ddim = net.base, net.up, args.amp == "bf16", args.sample_steps.startswith("ddim")
+
     def sample(label, seeds):
         gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-        amp, ddim = args.amp == "bf16", args.sample_steps.startswith("ddim")
         if base is not None and up is not None:
-            x = piti.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                             guidance=args.guidance, ddim=ddim, amp=amp)
+            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
+                                  guidance=args.guidance, ddim=ddim, amp=amp)
         elif base is not None:
-            x = piti.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
-                            ddim=ddim, amp=amp)
+            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
+                                 ddim=ddim, amp=amp)
         else:
-            side = up.image_size // 4
-            low = piti.quantize(F.interpolate(real[:len(label)].to(label.device), (side, side), mode="bicubic",
-                                              antialias=True, align_corners=False))
-            x = piti.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
-        if x.shape[-2:] != tuple(out_side):
-            x = F.interpolate(x, out_side, mode="bilinear", antialias=True, align_corners=False)
+            real = grid["real"][:len(label)].to(label.device)
+            low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
+                                                   align_corners=False))
+            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
+        if x.shape[-2:] != tuple(val_ds.size):
+            x = F.interpolate(x, val_ds.size, mode="bilinear", antialias=True, align_corners=False)
         return x.clamp(-1, 1)
-    return sample
+
+    if not (args.inception or args.fid_features):
+        return sample, grid, None
+    feats = metrics.load_feature_net(args.inception, args.fid_features, device)
+    fid_ds = copy.copy(val_ds)
+    fid_ds.files = val_ds.files[:args.fid_n]
+    real = metrics.real_stats(fid_ds, feats, cache_dir=out / "fid_cache", device=device)[:2]
+    return sample, grid, lambda: metrics.generator_fid(sample, fid_ds, feats, real, device, args.batch, args.seed)
 
 
-EXPORTS = {"base": "base.pt", "up": "upsampler.pt"}  # --init glide: the EMA models in the official format
-
-
-def glide_models(args, n_channels):
-    """--init glide: (base, up, trained models) with decoders from the GLIDE files; --upsampler (a PITI upsampler
-    of this label space) may stand in for an untrained one, for grids and FID."""
-    own = {"source_channels": n_channels}
-    base = up = None
-    if args.glide_ckpt:
-        base = piti_train.glide_model(args.glide_ckpt, False, {**args.base_config, **own}, encoder=args.encoder,
-                                      seed=args.seed)
-    if args.glide_up_ckpt:
-        up = piti_train.glide_model(args.glide_up_ckpt, True, {**args.up_config, **own}, seed=args.seed + 1)
-    elif args.upsampler:
-        up = piti.load_official(args.upsampler, super_res=True, config={**piti.UP_KWARGS, **args.up_config, **own})
-    models = {"base": base} if base is not None else {}
-    if args.glide_up_ckpt:
-        models["up"] = up
-    return base, up, models
-
-
-def save_checkpoint(obj, path):
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
+    """EMA grid, FID, exported files (--init glide), log line, checkpoint.pt (and best.pt on a better FID);
+    True when early stopping says stop."""
+    for m in net.present:
+        m.eval()
+    better = stop = False
+    with ExitStack() as stack:
+        for name in net.params:
+            stack.enter_context(swapped(net.params[name], net.ema[name]))
+        metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+        entry = {"step": s, "grid": f"samples/{s:06d}.png"}
+        if fid is not None:
+            entry["fid"] = fid()
+            better = net.best_fid is None or entry["fid"] < net.best_fid
+            net.best_fid, net.bad_evals = (entry["fid"], 0) if better else (net.best_fid, net.bad_evals + 1)
+            stop = net.bad_evals >= args.patience
+        if args.init == "glide":  # the EMA weights as official flat files: a later run's --base / --upsampler
+            piti_train.export(net.models, out)
+    state = {"kind": "piti-cat", "step": s, "args": vars(args), **info,
+             "base_kwargs": net.base.kwargs if net.base is not None else None,
+             "up_kwargs": net.up.kwargs if net.up is not None else None,
+             "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
+             "opt": net.opt.state_dict(), "best_fid": net.best_fid, "bad_evals": net.bad_evals}
+    for name, ps in net.saved.items():
+        state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
+        state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()} if name in net.ema else state[name]
+    append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+    save(state, out / "checkpoint.pt")
+    if better:
+        save(state, out / "best.pt")
+    return stop
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args, ckpt = settings(argv)
     out = Path(args.out)
-    path = out / "checkpoint.pt"
-    ckpt = None
-    if args.resume:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.exists():
-        raise DataError(f"{path} exists; use --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:  # a killed run may have logged steps past its last checkpoint
+        truncate_log(out / "log.jsonl", ckpt["step"])
     device = torch.device(args.device)
 
     # data, class tables, affinity
@@ -308,152 +383,40 @@ def main(argv=None):
     val_ds = data.dataset_from_args(args, "val")
     target = train_ds.classes
     if args.init == "glide":  # PITI itself from GLIDE, in the data's own label space (no CAT)
-        source, A = target, None
-        base, up, models = glide_models(args, target.n_channels)
+        source, A, M = target, None, None
     else:
         source = data.class_table(args.source, args.source_root)
-        A, M = load_affinity(args.affinity, target, source, args.seed)
-        # models: official weights + CAT layers (the upsampler's 1x1 conv gets the same affinity)
-        cat = dict(source_channels=source.n_channels, target_channels=target.n_channels)
-        base_kw = {**piti.BASE_KWARGS, **args.base_config, **cat, "prompts": args.prompts}
-        up_kw = {**piti.UP_KWARGS, **args.up_config, **cat, "prompts": args.prompts if args.finetune_upsampler else 0}
-        base = piti.load_official(args.base, super_res=False, config=base_kw)
-        up = piti.load_official(args.upsampler, super_res=True, config=up_kw)
-        torch.manual_seed(args.seed)  # prompts' random init
-        for m in (base, up):
-            m.reset_cat()
-            m.set_affinity(M)
-        models = {"base": base, "up": up} if args.finetune_upsampler else {"base": base}
-    present = [m for m in (base, up) if m is not None]
-    params = {name: trainable(m, args.train) for name, m in models.items()}
-    for name, m in models.items():
-        m.requires_grad_(False)
-        for p in params[name].values():
-            p.requires_grad_(True)
-    saved = dict(params) if args.init == "glide" else \
-        {"base": params["base"], "up": params.get("up", {"cat_map": up.cat_map})}  # what a checkpoint keeps
-    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
-    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
-    step, best_fid, bad_evals = 0, None, 0
-    if ckpt is not None:
-        for name, m in models.items():
-            m.load_state_dict(ckpt[name], strict=False)
-            ema[name] = {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()}
-        step, best_fid, bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
-    for m in present:
-        m.to(device)
-        if device.type == "cuda":
-            m.to(memory_format=torch.channels_last)
-    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
-    if ckpt is not None:  # optimizer state follows its parameters' device
-        opt.load_state_dict(ckpt["opt"])
-    diffs = {name: piti.Diffusion(m.noise_schedule) for name, m in (("base", base), ("up", up)) if m is not None}
-    tsamplers = {name: piti_train.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
-    if ckpt is not None:
-        for name, state in ckpt.get("timestep_samplers", {}).items():
-            tsamplers[name].load_state_dict(state)
-    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
+        A, M = (None, None) if args.affinity == "none" else data.load_affinity(args.affinity, target, source)
 
-    # evaluation: grid of fixed val maps and seeds, FID of the EMA cascade
-    grid_items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
-    grid = {"label": torch.stack([it["label"] for it in grid_items]).to(device),
-            "real": torch.stack([it["image"] for it in grid_items]), "n_channels": target.n_channels,
-            "seeds": [args.seed]}
-    sample = sampler(base, up, args, val_ds.size, grid["real"])
-    fid = None
-    if (args.inception or args.fid_features) and base is None:
-        raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
-    if args.inception or args.fid_features:
-        net = metrics.load_feature_net(args.inception, args.fid_features, device)
-        fid_ds = copy.copy(val_ds)
-        fid_ds.files = val_ds.files[:args.fid_n]
-        real = metrics.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device)[:2]
-
-        def fid():
-            return metrics.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed)
-
-    def evaluate_and_save(s):
-        """EMA grid, FID, checkpoint; True when early stopping says stop."""
-        nonlocal best_fid, bad_evals
-        for m in present:
-            m.eval()
-        with ExitStack() as stack:
-            for name in params:
-                stack.enter_context(swapped(params[name], ema[name]))
-            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
-            entry = {"step": s, "grid": f"samples/{s:06d}.png"}
-            stop = False
-            if fid is not None:
-                entry["fid"] = fid()
-                better = best_fid is None or entry["fid"] < best_fid
-                best_fid, bad_evals = (entry["fid"], 0) if better else (best_fid, bad_evals + 1)
-                stop = bad_evals >= args.patience
-            if args.init == "glide":  # the EMA weights as official flat files: a later run's --base / --upsampler
-                for name in models:
-                    save_checkpoint(piti_train.official_state(models[name]), out / EXPORTS[name])
-        files = {"base": args.base, "up": args.upsampler}
-        if args.init == "glide":
-            files.update({name: out / EXPORTS[name] for name in models})
-        state = {"kind": "piti-cat", "init": args.init, "step": s, "args": vars(args), "affinity": A,
-                 "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
-                 "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
-                 "base_kwargs": base.kwargs if base is not None else None,
-                 "up_kwargs": up.kwargs if up is not None else None,
-                 "base_file": os.path.abspath(files["base"]) if files["base"] else None,
-                 "up_file": os.path.abspath(files["up"]) if files["up"] else None,
-                 "timestep_samplers": {name: ts.state_dict() for name, ts in tsamplers.items()},
-                 "opt": opt.state_dict(), "best_fid": best_fid, "bad_evals": bad_evals}
-        for name, ps in saved.items():
-            state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
-            state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()} if name in ema else state[name]
-        save_checkpoint(state, path)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        return stop
-
-    if step == 0 and not args.resume:
-        if evaluate_and_save(0) or args.steps == 0:  # the model before training: training-free CAT
+    # models (official weights + CAT layers, or GLIDE decoders), evaluation
+    net = build(args, source, target, M, ckpt, device)
+    sample, grid, fid = evaluation(args, net, val_ds, target.n_channels, out, device)
+    files = {"base": args.base, "up": args.upsampler}
+    if args.init == "glide":  # the run's own exports are the models a sampler loads
+        files.update({name: out / piti_train.EXPORTS[name] for name in net.models})
+    info = {"init": args.init, "affinity": None if A is None else torch.from_numpy(A),
+            "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
+            "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
+            **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
+    if ckpt is None:  # the model before training: training-free CAT
+        if evaluate_and_save(0, net, args, out, sample, grid, fid, info) or args.steps == 0:
             return
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="finetune_piti")
+
+    # training
+    start = net.step
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="finetune_piti")
     t0 = time.time()
     for s in bar:
-        seed = step_seed(args.seed, 0, s)
-        torch.manual_seed(seed)  # t, noise, condition dropout, UNet dropout
-        random.seed(seed)  # the dataset's crop and flip
-        items = [train_ds[i] for i in batch_indices(s, len(train_ds), args.batch, args.seed)]
-        image = torch.stack([it["image"] for it in items]).to(device)
-        label = torch.stack([it["label"] for it in items]).to(device)
-        if label.max() >= target.n_channels:
-            raise DataError(f"label id {int(label.max())} beyond the {target.n_channels} channels of {target.dataset}")
-        for m in models.values():
-            m.train()
-        logs, total = {}, 0.0
-        for name, m in models.items():
-            # the official upsampler is never trained unconditionally (it samples without guidance)
-            terms = training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                  low_side if name == "up" else None, amp=args.amp == "bf16", sampler=tsamplers[name])
-            tsamplers[name].update(*(v.cpu().numpy() for v in terms.pop("per_sample")))
-            total = total + terms["loss"]
-            logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
-        loss = total.detach().item()
-        if not np.isfinite(loss):
-            raise DataError(f"loss is {loss} at step {s}; stopping, {path} left as it was (lower --lr?)")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        with torch.no_grad():
-            for name, ps in params.items():
-                for k, p in ps.items():
-                    ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+        loss, logs = train_step(net, args, train_ds, target.n_channels, s, device)
         bar.set_postfix(loss=f"{loss:.4f}")
         done = s + 1
         if done % args.log_every == 0 or done == args.steps:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "loss": loss, **logs,
-                                    "sec_per_step": (time.time() - t0) / (done - step)}) + "\n")
+            append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                                           "sec_per_step": (time.time() - t0) / (done - start)})
         if done % args.eval_every == 0 or done == args.steps:
-            if evaluate_and_save(done):
-                print(f"early stop at step {done}: no better FID in {args.patience} evaluations (best {best_fid:.2f})")
+            if evaluate_and_save(done, net, args, out, sample, grid, fid, info):
+                print(f"early stop at step {done}: no better FID in {args.patience} evaluations "
+                      f"(best {net.best_fid:.2f})")
                 break
 
 

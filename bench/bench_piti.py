@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from models import piti  # noqa: E402
+from models import diffusion, piti  # noqa: E402
 
 OFFICIAL_H100 = {"base img/s": 0.40, "up img/s": 2.58, "end-to-end img/s": 0.35}
 TINY = dict(model_channels=32, num_res_blocks=1, attention_ds=[2], num_head_channels=16, xf_width=32, xf_heads=4,
@@ -55,11 +55,11 @@ def labels(batch, side, device):
 @torch.no_grad()
 def official_like(model, ref, steps, guidance, low_res=None, gen=None):
     """The official loop: the whole model (encoder included) on [cond; uncond] at every step, fp32."""
-    diff = piti.Diffusion(model.noise_schedule, steps)
+    diff = diffusion.Diffusion(model.noise_schedule, steps)
     B, side = ref.shape[0], model.image_size
     guided = not model.super_res
     refs = torch.cat([ref, torch.ones_like(ref)]) if guided else ref
-    x = torch.randn(B, 3, side, side, generator=gen, device=ref.device) * (piti.UP_TEMP if model.super_res else 1)
+    x = torch.randn(B, 3, side, side, generator=gen, device=ref.device) * (diffusion.UP_TEMP if model.super_res else 1)
     for i in range(diff.num_timesteps - 1, -1, -1):
         t = torch.full((B,), i, device=ref.device)
         tm = diff.model_t(t)
@@ -91,19 +91,19 @@ def run_mode(mode, base, up, label, args, device):
     if mode == "official":
         base_fn = lambda: official_like(base, base.ref(label), args.steps, args.guidance, gen=gen)  # noqa: E731
     else:
-        base_fn = lambda: piti.sample(base, base.ref(label), steps=args.steps, guidance=args.guidance,  # noqa: E731
+        base_fn = lambda: diffusion.sample(base, base.ref(label), steps=args.steps, guidance=args.guidance,  # noqa: E731
                                       generator=gen, amp=amp)
     for _ in range(args.warmup):
         low, _, _ = timed(base_fn, device)
     low, t_base, m_base = timed(base_fn, device)
-    low = piti.quantize(low)
+    low = diffusion.quantize(low)
     up_fn = (lambda: official_like(up, up.ref(label), args.up_steps, 1.0, low_res=low, gen=gen)) if mode == "official" \
-        else (lambda: piti.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp))
+        else (lambda: diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp))
     for _ in range(args.warmup):
         timed(up_fn, device)
     img, t_up, m_up = timed(up_fn, device)
     B = label.shape[0]
-    n_steps = piti.Diffusion(base.noise_schedule, args.steps).num_timesteps
+    n_steps = diffusion.Diffusion(base.noise_schedule, args.steps).num_timesteps
     return {"mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "batch": B, "base_steps": args.steps, "up_steps": args.up_steps, "guidance": args.guidance,
             "compile": args.compile, "tiny": args.tiny,
@@ -118,10 +118,10 @@ def trajectory_drift(base, label, args, device):
     """bf16 vs fp32 on one base trajectory from the same noise: how far the final 64x64 images move."""
     B, side = label.shape[0], base.image_size
     gen = torch.Generator(device).manual_seed(1)
-    n = piti.Diffusion(base.noise_schedule, args.traj_steps).num_timesteps
+    n = diffusion.Diffusion(base.noise_schedule, args.traj_steps).num_timesteps
     x_T = torch.randn(B, 3, side, side, generator=gen, device=device)
     noises = [torch.randn(B, 3, side, side, generator=gen, device=device) for _ in range(n)]
-    outs = [piti.sample(base, base.ref(label), steps=args.traj_steps, guidance=args.guidance, x_T=x_T, noises=noises,
+    outs = [diffusion.sample(base, base.ref(label), steps=args.traj_steps, guidance=args.guidance, x_T=x_T, noises=noises,
                         amp=amp) for amp in (False, True)]
     d = (outs[1] - outs[0]).abs()
     return {"bf16 vs fp32 trajectory": args.traj_steps, "max |diff|": d.max().item(), "mean |diff|": d.mean().item(),
@@ -132,9 +132,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8, help="label maps per call (the base runs 2x that with guidance)")
-    p.add_argument("--steps", default=piti.BASE_STEPS, help="base respacing (official 250)")
-    p.add_argument("--up-steps", default=piti.UP_STEPS, help="upsampler respacing (official fast27)")
-    p.add_argument("--guidance", type=float, default=piti.GUIDANCE)
+    p.add_argument("--steps", default=diffusion.BASE_STEPS, help="base respacing (official 250)")
+    p.add_argument("--up-steps", default=diffusion.UP_STEPS, help="upsampler respacing (official fast27)")
+    p.add_argument("--guidance", type=float, default=diffusion.GUIDANCE)
     p.add_argument("--modes", default="bf16", help="comma list of official, fp32, bf16")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (compile, cuDNN autotune)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")

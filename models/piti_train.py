@@ -1,25 +1,26 @@
-"""Training PITI itself (SPEC section 10): GLIDE initialisation, the official stage recipes, the timestep samplers.
+"""Training PITI itself: GLIDE initialisation, the official stage recipes, the timestep samplers.
 
 PITI released only COCO-Stuff models; a PITI source for another label space (ADE20K, a folder dataset) is
 trained the official way, which this module provides for finetune_piti.py (`--init glide`):
 
   decoder   GLIDE's base.pt / upsample.pt loaded UNCHANGED into `model.decoder` after the official key filter
-            (image_train.py: drop the text tower `transformer.*` but keep `transformer_proj`, and drop
-            `padding_embedding`, `positional_embedding`, `token_embedding`, `final_ln`), with strict keys.
+            (the text tower `transformer.*` is dropped but `transformer_proj` kept, and `padding_embedding`,
+            `positional_embedding`, `token_embedding`, `final_ln` are dropped), with strict keys.
   encoder   fresh (PyTorch default init; cls token and positions, which the official code leaves as
             uninitialised `th.empty`, get N(0, width^-1/2) and N(0, 0.01)), or an encoder file: an official
             stage-1 file (encoder keys without prefix) or a full PITI file (its `encoder.*` keys).
   loss      `Diffusion.training_losses` (mse on eps + vb on the learned variance with the mean frozen), at
             timesteps from the official samplers: uniform, or loss-second-moment (importance weights
-            1/(T p_t), as `resample.LossSecondMomentResampler`).
-  recipes   the official mask schedule (mask_finetune_base.sh / mask_finetune_upsample.sh) by name.
+            1/(T p_t), as the official loss-second-moment resampler).
+  recipes   the official mask schedule (base stages 1, 1-cont, 2 and the upsampler) by name.
 
 Checked against the official code's training step in tests/test_piti_glide.py.
 """
 import numpy as np
 import torch
 
-from models import DataError, piti
+from models import DataError, diffusion, piti
+from models.checkpoint import save
 
 
 class CheckpointError(DataError):
@@ -27,7 +28,7 @@ class CheckpointError(DataError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The official stage schedule (SPEC section 10). official_batch is the official global batch (8 GPUs x 16 for the
+# The official stage schedule. official_batch is the official global batch (8 GPUs x 16 for the
 # base); finetune_piti.py applies everything else unless given on the command line.
 
 RECIPES = {
@@ -44,7 +45,7 @@ RECIPES = {
                           ema_decay=0.9999, doc="the upsampler: everything from GLIDE upsample.pt, fresh encoder"),
 }
 
-# GLIDE's text tower: the keys image_train.py removes before loading GLIDE into the decoder
+# GLIDE's text tower: the keys the official training removes before loading GLIDE into the decoder
 GLIDE_TEXT_PREFIXES = ("padding_embedding", "positional_embedding", "token_embedding", "final_ln")
 
 
@@ -67,11 +68,11 @@ def read_flat(path, what, fix):
     return sd
 
 
-GLIDE_FIX = "pass GLIDE's base.pt (base) or upsample.pt (upsampler) from openai/glide-text2im, as PITI's download.py fetches"
+GLIDE_FIX = "pass GLIDE's base.pt (base) or upsample.pt (upsampler) from openai/glide-text2im"
 
 
 def load_glide_decoder(model, path_or_sd, path=None):
-    """Put a GLIDE checkpoint into `model.decoder` exactly as image_train.py does (filter, strict); -> dropped keys."""
+    """Put a GLIDE checkpoint into `model.decoder` exactly as the official training does (filter, strict); -> dropped keys."""
     path = path or (path_or_sd if isinstance(path_or_sd, str) else "GLIDE state dict")
     sd = read_flat(path_or_sd, "GLIDE checkpoint", GLIDE_FIX) if isinstance(path_or_sd, str) else path_or_sd
     if any(k.startswith(("encoder.", "decoder.")) for k in sd):
@@ -157,7 +158,7 @@ def trainable(model, mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# Timestep samplers (improved-diffusion's resample.py), with state for exact resumes
+# Timestep samplers (the official uniform and loss-second-moment ones), with state for exact resumes
 
 
 class TimestepSampler:
@@ -225,7 +226,7 @@ def diffusion_terms(model, diff, x0, ref, t, noise, low_res=None, amp=True):
     """Per-sample official terms {loss, mse, vb} for x0 (B,3,H,W) in [-1,1], conditioning `ref`, timesteps t
     (indices into `diff`), noise; `low_res` for the upsampler (bilinearly resized inside, as the official)."""
     x_t = diff.q_sample(x0, t, noise)
-    with piti.autocast(x0.device, amp):
+    with diffusion.autocast(x0.device, amp):
         out = model(x_t, diff.model_t(t), ref, low_res=low_res)
     return diff.training_losses(out.float(), x0, x_t, t, noise)
 
@@ -235,10 +236,65 @@ def weighted_means(terms, weights=None):
     return {k: (v * weights).mean() if weights is not None else v.mean() for k, v in terms.items()}
 
 
+# ----------------------------------------------------------------------------------------------
+# finetune_piti.py --init glide: flags, models, exported files
+
+
+def fresh_run_args(args, given):
+    """A fresh run's --recipe and --init flags: the recipe's settings unless given, one DataError line otherwise."""
+    if args.recipe:  # a named official stage; --batch stays the run's (official: 8 GPUs x 16)
+        for k, v in RECIPES[args.recipe].items():
+            if k not in ("doc", "official_batch") and k not in given:
+                setattr(args, k, v)
+    if args.init == "glide":
+        if not (args.glide_ckpt or args.glide_up_ckpt):
+            raise DataError("--init glide needs --glide-ckpt (GLIDE base.pt) and/or --glide-up-ckpt (upsample.pt)")
+        if args.affinity or args.base or ("prompts" in given and args.prompts):
+            raise DataError("--init glide trains PITI on --data's own classes: no --affinity, --base or --prompts")
+        args.prompts = 0
+    else:
+        for flag in ("base", "upsampler", "affinity"):
+            if getattr(args, flag) is None:
+                raise DataError(f"--{flag} is required (see --help)")
+    if args.train is None:
+        args.train = "all" if args.init == "glide" else "fixdec"
+    if args.init == "glide" and args.train == "fixdec":
+        raise DataError("--train fixdec is CAT's recipe; --init glide trains 'encoder' or 'all'")
+    return args
+
+
+def glide_models(args, n_channels):
+    """--init glide: (base, up, trained models) with decoders from the GLIDE files, in --data's label space;
+    --upsampler (a PITI upsampler of this label space) may stand in for an untrained one, for grids and FID."""
+    own = {"source_channels": n_channels}
+    base = up = None
+    if args.glide_ckpt:
+        base = glide_model(args.glide_ckpt, False, {**args.base_config, **own}, encoder=args.encoder, seed=args.seed)
+    if args.glide_up_ckpt:
+        up = glide_model(args.glide_up_ckpt, True, {**args.up_config, **own}, seed=args.seed + 1)
+    elif args.upsampler:
+        up = piti.load_official(args.upsampler, super_res=True, config={**piti.UP_KWARGS, **args.up_config, **own})
+    models = {"base": base} if base is not None else {}
+    if args.glide_up_ckpt:
+        models["up"] = up
+    return base, up, models
+
+
+EXPORTS = {"base": "base.pt", "up": "upsampler.pt"}  # the trained models as official flat files
+
+
+def export(models, out):
+    """<out>/base.pt, <out>/upsampler.pt of the models as they are (the EMA weights, swapped in by the caller):
+    the --base / --upsampler of a later CAT run."""
+    for name, m in models.items():
+        save(official_state(m), out / EXPORTS[name])
+
+
 def describe_recipes():
     return "; ".join(f"{name}: {r['doc']} (lr {r['lr']:g}, uncond_p {r['uncond_p']:g}, {r['schedule_sampler']} t)"
                      for name, r in RECIPES.items())
 
 
 __all__ = ["CheckpointError", "RECIPES", "glide_decoder_state", "load_glide_decoder", "fresh_encoder", "load_encoder",
-           "glide_model", "official_state", "trainable", "TimestepSampler", "diffusion_terms", "weighted_means"]
+           "glide_model", "official_state", "trainable", "TimestepSampler", "diffusion_terms", "weighted_means",
+           "fresh_run_args", "glide_models", "EXPORTS", "export"]

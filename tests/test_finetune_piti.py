@@ -55,6 +55,12 @@ def run(files, out, *extra):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def resume(out, *extra):
+    cmd = [sys.executable, "finetune_piti.py", "--out", str(out), "--resume", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+
+
 def losses(out):
     lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
     return {e["step"]: e["loss"] for e in lines if "loss" in e}
@@ -65,20 +71,34 @@ def test_finetune_resume_and_generator(files, tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     half = run(files, tmp_path / "half", "--steps", "2")
     assert half.returncode == 0, half.stderr[-2000:]
-    # resuming needs only the run folder: model, data and optimisation flags come from the checkpoint
-    more = subprocess.run([sys.executable, "finetune_piti.py", "--out", str(tmp_path / "half"), "--resume",
-                           "--steps", "4", "--eval-every", "2", "--log-every", "1", "--grid-n", "2", "--sample-steps",
-                           "4", "--up-steps", "4", "--device", "cpu"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
+    # a model flag changed on resume is refused in one line, before anything is written
+    r = resume(tmp_path / "half", "--steps", "4", "--prompts", "3")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--prompts is 3" in r.stderr and "used 2" in r.stderr
+    # a run killed after its step-2 checkpoint had logged steps 3 and 4 (and the step-4 grid) already
+    log = tmp_path / "half" / "log.jsonl"
+    clean = log.read_text()
+    with open(log, "a") as f:
+        for entry in ({"step": 3, "loss": 99.0}, {"step": 4, "loss": 99.0}, {"step": 4, "grid": "samples/000004.png"}):
+            f.write(json.dumps(entry) + "\n")
+    # resuming needs only the run folder: every flag not given comes from the checkpoint
+    more = resume(tmp_path / "half", "--steps", "4")
     assert more.returncode == 0, more.stderr[-2000:]
+    lines = log.read_text().splitlines()
+    assert "".join(ln + "\n" for ln in lines[:clean.count("\n")]) == clean  # the first part untouched
+    entries = [json.loads(s) for s in lines]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3, 4]  # each step once, stale lines gone
+    assert [e["step"] for e in entries if "grid" in e] == [0, 2, 4]
     a, b = losses(tmp_path / "full"), losses(tmp_path / "half")
     assert sorted(a) == [1, 2, 3, 4] and a == b  # the resumed steps 3 and 4 equal the uninterrupted run's
     assert all(np.isfinite(v) for v in a.values())
     for s in (0, 2, 4):
         assert (tmp_path / "full" / "samples" / f"{s:06d}.png").is_file()
+    assert not (tmp_path / "full" / "best.pt").exists()  # no FID, no best
     ca = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     cb = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
-    assert ca["kind"] == "piti-cat" and ca["step"] == 4
+    assert ca["kind"] == "piti-cat" and ca["step"] == 4 and cb["step"] == 4
+    assert cb["args"]["eval_every"] == 2 and cb["args"]["batch"] == 2  # taken from the run, not the defaults
     trained = set(ca["base"])
     assert "cat_map" in trained and "prompts" in trained and "encoder.cnn.conv1.weight" in trained
     assert "encoder.transformer.resblocks.1.attn.c_qkv.weight" in trained  # the last block
@@ -103,6 +123,19 @@ def test_bad_input_one_line(files, tmp_path):
     r = run(files, tmp_path / "b", "--steps", "1", "--base", str(files / "up.pt"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "is an upsampler checkpoint" in r.stderr
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    r = run(files, tmp_path / "c", "--steps", "x")  # argparse's complaint is one line too, exit code 1
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: argument --steps: invalid int value: 'x' "
+                                                                   "(see --help)"]
+    # a non-empty --out is refused without --resume or --overwrite; --overwrite starts over
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    r = run(files, tmp_path / "d", "--steps", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "folder is not empty" in r.stderr
+    assert "--overwrite" in r.stderr and not (tmp_path / "d" / "checkpoint.pt").exists()
+    r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(s)["step"] for s in (tmp_path / "d" / "log.jsonl").read_text().splitlines()] == [0]
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 0
 
 
 def test_ablation_rows_and_upsampler(files, tmp_path):
@@ -118,12 +151,18 @@ def test_ablation_rows_and_upsampler(files, tmp_path):
     ck = torch.load(tmp_path / "abl" / "checkpoint.pt", weights_only=True)
     assert "prompts" not in ck["base"] and ck["affinity"] is None
     assert any(k.startswith("decoder.") for k in ck["base"]) and any(k.startswith("decoder.") for k in ck["up"])
-    cat_map = ck["base"]["cat_map"]
-    assert not torch.equal(cat_map, cat_map.round())  # random soft rows, not a hard affinity
+    for part in ("base", "up"):  # PyTorch's default 1x1-conv init U(-1/sqrt(T), 1/sqrt(T)), T = 10 (+ one step)
+        cat_map = ck[part]["cat_map"]
+        assert cat_map.shape == (13, 10) and (cat_map < 0).any() and (cat_map.abs() <= 10 ** -0.5 + 0.01).all()
     log = [json.loads(s) for s in (tmp_path / "abl" / "log.jsonl").read_text().splitlines()]
     assert np.isfinite(log[-2]["up_loss"]) and np.isfinite(log[-2]["base_vb"])
     assert [e["step"] for e in log if "fid" in e] == [0, 1] and all(np.isfinite(e["fid"]) for e in log if "fid" in e)
-    assert ck["best_fid"] == min(e["fid"] for e in log if "fid" in e)
+    fids = {e["step"]: e["fid"] for e in log if "fid" in e}
+    assert ck["best_fid"] == min(fids.values())
+    best = torch.load(tmp_path / "abl" / "best.pt", weights_only=True)  # the state of the best evaluation
+    assert best["kind"] == "piti-cat" and fids[best["step"]] == best["best_fid"] == ck["best_fid"]
+    if best["step"] == 0:
+        assert not torch.equal(best["base_ema"]["cat_map"], ck["base_ema"]["cat_map"])
 
 
 def test_nan_loss_stops_without_overwriting(files, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import data
-from models.piti import PITI, load_official, load_official_state, official_kwargs, palette, sample
+from models.diffusion import sample
+from models.piti import PITI, load_official, load_official_state, official_kwargs, palette
 from conftest import golden_path
 from models import DataError
 

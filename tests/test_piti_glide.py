@@ -1,6 +1,6 @@
 """models/piti_train.py against the official code: GLIDE loading and one PITI training step (tests/golden/piti_train).
 
-The goldens (README there) were made by the official PITI training code (image_train.py's GLIDE loading, TrainLoop's
+The goldens (README there) were made by the official PITI training code (its GLIDE loading, its training loop's
 forward_backward and optimize_normal) and glide-text2im's model constructor, imported unchanged, in float32 on CPU.
 """
 from pathlib import Path
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.piti import PITI, Diffusion, official_kwargs
+from models.diffusion import Diffusion
+from models.piti import PITI, official_kwargs
 from models.piti_train import (CheckpointError, TimestepSampler, diffusion_terms, glide_decoder_state, glide_model,
                                load_encoder, load_glide_decoder, official_state, trainable, weighted_means)
 
@@ -49,7 +50,7 @@ def test_glide_file_loads_with_the_official_filter():
     sd = gold("glide_base_tiny.pt")
     g = gold("step_base_stage2.pt")
     model, dropped = build(g)
-    assert dropped == g["glide_dropped_keys"]  # the text tower, exactly the keys image_train.py deletes
+    assert dropped == g["glide_dropped_keys"]  # the text tower, exactly the keys the official training deletes
     assert "transformer_proj.weight" in glide_decoder_state(sd) and "transformer_proj.weight" not in dropped
     assert {"token_embedding.weight", "padding_embedding", "positional_embedding", "final_ln.weight"} <= set(dropped)
     for k, v in model.decoder.state_dict().items():

@@ -1,4 +1,4 @@
-"""models/piti.py against the official PITI code's outputs (../shared/golden/piti, README there).
+"""models/piti.py and models/diffusion.py against the official PITI code's outputs (tests/golden/piti, README there).
 
 Every base_*.pt / up_*.pt in the folder is discovered and rebuilt from its own options and shrink
 widths. Tolerances are the README's: single forwards 2e-5, teacher-forced steps 1e-6, free-running
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.piti import (PITI, Diffusion, load_official_state, official_kwargs, palette, quantize, resize_nearest,
-                         sample, timestep_embedding)
+from models.diffusion import Diffusion, quantize, sample
+from models.piti import PITI, load_official_state, official_kwargs, palette, resize_nearest, timestep_embedding
 from conftest import GOLDEN, golden_path
 
 FWD, STEP = 2e-5, 1e-6
