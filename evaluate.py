@@ -53,9 +53,9 @@ from PIL import Image
 
 from models import DataError, cli
 from data import add_data_args, class_table, dataset_from_args, load_affinity
-from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou,
-                     kid, load_feature_net, load_segmenter, oasis_sampler, real_stats, save_grid, segment, stats,
-                     to_uint8)
+from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
+                     load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
+                     stats, to_uint8)
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
@@ -161,9 +161,10 @@ def load_generator(args, dataset, device, bf16):
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
                                    ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
-        info.update(kind="piti-cat", steps=steps or "official (250)",
-                    up_steps=args.piti_up_steps or "official (fast27)")
-        return (lambda label, seeds: piti(label, seeds[0])), info
+        info.update(kind="piti-cat", steps=steps or "official (250)", up_steps=args.piti_up_steps or "official (fast27)",
+                    resize=f"256x256 samples resized to {dataset.size[0]}x{dataset.size[1]} as finetune_piti.py scores "
+                           "them (metrics.resize_images: bilinear, antialiased)")
+        return (lambda label, seeds: resize_images(piti(label, seeds[0]), dataset.size)), info
 
     if ckpt is not None and (has_cat or not given):  # a CAT model, or a model of the target classes themselves
         G = Generator(**ckpt["G_kwargs"])

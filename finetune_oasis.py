@@ -18,6 +18,15 @@ convs, stage 2 every SPADE-block layer. Every `--eval-every` steps (and at the e
 statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
 and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
 continues the run in --out exactly, with its own settings; model and data flags cannot change.
+
+--recipe expresses the rows of the paper's OASIS ablation (supplement Table 10) and its two transfer baselines:
+  finetune, freezed, freezed-2stage, freezed-2stage-resid, cat (the default, all four components);
+  transfergan   TransferGAN (Wang et al. 2018): G and D finetuned from the source model with a new first layer,
+                which in this architecture is exactly the plain finetuning row;
+  cgantransfer  our adaptation of cGANTransfer (Shahbazi et al. 2021), knowledge propagation across classes:
+                every target class is a *learned* convex combination of the source classes (a softmax over
+                free logits per row, uniform at the start, in every CAT input layer), trained jointly with the
+                whole G and D, with no residual layers and no FreezeD.
 """
 import argparse
 import copy
@@ -47,12 +56,7 @@ RECIPES = {
     "freezed-2stage": {**PLAIN, "freeze_d": 2, "stages": 2, "g_train": "spade"},
     "freezed-2stage-resid": {**PLAIN, "freeze_d": 2, "stages": 2, "g_train": "spade", "no_residual": False},
     "cat": dict(stages=2, g_train="spade", no_residual=False, freeze_d=2),  # all four (needs --affinity FILE)
-    # TransferGAN (Wang et al. 2018): finetune G and D from the source model with a new first layer, which in
-    # this architecture is exactly the plain finetuning row
-    "transfergan": PLAIN,
-    # our adaptation of cGANTransfer (Shahbazi et al. 2021), knowledge propagation across classes: every target
-    # class is a learned convex combination of the source classes (softmax rows, uniform at start), trained
-    # jointly with the whole G and D
+    "transfergan": PLAIN,  # see the module docstring
     "cgantransfer": {**PLAIN, "affinity": "learned"},
 }
 # the learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep 1e-4
@@ -168,10 +172,6 @@ def get_args(argv=None):
     return args, given
 
 
-# ----------------------------------------------------------------------------------------------
-# The paper's schedule
-
-
 def stage_of(step, args):
     """CAT's two finetuning stages: 1 for the first --stage1-steps iterations (CAT layers + SPADE gamma/beta
     convs), then 2 (every SPADE-block layer, or every G layer with --g-train all). One stage (--stages 1, and
@@ -188,22 +188,11 @@ def stage_parameters(G, stage, args):
     return G.stage_parameters(stage)
 
 
-def set_stage(G, stage, args):
-    """Only this stage's generator parameters require grad."""
-    ids = {id(p) for p in stage_parameters(G, stage, args)}
-    for p in G.parameters():
-        p.requires_grad_(id(p) in ids)
-
-
 def ema_decay_at(step, decay):
     """The EMA decay of iteration `step`: min(decay, (1 + step) / (10 + step)). A fixed 0.9999 over a 5000-step
     finetuning run would leave ~61% of the step-0 weights in the evaluated model; the warm-up lets the average
     follow a short run from its start and reaches `decay` on long ones."""
     return min(decay, (1 + step) / (10 + step))
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs
 
 
 def build_models(args, target, size):
@@ -264,8 +253,11 @@ def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_deca
 
 
 def wrap(G, D, EMA, stage, args, ddp, device):
-    """The networks of train_step for this stage (DDP registers the parameters that require grad)."""
-    set_stage(G, stage, args)
+    """The networks of train_step for this stage, whose generator parameters alone require grad (DDP registers
+    the parameters that require grad)."""
+    ids = {id(p) for p in stage_parameters(G, stage, args)}
+    for p in G.parameters():
+        p.requires_grad_(id(p) in ids)
     g, d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
     nets = {"G": g, "D": d, "G_fwd": g, "D_fwd": d, "G_raw": G, "EMA": EMA}
     if ddp:
@@ -284,17 +276,6 @@ def bn_batches(train_items, args, step, n_channels, device, mem):
     dl = torch.utils.data.DataLoader(train_items, batch_sampler=keys[:args.bn_batches], num_workers=args.workers,
                                      generator=torch.Generator().manual_seed(step))
     return (data.onehot(b["label"].to(device), n_channels).contiguous(memory_format=mem) for b in dl)
-
-
-def fid_fn(args, sample, val_ds, out, device, bf16):
-    """fid() -> validation FID of the EMA sampler, or None without a feature network."""
-    if not (args.inception or args.fid_features):
-        return None
-    net = metrics.load_feature_net(args.inception, args.fid_features, device)
-    fid_ds = copy.copy(val_ds)
-    fid_ds.files = val_ds.files[:args.fid_n]
-    real = metrics.real_stats(fid_ds, net, cache_dir=out / "fid_cache", device=device, bf16=bf16)[:2]
-    return lambda: metrics.generator_fid(sample, fid_ds, net, real, device, args.batch, args.seed, bf16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,11 +343,9 @@ def setup(args):
 
     # Evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
     R.sample = metrics.oasis_sampler(R.EMA, R.target.n_channels, R.bf16)
-    items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
-    R.grid = {"label": torch.stack([it["label"] for it in items]).to(device),
-              "real": torch.stack([it["image"] for it in items]), "n_channels": R.target.n_channels,
-              "seeds": metrics.image_seeds(args.seed, 0, len(items), 0)}
-    R.fid = fid_fn(args, R.sample, val_ds, out, device, R.bf16) if master else None
+    R.grid = metrics.fixed_grid(val_ds, args.grid_n, lambda n: metrics.image_seeds(args.seed, 0, n, 0), device)
+    R.fid = metrics.validation_fid(R.sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
+                                   device, args.batch, args.seed, R.bf16) if master else None
     return R
 
 

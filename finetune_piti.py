@@ -4,7 +4,7 @@
     python finetune_piti.py --base ckpt/base_mask.pt --upsampler ckpt/upsample_mask.pt \
         --affinity runs/aff/affinity.npy --data folder --data-root my_data --n 100 --lr 2e-4 --out runs/piti_cat
     # training-free CAT (no steps): writes the checkpoint evaluate.py samples from, and a grid
-    python finetune_piti.py --base ... --upsampler ... --affinity affinity.npy --steps 0 --prompts 0 --out runs/free
+    python finetune_piti.py --base ... --upsampler ... --affinity affinity.npy --steps 0 --out runs/free
 
 The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
 affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
@@ -46,7 +46,6 @@ without --resume or --overwrite. The checkpoint keeps the trained weights and th
 (the decoder is not copied unless trained).
 """
 import argparse
-import copy
 import json
 import os
 import random
@@ -103,7 +102,8 @@ def build_parser():
                         "(the 1x1 conv keeps its random init)")
     data.add_data_args(p)
     g = p.add_argument_group("CAT recipe (paper Table 11)")
-    g.add_argument("--prompts", type=int, default=8, help="learned prompt tokens K at the encoder input (0: none)")
+    g.add_argument("--prompts", type=int, default=None,
+                   help="learned prompt tokens K at the encoder input (default 8; 0, the source model, with --steps 0)")
     g.add_argument("--train", default=None, choices=["fixdec", "all", "encoder"],
                    help="fixdec (CAT default): 1x1 conv, prompts, encoder CNN, last transformer block; all: the whole "
                         "model (--init glide default); encoder: the encoder only (official stage 1)")
@@ -111,7 +111,7 @@ def build_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=5000)
     g.add_argument("--batch", type=int, default=8)
-    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr", type=float, default=None, help="default: the paper's, 7e-5 for a Cityscapes target, else 2e-4")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
     g.add_argument("--uncond-p", type=float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
@@ -144,6 +144,10 @@ def settings(argv):
             raise DataError(f"--{flag.replace('_', '-')}: not JSON ({e})")
     if not args.resume:  # a resumed run's recipe and --init settings are in its checkpoint's args
         piti_train.fresh_run_args(args, given)
+        if args.prompts is None:  # a training-free run (--steps 0) is the source model: no random prompt tokens
+            args.prompts = 0 if args.steps == 0 else 8
+        if args.lr is None:
+            args.lr = 7e-5 if args.data == "cityscapes" else 2e-4
     out = prepare_out(args.out, args.resume, args.overwrite)
     ckpt = None
     if args.resume:
@@ -307,9 +311,7 @@ def evaluation(args, net, val_ds, n_target_channels, out, device):
 
     Base and upsampler: the cascade. Base alone (--init glide without an upsampler): its own samples. Upsampler
     alone: it upsamples the 8-bit low-res versions of the grid's real images."""
-    items = [val_ds[i] for i in range(min(args.grid_n, len(val_ds)))]
-    grid = {"label": torch.stack([it["label"] for it in items]).to(device),
-            "real": torch.stack([it["image"] for it in items]), "n_channels": n_target_channels, "seeds": [args.seed]}
+    grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
     base, up, amp, ddim = net.base, net.up, args.amp == "bf16", args.sample_steps.startswith("ddim")
 
     def sample(label, seeds):
@@ -325,17 +327,10 @@ def evaluation(args, net, val_ds, n_target_channels, out, device):
             low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
                                                    align_corners=False))
             x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
-        if x.shape[-2:] != tuple(val_ds.size):
-            x = F.interpolate(x, val_ds.size, mode="bilinear", antialias=True, align_corners=False)
-        return x.clamp(-1, 1)
+        return metrics.resize_images(x, val_ds.size)
 
-    if not (args.inception or args.fid_features):
-        return sample, grid, None
-    feats = metrics.load_feature_net(args.inception, args.fid_features, device)
-    fid_ds = copy.copy(val_ds)
-    fid_ds.files = val_ds.files[:args.fid_n]
-    real = metrics.real_stats(fid_ds, feats, cache_dir=out / "fid_cache", device=device)[:2]
-    return sample, grid, lambda: metrics.generator_fid(sample, fid_ds, feats, real, device, args.batch, args.seed)
+    return sample, grid, metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n,
+                                                out / "fid_cache", device, args.batch, args.seed)
 
 
 def evaluate_and_save(s, net, args, out, sample, grid, fid, info):

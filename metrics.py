@@ -26,6 +26,7 @@ Public functions (stable names; the finetune scripts use the first group for ear
     to_uint8(x), save_grid(rows, path)                                PNGs and grids
     folder_images(folder, flag) -> sorted image files; image_batches(files, batch_size, device, workers=0)
 """
+import copy
 import hashlib
 import os
 import warnings
@@ -244,6 +245,35 @@ def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16
     batches = ((b["fake"][0] + 1) / 2 for b in generate(sample, dataset, device, batch_size, seed))
     mu, sigma = stats(features(net, batches, bf16))
     return frechet_distance(mu, sigma, real[0], real[1])
+
+
+def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, device, batch_size, seed, bf16=False):
+    """fid() -> FID of a sampler on the first `fid_n` validation maps (all with None), for the finetuning
+    scripts' early stopping; None without a feature network. The real statistics are computed once (cached)."""
+    if not (inception or fid_features):
+        return None
+    net = load_feature_net(inception, fid_features, device)
+    fid_ds = copy.copy(val_ds)
+    fid_ds.files = val_ds.files[:fid_n]
+    real = real_stats(fid_ds, net, cache_dir=cache_dir, device=device, bf16=bf16)[:2]
+    return lambda: generator_fid(sample, fid_ds, net, real, device, batch_size, seed, bf16)
+
+
+def fixed_grid(val_ds, n, seeds, device):
+    """The finetuning scripts' grid: the first n validation maps and images with fixed seeds (see sample_grid)."""
+    items = [val_ds[i] for i in range(min(n, len(val_ds)))]
+    return {"label": torch.stack([it["label"] for it in items]).to(device),
+            "real": torch.stack([it["image"] for it in items]), "n_channels": val_ds.n_channels,
+            "seeds": seeds(len(items)) if callable(seeds) else seeds}
+
+
+def resize_images(x, hw):
+    """Generated images to the evaluation size `hw` (bilinear, antialiased, clamped to [-1, 1]): how both
+    evaluate.py and the finetuning scripts score a model whose output size differs from the real images'
+    (PITI samples 256x256, Cityscapes images are 256x512)."""
+    if tuple(x.shape[-2:]) != tuple(hw):
+        x = F.interpolate(x, tuple(hw), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

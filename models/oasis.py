@@ -112,10 +112,6 @@ class Affinity(nn.Module):
         return F.conv2d(y, self.weight)
 
 
-def _affinity(kind, cat_nc, semantic_nc):
-    return LearnedAffinity(cat_nc, semantic_nc) if kind == 'learned' else Affinity(cat_nc, semantic_nc)
-
-
 class LearnedAffinity(nn.Module):
     """The cGANTransfer adaptation: every target channel a *learned* convex combination of the source classes.
     The rows are a softmax over the real source channels of free logits, initialised to zero (uniform rows)
@@ -181,7 +177,8 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, ks, padding=ks // 2)
         self.paths = () if cat_nc is None else ('gamma', 'beta') if cat_paths == 'separate' else ('',)
         for p in self.paths:
-            setattr(self, 'cat_' + p if p else 'cat', _affinity(cat_affinity, cat_nc, semantic_nc))
+            layer = LearnedAffinity if cat_affinity == 'learned' else Affinity
+            setattr(self, 'cat_' + p if p else 'cat', layer(cat_nc, semantic_nc))
             setattr(self, 'res_' + p if p else 'res',
                     Residual(cat_nc, hidden, ks) if cat_residual else None)
 
@@ -278,7 +275,7 @@ class Generator(nn.Module):
         self.fc = nn.Conv2d(z_dim + semantic_nc, 16 * channels, 3, padding=1)
         _official_init(self)
         if cat_nc is not None:  # fc also eats the label map, so it gets its own CAT layers
-            self.fc_cat = _affinity(cat_affinity, cat_nc, semantic_nc)
+            self.fc_cat = (LearnedAffinity if cat_affinity == 'learned' else Affinity)(cat_nc, semantic_nc)
             self.fc_res = Residual(cat_nc, 16 * channels, 3) if cat_residual else None
 
     @property

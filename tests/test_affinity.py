@@ -353,7 +353,7 @@ def test_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "estimate_affinity.py", "--source", "imagenet", "--target", "ade20k",
                         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["estimate_affinity.py: --source imagenet: neither a dataset "
+    assert r.stderr.strip().splitlines() == ["error: --source imagenet: neither a dataset "
                                              "(coco, ade20k, cityscapes, toy-source, toy-target) nor a folder with classes.txt"]
     torch.jit.script(KnownSegmenter()).save(str(tmp_path / "seg.pt"))  # 4 channels: dontcare + 3 classes
     src = folder_dataset(tmp_path / "src", ["x", "y", "z"])

@@ -509,3 +509,16 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     for i in range(2):
         saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
         assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png[i]).max() <= 1
+    # one protocol for a 2:1 dataset (Cityscapes: 256x512 against PITI's square samples): evaluate.py resizes its
+    # samples exactly as finetune_piti.py's validation sampler does (metrics.resize_images)
+    import argparse
+    import types
+    args = argparse.Namespace(ckpt=str(tmp_path / "run/checkpoint.pt"), piti_steps="4", piti_up_steps="4",
+                              affinity=None, source=None, source_root=None, which="best")
+    wide = types.SimpleNamespace(size=(32, 64), dataset="toy-target", classes=toy["tgt"], n_channels=toy["tgt"].n_channels)
+    sample, info = evaluate.load_generator(args, wide, "cpu", False)
+    seed = int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0])
+    with torch.no_grad():
+        y = sample(label, [seed])
+    assert y.shape[-2:] == (32, 64) and "resized to 32x64" in info["resize"]
+    assert torch.equal(y, metrics.resize_images(x, (32, 64)))
