@@ -169,3 +169,17 @@ def test_nan_loss_stops_without_overwriting(files, tmp_path):
     r = run(files, tmp_path / "nan", "--steps", "3", "--train", "all", "--lr", "1e30")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "loss is" in r.stderr, r.stderr[-1500:]
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["step"] == 0  # the last good one
+
+
+def test_paper_defaults(tmp_path):
+    """The paper's PITI learning rates per target; a training-free run (--steps 0) is the source model: no
+    random prompt tokens unless asked for."""
+    import finetune_piti
+    base = ["--base", "b.pt", "--upsampler", "u.pt", "--affinity", "a.npy"]
+    for i, (target, lr) in enumerate((("cityscapes", 7e-5), ("ade20k", 2e-4), ("coco", 2e-4), ("toy-target", 2e-4))):
+        args, _ = finetune_piti.settings(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
+        assert args.lr == lr and args.prompts == 8
+    args, _ = finetune_piti.settings(base + ["--steps", "0", "--out", str(tmp_path / "free")])
+    assert args.prompts == 0
+    args, _ = finetune_piti.settings(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
+    assert args.prompts == 4
