@@ -50,19 +50,21 @@ import json
 import os
 import random
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import metrics
 from models import DataError, cli, diffusion, piti, piti_train
-from models.checkpoint import append_log, load, parse_with_given, prepare_out, resume_args, save, truncate_log
+from models.checkpoint import (append_log, init_distributed, load, parse_with_given, prepare_out, resume_args, save,
+                               truncate_log)
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
@@ -148,7 +150,8 @@ def settings(argv):
             args.prompts = 0 if args.steps == 0 else 8
         if args.lr is None:
             args.lr = 7e-5 if args.data == "cityscapes" else 2e-4
-    out = prepare_out(args.out, args.resume, args.overwrite)
+    master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone owns the run folder
+    out = prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
     ckpt = None
     if args.resume:
         ckpt = load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",))
@@ -221,50 +224,26 @@ def build(args, source, target, M, ckpt, device):
                            bad_evals=ckpt["bad_evals"] if ckpt else 0)
 
 
-@contextmanager
-def swapped(params, ema):
-    """Temporarily put the EMA weights into the model (only the trained tensors are copied)."""
-    raw = {k: p.detach().clone() for k, p in params.items()}
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(ema[k])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(raw[k])
-
-
-def step_seed(seed, what, i):
-    """Independent seed for (run seed, what: 0 = a step's draws, 1 = an epoch's order, index)."""
-    return int(np.random.SeedSequence([seed, what, i]).generate_state(1)[0])
-
-
-def batch_indices(step, n, batch, seed):
-    """Items of a step: consecutive slices of per-epoch permutations (stateless, so resumes are exact)."""
-    out = []
-    for pos in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
-        out.append(int(perm[i]))
-    return out
-
-
-def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None):
+def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None, gen=None,
+                  part=(0, 1)):
     """Official PITI loss on one batch: q_sample at t from `sampler` (None: uniform), model output, mse + vb;
-    batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses)."""
-    B = image.shape[0]
+    batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses).
+
+    The condition dropout, t and noise are drawn from `gen` for the whole global batch, of which this process
+    holds items rank::world (`part`): any number of torchrun ranks trains on the same draws as one process."""
+    rank, world = part
+    B, keep, dev = image.shape[0] * world, slice(rank, None, world), image.device
     side = model.image_size
     x0 = F.interpolate(image, (side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
     ref = model.ref(label)
-    drop = torch.rand(B, device=image.device) < uncond_p
+    drop = (torch.rand(B, generator=gen) < uncond_p)[keep].to(dev)
     ref = torch.where(drop[:, None, None, None], torch.ones_like(ref), ref)
     if sampler is None or sampler.kind == "uniform":
-        t, weights = torch.randint(0, diff.num_timesteps, (B,), device=image.device), None
+        t, weights = torch.randint(0, diff.num_timesteps, (B,), generator=gen)[keep].to(dev), None
     else:
-        t, weights = sampler.sample(B, image.device)
-    noise = torch.randn_like(x0)
+        t, weights = sampler.sample(B, "cpu", generator=gen)
+        t, weights = t[keep].to(dev), weights[keep].to(dev)
+    noise = torch.randn((B, *x0.shape[1:]), generator=gen)[keep].to(dev, x0.dtype)
     low = None
     if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
         low = diffusion.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
@@ -273,12 +252,17 @@ def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=Tr
     return {**piti_train.weighted_means(terms, weights), "per_sample": (t.detach(), terms["loss"].detach())}
 
 
-def train_step(net, args, train_ds, n_target_channels, s, device):
-    """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms)."""
-    seed = step_seed(args.seed, 0, s)
-    torch.manual_seed(seed)  # t, noise, condition dropout, UNet dropout
-    random.seed(seed)  # the dataset's crop and flip
-    items = [train_ds[i] for i in batch_indices(s, len(train_ds), args.batch, args.seed)]
+def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=1):
+    """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms).
+    Under torchrun each rank takes items rank::world of the global batch and the gradients are averaged."""
+    seed = piti_train.step_seed(args.seed, 0, s)
+    gen = torch.Generator().manual_seed(seed)  # t, noise, condition dropout of the global batch
+    torch.manual_seed(seed + rank)  # UNet dropout
+    items = []
+    for k, i in enumerate(piti_train.batch_indices(s, len(train_ds), args.batch, args.seed)):
+        if k % world == rank:
+            random.seed(f"{seed}/{k}")  # the dataset's crop and flip, per item of the global batch
+            items.append(train_ds[i])
     image = torch.stack([it["image"] for it in items]).to(device)
     label = torch.stack([it["label"] for it in items]).to(device)
     if label.max() >= n_target_channels:
@@ -288,16 +272,25 @@ def train_step(net, args, train_ds, n_target_channels, s, device):
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
         terms = training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                              net.low_side if name == "up" else None, amp=args.amp == "bf16", sampler=net.samplers[name])
-        net.samplers[name].update(*(v.cpu().numpy() for v in terms.pop("per_sample")))
+                              net.low_side if name == "up" else None, amp=args.amp == "bf16", sampler=net.samplers[name],
+                              gen=gen, part=(rank, world))
+        net.samplers[name].update(*(piti_train.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
         logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
-    loss = total.detach().item()
+    loss = total.detach().clone()
+    if world > 1:  # the global batch's mean; a NaN anywhere stops every rank
+        dist.all_reduce(loss)
+        loss /= world
+    loss = loss.item()
     if not np.isfinite(loss):
         raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
                         "(lower --lr?)")
     net.opt.zero_grad(set_to_none=True)
     total.backward()
+    if world > 1:  # the global batch's gradient: each rank's mean over its equal share, averaged
+        for p in (p for ps in net.params.values() for p in ps.values()):
+            dist.all_reduce(p.grad)
+            p.grad /= world
     net.opt.step()
     with torch.no_grad():
         for name, ps in net.params.items():
@@ -341,7 +334,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
     better = stop = False
     with ExitStack() as stack:
         for name in net.params:
-            stack.enter_context(swapped(net.params[name], net.ema[name]))
+            stack.enter_context(piti_train.swapped(net.params[name], net.ema[name]))
         metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
         entry = {"step": s, "grid": f"samples/{s:06d}.png"}
         if fid is not None:
@@ -368,13 +361,13 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
 
 def main(argv=None):
     args, ckpt = settings(argv)
-    out = Path(args.out)
-    if ckpt is not None:  # a killed run may have logged steps past its last checkpoint
+    ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
+    master, out = rank == 0, Path(args.out)
+    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
         truncate_log(out / "log.jsonl", ckpt["step"])
-    device = torch.device(args.device)
 
     # data, class tables, affinity
-    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=None if args.resume else out)
+    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and not args.resume else None)
     val_ds = data.dataset_from_args(args, "val")
     target = train_ds.classes
     if args.init == "glide":  # PITI itself from GLIDE, in the data's own label space (no CAT)
@@ -385,7 +378,7 @@ def main(argv=None):
 
     # models (official weights + CAT layers, or GLIDE decoders), evaluation
     net = build(args, source, target, M, ckpt, device)
-    sample, grid, fid = evaluation(args, net, val_ds, target.n_channels, out, device)
+    sample, grid, fid = evaluation(args, net, val_ds, target.n_channels, out, device) if master else (None,) * 3
     files = {"base": args.base, "up": args.upsampler}
     if args.init == "glide":  # the run's own exports are the models a sampler loads
         files.update({name: out / piti_train.EXPORTS[name] for name in net.models})
@@ -393,26 +386,36 @@ def main(argv=None):
             "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
             "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
             **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
-    if ckpt is None:  # the model before training: training-free CAT
-        if evaluate_and_save(0, net, args, out, sample, grid, fid, info) or args.steps == 0:
-            return
+    def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
+        stop = torch.tensor([evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False])
+        if ddp:
+            dist.broadcast(stop, 0)
+        return bool(stop)
+
+    if ckpt is None and (save_and_stop(0) or args.steps == 0):  # the model before training: training-free CAT
+        return finish(ddp)
 
     # training
     start = net.step
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="finetune_piti")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="finetune_piti", disable=not master)
     t0 = time.time()
     for s in bar:
-        loss, logs = train_step(net, args, train_ds, target.n_channels, s, device)
+        loss, logs = train_step(net, args, train_ds, target.n_channels, s, device, rank, world)
         bar.set_postfix(loss=f"{loss:.4f}")
         done = s + 1
-        if done % args.log_every == 0 or done == args.steps:
+        if master and (done % args.log_every == 0 or done == args.steps):
             append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
                                            "sec_per_step": (time.time() - t0) / (done - start)})
-        if done % args.eval_every == 0 or done == args.steps:
-            if evaluate_and_save(done, net, args, out, sample, grid, fid, info):
-                print(f"early stop at step {done}: no better FID in {args.patience} evaluations "
-                      f"(best {net.best_fid:.2f})")
-                break
+        if (done % args.eval_every == 0 or done == args.steps) and save_and_stop(done):
+            if master:
+                print(f"early stop at step {done}: no better FID in {args.patience} evaluations (best {net.best_fid:.2f})")
+            break
+    finish(ddp)
+
+
+def finish(ddp):
+    if ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

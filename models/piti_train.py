@@ -16,8 +16,11 @@ trained the official way, which this module provides for finetune_piti.py (`--in
 
 Checked against the official code's training step in tests/test_piti_glide.py.
 """
+from contextlib import contextmanager
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models import DataError, diffusion, piti
 from models.checkpoint import save
@@ -298,3 +301,46 @@ def describe_recipes():
 __all__ = ["CheckpointError", "RECIPES", "glide_decoder_state", "load_glide_decoder", "fresh_encoder", "load_encoder",
            "glide_model", "official_state", "trainable", "TimestepSampler", "diffusion_terms", "weighted_means",
            "fresh_run_args", "glide_models", "EXPORTS", "export"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run mechanics of finetune_piti.py: stateless batch order and draws (exact resume), EMA swap, rank gathering
+
+
+@contextmanager
+def swapped(params, ema):
+    """Temporarily put the EMA weights into the model (only the trained tensors are copied)."""
+    raw = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(raw[k])
+
+
+def step_seed(seed, what, i):
+    """Independent seed for (run seed, what: 0 = a step's draws, 1 = an epoch's order, index)."""
+    return int(np.random.SeedSequence([seed, what, i]).generate_state(1)[0])
+
+
+def batch_indices(step, n, batch, seed):
+    """Items of a step: consecutive slices of per-epoch permutations (stateless, so resumes are exact)."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
+        out.append(int(perm[i]))
+    return out
+
+
+def gather(x, world):
+    """The global-batch order of a per-rank tensor of items rank::world (all ranks get it)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten()
