@@ -213,3 +213,35 @@ def test_torchrun_two_ranks_equal_one_process(files, tmp_path):
     assert losses(tmp_path / "one").keys() == losses(tmp_path / "two").keys()
     for s, loss in losses(tmp_path / "one").items():
         assert abs(loss - losses(tmp_path / "two")[s]) < 1e-5
+
+
+@pytest.mark.parametrize("n_shot", [True, False], ids=["n4", "all-images"])
+def test_kill_9_then_resume_logs_each_step_once(files, tmp_path, n_shot):
+    """SIGKILL in the middle of a run, then --resume: training continues from the last checkpoint and log.jsonl
+    holds every step once (the lines written after that checkpoint are dropped), with or without --n."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "finetune_piti.py", "--out", str(out), "--base", str(files / "base.pt"),
+           "--upsampler", str(files / "up.pt"), "--base-config", json.dumps(BASE), "--up-config", json.dumps(UP),
+           "--source", "toy-source", "--affinity", str(files / "affinity.npy"), "--data", "toy-target",
+           "--batch", "2", "--prompts", "2", "--steps", "400", "--eval-every", "3", "--log-every", "1", "--grid-n", "1",
+           "--sample-steps", "2", "--up-steps", "2", "--device", "cpu", *(["--n", "4"] if n_shot else [])]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # until a checkpoint past step 0 exists and more steps were logged after it
+        steps = list(losses(out)) if (out / "log.jsonl").exists() else []
+        if steps and max(steps) >= 5 and (out / "checkpoint.pt").exists():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+    assert saved >= 3 and max(losses(out)) > saved  # killed between two checkpoints
+    r = resume(out, "--steps", str(saved + 4))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    logged = [e["step"] for e in lines if "loss" in e]
+    assert logged == list(range(1, saved + 5))
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == saved + 4
