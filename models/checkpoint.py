@@ -73,7 +73,7 @@ def prepare_out(out, resume, overwrite, flag="--out"):
 
 
 # flags that describe the machine a run is on, not the run: never taken from a checkpoint
-MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile")
+MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile", "amp", "precision")
 
 
 def resume_args(args, saved, model_flags, given):

@@ -8,11 +8,12 @@ The models are `models.piti.PITI` (anything with `encode`, `denoise`, `ref`, `su
 `noise_schedule`).
 """
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from models import amp
 
 # The official sampling settings: base 250 steps with guidance 1.3, upsampler fast27 at temperature 0.997.
 BASE_STEPS, UP_STEPS, GUIDANCE, UP_TEMP = "250", "fast27", 1.3, 0.997
@@ -174,9 +175,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (norms and softmax stay float32 in the blocks); nothing on CPU."""
-    on = enabled and torch.device(device).type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on else nullcontext()
+    """bf16 autocast on CUDA (norms and softmax stay float32 in the blocks); nothing on CPU. `enabled` may be
+    a mode picked by models.amp ('bf16', 'fp16', 'fp32'), which applies as it is on any device."""
+    return amp.autocast(device, enabled)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DataError
+from models import DataError, amp, weights
 from models.checkpoint import load
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,10 +61,12 @@ class ViT(nn.Module):
 
 
 def load_dino(path):
-    """A DINO backbone file (ViT-S/16, S/8, B/16, B/8, or a full checkpoint's teacher); sizes from the keys."""
+    """A DINO backbone file (ViT-S/16, S/8, B/16, B/8, or a full checkpoint's teacher), or one of their names
+    (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8: fetched into the torch hub cache); sizes from the keys."""
+    path = weights.resolve(path, "--dino-weights")
     if path is None or not os.path.isfile(path):
         raise DataError(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
-             "from the facebookresearch/dino release")
+             f"from the facebookresearch/dino release, or give a name ({', '.join(weights.names('--dino-weights'))})")
     sd = load(path, "--dino-weights")
     sd = sd.get("teacher", sd) if isinstance(sd, dict) else {}
     # full checkpoints prefix 'module.' and 'backbone.' and add a projection head, as DINO's load_pretrained_weights strips
@@ -82,7 +84,7 @@ def load_dino(path):
 
 
 @torch.no_grad()
-def class_prototypes(vit, dataset, table, side, device, batch_size):
+def class_prototypes(vit, dataset, table, side, device, batch_size, mode=True):
     """Mean unit-norm patch feature over the pixels of each class (a patch counts by its pixel share)."""
     p = vit.kwargs["patch"]
     mean, std = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None], torch.tensor(IMAGENET_STD, device=device)[:, None, None]
@@ -93,7 +95,7 @@ def class_prototypes(vit, dataset, table, side, device, batch_size):
         s = side / min(H, W)  # short side to `side`, both sides multiples of the patch
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
         x = (F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1) - mean) / std
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with amp.autocast(device, mode):  # mode: from models.amp.pick (True: bf16 on CUDA)
             feat = vit(x)
         feat = F.normalize(feat.float(), dim=1).cpu()
         share = F.adaptive_avg_pool2d(F.one_hot(label, table.n_channels).permute(0, 3, 1, 2).float(), feat.shape[-2:])  # (B, C, h, w)

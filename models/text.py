@@ -9,12 +9,14 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from models import DataError
+from models import DataError, weights
 from models.checkpoint import load
 
 
 def load_clip(path, device):
-    """CLIP's text tower from a local OpenAI release file (TorchScript) or a plain state dict."""
+    """CLIP's text tower from a local OpenAI release file (TorchScript) or a plain state dict, or by the name
+    clip_vitb32 (ViT-B-32.pt fetched into the torch hub cache and checked against the sha256 in its URL)."""
+    path = str(weights.resolve(path, "--clip-weights"))
     if not os.path.isfile(path):
         raise DataError(f"--clip-weights {path}: file not found; get ViT-B-32.pt from the OpenAI CLIP release "
              "(the URLs are listed in openai/CLIP clip/clip.py), or drop the flag to use the bundled MiniLM encoder")

@@ -303,7 +303,8 @@ def test_model_mode_on_toy_task(toy, tmp_path, capsys):
     assert list(res["per_class_iou"]) == toy["tgt"].names and 0 <= res["miou"] <= 1
     assert [line.split()[0] for line in r.stdout.splitlines()[:4]] == ["fid", "kid", "miou", "miou_real"]
     assert len(list((out / "images").glob("*.png"))) == 10
-    assert Image.open(out / "grid.png").size == (4 * 34, 5 * 34)  # label | 2 samples | real, 32px tiles + 2px gaps
+    grid = Image.open(out / "grid.png")  # label | 2 samples | real, 32px tiles + 2px gaps, titles, legend
+    assert grid.size[0] == 4 * 34 and grid.size[1] > 5 * 34 + 22
 
     # PNGs follow the documented seeding and rounding; FID follows the OASIS protocol (float fakes)
     ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
@@ -344,7 +345,7 @@ def test_training_free_mode_equals_source_on_mapped_labels(toy, tmp_path):
     np.save(tmp_path / "A.npy", A)
     out = tmp_path / "eval"
     r = run("--ckpt", toy["root"] / "src.pt", "--source", "toy-source", "--source-root", toy["root"] / "toy/source",
-            "--affinity", tmp_path / "A.npy", *toy["data"], "--out", out, "--limit", 3)
+            "--affinity", tmp_path / "A.npy", *toy["data"], "--out", out, "--limit", 3, "--no-fid")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["generator"]["kind"] == "oasis-training-free" and res["n_maps"] == 3
@@ -360,7 +361,7 @@ def test_training_free_mode_equals_source_on_mapped_labels(toy, tmp_path):
 
 def test_model_mode_bad_inputs(toy, tmp_path):
     r = run("--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", tmp_path, "--segmenter", toy["root"] / "seg5.pt",
-            "--limit", 2)
+            "--limit", 2, "--no-fid")
     assert r.returncode != 0 and "5 channels; the dataset has 10" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
@@ -397,6 +398,7 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
                                                            "--source", "toy-source"]),
         ("--segmenter-weights: not used in folder mode", [*folders, "--segmenter-weights", toy["root"] / "seg.pt"]),
         ("folder mode needs both --real-dir and --fake-dir", ["--real-dir", real_dir]),
+        ("--no-fid: not used in folder mode", [*folders, "--no-fid"]),
         ("give --ckpt .* or --real-dir and --fake-dir", toy["data"]),
         # a finetuned CAT checkpoint carries its affinity: --affinity / --source would be ignored
         ("a finetuned CAT model .*; --affinity apply to a source model only",
@@ -416,7 +418,7 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
     assert not (tmp_path / "o").exists()
     # the finetuned CAT checkpoint itself evaluates (the refusals above are about the extra flags only)
     evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-rows", 0,
-                                 "--out", tmp_path / "cat"])))
+                                 "--out", tmp_path / "cat", "--no-fid"])))
     res = json.loads((tmp_path / "cat" / "results.json").read_text())
     assert res["generator"]["kind"] == "oasis-cat" and res["n_fake"] == 2
     assert not (tmp_path / "cat" / "grid.png").exists()
@@ -495,7 +497,7 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "eval"
     r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", out, "--limit", 2,
-            "--piti-steps", 4, "--piti-up-steps", 4, "--segmenter", toy["root"] / "seg.pt")
+            "--piti-steps", 4, "--piti-up-steps", 4, "--segmenter", toy["root"] / "seg.pt", "--no-fid")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["generator"]["kind"] == "piti-cat" and res["n_fake"] == 2 and 0 <= res["miou"] <= 1

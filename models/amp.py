@@ -1,0 +1,71 @@
+"""Mixed precision on any device, one decision for every script (--amp auto|bf16|fp16|fp32):
+
+    pick(device, requested, capability=None) -> 'bf16' | 'fp16' | 'fp32'
+    autocast(device, mode)                   -> the autocast context of that mode (nothing for fp32)
+    grad_scaler(device, mode)                -> a torch.amp.GradScaler, enabled for fp16 only
+    backward_step(loss, opt, scaler)         -> backward + optimizer step through that scaler
+
+auto: bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx/40xx, L4),
+fp16 with a GradScaler on older ones (V100 7.0, T4 7.5), fp32 on the CPU. bf16 on the CPU (autocast's
+CPU bf16 kernels) runs only when asked for (--amp bf16): it is slower than fp32 on many CPUs and changes
+the numbers. fp16 is CUDA-only. The capability is read from the device unless passed in (tests).
+"""
+from contextlib import nullcontext
+
+import torch
+
+from models import DataError
+
+MODES = ("auto", "bf16", "fp16", "fp32")
+HELP = ("mixed precision: auto (bf16 on GPUs of compute capability >= 8.0, fp16 + GradScaler on older GPUs, "
+        "fp32 on CPU), bf16, fp16 (CUDA) or fp32")
+
+
+def pick(device, requested="auto", capability=None):
+    """The precision a run uses on `device` for --amp `requested`; one DataError line when it cannot run."""
+    device = torch.device(device)
+    if requested not in MODES:
+        raise DataError(f"--amp {requested}: expected one of {', '.join(MODES)}")
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise DataError(f"--amp fp16: fp16 autocast with a GradScaler is for CUDA GPUs; on {device.type} "
+                            "use --amp bf16 or fp32")
+        return "fp32" if requested == "auto" else requested
+    major, minor = capability if capability is not None else torch.cuda.get_device_capability(device)
+    native_bf16 = (major, minor) >= (8, 0)
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "bf16" and not native_bf16:
+        raise DataError(f"--amp bf16: this GPU (compute capability {major}.{minor}) has no native bf16; "
+                        "use --amp auto (fp16 with a GradScaler) or fp32")
+    return requested
+
+
+def dtype(mode):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+
+
+def autocast(device, mode):
+    """autocast(device type, bf16/fp16) for a picked mode; a no-op context for fp32. A bool `mode` (the older
+    `bf16=` flags of the samplers) means bf16 on CUDA only when True."""
+    device = torch.device(device)
+    if isinstance(mode, bool) or mode is None:
+        mode = "bf16" if mode and device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=dtype(mode)) if dtype(mode) is not None else nullcontext()
+
+
+def grad_scaler(device, mode):
+    """Loss scaling for fp16 (scale(loss).backward(); step(opt); update()); a pass-through otherwise."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=mode == "fp16")
+
+
+def backward_step(loss, opt, scaler):
+    """scaler.scale(loss).backward(); scaler.step(opt); scaler.update(): fp16 loss scaling (a step whose
+    gradients overflow is skipped and the scale lowered); a disabled scaler (or None) is backward(); step()."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()

@@ -1,0 +1,131 @@
+"""models/amp.py: one precision decision per GPU class (capability passed in: no GPU needed), the fp16
+GradScaler step, and both finetune scripts under CPU bf16 autocast (--amp bf16 --device cpu)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from models import DataError, amp, oasis
+from tests.test_finetune_piti import files, run as run_piti  # noqa: F401 (files is a fixture)
+
+# compute capability -> what --amp auto runs
+GPUS = {"V100": ((7, 0), "fp16"), "T4": ((7, 5), "fp16"), "RTX 2080": ((7, 5), "fp16"), "A100": ((8, 0), "bf16"),
+        "RTX 3090": ((8, 6), "bf16"), "L4": ((8, 9), "bf16"), "H100": ((9, 0), "bf16"), "B200": ((10, 0), "bf16")}
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+def test_auto_per_gpu_class(gpu):
+    cap, mode = GPUS[gpu]
+    assert amp.pick("cuda", "auto", cap) == mode
+    assert amp.pick("cuda:1", "fp32", cap) == "fp32" and amp.pick("cuda", "fp16", cap) == "fp16"
+    if mode == "bf16":
+        assert amp.pick("cuda", "bf16", cap) == "bf16"
+    else:
+        with pytest.raises(DataError, match=rf"--amp bf16: this GPU \(compute capability {cap[0]}.{cap[1]}\) has no "
+                                            "native bf16; use --amp auto"):
+            amp.pick("cuda", "bf16", cap)
+
+
+def test_cpu_is_fp32_unless_bf16_is_asked_for():
+    assert amp.pick("cpu") == "fp32" and amp.pick(torch.device("cpu"), "fp32") == "fp32"
+    assert amp.pick("cpu", "bf16") == "bf16"
+    with pytest.raises(DataError, match="--amp fp16: .* for CUDA GPUs; on cpu use --amp bf16 or fp32"):
+        amp.pick("cpu", "fp16")
+    with pytest.raises(DataError, match="--amp fp8: expected one of auto, bf16, fp16, fp32"):
+        amp.pick("cpu", "fp8")
+
+
+def test_autocast_modes_on_cpu():
+    a = torch.ones(4, 4)
+    with amp.autocast("cpu", "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    for mode in ("fp32", True, False, None):  # a bool is the older bf16= flag: bf16 on CUDA only
+        with amp.autocast("cpu", mode):
+            assert (a @ a).dtype == torch.float32
+    assert not amp.grad_scaler("cpu", "bf16").is_enabled() and amp.grad_scaler("cpu", "fp16").is_enabled()
+
+
+def test_backward_step_with_loss_scaling():
+    """An enabled scaler gives the plain step's update (power-of-two scales are exact); an overflowing
+    gradient skips the step and halves the scale; a disabled scaler is backward(); step()."""
+    def setup():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8))
+        return w, torch.optim.Adam([w], lr=0.1)
+
+    x = torch.randn(8)
+    w0, opt0 = setup()
+    opt0.zero_grad()
+    (w0 * x).sum().backward()
+    opt0.step()
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), amp.grad_scaler("cpu", "fp32"), None):
+        w, opt = setup()
+        amp.backward_step((w * x).sum(), opt, scaler)
+        assert torch.equal(w, w0)
+    w, opt = setup()
+    before = w.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    amp.backward_step((w * x).sum() * float("inf"), opt, scaler)
+    assert torch.equal(w, before) and scaler.get_scale() == 2.0 ** 15
+
+
+def test_oasis_train_step_under_fp16_scaling():
+    """finetune_oasis.train_step through two enabled scalers equals the unscaled step (one per network)."""
+    import finetune_oasis
+    out = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        G = oasis.Generator(5, z_dim=4, channels=4, spade_hidden=8, crop_size=64, aspect_ratio=1.0)
+        D = oasis.Discriminator(5, channels=(3, 8, 8, 16, 16, 16, 16), last_width=8)
+        EMA = oasis.Generator(**G.kwargs)
+        EMA.load_state_dict(G.state_dict())
+        nets = {"G": G, "D": D, "G_fwd": G, "D_fwd": D, "G_raw": G, "EMA": EMA}
+        optG, optD = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+        scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=enabled) for _ in "GD"]
+        torch.manual_seed(1)
+        y = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 64, 64)), 5).permute(0, 3, 1, 2).float()
+        real = torch.rand(2, 3, 64, 64) * 2 - 1
+        losses = finetune_oasis.train_step(nets, optG, optD, list(D.parameters()), y, real, 10.0, 0.999,
+                                           amp.autocast("cpu", "fp32"), scalers)
+        out.append((losses, G.state_dict(), D.state_dict()))
+    (la, Ga, Da), (lb, Gb, Db) = out
+    assert torch.equal(torch.stack(la), torch.stack(lb))
+    for a, b in ((Ga, Gb), (Da, Db)):
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_finetune_oasis_bf16_on_cpu(tmp_path):
+    from tests.test_finetune_oasis import TINY
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "finetune_oasis.py", "--init", "scratch", "--data", "toy-source", "--stage1-steps", "0",
+            "--stage2-steps", "2", "--eval-every", "2", "--log-every", "1", *TINY]
+    for mode in ("bf16", None):
+        out = tmp_path / str(mode)
+        r = subprocess.run([*base, "--out", str(out), *(["--amp", mode] if mode else [])], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert ckpt["args"]["amp"] == (mode or "auto") and ckpt["args"]["precision"] == (mode or "fp32")
+        assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["G"].values())  # autocast: weights stay fp32
+        lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+        assert all(np.isfinite([e["loss_G"], e["loss_D"]]).all() for e in lines if "loss_G" in e)
+    r = subprocess.run([*base, "--out", str(tmp_path / "fp16"), "--amp", "fp16"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --amp fp16: fp16 autocast with a GradScaler is for CUDA GPUs; on cpu use --amp bf16 or fp32"]
+
+
+def test_finetune_piti_bf16_on_cpu(files, tmp_path):  # noqa: F811
+    r = run_piti(files, tmp_path / "run", "--steps", "2", "--amp", "bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["args"]["amp"] == "bf16" and ckpt["args"]["precision"] == "bf16" and ckpt["step"] == 2
+    lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "loss" in e] == [1, 2] and all(np.isfinite(e["loss"]) for e in lines if "loss" in e)
+    assert ckpt["scaler"] == {}  # no loss scaling outside fp16
