@@ -125,8 +125,7 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=data.positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=data.positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=data.nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
-    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
-                   "once): early stopping on val FID")
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception: early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
@@ -335,9 +334,7 @@ def setup(args):
             for group in opt.param_groups:
                 group["lr"] = lr
         R.step, R.best_fid, R.bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
-        for scaler, state in zip(R.scalers, ckpt.get("scalers") or ()):
-            if scaler.is_enabled() and state:  # fp16 loss scales continue where they were
-                scaler.load_state_dict(state)
+        amp.restore(R.scalers, ckpt.get("scalers"))  # fp16 loss scales continue where they were
         if len(ckpt["rng"]) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
             checkpoint.set_rng_state(ckpt["rng"][rank])
         if master:

@@ -215,8 +215,7 @@ def build(args, source, target, M, ckpt, device):
         for group in opt.param_groups:
             group["lr"] = args.lr
     scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
-    if scaler.is_enabled() and (ckpt or {}).get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    amp.restore([scaler], [(ckpt or {}).get("scaler")])
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
     samplers = {name: piti_train.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
     for name, state in (ckpt or {}).get("timestep_samplers", {}).items():

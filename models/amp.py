@@ -4,6 +4,7 @@
     autocast(device, mode)                   -> the autocast context of that mode (nothing for fp32)
     grad_scaler(device, mode)                -> a torch.amp.GradScaler, enabled for fp16 only
     backward_step(loss, opt, scaler)         -> backward + optimizer step through that scaler
+    restore(scalers, states)                 -> a resumed run's fp16 loss scales (enabled scalers only)
 
 auto: bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx/40xx, L4),
 fp16 with a GradScaler on older ones (V100 7.0, T4 7.5), fp32 on the CPU. bf16 on the CPU (autocast's
@@ -69,3 +70,10 @@ def backward_step(loss, opt, scaler):
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
+
+
+def restore(scalers, states):
+    """Load checkpointed GradScaler states into the enabled scalers (a run resumed in fp16 keeps its scale)."""
+    for scaler, state in zip(scalers, states or ()):
+        if scaler is not None and scaler.is_enabled() and state:
+            scaler.load_state_dict(state)

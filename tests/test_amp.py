@@ -72,6 +72,9 @@ def test_backward_step_with_loss_scaling():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     amp.backward_step((w * x).sum() * float("inf"), opt, scaler)
     assert torch.equal(w, before) and scaler.get_scale() == 2.0 ** 15
+    fresh = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), amp.grad_scaler("cpu", "bf16")]
+    amp.restore(fresh, [scaler.state_dict(), {}])  # a resumed fp16 run continues at the lowered scale
+    assert fresh[0].get_scale() == 2.0 ** 15 and not fresh[1].is_enabled()
 
 
 def test_oasis_train_step_under_fp16_scaling():
