@@ -1,4 +1,4 @@
-"""Evaluate a generator, or two folders of images: FID, KID, mIoU, sample PNGs and a grid.
+r"""Evaluate a generator, or two folders of images: FID, KID, mIoU, sample PNGs and a grid.
 
     # a checkpoint of ours (finetune_oasis.py / finetune_piti.py) on the toy task's validation maps
     python evaluate.py --ckpt runs/x/checkpoint.pt --data toy-target --split val --out out/eval \

@@ -1,4 +1,4 @@
-"""Finetune a pretrained OASIS generator on a few target images with Class Affinity Transfer (CAT).
+r"""Finetune a pretrained OASIS generator on a few target images with Class Affinity Transfer (CAT).
 
     # CAT: source model + affinity (from estimate_affinity.py) + 100 target images
     python finetune_oasis.py --source ade20k --source-ckpt checkpoints/oasis_ade20k_pretrained \

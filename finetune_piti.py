@@ -1,4 +1,4 @@
-"""Finetune the official PITI models on a few target images with Class Affinity Transfer (CAT).
+r"""Finetune the official PITI models on a few target images with Class Affinity Transfer (CAT).
 
     # COCO-Stuff PITI -> your label set: affinity from estimate_affinity.py, 100 target images
     python finetune_piti.py --base ckpt/base_mask.pt --upsampler ckpt/upsample_mask.pt \
