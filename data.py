@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import DataError, cli  # bad input: one line, raised here, printed by the scripts' entry points
+from models import ArgumentParser, DataError, cli  # bad input: one line, raised here, printed by the scripts' entry points
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
@@ -68,14 +68,22 @@ def _read_classes_txt(root):
     path = Path(root) / "classes.txt"
     if not path.is_file():
         raise DataError(f"{path}: missing; a folder dataset needs classes.txt (one class name a line, line k = PNG value k)")
-    names = path.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first class name
+        names = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected one class name a line") from None
     while names and not names[-1].strip():
         names.pop()
     if not names:
         raise DataError(f"{path}: empty; expected one class name a line")
+    seen = {}
     for k, name in enumerate(names, 1):
         if not name.strip():
             raise DataError(f"{path}: line {k} is empty; expected a class name")
+        if name.strip().lower() in seen:
+            raise DataError(f"{path}: line {k} '{name.strip()}' repeats line {seen[name.strip().lower()]}; "
+                            "expected each class once")
+        seen[name.strip().lower()] = k
     return [n.strip() for n in names]
 
 
@@ -265,8 +273,15 @@ def _pairs_by_stem(img_dir, lbl_dir, image_suffix="", label_suffix=""):
             raise DataError(f"{d}: no such folder")
 
     def by_key(folder, suffix, exts):
-        return {p.stem[: len(p.stem) - len(suffix)]: p for p in sorted(folder.iterdir())
-                if p.suffix.lower() in exts and p.stem.endswith(suffix)}
+        found = {}
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in exts and p.stem.endswith(suffix):
+                key = p.stem[: len(p.stem) - len(suffix)]
+                if key in found:
+                    raise DataError(f"{folder}: '{found[key].name}' and '{p.name}' share the name '{key}'; "
+                                    "expected one file per stem (which one pairs with the label?)")
+                found[key] = p
+        return found
 
     images, labels = by_key(img_dir, image_suffix, IMAGE_EXTS), by_key(lbl_dir, label_suffix, (".png",))
     if not images:
@@ -323,13 +338,42 @@ def label_channels(label, dataset, n_channels, path=""):
 # Dataset
 
 
-def _open(path):
+def _open(path, decode=True):
     try:
         im = Image.open(path)
-        im.load()
+        if decode:
+            im.load()
         return im
     except OSError as e:
-        raise DataError(f"{path}: unreadable image ({e})")
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def open_pair(img_path, lbl_path, decode=True):
+    """(image, label) PIL images, checked: a single-channel label of the image's own size (else one line)."""
+    image, label = _open(img_path, decode), _open(lbl_path, decode)
+    if label.mode in ("RGB", "RGBA", "CMYK", "LA", "PA"):
+        raise DataError(f"{lbl_path}: is an {label.mode} image; expected a single-channel PNG of class ids (mode L or P)")
+    if label.mode not in ("L", "P", "I;16", "I"):
+        raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids (mode L or P)")
+    if image.size != label.size:
+        raise DataError(f"{lbl_path}: label is {label.size[0]}x{label.size[1]}, its image {img_path} is "
+                        f"{image.size[0]}x{image.size[1]}; expected the same size (they would be resized apart)")
+    return image, label
+
+
+def check_files(ds):
+    """Read every pair of a dataset once (sizes, modes, label values), so that a bad file fails here in one
+    line rather than later inside a DataLoader worker. Returns the images' sizes {(W, H): count}."""
+    sizes = {}
+    for img_path, lbl_path in ds.files:
+        image, label = open_pair(img_path, lbl_path, decode=False)
+        sizes[image.size] = sizes.get(image.size, 0) + 1
+        try:
+            values = np.asarray(label)
+        except OSError as e:
+            raise DataError(f"{lbl_path}: unreadable image ({e})") from None
+        label_channels(values, ds.dataset, ds.n_channels, lbl_path)
+    return sizes
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -349,6 +393,8 @@ class SegDataset(torch.utils.data.Dataset):
         if dataset == "cityscapes":
             self.size, self.load = (256, 512), (256, 512)
         else:
+            if size is not None and not 16 <= size <= 4096:
+                raise DataError(f"--size {size}: expected an image side of 16..4096 pixels")
             side = size or (64 if dataset.startswith("toy") else 256)
             load = side * 286 // 256 if augment else side
             self.size, self.load = (side, side), (load, load)
@@ -358,9 +404,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img_path, lbl_path = self.files[i]
-        image, label = _open(img_path).convert("RGB"), _open(lbl_path)
-        if label.mode not in ("L", "P", "I;16", "I"):
-            raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids")
+        image, label = open_pair(img_path, lbl_path)
+        image = image.convert("RGB")
         lh, lw = self.load
         image = image.resize((lw, lh), Image.BICUBIC)
         label = label.resize((lw, lh), Image.NEAREST)
@@ -385,8 +430,7 @@ def table_info(t):
 
 def check_labels(ds, what):
     """Read every label file once so that a bad id fails here, in one line, not inside a loader worker."""
-    for _, lbl in ds.files:
-        label_channels(np.asarray(Image.open(lbl)), ds.dataset, ds.n_channels, lbl)
+    check_files(ds)
     if ds.size[0] % 64 or ds.size[1] % 64:
         raise DataError(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
 
@@ -688,7 +732,7 @@ def write_example(out, size=64, n_train=120, n_val=40, seed=1):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
     t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
@@ -711,10 +755,14 @@ def main(argv=None):
         print(f"wrote the toy task to {args.out}: source {TOY_SPLITS['source']}, target {TOY_SPLITS['target']}, {args.size}px")
     else:
         ds = dataset_from_args(args, args.split)
+        sizes = check_files(ds)
         hist = np.zeros(ds.n_channels, np.int64)
         for k in range(len(ds)):
             hist += np.bincount(ds[k]["label"].flatten().numpy(), minlength=ds.n_channels)
-        print(f"{ds.root} ({args.split}): {len(ds)} pairs, {ds.size[0]}x{ds.size[1]}, {len(ds.classes)} classes")
+        (w0, h0), (w1, h1) = min(sizes), max(sizes)
+        own = f"{w0}x{h0}" if len(sizes) == 1 else f"{len(sizes)} sizes from {w0}x{h0} to {w1}x{h1}"
+        print(f"{ds.root} ({args.split}): {len(ds)} pairs, {len(ds.classes)} classes; images {own} (width x height), "
+              f"resized to {ds.load[1]}x{ds.load[0]}")
         names = dict(zip(ds.classes.channels, ds.classes.display))
         for ch in np.argsort(-hist):
             if hist[ch]:

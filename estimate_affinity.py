@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from models import DataError, amp, cli, figures, oasis, segmenters
+from models import ArgumentParser, DataError, amp, checkpoint, cli, figures, oasis, segmenters
 from models.weights import resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
@@ -214,7 +214,7 @@ def save_atomic(path, write):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="source classes: coco, ade20k, cityscapes, toy-source, or a folder with classes.txt")
     p.add_argument("--target", required=True, help="target classes, same choices; --data-root/--n/... select its training images")
     p.add_argument("--method", default="combination", choices=ESTIMATORS + ("combination", "random", "identity", "hand"))
@@ -251,8 +251,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.temperature <= 0:
         raise DataError(f"--temperature {args.temperature}: expected > 0")
-    if args.batch_size < 1 or args.source_n < 1 or args.dino_size < 16:
-        raise DataError("--batch-size and --source-n expect at least 1, --dino-size at least 16")
+    for flag, low in (("batch_size", 1), ("source_n", 1), ("dino_size", 16)):
+        if getattr(args, flag) < low:
+            raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least {low}")
     return args
 
 
@@ -398,7 +399,7 @@ def main(argv=None):
     t_name, t_root, target = open_table(args.target, "--target")
     if args.data is None:
         args.data, args.data_root = t_name, args.data_root or t_root
-    os.makedirs(args.out, exist_ok=True)
+    checkpoint.out_dir(args.out)
     args.precision = amp.pick(args.device, args.amp)  # recorded with the args in affinity.json
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),

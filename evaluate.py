@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import DataError, amp, cli
+from models import ArgumentParser, DataError, amp, checkpoint, cli
 from data import add_data_args, class_table, dataset_from_args, load_affinity
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
@@ -85,7 +85,7 @@ def flags(args, dests):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
     p.add_argument("--inception", help=f"FID Inception weights: the file {INCEPTION_FILE}, or 'fid_inception' "
                    "(default: that file from the torch hub cache, downloaded there once, as pytorch-fid)")
@@ -152,10 +152,7 @@ def load_generator(args, dataset, device, bf16):
         raise DataError(f"--ckpt {path}: not found; expected a checkpoint of ours or an official OASIS run folder")
     ckpt = None
     if path.is_file():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"--ckpt {path}: not a readable checkpoint ({type(e).__name__})")
+        obj = checkpoint.load(path, "--ckpt")  # one line: truncated, empty, pickled, not a torch file
         ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
     if ckpt is not None and ckpt["kind"] not in ("oasis-cat", "piti-cat"):
         raise DataError(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
@@ -306,7 +303,7 @@ def main(argv=None):
     bf16_features = device.type == "cuda" and args.bf16_features
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    out = Path(args.out)
+    out = checkpoint.out_dir(args.out)  # a file in the way, read-only: one line before any work
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import DataError, amp, checkpoint, cli, oasis
+from models import ArgumentParser, DataError, amp, checkpoint, cli, oasis
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -70,7 +70,7 @@ MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckp
 
 def get_args(argv=None):
     """(args, given): the parsed flags with their run-dependent defaults filled in, and the flags given."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, samples/, subset.txt")
     p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly, with the run's own flags")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (its run files are replaced)")

@@ -24,27 +24,63 @@ def save(obj, path):
 def load(path, flag="--ckpt", kinds=None, mmap=False):
     """A weights-only torch file; `kinds` (e.g. ('oasis-cat',)) requires one of our checkpoints of that kind.
 
-    Every failure is one DataError line naming the flag and the file: missing, truncated, pickled objects."""
+    Every failure is one DataError line naming the flag and the file: missing, empty, truncated, not a torch
+    file, pickled objects."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{flag} {path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # zip / pickle errors say little: name the likely cause
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-            why = "holds pickled Python objects, which weights_only loading refuses"
-        elif "zip" in text.lower() or "central directory" in text.lower() or "EOF" in text:
-            why = "is truncated or not a torch file (interrupted copy or download?)"
-        else:
-            why = f"cannot be read ({type(e).__name__}: {text[:120]})"
-        raise DataError(f"{flag} {path}: {why}")
+        raise DataError(f"{flag} {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
+    obj = torch_load(path, flag, mmap)
     if kinds is not None:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind not in kinds:
             raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
                             f"expected kind {' or '.join(repr(k) for k in kinds)}")
     return obj
+
+
+def torch_load(path, flag=None, mmap=False):
+    """torch.load(weights_only=True) of an existing file; a failure is one DataError line saying why."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # zip / pickle errors say little: name the cause
+        if mmap and "mmap can only be used" in str(e):  # an old (non-zip) torch file: read it whole
+            return torch_load(path, flag, mmap=False)
+        raise DataError(f"{flag + ' ' if flag else ''}{path}: {unreadable_why(path, e)}") from None
+
+
+def unreadable_why(path, e):
+    """Why torch.load failed on `path`, in a few words: empty, truncated, not a torch file, pickled objects."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes); expected a torch file"
+    if "weights_only" in text or "Weights only" in text or "Unsupported global" in text:
+        return "holds pickled Python objects, which weights_only loading refuses (it would run their code)"
+    if head == b"PK\x03\x04":  # a zip archive, the torch.save format, that cannot be read to its end
+        return f"is truncated or corrupt ({size} bytes; an interrupted write, copy or download?)"
+    if head[:1] == b"\x80" and ("EOF" in text or "corrupted" in text or isinstance(e, EOFError)):
+        return f"is truncated ({size} bytes; an interrupted write, copy or download?)"
+    if head[:1] != b"\x80":
+        return f"is not a torch file (it starts with {head!r}; expected a file written by torch.save)"
+    return f"cannot be read ({type(e).__name__}: {text[:120]})"
+
+
+def out_dir(path, flag="--out"):
+    """An output folder that may already hold files (evaluation results, an affinity): created, and checked
+    writable, or one DataError line (a file in the way, a read-only file system, no permission)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    return path
 
 
 def prepare_out(out, resume, overwrite, flag="--out"):
@@ -62,14 +98,7 @@ def prepare_out(out, resume, overwrite, flag="--out"):
     if out.is_dir() and overwrite:
         for name in ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt"):
             (out / name).unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"{flag} {out}: cannot write there ({e.strerror})")
-    return out
+    return out_dir(out, flag)
 
 
 # flags that describe the machine a run is on, not the run: never taken from a checkpoint

@@ -63,8 +63,11 @@ class ViT(nn.Module):
 def load_dino(path):
     """A DINO backbone file (ViT-S/16, S/8, B/16, B/8, or a full checkpoint's teacher), or one of their names
     (dino_vits16, dino_vits8, dino_vitb16, dino_vitb8: fetched into the torch hub cache); sizes from the keys."""
+    if path is None:
+        raise DataError("the self-supervised method needs --dino-weights (a DINO ViT file such as "
+                        f"dino_deitsmall16_pretrain.pth, or a name: {', '.join(weights.names('--dino-weights'))})")
     path = weights.resolve(path, "--dino-weights")
-    if path is None or not os.path.isfile(path):
+    if not os.path.isfile(path):
         raise DataError(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
              f"from the facebookresearch/dino release, or give a name ({', '.join(weights.names('--dino-weights'))})")
     sd = load(path, "--dino-weights")

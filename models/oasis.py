@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DataError
+from models import DataError, checkpoint
 
 
 def _fp32(device):
@@ -590,10 +590,7 @@ def load_official(path, part='EMA', which='best'):
         p = found[0]
     elif not p.is_file():
         raise DataError(f'{p}: file not found; {_WHERE}')
-    try:
-        sd = torch.load(p, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle / zip errors: one line, not a traceback
-        raise DataError(f'{p}: not a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})')
+    sd = checkpoint.torch_load(p)  # pickle / zip errors: one line (truncated, pickled, not a torch file)
     if isinstance(sd, dict) and isinstance(sd.get('kind'), str) and part in sd:
         sd = sd[part]
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
@@ -613,11 +610,7 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     if not p.exists():
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
-        try:
-            obj = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
-        except Exception as e:
-            raise DataError(f'{flag} {p}: not a weights-only torch file ({type(e).__name__}: '
-                            f'{str(e).splitlines()[0][:100] if str(e) else ""})')
+        obj = checkpoint.torch_load(p, flag, mmap=True)
         if isinstance(obj, dict) and isinstance(obj.get('kind'), str):  # a checkpoint of ours
             if obj['kind'] != 'oasis-cat':
                 raise DataError(f"{flag} {p}: a '{obj['kind']}' checkpoint; expected an OASIS model")

@@ -189,7 +189,7 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path):
     one_line_exit(lambda: load_official(tmp_path / 'nope.pth'), 'file not found')
     one_line_exit(lambda: load_official(tmp_path), 'best_EMA.pth')
     (tmp_path / 'junk.pth').write_bytes(b'not a torch file')
-    one_line_exit(lambda: load_official(tmp_path / 'junk.pth'), 'not a weights-only torch file')
+    one_line_exit(lambda: load_official(tmp_path / 'junk.pth'), 'is not a torch file')
     torch.save({'a': 1}, tmp_path / 'dict.pth')
     one_line_exit(lambda: load_official(tmp_path / 'dict.pth'), 'not an OASIS state dict')
     run = golden_path('oasis', 'sq')
