@@ -374,10 +374,12 @@ def evaluate_and_save(R, s):
                  "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
                  "scalers": [sc.state_dict() for sc in R.scalers],
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
-        checkpoint.save(state, R.out / "checkpoint.pt")
+        # log and best.pt before checkpoint.pt: a run killed in between resumes from the older checkpoint,
+        # which drops the log line and redoes this evaluation
+        checkpoint.append_log(R.out / "log.jsonl", entry)
         if better:
             checkpoint.save(state, R.out / "best.pt")
-        checkpoint.append_log(R.out / "log.jsonl", entry)
+        checkpoint.save(state, R.out / "checkpoint.pt")
     if R.ddp:
         flag = torch.tensor([int(stop)], device=R.device)
         dist.broadcast(flag, 0)

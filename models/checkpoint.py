@@ -135,7 +135,15 @@ def truncate_log(path, step):
     path = Path(path)
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    entries = []
+    for k, ln in enumerate(lines, 1):
+        try:
+            entries.append((ln, json.loads(ln)))
+        except ValueError:
+            if k < len(lines):  # only the last line can be torn (a run killed while writing it)
+                raise DataError(f"{path}: line {k} is not JSON; expected one JSON object a line") from None
+    keep = [ln for ln, e in entries if e.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
