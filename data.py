@@ -167,10 +167,17 @@ def load_affinity(path, target, source, flag="--affinity"):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{flag} {path}: file not found; estimate_affinity.py writes affinity.npy")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":
+        raise DataError(f"{flag} {path}: not a .npy file (it starts with {head!r}); estimate_affinity.py writes affinity.npy")
     try:
         A = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{flag} {path}: not a plain .npy array ({str(e).splitlines()[0][:100]})")
+    except ValueError as e:
+        why = "holds Python objects, not numbers" if "allow_pickle" in str(e) else str(e).splitlines()[0][:100]
+        raise DataError(f"{flag} {path}: not a plain .npy array ({why})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{flag} {path}: truncated or unreadable .npy ({str(e).splitlines()[0][:100]})") from None
     if A.ndim != 2 or not np.issubdtype(A.dtype, np.number):
         raise DataError(f"{flag} {path}: holds a {A.dtype} array of shape {A.shape}, expected a ({len(target)}, "
                         f"{len(source)}) float matrix = ({target.dataset} classes, {source.dataset} classes)")
@@ -443,12 +450,12 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
     if subset_file:
         path = Path(subset_file)
         if not path.is_file():
-            raise DataError(f"{path}: subset file not found")
+            raise DataError(f"--subset-file {path}: file not found")
         wanted = [s.strip() for s in path.read_text().splitlines() if s.strip()]
         index = {r: i for i, r in enumerate(rel)}
         unknown = [w for w in wanted if w not in index]
         if unknown:
-            raise DataError(f"{path}: {len(unknown)} entries not in {ds.root} ({split}), e.g. '{unknown[0]}'")
+            raise DataError(f"--subset-file {path}: {len(unknown)} entries not in {ds.root} ({split}), e.g. '{unknown[0]}'")
         keep = [index[w] for w in wanted]
     elif n is not None:
         if n > len(ds):
@@ -733,7 +740,7 @@ def write_example(out, size=64, n_train=120, n_val=40, seed=1):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{toy,info}")
     t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
     t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
     t.add_argument("--size", type=int, default=64, help="image side in pixels (64-256)")

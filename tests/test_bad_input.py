@@ -1,0 +1,388 @@
+"""Bad input never passes silently, never ends in a traceback: every case below is refused with ONE line that
+names the offending file or flag.
+
+A few cases per script run through the real command line (subprocess: exit code, no "Traceback", at most two
+lines of stderr); the rest call the script's main(argv) in-process and expect one DataError line, which the
+subprocess cases show the entry point prints as is. The last tests kill finetune_oasis.py with SIGKILL after its
+first checkpoint and resume it: the log must hold every step once."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import estimate_affinity
+import evaluate
+import finetune_oasis
+from models import DataError, checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16",
+        "--d-last", "8", "--batch", "2", "--bn-batches", "2", "--grid-n", "2", "--device", "cpu"]
+UNWRITABLE = "/sys/cat_bad_input_test"  # sysfs refuses new folders, even to root
+
+
+def make_ds(root, n=4, size=(64, 64), label_size=None, classes="sky\ngrass\n", value=None, label_mode="L",
+            image_ext=".png"):
+    """A folder dataset: n images (W, H) = size, labels of values 0..2 (or `value`) in `label_mode`."""
+    root = Path(root)
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    if classes is not None:
+        (root / "classes.txt").write_bytes(classes if isinstance(classes, bytes) else classes.encode())
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / f"{i}{image_ext}")
+        w, h = label_size or size
+        lab = np.full((h, w), i % 3 if value is None else value, np.uint8)
+        lab[: h // 2] = 1
+        im = Image.fromarray(lab)
+        if label_mode == "RGB":  # a colour-coded label: what an annotation tool's preview looks like
+            im = Image.fromarray(np.stack([lab * 115, lab * 30, lab * 200], -1).astype(np.uint8))
+        im.save(root / "labels" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def W(tmp_path_factory):
+    """The bad inputs, made once: datasets, torch files, affinities, mapping files, a good tiny checkpoint."""
+    w = tmp_path_factory.mktemp("bad")
+    ns = argparse.Namespace(root=w)
+    ns.ok = make_ds(w / "ok")
+    ns.bom = make_ds(w / "bom", classes=b"\xef\xbb\xbfsky\ngrass\n")
+    ns.dup = make_ds(w / "dup", classes="sky\ngrass\nSky\n")
+    ns.blank = make_ds(w / "blank", classes="sky\n\ngrass\n")
+    ns.latin1 = make_ds(w / "latin1", classes="sky\ngr\xe4ss\n".encode("latin-1"))
+    ns.empty_classes = make_ds(w / "empty_classes", classes="\n\n")
+    ns.no_classes = make_ds(w / "no_classes", classes=None)
+    ns.rgb = make_ds(w / "rgb", label_mode="RGB")
+    ns.size = make_ds(w / "size", label_size=(64, 48))
+    ns.range = make_ds(w / "range", value=5)
+    ns.jpgpng = make_ds(w / "jpgpng")
+    Image.new("RGB", (64, 64)).save(ns.jpgpng / "images" / "0.jpg")
+    ns.unpaired_img = make_ds(w / "unpaired_img")
+    Image.new("RGB", (64, 64)).save(ns.unpaired_img / "images" / "extra.png")
+    ns.unpaired_lbl = make_ds(w / "unpaired_lbl")
+    Image.new("L", (64, 64)).save(ns.unpaired_lbl / "labels" / "extra.png")
+    ns.corrupt = make_ds(w / "corrupt")
+    (ns.corrupt / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ns.no_images = make_ds(w / "no_images", n=0)
+    ns.three = make_ds(w / "three", classes="sky\ngrass\nsea\n")
+    # torch files
+    torch.save({"a": torch.zeros(1000)}, w / "good.pt")
+    whole = (w / "good.pt").read_bytes()
+    (w / "trunc.pt").write_bytes(whole[: len(whole) // 2])
+    (w / "empty.pt").write_bytes(b"")
+    (w / "text.pt").write_text("this is not a torch file\n")
+    torch.save({"args": argparse.Namespace(x=1)}, w / "pickled.pt")
+    torch.save({"kind": "piti-cat"}, w / "piti_kind.pt")
+    # affinities (target: sky, grass; source: three classes)
+    np.save(w / "aff_shape.npy", np.full((3, 3), 1 / 3, np.float32))
+    np.save(w / "aff_rows.npy", np.full((2, 3), 0.5, np.float32))
+    (w / "aff.txt").write_text("0.5 0.5\n")
+    np.save(w / "aff_object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    # mapping files
+    (w / "map_noarrow.txt").write_text("sky = sky\n")
+    (w / "map_unknown.txt").write_text("sky -> unicorn\n")
+    (w / "map_weight.txt").write_text("sky -> sky: lots\n")
+    (w / "map_partial.txt").write_text("sky -> sky\n")
+    (w / "a_file").write_text("")
+    (w / "nonempty").mkdir()
+    (w / "nonempty" / "notes.txt").write_text("keep me")
+    # a good tiny OASIS checkpoint of the 2-class folder dataset (0 steps: the model as built)
+    finetune_oasis.main(["--init", "scratch", "--data", "folder", "--data-root", str(ns.ok), "--size", "64",
+                         "--out", str(w / "run"), "--stage1-steps", "0", "--stage2-steps", "0", *TINY])
+    ns.ckpt = w / "run" / "checkpoint.pt"
+    return ns
+
+
+def run(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def refused(r, *words):
+    """A real command line's refusal: non-zero exit, no traceback, at most 2 lines, the words named."""
+    lines = [s for s in r.stderr.splitlines() if s.strip()]
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "Traceback" not in r.stderr and len(lines) <= 2, r.stderr[-3000:]
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def one_line(fn, *words):
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------- subprocess
+# (script, args with {names} filled from the fixture, words the one line must contain)
+
+SUBPROCESS = {
+    "info-duplicate-class": ("data.py", ["info", "--data", "folder", "--data-root", "{dup}"],
+                             ["classes.txt", "line 3 'Sky' repeats line 1"]),
+    "info-rgb-label": ("data.py", ["info", "--data", "folder", "--data-root", "{rgb}"],
+                       ["0.png", "is an RGB image; expected a single-channel PNG of class ids (mode L or P)"]),
+    "info-size-mismatch": ("data.py", ["info", "--data", "folder", "--data-root", "{size}"],
+                           ["0.png", "64x48", "64x64"]),
+    "info-jpg-and-png": ("data.py", ["info", "--data", "folder", "--data-root", "{jpgpng}"], ["0.jpg", "0.png"]),
+    "info-no-root": ("data.py", ["info", "--data", "folder"], ["--data-root"]),
+    "estimate-no-dino": ("estimate_affinity.py", ["--source", "coco", "--target", "ade20k", "--method",
+                                                  "self-supervised", "--out", "{root}/e1"], ["--dino-weights"]),
+    "estimate-out-is-file": ("estimate_affinity.py", ["--source", "coco", "--target", "ade20k", "--method", "random",
+                                                      "--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
+    "estimate-out-unwritable": ("estimate_affinity.py", ["--source", "coco", "--target", "ade20k", "--method",
+                                                         "random", "--out", UNWRITABLE], ["--out", "cannot write"]),
+    "finetune-bad-int-list": ("finetune_oasis.py", ["--out", "{root}/f1", "--init", "scratch", "--d-channels",
+                                                    "3,16,abc"], ["--d-channels", "3,16,abc"]),
+    "finetune-resume-truncated": ("finetune_oasis.py", ["--out", "{root}/trunc_run", "--resume"],
+                                  ["--resume", "checkpoint.pt", "truncated"]),
+    "finetune-out-is-file": ("finetune_oasis.py", ["--init", "scratch", "--data", "folder", "--data-root", "{ok}",
+                                                   "--size", "64", "--out", "{root}/a_file", *TINY],
+                             ["--out", "a_file", "is a file"]),
+    "finetune-rgb-label": ("finetune_oasis.py", ["--init", "scratch", "--data", "folder", "--data-root", "{rgb}",
+                                                 "--size", "64", "--out", "{root}/f2", *TINY], ["0.png", "RGB"]),
+    "evaluate-truncated-ckpt": ("evaluate.py", ["--ckpt", "{root}/trunc.pt", "--data", "folder", "--data-root",
+                                                "{ok}", "--size", "64", "--out", "{root}/v1"],
+                                ["--ckpt", "trunc.pt", "truncated"]),
+    "evaluate-out-unwritable": ("evaluate.py", ["--real-dir", "{ok}/images", "--fake-dir", "{ok}/images",
+                                                "--out", UNWRITABLE], ["--out", "cannot write"]),
+    "evaluate-label-in-worker": ("evaluate.py", ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{range}",
+                                                 "--size", "64", "--workers", "1", "--out", "{root}/v2"],
+                                 ["0.png", "label value 5 outside 0..2"]),
+    "evaluate-missing-flag-value": ("evaluate.py", ["--out"], ["--out", "expected one argument"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBPROCESS))
+def test_command_line_refuses_in_one_line(W, case):
+    script, args, words = SUBPROCESS[case]
+    if case == "finetune-resume-truncated":
+        (W.root / "trunc_run").mkdir(exist_ok=True)
+        (W.root / "trunc_run" / "checkpoint.pt").write_bytes((W.root / "trunc.pt").read_bytes())
+    refused(run(script, *[a.format(**vars(W)) for a in args]), *words)
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+# (main, args, words): main(args) must raise one DataError line containing the words
+
+INFO = ["info", "--data", "folder", "--data-root"]
+EST = ["--source", "coco", "--target", "ade20k", "--out", "{root}/est"]
+SCRATCH = ["--init", "scratch", "--data", "folder", "--size", "64", *TINY, "--data-root"]
+CAT = ["--source", "folder", "--source-root", "{three}", "--source-ckpt", "{ckpt}", "--data", "folder",
+       "--data-root", "{ok}", "--size", "64", *TINY, "--out", "{root}/cat"]
+EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--out", "{root}/ev"]
+
+IN_PROCESS = {
+    # data.py info: datasets, classes.txt, labels, flags
+    "info-label-range": (data.main, INFO + ["{range}"], ["0.png", "label value 5 outside 0..2"]),
+    "info-empty-classes": (data.main, INFO + ["{empty_classes}"], ["classes.txt", "empty"]),
+    "info-missing-classes": (data.main, INFO + ["{no_classes}"], ["classes.txt", "missing"]),
+    "info-blank-class-line": (data.main, INFO + ["{blank}"], ["classes.txt", "line 2 is empty"]),
+    "info-classes-not-utf8": (data.main, INFO + ["{latin1}"], ["classes.txt", "not UTF-8"]),
+    "info-unpaired-image": (data.main, INFO + ["{unpaired_img}"], ["images", "without a label", "extra"]),
+    "info-unpaired-label": (data.main, INFO + ["{unpaired_lbl}"], ["labels", "without an image", "extra"]),
+    "info-corrupt-image": (data.main, INFO + ["{corrupt}"], ["1.png", "unreadable image"]),
+    "info-no-images": (data.main, INFO + ["{no_images}"], ["images", "no images"]),
+    "info-no-such-root": (data.main, INFO + ["{root}/nowhere"], ["nowhere", "no such folder"]),
+    "info-size-too-small": (data.main, INFO + ["{ok}", "--size", "5"], ["--size 5"]),
+    "info-size-not-int": (data.main, INFO + ["{ok}", "--size", "abc"], ["--size", "abc"]),
+    "info-unknown-dataset": (data.main, ["info", "--data", "imagenet"], ["--data", "imagenet"]),
+    "info-n-zero": (data.main, INFO + ["{ok}", "--n", "0"], ["--n 0"]),
+    "info-n-too-large": (data.main, INFO + ["{ok}", "--n", "100"], ["--n 100", "4"]),
+    "info-subset-file-missing": (data.main, INFO + ["{ok}", "--subset-file", "{root}/nope.txt"],
+                                 ["--subset-file", "nope.txt", "not found"]),
+    "info-subset-file-unknown": (data.main, INFO + ["{ok}", "--subset-file", "{root}/map_partial.txt"],
+                                 ["--subset-file", "map_partial.txt", "not in"]),
+    "info-bad-split": (data.main, INFO + ["{ok}", "--split", "test"], ["--split", "test"]),
+    "info-no-command": (data.main, [], ["required", "{{toy,info}}"]),
+    "toy-size-too-small": (data.main, ["toy", "--size", "8", "--out", "{root}/toy"], ["--size 8"]),
+    "info-ade20k-layout": (data.main, ["info", "--data", "ade20k", "--data-root", "{ok}"], ["training", "no such folder"]),
+    "info-cityscapes-layout": (data.main, ["info", "--data", "cityscapes", "--data-root", "{ok}"], ["leftImg8bit"]),
+    # estimate_affinity.py
+    "est-unknown-source": (estimate_affinity.main, ["--source", "imagenet", "--target", "ade20k", "--out", "{root}/e"],
+                           ["--source imagenet"]),
+    "est-missing-source": (estimate_affinity.main, ["--target", "ade20k", "--out", "{root}/e"], ["--source", "required"]),
+    "est-temperature": (estimate_affinity.main, EST + ["--temperature", "0"], ["--temperature 0"]),
+    "est-batch-size": (estimate_affinity.main, EST + ["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
+    "est-weights-number": (estimate_affinity.main, EST + ["--weights", "text=abc"], ["--weights", "abc"]),
+    "est-weights-method": (estimate_affinity.main, EST + ["--weights", "colour=1"], ["--weights", "colour"]),
+    "est-weights-none-left": (estimate_affinity.main, EST + ["--weights", "text=0"], ["--weights", "no method left"]),
+    "est-hand-missing-flag": (estimate_affinity.main, EST + ["--method", "hand"], ["--hand"]),
+    "est-hand-missing-file": (estimate_affinity.main, EST + ["--method", "hand", "--hand", "{root}/nope.txt"],
+                              ["nope.txt", "not found"]),
+    "est-hand-no-arrow": (estimate_affinity.main, EST + ["--method", "hand", "--hand", "{root}/map_noarrow.txt"],
+                          ["map_noarrow.txt:1", "target -> source"]),
+    "est-hand-unknown-class": (estimate_affinity.main, EST + ["--method", "hand", "--hand", "{root}/map_unknown.txt"],
+                               ["map_unknown.txt:1", "unicorn"]),
+    "est-override-weight": (estimate_affinity.main, EST + ["--method", "random", "--override", "{root}/map_weight.txt"],
+                            ["map_weight.txt:1", "lots"]),
+    "est-dino-truncated": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+                                                          "{root}/trunc.pt"], ["--dino-weights", "truncated"]),
+    "est-dino-empty": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+                                                      "{root}/empty.pt"], ["--dino-weights", "empty"]),
+    "est-dino-not-dino": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+                                                         "{root}/good.pt"], ["--dino-weights", "not a DINO"]),
+    "est-supervised-nothing": (estimate_affinity.main, EST + ["--method", "supervised"], ["--source-ckpt"]),
+    "est-segmenter-missing": (estimate_affinity.main, EST + ["--method", "supervised", "--segmenter",
+                                                             "{root}/nope.pt"], ["--segmenter", "nope.pt", "not found"]),
+    "est-segmenter-not-script": (estimate_affinity.main, EST + ["--method", "supervised", "--segmenter",
+                                                                "{root}/good.pt"], ["--segmenter", "TorchScript"]),
+    "est-source-ckpt-truncated": (estimate_affinity.main, EST + ["--method", "supervised", "--source-ckpt",
+                                                                 "{root}/trunc.pt"], ["--source-ckpt", "truncated"]),
+    "est-source-ckpt-pickled": (estimate_affinity.main, EST + ["--method", "supervised", "--source-ckpt",
+                                                               "{root}/pickled.pt"], ["--source-ckpt", "pickled"]),
+    "est-target-duplicate-classes": (estimate_affinity.main, ["--source", "coco", "--target", "{dup}", "--method",
+                                                              "random", "--out", "{root}/e"], ["classes.txt", "repeats"]),
+    # finetune_oasis.py
+    "ft-resume-nothing": (finetune_oasis.main, ["--out", "{root}/nothing", "--resume"], ["--resume", "checkpoint.pt", "file not found"]),
+    "ft-resume-pickled": (finetune_oasis.main, ["--out", "{root}/pickled_run", "--resume"], ["--resume", "pickled"]),
+    "ft-resume-wrong-kind": (finetune_oasis.main, ["--out", "{root}/piti_run", "--resume"], ["--resume", "piti-cat"]),
+    "ft-resume-changed-flag": (finetune_oasis.main, ["--out", "{root}/run", "--resume", "--channels", "8"],
+                               ["--channels", "cannot change"]),
+    "ft-out-not-empty": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/nonempty"], ["--out", "not empty"]),
+    "ft-source-missing": (finetune_oasis.main, ["--out", "{root}/f"], ["--source"]),
+    "ft-scratch-with-affinity": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--affinity", "a.npy"],
+                                 ["--affinity", "does not apply"]),
+    "ft-batch-zero": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--batch", "0"], ["--batch 0"]),
+    "ft-negative-steps": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--stage2-steps", "-1"],
+                          ["--stage2-steps -1"]),
+    "ft-negative-lr": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--lr", "-1"], ["--lr"]),
+    "ft-ema-decay": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--ema-decay", "1.5"],
+                     ["--ema-decay 1.5"]),
+    "ft-workers-not-int": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--workers", "two"],
+                           ["--workers", "two"]),
+    "ft-size-mismatch": (finetune_oasis.main, SCRATCH + ["{size}", "--out", "{root}/f1"], ["0.png", "64x48", "64x64"]),
+    "ft-duplicate-classes": (finetune_oasis.main, SCRATCH + ["{dup}", "--out", "{root}/f2"], ["classes.txt", "repeats"]),
+    "ft-size-not-64": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f3", "--size", "96"], ["96x96", "64"]),
+    "ft-source-ckpt-missing": (finetune_oasis.main, CAT[:5] + ["{root}/nope.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                               ["--source-ckpt", "nope.pt"]),
+    "ft-source-ckpt-truncated": (finetune_oasis.main, CAT[:5] + ["{root}/trunc.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                                 ["--source-ckpt", "truncated"]),
+    "ft-source-other-classes": (finetune_oasis.main, CAT + ["--affinity", "{root}/aff_rows.npy"],
+                                ["--source-ckpt", "checkpoint.pt", "folder (3 label channels)", "expects 4"]),
+    "ft-affinity-missing": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/nope.npy"],
+                            ["--affinity", "nope.npy", "not found"]),
+    "ft-affinity-shape": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff_shape.npy"],
+                          ["--affinity", "aff_shape.npy", "(3, 3)", "(2, 2)"]),
+    "ft-affinity-text": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff.txt"],
+                         ["--affinity", "aff.txt", "not a .npy file"]),
+    "ft-affinity-pickled": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff_object.npy"],
+                            ["--affinity", "aff_object.npy", "Python objects"]),
+    # evaluate.py
+    "ev-real-without-fake": (evaluate.main, ["--real-dir", "{ok}/images", "--out", "{root}/ev"], ["--fake-dir"]),
+    "ev-nothing": (evaluate.main, ["--out", "{root}/ev"], ["--ckpt", "--real-dir"]),
+    "ev-real-dir-missing": (evaluate.main, ["--real-dir", "{root}/nope", "--fake-dir", "{ok}/images", "--out",
+                                            "{root}/ev"], ["--real-dir", "nope"]),
+    "ev-ckpt-missing": (evaluate.main, ["--ckpt", "{root}/nope.pt"] + EVAL[2:], ["--ckpt", "nope.pt", "not found"]),
+    "ev-ckpt-pickled": (evaluate.main, ["--ckpt", "{root}/pickled.pt"] + EVAL[2:], ["--ckpt", "pickled"]),
+    "ev-ckpt-empty": (evaluate.main, ["--ckpt", "{root}/empty.pt"] + EVAL[2:], ["--ckpt", "empty.pt", "empty"]),
+    "ev-ckpt-text": (evaluate.main, ["--ckpt", "{root}/text.pt"] + EVAL[2:], ["--ckpt", "text.pt", "not a torch file"]),
+    "ev-samples-per-map": (evaluate.main, EVAL + ["--samples-per-map", "0"], ["--samples-per-map 0"]),
+    "ev-n-on-val": (evaluate.main, EVAL + ["--n", "2"], ["--n 2", "--limit"]),
+    "ev-bad-split": (evaluate.main, EVAL + ["--split", "test"], ["--split", "test"]),
+    "ev-other-classes": (evaluate.main, EVAL[:5] + ["{three}"] + EVAL[6:], ["--ckpt", "3 label channels", "4"]),
+    "ev-affinity-without-source": (evaluate.main, EVAL + ["--affinity", "{root}/aff_rows.npy"], ["--ckpt"]),
+    "ev-segmenter-without-weights": (evaluate.main, EVAL + ["--segmenter", "deeplabv2"],
+                                     ["--segmenter deeplabv2", "--segmenter-weights"]),
+    "ev-out-is-file": (evaluate.main, EVAL[:-1] + ["{root}/a_file"], ["--out", "a_file", "is a file"]),
+    "ev-size-mismatch": (evaluate.main, EVAL[:5] + ["{size}"] + EVAL[6:] + ["--workers", "0"],
+                         ["0.png", "64x48", "64x64"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS))
+def test_main_refuses_in_one_line(W, case):
+    main, args, words = IN_PROCESS[case]
+    for name, src in (("pickled_run", "pickled.pt"), ("piti_run", "piti_kind.pt")):
+        (W.root / name).mkdir(exist_ok=True)
+        (W.root / name / "checkpoint.pt").write_bytes((W.root / src).read_bytes())
+    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+
+
+def test_at_least_forty_cases_beyond_the_listed_ones():
+    assert len(SUBPROCESS) + len(IN_PROCESS) >= 60
+
+
+# ---------------------------------------------------------------------------------------------- what is accepted
+
+
+def test_bom_is_stripped_and_info_prints_the_images_own_size(W, capsys):
+    assert data.class_table("folder", W.bom).names == ["sky", "grass"]
+    data.main(["info", "--data", "folder", "--data-root", str(W.bom)])
+    out = capsys.readouterr().out
+    assert "images 64x64 (width x height), resized to 256x256" in out and "\ufeff" not in out
+    big = make_ds(W.root / "wide", n=2, size=(96, 64))
+    data.main(["info", "--data", "folder", "--data-root", str(big), "--size", "64"])
+    assert "images 96x64 (width x height), resized to 64x64" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,words", [("trunc.pt", ["truncated"]), ("empty.pt", ["empty"]),
+                                        ("text.pt", ["not a torch file"]), ("pickled.pt", ["pickled"]),
+                                        ("nope.pt", ["not found"])])
+def test_checkpoint_load_says_why(W, name, words):
+    one_line(lambda: checkpoint.load(W.root / name, "--resume"), "--resume", name, *words)
+
+
+def test_truncate_log_drops_a_torn_last_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    checkpoint.truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    one_line(lambda: checkpoint.truncate_log(log, 2), "log.jsonl", "line 2")
+
+
+# ---------------------------------------------------------------------------------------------- kill -9, resume
+
+
+@pytest.mark.parametrize("n_shot", [True, False], ids=["n-shot", "all-images"])
+def test_sigkill_then_resume_logs_every_step_once(W, tmp_path, n_shot):
+    """SIGKILL finetune_oasis.py once its first checkpoint exists and it has logged steps past it; --resume
+    must finish the run from that checkpoint with each training step and each evaluation logged once."""
+    ds = make_ds(tmp_path / "ds", n=8)
+    out, total = tmp_path / "run", 10
+    args = ["finetune_oasis.py", "--init", "scratch", "--data", "folder", "--data-root", ds, "--size", "64",
+            "--out", out, "--stage1-steps", "0", "--stage2-steps", total, "--eval-every", "2", "--log-every", "1",
+            *TINY, *(["--n", "6"] if n_shot else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = [json.loads(s).get("step", 0) for s in (out / "log.jsonl").read_text().splitlines()
+                     if s.endswith("}")] if (out / "log.jsonl").is_file() else []
+            if (out / "checkpoint.pt").is_file() and max(steps, default=0) >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed ({proc.returncode}): {err[-2000:]}"
+    killed_at = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+    assert 2 <= killed_at < total
+    r = run(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    entries = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss_G" in e] == list(range(1, total + 1))
+    assert [e["step"] for e in entries if "grid" in e] == list(range(2, total + 1, 2))
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == total
+    if n_shot:
+        assert (out / "subset.txt").read_text().count("\n") == 6
