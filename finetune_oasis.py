@@ -135,6 +135,8 @@ def get_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = checkpoint.parse_with_given(p, argv)
+    if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
+        args.workers = 4 if args.device.startswith("cuda") else 0
     if args.resume:  # the run's own settings, except what the command line repeats (model/data flags must agree)
         saved = checkpoint.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
         checkpoint.resume_args(args, saved, MODEL_FLAGS, given)
@@ -166,8 +168,6 @@ def get_args(argv=None):
         args.d_head = "affinity" if args.affinity not in (None, "none", "learned") else "reinit"
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
-    if args.workers is None:
-        args.workers = 4 if args.device.startswith("cuda") else 0
     return args, given
 
 
