@@ -86,7 +86,7 @@ def W(tmp_path_factory):
     torch.save({"args": argparse.Namespace(x=1)}, w / "pickled.pt")
     torch.save({"kind": "piti-cat"}, w / "piti_kind.pt")
     # affinities (target: sky, grass; source: three classes)
-    np.save(w / "aff_shape.npy", np.full((3, 3), 1 / 3, np.float32))
+    np.save(w / "aff_shape.npy", np.full((4, 4), 1 / 4, np.float32))
     np.save(w / "aff_rows.npy", np.full((2, 3), 0.5, np.float32))
     (w / "aff.txt").write_text("0.5 0.5\n")
     np.save(w / "aff_object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -182,9 +182,11 @@ def test_command_line_refuses_in_one_line(W, case):
 
 INFO = ["info", "--data", "folder", "--data-root"]
 EST = ["--source", "coco", "--target", "ade20k", "--out", "{root}/est"]
-SCRATCH = ["--init", "scratch", "--data", "folder", "--size", "64", *TINY, "--data-root"]
+# a short run, should a case ever pass its checks
+SCRATCH = ["--init", "scratch", "--data", "folder", "--size", "64", "--stage1-steps", "0", "--stage2-steps", "1", *TINY,
+           "--data-root"]
 CAT = ["--source", "folder", "--source-root", "{three}", "--source-ckpt", "{ckpt}", "--data", "folder",
-       "--data-root", "{ok}", "--size", "64", *TINY, "--out", "{root}/cat"]
+       "--data-root", "{ok}", "--size", "64", "--stage1-steps", "0", "--stage2-steps", "1", *TINY, "--out", "{root}/cat"]
 EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--out", "{root}/ev"]
 
 IN_PROCESS = {
@@ -258,9 +260,9 @@ IN_PROCESS = {
     "ft-source-missing": (finetune_oasis.main, ["--out", "{root}/f"], ["--source"]),
     "ft-scratch-with-affinity": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--affinity", "a.npy"],
                                  ["--affinity", "does not apply"]),
-    "ft-batch-zero": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--batch", "0"], ["--batch 0"]),
+    "ft-batch-zero": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--batch", "0"], ["--batch", "0", "1"]),
     "ft-negative-steps": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--stage2-steps", "-1"],
-                          ["--stage2-steps -1"]),
+                          ["--stage2-steps", "-1", "0"]),
     "ft-negative-lr": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--lr", "-1"], ["--lr"]),
     "ft-ema-decay": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--ema-decay", "1.5"],
                      ["--ema-decay 1.5"]),
@@ -278,7 +280,7 @@ IN_PROCESS = {
     "ft-affinity-missing": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/nope.npy"],
                             ["--affinity", "nope.npy", "not found"]),
     "ft-affinity-shape": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff_shape.npy"],
-                          ["--affinity", "aff_shape.npy", "(3, 3)", "(2, 2)"]),
+                          ["--affinity", "aff_shape.npy", "(4, 4)", "(2, 2)"]),
     "ft-affinity-text": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff.txt"],
                          ["--affinity", "aff.txt", "not a .npy file"]),
     "ft-affinity-pickled": (finetune_oasis.main, CAT[:3] + ["{ok}"] + CAT[4:] + ["--affinity", "{root}/aff_object.npy"],
