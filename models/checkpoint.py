@@ -56,14 +56,14 @@ def unreadable_why(path, e):
     size = os.path.getsize(path)
     if size == 0:
         return "is empty (0 bytes); expected a torch file"
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither a torch.save zip nor an old-style pickle
+        return f"is not a torch file (it starts with {head!r}; expected a file written by torch.save)"
     if "weights_only" in text or "Weights only" in text or "Unsupported global" in text:
         return "holds pickled Python objects, which weights_only loading refuses (it would run their code)"
     if head == b"PK\x03\x04":  # a zip archive, the torch.save format, that cannot be read to its end
         return f"is truncated or corrupt ({size} bytes; an interrupted write, copy or download?)"
-    if head[:1] == b"\x80" and ("EOF" in text or "corrupted" in text or isinstance(e, EOFError)):
+    if "EOF" in text or "corrupted" in text or isinstance(e, EOFError):
         return f"is truncated ({size} bytes; an interrupted write, copy or download?)"
-    if head[:1] != b"\x80":
-        return f"is not a torch file (it starts with {head!r}; expected a file written by torch.save)"
     return f"cannot be read ({type(e).__name__}: {text[:120]})"
 
 

@@ -201,7 +201,7 @@ IN_PROCESS = {
     "info-corrupt-image": (data.main, INFO + ["{corrupt}"], ["1.png", "unreadable image"]),
     "info-no-images": (data.main, INFO + ["{no_images}"], ["images", "no images"]),
     "info-no-such-root": (data.main, INFO + ["{root}/nowhere"], ["nowhere", "no such folder"]),
-    "info-size-too-small": (data.main, INFO + ["{ok}", "--size", "5"], ["--size 5"]),
+    "info-size-not-positive": (data.main, INFO + ["{ok}", "--size", "0"], ["--size 0"]),
     "info-size-not-int": (data.main, INFO + ["{ok}", "--size", "abc"], ["--size", "abc"]),
     "info-unknown-dataset": (data.main, ["info", "--data", "imagenet"], ["--data", "imagenet"]),
     "info-n-zero": (data.main, INFO + ["{ok}", "--n", "0"], ["--n 0"]),
