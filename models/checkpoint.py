@@ -67,12 +67,15 @@ def unreadable_why(path, e):
     return f"cannot be read ({type(e).__name__}: {text[:120]})"
 
 
-def out_dir(path, flag="--out"):
-    """An output folder that may already hold files (evaluation results, an affinity): created, and checked
-    writable, or one DataError line (a file in the way, a read-only file system, no permission)."""
+def out_dir(path, flag="--out", keep=True):
+    """An output folder that may already hold files (evaluation results, an affinity): created and checked
+    writable, or one DataError line (a file in the way, a read-only file system, no permission). keep=False
+    only checks: the folders it made for the check are removed again (a script that may still refuse its
+    other inputs leaves nothing behind)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{flag} {path}: is a file, expected a folder")
+    made = [d for d in (path, *path.parents) if not d.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
@@ -80,6 +83,9 @@ def out_dir(path, flag="--out"):
         probe.unlink()
     except OSError as e:
         raise DataError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    if not keep:
+        for d in made:  # deepest first
+            d.rmdir()
     return path
 
 
