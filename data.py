@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, cli  # bad input: one line, raised here, printed by the scripts' entry points
+from models import ArgumentParser, DataError, checkpoint, cli  # bad input: one line, raised here, printed by the scripts' entry points
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
@@ -752,13 +752,13 @@ def main(argv=None):
     i.add_argument("--split", default="train", choices=["train", "val"])
     args = p.parse_args(argv)
     if args.cmd == "example":
-        write_example(args.out)
+        write_example(checkpoint.out_dir(args.out, "example OUT"))
         print(f"wrote an example folder dataset to {args.out}: 120 train + 40 val pairs, 64x64, "
               f"{len(TOY_TARGET)} classes (classes.txt)")
     elif args.cmd == "toy":
         if not 16 <= args.size <= 512:
             raise DataError(f"--size {args.size}: expected 16..512")
-        write_toy(args.out, args.size, args.seed)
+        write_toy(checkpoint.out_dir(args.out), args.size, args.seed)
         print(f"wrote the toy task to {args.out}: source {TOY_SPLITS['source']}, target {TOY_SPLITS['target']}, {args.size}px")
     else:
         ds = dataset_from_args(args, args.split)

@@ -374,8 +374,7 @@ def evaluate_and_save(R, s):
                  "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
                  "scalers": [sc.state_dict() for sc in R.scalers],
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
-        # log and best.pt before checkpoint.pt: a run killed in between resumes from the older checkpoint,
-        # which drops the log line and redoes this evaluation
+        # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
         checkpoint.append_log(R.out / "log.jsonl", entry)
         if better:
             checkpoint.save(state, R.out / "best.pt")

@@ -213,6 +213,8 @@ IN_PROCESS = {
     "info-bad-split": (data.main, INFO + ["{ok}", "--split", "test"], ["--split", "test"]),
     "info-no-command": (data.main, [], ["required", "{{toy,info}}"]),
     "toy-size-too-small": (data.main, ["toy", "--size", "8", "--out", "{root}/toy"], ["--size 8"]),
+    "toy-out-is-file": (data.main, ["toy", "--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
+    "example-out-in-file": (data.main, ["example", "{root}/a_file/x"], ["a_file", "cannot write"]),
     "info-ade20k-layout": (data.main, ["info", "--data", "ade20k", "--data-root", "{ok}"], ["training", "no such folder"]),
     "info-cityscapes-layout": (data.main, ["info", "--data", "cityscapes", "--data-root", "{ok}"], ["leftImg8bit"]),
     # estimate_affinity.py
