@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
+from models.checkpoint import torch_load
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
@@ -163,10 +164,7 @@ def load_fid_inception(path, flag="--inception"):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{flag} {path}: file not found; FID needs {INCEPTION_HELP}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{flag} {path}: not a readable state dict ({type(e).__name__}); expected {INCEPTION_FILE}")
+    sd = torch_load(path, flag)  # one line: truncated, empty, pickled, not a torch file
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{flag} {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
     net = FIDInception()

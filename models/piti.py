@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import load
+from models.checkpoint import load, torch_load
 from models.diffusion import cascade
 
 # ----------------------------------------------------------------------------------------------
@@ -459,10 +459,7 @@ def read_state_dict(path, what):
     if not os.path.isfile(path):
         raise DataError(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
                          f"(github.com/PITI-Synthesis/PITI, 'Pretrained Models': base_mask.pt / upsample_mask.pt)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise DataError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})")
+    sd = torch_load(path)  # one line: truncated, empty, pickled, not a torch file
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{path}: expected a flat state dict of tensors (an official PITI file), found "
                          f"{type(sd).__name__} with keys {list(sd)[:4] if isinstance(sd, dict) else ''}")

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
+from models.checkpoint import torch_load
 
 NEG = -1e4  # logit of channels the segmenter has no class for (finite: softmax and bf16 stay finite)
 
@@ -361,11 +362,7 @@ def read_state_dict(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; give the official weight file's path")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated download, not a torch file, or pickled objects beyond tensors
-        raise DataError(f"{path}: cannot be read as a PyTorch weight file ({type(e).__name__}); "
-                         "the download may be truncated or the file is something else: fetch it again") from None
+    sd = torch_load(path)  # one line: truncated (fetch it again), empty, pickled, not a torch file
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -23,6 +23,7 @@ import data
 import estimate_affinity
 import evaluate
 import finetune_oasis
+import finetune_piti
 from models import DataError, checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +157,8 @@ SUBPROCESS = {
                              ["--out", "a_file", "is a file"]),
     "finetune-rgb-label": ("finetune_oasis.py", ["--init", "scratch", "--data", "folder", "--data-root", "{rgb}",
                                                  "--size", "64", "--out", "{root}/f2", *TINY], ["0.png", "RGB"]),
+    "piti-resume-truncated": ("finetune_piti.py", ["--out", "{root}/trunc_run", "--resume"],
+                              ["--resume", "checkpoint.pt", "truncated"]),
     "evaluate-truncated-ckpt": ("evaluate.py", ["--ckpt", "{root}/trunc.pt", "--data", "folder", "--data-root",
                                                 "{ok}", "--size", "64", "--out", "{root}/v1"],
                                 ["--ckpt", "trunc.pt", "truncated"]),
@@ -171,7 +174,7 @@ SUBPROCESS = {
 @pytest.mark.parametrize("case", sorted(SUBPROCESS))
 def test_command_line_refuses_in_one_line(W, case):
     script, args, words = SUBPROCESS[case]
-    if case == "finetune-resume-truncated":
+    if "resume-truncated" in case:
         (W.root / "trunc_run").mkdir(exist_ok=True)
         (W.root / "trunc_run" / "checkpoint.pt").write_bytes((W.root / "trunc.pt").read_bytes())
     refused(run(script, *[a.format(**vars(W)) for a in args]), *words)
@@ -187,6 +190,8 @@ SCRATCH = ["--init", "scratch", "--data", "folder", "--size", "64", "--stage1-st
            "--data-root"]
 CAT = ["--source", "folder", "--source-root", "{three}", "--source-ckpt", "{ckpt}", "--data", "folder",
        "--data-root", "{ok}", "--size", "64", "--stage1-steps", "0", "--stage2-steps", "1", *TINY, "--out", "{root}/cat"]
+PITI = ["--data", "folder", "--data-root", "{ok}", "--size", "64", "--steps", "0", "--base", "b.pt", "--upsampler",
+        "u.pt", "--affinity", "a.npy", "--out", "{root}/p"]
 EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--out", "{root}/ev"]
 
 IN_PROCESS = {
@@ -306,13 +311,36 @@ IN_PROCESS = {
     "ev-out-is-file": (evaluate.main, EVAL[:-1] + ["{root}/a_file"], ["--out", "a_file", "is a file"]),
     "ev-size-mismatch": (evaluate.main, EVAL[:5] + ["{size}"] + EVAL[6:] + ["--workers", "0"],
                          ["0.png", "64x48", "64x64"]),
+    "ev-inception-truncated": (evaluate.main, EVAL + ["--inception", "{root}/trunc.pt"], ["--inception", "truncated"]),
+    # finetune_piti.py (fails before any model is built)
+    "piti-base-config-json": (finetune_piti.main, PITI + ["--base-config", "{{bad"], ["--base-config", "not JSON"]),
+    "piti-base-missing": (finetune_piti.main, ["--out", "{root}/p", "--upsampler", "u.pt", "--affinity", "none"],
+                          ["--base", "required"]),
+    "piti-base-truncated": (finetune_piti.main, PITI[:8] + ["--out", "{root}/p", "--base", "{root}/trunc.pt", "--upsampler", "{root}/trunc.pt",
+                                                            "--affinity", "none"], ["trunc.pt", "truncated"]),
+    "piti-base-not-found": (finetune_piti.main, PITI[:8] + ["--out", "{root}/p", "--base", "{root}/nope.pt", "--upsampler", "{root}/trunc.pt",
+                                                            "--affinity", "none"], ["nope.pt", "not found"]),
+    "piti-batch-zero": (finetune_piti.main, PITI + ["--batch", "0"], ["--batch >= 1"]),
+    "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "got 0"]),
+    "piti-steps-not-int": (finetune_piti.main, PITI + ["--steps", "many"], ["--steps", "many"]),
+    "piti-unknown-source": (finetune_piti.main, PITI + ["--source", "imagenet"], ["--source", "imagenet"]),
+    "piti-glide-without-ckpt": (finetune_piti.main, ["--out", "{root}/p", "--init", "glide", "--data", "folder",
+                                                     "--data-root", "{ok}"], ["--glide-ckpt"]),
+    "piti-resume-truncated": (finetune_piti.main, ["--out", "{root}/trunc_piti", "--resume"], ["--resume", "truncated"]),
+    "piti-resume-wrong-kind": (finetune_piti.main, ["--out", "{root}/run", "--resume"], ["--resume", "piti-cat"]),
+    "piti-out-is-file": (finetune_piti.main, PITI[:-2] + ["--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
+    "piti-out-not-empty": (finetune_piti.main, PITI[:-2] + ["--out", "{root}/nonempty"], ["--out", "not empty"]),
+    "piti-affinity-shape": (finetune_piti.main, PITI[:8] + ["--out", "{root}/p", "--base", "{root}/trunc.pt", "--upsampler", "{root}/trunc.pt",
+                                                            "--affinity", "{root}/aff_shape.npy"],
+                            ["--affinity", "aff_shape.npy", "(4, 4)"]),
+    "piti-duplicate-classes": (finetune_piti.main, PITI[:3] + ["{dup}"] + PITI[4:], ["classes.txt", "repeats"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(IN_PROCESS))
 def test_main_refuses_in_one_line(W, case):
     main, args, words = IN_PROCESS[case]
-    for name, src in (("pickled_run", "pickled.pt"), ("piti_run", "piti_kind.pt")):
+    for name, src in (("pickled_run", "pickled.pt"), ("piti_run", "piti_kind.pt"), ("trunc_piti", "trunc.pt")):
         (W.root / name).mkdir(exist_ok=True)
         (W.root / name / "checkpoint.pt").write_bytes((W.root / src).read_bytes())
     one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])

@@ -153,9 +153,9 @@ def wrong_files(tmp_path_factory):
     ("upernet101", ["encoder.pth", "deeplabv2.pth"], "looks like the DeepLab-v2 checkpoint, not UperNet-101 decoder"),
     ("upernet101", ["decoder.pth", "encoder.pth"], "encoder and decoder swapped"),
     ("upernet101", ["encoder.pth"], "got 1 weight file"),
-    ("drn105", ["truncated.pth"], "cannot be read as a PyTorch weight file"),
-    ("deeplabv2", ["truncated.pth"], "cannot be read as a PyTorch weight file"),
-    ("upernet101", ["truncated.pth", "decoder.pth"], "cannot be read as a PyTorch weight file"),
+    ("drn105", ["truncated.pth"], "is truncated or corrupt"),
+    ("deeplabv2", ["truncated.pth"], "is truncated or corrupt"),
+    ("upernet101", ["truncated.pth", "decoder.pth"], "is truncated or corrupt"),
     ("drn105", ["missing.pth"], "file not found"),
     ("pspnet", ["drn105.pth"], "unknown segmenter"),
 ])
