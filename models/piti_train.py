@@ -17,13 +17,14 @@ trained the official way, which this module provides for finetune_piti.py (`--in
 Checked against the official code's training step in tests/test_piti_glide.py.
 """
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from models import DataError, diffusion, piti
-from models.checkpoint import save
+from models.checkpoint import save, torch_load
 
 
 class CheckpointError(DataError):
@@ -60,12 +61,12 @@ def glide_decoder_state(sd):
 
 def read_flat(path, what, fix):
     """A flat {name: tensor} file, weights_only; CheckpointError otherwise."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: {what} not found; {fix}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {what} not found; {fix}") from None
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); {fix}") from None
+        sd = torch_load(path)  # a truncated, empty, pickled or foreign file: one line saying which
+    except DataError as e:
+        raise CheckpointError(f"{e}; {fix}") from None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors ({what}); {fix}")
     return sd
