@@ -136,6 +136,8 @@ def get_args(argv=None):
                             "folders of images); drop them, or drop --real-dir/--fake-dir to evaluate a model")
     elif not args.ckpt:
         raise DataError("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
+    elif args.no_fid and flags(args, ("inception", "fid_features")):
+        raise DataError(f"--no-fid skips FID: {', '.join(flags(args, ('inception', 'fid_features')))} would be ignored")
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     return args

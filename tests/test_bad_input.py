@@ -165,7 +165,7 @@ SUBPROCESS = {
     "evaluate-out-unwritable": ("evaluate.py", ["--real-dir", "{ok}/images", "--fake-dir", "{ok}/images",
                                                 "--out", UNWRITABLE], ["--out", "cannot write"]),
     "evaluate-label-in-worker": ("evaluate.py", ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{range}",
-                                                 "--size", "64", "--workers", "1", "--out", "{root}/v2"],
+                                                 "--size", "64", "--no-fid", "--workers", "1", "--out", "{root}/v2"],
                                  ["0.png", "label value 5 outside 0..2"]),
     "evaluate-missing-flag-value": ("evaluate.py", ["--out"], ["--out", "expected one argument"]),
 }
@@ -192,7 +192,7 @@ CAT = ["--source", "folder", "--source-root", "{three}", "--source-ckpt", "{ckpt
        "--data-root", "{ok}", "--size", "64", "--stage1-steps", "0", "--stage2-steps", "1", *TINY, "--out", "{root}/cat"]
 PITI = ["--data", "folder", "--data-root", "{ok}", "--size", "64", "--steps", "0", "--base", "b.pt", "--upsampler",
         "u.pt", "--affinity", "a.npy", "--out", "{root}/p"]
-EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--out", "{root}/ev"]
+EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--no-fid", "--out", "{root}/ev"]
 
 IN_PROCESS = {
     # data.py info: datasets, classes.txt, labels, flags
@@ -311,7 +311,9 @@ IN_PROCESS = {
     "ev-out-is-file": (evaluate.main, EVAL[:-1] + ["{root}/a_file"], ["--out", "a_file", "is a file"]),
     "ev-size-mismatch": (evaluate.main, EVAL[:5] + ["{size}"] + EVAL[6:] + ["--workers", "0"],
                          ["0.png", "64x48", "64x64"]),
-    "ev-inception-truncated": (evaluate.main, EVAL + ["--inception", "{root}/trunc.pt"], ["--inception", "truncated"]),
+    "ev-inception-truncated": (evaluate.main, [a for a in EVAL if a != "--no-fid"] + ["--inception", "{root}/trunc.pt"],
+                               ["--inception", "truncated"]),
+    "ev-inception-and-no-fid": (evaluate.main, EVAL + ["--inception", "{root}/trunc.pt"], ["--no-fid", "--inception"]),
     # finetune_piti.py (fails before any model is built)
     "piti-base-config-json": (finetune_piti.main, PITI + ["--base-config", "{{bad"], ["--base-config", "not JSON"]),
     "piti-base-missing": (finetune_piti.main, ["--out", "{root}/p", "--upsampler", "u.pt", "--affinity", "none"],
