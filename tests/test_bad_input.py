@@ -24,7 +24,7 @@ import estimate_affinity
 import evaluate
 import finetune_oasis
 import finetune_piti
-from models import DataError, checkpoint
+from models import DataError, checkpoint, cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16",
@@ -427,3 +427,20 @@ def test_out_dir_checks_without_leaving_folders(W, tmp_path):
     assert not (tmp_path / "a").exists()
     one_line(lambda: checkpoint.out_dir(W.root / "a_file" / "sub"), "--out", "a_file", "cannot write")
     assert checkpoint.out_dir(tmp_path / "c").is_dir()
+
+
+def test_cli_prints_one_line(tmp_path):
+    """The entry point: a DataError from a loader worker (wrapped in the worker's traceback) and an OSError
+    nobody foresaw both end as one 'error:' line naming the file."""
+    def worker_error():
+        raise DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"data.py\", line 1, in __getitem__\nmodels.DataError: x/labels/3.png: bad")
+
+    def os_error():
+        open(tmp_path / "missing" / "f.txt")
+
+    for fn, want in ((worker_error, "error: x/labels/3.png: bad"),
+                     (os_error, f"error: {tmp_path / 'missing' / 'f.txt'}: No such file or directory")):
+        with pytest.raises(SystemExit) as e:
+            cli(fn)
+        assert e.value.code == want
