@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, checkpoint, cli  # bad input: one line, raised here, printed by the scripts' entry points
+# bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
+from models import ArgumentParser, DataError, checkpoint, cli
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
@@ -740,7 +741,7 @@ def write_example(out, size=64, n_train=120, n_val=40, seed=1):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{toy,info}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{toy,example,info}")
     t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
     t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
     t.add_argument("--size", type=int, default=64, help="image side in pixels (64-256)")
@@ -766,7 +767,7 @@ def main(argv=None):
         hist = np.zeros(ds.n_channels, np.int64)
         for k in range(len(ds)):
             hist += np.bincount(ds[k]["label"].flatten().numpy(), minlength=ds.n_channels)
-        (w0, h0), (w1, h1) = min(sizes), max(sizes)
+        (w0, h0), (w1, h1) = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
         own = f"{w0}x{h0}" if len(sizes) == 1 else f"{len(sizes)} sizes from {w0}x{h0} to {w1}x{h1}"
         print(f"{ds.root} ({args.split}): {len(ds)} pairs, {len(ds.classes)} classes; images {own} (width x height), "
               f"resized to {ds.load[1]}x{ds.load[0]}")

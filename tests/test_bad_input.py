@@ -216,7 +216,7 @@ IN_PROCESS = {
     "info-subset-file-unknown": (data.main, INFO + ["{ok}", "--subset-file", "{root}/map_partial.txt"],
                                  ["--subset-file", "map_partial.txt", "not in"]),
     "info-bad-split": (data.main, INFO + ["{ok}", "--split", "test"], ["--split", "test"]),
-    "info-no-command": (data.main, [], ["required", "{{toy,info}}"]),
+    "info-no-command": (data.main, [], ["required", "{{toy,example,info}}"]),
     "toy-size-too-small": (data.main, ["toy", "--size", "8", "--out", "{root}/toy"], ["--size 8"]),
     "toy-out-is-file": (data.main, ["toy", "--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
     "example-out-in-file": (data.main, ["example", "{root}/a_file/x"], ["a_file", "cannot write"]),
