@@ -399,7 +399,7 @@ def main(argv=None):
     t_name, t_root, target = open_table(args.target, "--target")
     if args.data is None:
         args.data, args.data_root = t_name, args.data_root or t_root
-    checkpoint.out_dir(args.out)
+    checkpoint.out_dir(args.out, replaces=("affinity.npy", "affinity.json", "mapping.md", "affinity.png"))
     args.precision = amp.pick(args.device, args.amp)  # recorded with the args in affinity.json
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),

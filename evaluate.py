@@ -305,7 +305,8 @@ def main(argv=None):
     bf16_features = device.type == "cuda" and args.bf16_features
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    out = checkpoint.out_dir(args.out, keep=False)  # a file in the way, read-only: one line before any work
+    # a file in the way, read-only: one line before any work; an earlier run's results.json goes now
+    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png"))
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",

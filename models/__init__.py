@@ -8,7 +8,15 @@ import sys
 class DataError(ValueError):
     """Bad input (a file, a flag, a dataset): the message is one line naming it, what was expected and found.
 
-    Library code raises it; only the scripts' entry points (`cli`) turn it into one printed line."""
+    Library code raises it; only the scripts' entry points (`cli`) turn it into one printed line. One raised in
+    a DataLoader worker is re-raised by the loader as DataError('Caught DataError in DataLoader worker process 0.
+    Original Traceback ...'): that keeps only the original line (the traceback's last)."""
+
+    def __init__(self, *args):
+        text = args[0] if len(args) == 1 and isinstance(args[0], str) else ""
+        if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
+            args = (text.strip().splitlines()[-1].split(": ", 1)[-1],)
+        super().__init__(*args)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -19,21 +27,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise DataError(f"{message} (see --help)")
 
 
-def _one_line(e):
-    """The message of a DataError; one raised inside a DataLoader worker arrives wrapped in the worker's
-    traceback ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep its last line."""
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught DataError"):
-        return lines[-1].split("DataError: ", 1)[-1]
-    return " ".join(ln.strip() for ln in lines)
-
-
 def cli(main):
     """Run a script's main(); a DataError (or an unreadable/unwritable path) becomes one line and exit code 1."""
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {_one_line(e)}")
+        sys.exit("error: " + " ".join(str(e).splitlines()))  # one line even if a message slipped a newline
     except OSError as e:  # a path the checks above did not foresee (disk full, permissions): still one line
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{e.strerror or e}")

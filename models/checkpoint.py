@@ -67,14 +67,17 @@ def unreadable_why(path, e):
     return f"cannot be read ({type(e).__name__}: {text[:120]})"
 
 
-def out_dir(path, flag="--out", keep=True):
+def out_dir(path, flag="--out", keep=True, replaces=()):
     """An output folder that may already hold files (evaluation results, an affinity): created and checked
     writable, or one DataError line (a file in the way, a read-only file system, no permission). keep=False
     only checks: the folders it made for the check are removed again (a script that may still refuse its
-    other inputs leaves nothing behind)."""
+    other inputs leaves nothing behind). `replaces`: an earlier run's outputs that this run rewrites, removed
+    now, so that a run that fails leaves no number that looks like its own."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{flag} {path}: is a file, expected a folder")
+    for name in replaces:
+        (path / name).unlink(missing_ok=True)
     made = [d for d in (path, *path.parents) if not d.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)

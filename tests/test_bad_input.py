@@ -444,3 +444,20 @@ def test_cli_prints_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             cli(fn)
         assert e.value.code == want
+
+
+def test_failed_runs_leave_no_earlier_numbers(W, tmp_path):
+    """A run that fails after it started leaves no results.json / affinity.npy of an earlier run in --out,
+    where they would read as its own."""
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "results.json").write_text('{"fid": 1.0}')
+    one_line(lambda: evaluate.main([a.format(**vars(W)) for a in EVAL[:5] + ["{size}"] + EVAL[6:-1]] + [str(ev)]),
+             "64x48")
+    assert not (ev / "results.json").exists()
+    aff = tmp_path / "aff"
+    aff.mkdir()
+    np.save(aff / "affinity.npy", np.eye(2, dtype=np.float32))
+    one_line(lambda: estimate_affinity.main(["--source", "coco", "--target", "ade20k", "--method", "random",
+                                             "--override", str(W.root / "map_weight.txt"), "--out", str(aff)]), "lots")
+    assert not (aff / "affinity.npy").exists()
