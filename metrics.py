@@ -429,7 +429,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = np.asarray(Image.open(self.files[i]).convert("RGB")).copy()
+        try:
+            image = np.asarray(Image.open(self.files[i]).convert("RGB")).copy()
+        except OSError as e:  # truncated or not an image: one line (also from a loader worker)
+            raise DataError(f"{self.files[i]}: unreadable image ({e})") from None
         return torch.from_numpy(image).permute(2, 0, 1).float() / 255
 
 

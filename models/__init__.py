@@ -35,6 +35,6 @@ def cli(main):
         sys.exit("error: " + " ".join(str(e).splitlines()))  # one line even if a message slipped a newline
     except OSError as e:  # a path the checks above did not foresee (disk full, permissions): still one line
         where = f"{e.filename}: " if e.filename else ""
-        sys.exit(f"error: {where}{e.strerror or e}")
+        sys.exit(f"error: {where}{e.strerror or str(e).strip().splitlines()[-1]}")  # a loader worker's: its last line
     except KeyboardInterrupt:
         sys.exit("interrupted")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,12 @@ def W(tmp_path_factory):
     (w / "a_file").write_text("")
     (w / "nonempty").mkdir()
     (w / "nonempty" / "notes.txt").write_text("keep me")
+    # two image folders (one PNG cut short) and a stand-in TorchScript feature net for folder mode
+    ns.real, ns.fake = make_ds(w / "real", n=3).joinpath("images"), make_ds(w / "fake", n=3).joinpath("images")
+    (ns.real / "1.png").write_bytes((ns.real / "1.png").read_bytes()[:300])
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, but TorchScript is the format we load
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())).save(str(w / "feat.pt"))
     # a good tiny OASIS checkpoint of the 2-class folder dataset (0 steps: the model as built)
     finetune_oasis.main(["--init", "scratch", "--data", "folder", "--data-root", str(ns.ok), "--size", "64",
                          "--out", str(w / "run"), "--stage1-steps", "0", "--stage2-steps", "0", *TINY])
@@ -167,6 +174,9 @@ SUBPROCESS = {
     "evaluate-label-in-worker": ("evaluate.py", ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{range}",
                                                  "--size", "64", "--no-fid", "--workers", "1", "--out", "{root}/v2"],
                                  ["0.png", "label value 5 outside 0..2"]),
+    "evaluate-truncated-image-in-worker": ("evaluate.py", ["--real-dir", "{real}", "--fake-dir", "{fake}", "--fid-features",
+                                                           "{root}/feat.pt", "--workers", "1", "--out", "{root}/v3"],
+                                           ["1.png", "unreadable image", "truncated"]),
     "evaluate-missing-flag-value": ("evaluate.py", ["--out"], ["--out", "expected one argument"]),
 }
 
