@@ -76,14 +76,14 @@ def out_dir(path, flag="--out", keep=True, replaces=()):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{flag} {path}: is a file, expected a folder")
-    for name in replaces:
-        (path / name).unlink(missing_ok=True)
     made = [d for d in (path, *path.parents) if not d.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
         probe.write_text("")
         probe.unlink()
+        for name in replaces:
+            (path / name).unlink(missing_ok=True)
     except OSError as e:
         raise DataError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     if not keep:

@@ -435,7 +435,8 @@ def test_sigkill_then_resume_logs_every_step_once(W, tmp_path, n_shot):
 def test_out_dir_checks_without_leaving_folders(W, tmp_path):
     assert checkpoint.out_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
-    one_line(lambda: checkpoint.out_dir(W.root / "a_file" / "sub"), "--out", "a_file", "cannot write")
+    one_line(lambda: checkpoint.out_dir(W.root / "a_file" / "sub", replaces=("results.json",)), "--out", "a_file",
+             "cannot write")
     assert checkpoint.out_dir(tmp_path / "c").is_dir()
 
 
