@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import torch_load
+from models.checkpoint import key_diff, torch_load
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
@@ -169,9 +169,7 @@ def load_fid_inception(path, flag="--inception"):
         raise DataError(f"{flag} {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
     net = FIDInception()
     own = net.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # optional in old files
-    unexpected = [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = key_diff(own, sd, optional=("num_batches_tracked",))  # optional in old files
     if missing or unexpected or shapes:
         raise DataError(f"{flag} {path}: not the FID Inception weights ({len(missing)} keys missing, "
                         f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "

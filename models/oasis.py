@@ -670,9 +670,7 @@ def _check_keys(model, own, sd, path, name):
     """Raise DataError with one line unless `sd` has exactly the keys and shapes of `own`."""
     msg = _explain(model, sd, path, name)
     if msg is None:
-        missing = [k for k in own if k not in sd]
-        extra = [k for k in sd if k not in own]
-        shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        missing, extra, shapes = checkpoint.key_diff(own, sd)
         if missing or extra or shapes:
             parts = []
             for what, keys in (('missing', missing), ('unexpected', extra), ('wrong shape', shapes)):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from models import DataError, diffusion, piti
-from models.checkpoint import save, torch_load
+from models.checkpoint import key_diff, save, torch_load
 
 
 class CheckpointError(DataError):
@@ -121,10 +121,7 @@ def load_encoder(model, path):
     sd = read_flat(path, "encoder file", "pass a stage-1 encoder file or a PITI base/upsampler file (e.g. <out>/base.pt)")
     if any(k.startswith("encoder.") for k in sd):
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    own = model.encoder.state_dict()
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, extra, wrong = key_diff(model.encoder.state_dict(), sd)
     if missing or extra or wrong:
         raise CheckpointError(f"{path}: not an encoder of this configuration: {len(missing)} keys missing "
                               f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} of another "
