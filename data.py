@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
 TOY_ROOT = REPO / "data" / "toy"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-DATASETS = ("coco", "ade20k", "cityscapes", "folder", "toy-source", "toy-target")
+DATASETS = ("coco", "ade20k", "cityscapes", "folder", "toy-source", "toy-target", "toy-lt-source", "toy-lt-target")
 
 
 
@@ -103,7 +103,7 @@ def class_table(dataset, root=None):
         ids = [int(r["id"]) for r in rows]
         scored = [int(r["id"]) for r in rows if r["train_id"] != "255"]  # the 19 classes of the benchmark
         return ClassTable("cityscapes", ids, [r["name"] for r in rows], [r["display"] for r in rows], ids, 35, scored)
-    if dataset in ("folder", "toy-source", "toy-target"):
+    if dataset == "folder" or dataset in TOY_TASKS:
         root = dataset_root(dataset, root)
         names = _read_classes_txt(root)
         ids = list(range(1, len(names) + 1))
@@ -113,11 +113,11 @@ def class_table(dataset, root=None):
 
 def dataset_root(dataset, root=None):
     """The dataset's root folder; the toy task is generated on first use."""
-    if dataset in ("toy-source", "toy-target"):
-        base = Path(root) if root else TOY_ROOT / dataset[4:]
+    if dataset in TOY_TASKS:
+        base = Path(root) if root else TOY_TASKS[dataset]
         if not (base / "classes.txt").is_file():
             print(f"generating the toy transfer task in {base.parent} (once)")
-            write_toy(base.parent)
+            (write_toy_longtail if dataset.startswith("toy-lt") else write_toy)(base.parent)
         return base
     if root is None:
         raise DataError(f"--data {dataset} needs --data-root (the dataset's folder)")
@@ -734,6 +734,201 @@ def write_example(out, size=64, n_train=120, n_val=40, seed=1):
                                                                           quality=95)
             Image.fromarray(lab).save(out / split / "labels" / f"img{i:04d}.png")
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The long-tailed toy task (toy-lt-source / toy-lt-target): 30 source classes, 20 target classes with a
+# long-tailed frequency, so that few-shot is really few-shot. Every class has its own texture and (objects)
+# its own shape. Target classes are renamed versions of source classes in the target colour grade, or blends
+# of two source classes (mean colour and mean texture). Roles: "sky" (one per image, drawn by weight),
+# "ground" (bands below the horizon, each present with its probability; the first ground class when none is),
+# "object" (each present with its probability; drawn largest first so small ones stay visible).
+
+TOY_LT_ROOT = REPO / "data" / "toy_lt"
+TOY_TASKS = {"toy-source": TOY_ROOT / "source", "toy-target": TOY_ROOT / "target",
+             "toy-lt-source": TOY_LT_ROOT / "source", "toy-lt-target": TOY_LT_ROOT / "target"}
+# source name: (role, probability per image (sky: weight), base RGB, (texture, period, amplitude), object shape)
+TOY_LT_SOURCE = {
+    "sky": ("sky", 0.60, (110, 165, 235), ("gradient", 1, 40), None),
+    "clouds": ("sky", 0.25, (200, 205, 215), ("speckle", 6, 30), None),
+    "fog": ("sky", 0.15, (170, 175, 180), ("flat", 1, 8), None),
+    "grass": ("ground", 0.45, (60, 150, 50), ("vstripes", 4, 35), None),
+    "water": ("ground", 0.35, (35, 85, 185), ("waves", 6, 35), None),
+    "road": ("ground", 0.35, (85, 85, 90), ("speckle", 1, 25), None),
+    "sand": ("ground", 0.30, (225, 200, 140), ("speckle", 2, 30), None),
+    "snow": ("ground", 0.20, (240, 242, 250), ("flat", 1, 8), None),
+    "rock": ("ground", 0.25, (125, 115, 105), ("checker", 4, 40), None),
+    "dirt": ("ground", 0.25, (120, 80, 45), ("dots", 5, 30), None),
+    "gravel": ("ground", 0.20, (150, 150, 140), ("speckle", 3, 45), None),
+    "field": ("ground", 0.25, (200, 180, 60), ("hstripes", 3, 40), None),
+    "building": ("object", 0.30, (175, 120, 95), ("bricks", 4, 45), ("box", 0.25, 0.35)),
+    "tree": ("object", 0.30, (25, 95, 40), ("dots", 3, 40), ("ellipse", 0.26, 0.30)),
+    "car": ("object", 0.25, (205, 30, 35), ("hstripes", 6, 60), ("box", 0.22, 0.10)),
+    "person": ("object", 0.20, (175, 60, 200), ("flat", 1, 15), ("ellipse", 0.08, 0.22)),
+    "fence": ("object", 0.20, (150, 105, 55), ("vstripes", 5, 60), ("box", 0.50, 0.09)),
+    "boat": ("object", 0.15, (240, 240, 235), ("hstripes", 4, 40), ("tri", 0.24, 0.10)),
+    "bush": ("object", 0.25, (70, 120, 30), ("speckle", 2, 40), ("ellipse", 0.16, 0.14)),
+    "flower": ("object", 0.20, (230, 90, 160), ("dots", 2, 50), ("ellipse", 0.12, 0.12)),
+    "sign": ("object", 0.15, (230, 200, 20), ("checker", 2, 50), ("box", 0.12, 0.12)),
+    "pole": ("object", 0.20, (60, 60, 70), ("flat", 1, 10), ("box", 0.06, 0.38)),
+    "bridge": ("object", 0.15, (140, 100, 90), ("grid", 6, 50), ("box", 0.60, 0.10)),
+    "wall": ("object", 0.20, (190, 180, 160), ("bricks", 6, 30), ("box", 0.35, 0.18)),
+    "tent": ("object", 0.15, (230, 130, 40), ("dstripes", 4, 40), ("tri", 0.22, 0.20)),
+    "bench": ("object", 0.15, (110, 70, 40), ("hstripes", 2, 40), ("box", 0.16, 0.07)),
+    "horse": ("object", 0.15, (130, 80, 50), ("speckle", 4, 20), ("ellipse", 0.18, 0.11)),
+    "bird": ("object", 0.15, (40, 40, 40), ("flat", 1, 10), ("fly", 0.10, 0.06)),
+    "truck": ("object", 0.15, (40, 90, 160), ("vstripes", 3, 40), ("box", 0.30, 0.16)),
+    "bicycle": ("object", 0.15, (20, 160, 160), ("rings", 3, 50), ("ellipse", 0.14, 0.09)),
+}
+# target name: (role, probability per image, source class or (source a, source b) for a blend); half the
+# classes (p < 0.1) form the long tail, three (heaven, lawn, house) are in most images
+TOY_LT_TARGET = {
+    "heaven": ("sky", 1.0, "sky"),
+    "lawn": ("ground", 0.70, "grass"),
+    "sea": ("ground", 0.30, "water"),
+    "street": ("ground", 0.35, "road"),
+    "mudflat": ("ground", 0.20, ("dirt", "water")),
+    "beach": ("ground", 0.07, "sand"),
+    "cliff": ("ground", 0.06, "rock"),
+    "snowfield": ("ground", 0.05, "snow"),
+    "swamp": ("ground", 0.06, ("water", "grass")),
+    "house": ("object", 0.55, "building"),
+    "hedge": ("object", 0.30, "bush"),
+    "automobile": ("object", 0.30, "car"),
+    "pedestrian": ("object", 0.25, "person"),
+    "orchard": ("object", 0.20, ("tree", "flower")),
+    "ship": ("object", 0.06, "boat"),
+    "lamppost": ("object", 0.08, "pole"),
+    "signboard": ("object", 0.06, "sign"),
+    "pony": ("object", 0.05, "horse"),
+    "railing": ("object", 0.07, "fence"),
+    "hut": ("object", 0.05, ("tent", "building")),
+}
+TOY_LT_SPLITS = {"source": {"train": 1000, "val": 100}, "target": {"train": 500, "val": 300}}
+
+
+def _lt_texture(kind, period, h, w, rng):
+    """A texture in about [-1, 1] of shape (h, w); `period` in pixels."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi)
+    wave = lambda t: np.sign(np.sin(t * np.pi / period + ph))  # noqa: E731  (a square wave of this period)
+    if kind == "flat":
+        return rng.uniform(-0.3, 0.3, (h, w)).astype(np.float32)
+    if kind == "gradient":
+        return 0.8 * (2 * yy / max(h - 1, 1) - 1) + rng.uniform(-0.2, 0.2, (h, w)).astype(np.float32)
+    if kind == "speckle":  # blocky noise of grain `period`
+        g = rng.uniform(-1, 1, (h // period + 1, w // period + 1)).astype(np.float32)
+        return np.kron(g, np.ones((period, period), np.float32))[:h, :w]
+    if kind in ("hstripes", "vstripes", "dstripes"):
+        return {"hstripes": wave(yy), "vstripes": wave(xx), "dstripes": wave((xx + yy) / 1.4)}[kind].astype(np.float32)
+    if kind == "waves":
+        return np.sin(yy * 2 * np.pi / period + np.sin(xx / 5 + ph) * 2).astype(np.float32)
+    if kind == "checker":
+        return np.where(((xx // period) + (yy // period)) % 2 == 0, 0.8, -0.8).astype(np.float32)
+    if kind == "dots":
+        return (wave(xx) * wave(yy) * 0.8).astype(np.float32)
+    if kind == "bricks":
+        row = (yy // period).astype(int)
+        mortar = (yy % period == 0) | (((xx + period * (row % 2)) % (2 * period)) == 0)
+        return np.where(mortar, -1.0, 0.5).astype(np.float32)
+    if kind == "grid":
+        return np.where((xx % period == 0) | (yy % period == 0), -1.0, 0.5).astype(np.float32)
+    if kind == "rings":
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        return np.sign(np.sin(np.hypot(yy - cy, xx - cx) * np.pi / period)).astype(np.float32)
+    raise ValueError(kind)
+
+
+def _lt_spec(domain):
+    return TOY_LT_SOURCE if domain == "source" else TOY_LT_TARGET
+
+
+def _lt_parts(name, domain):
+    """The source classes a class is drawn from: itself (source), its twin, or the two of a blend."""
+    if domain == "source":
+        return [name]
+    twin = TOY_LT_TARGET[name][2]
+    return list(twin) if isinstance(twin, tuple) else [twin]
+
+
+def toy_lt_layout(h, w, rng, domain):
+    """A label map (PNG values, 1-based over the domain's classes) of one long-tailed scene."""
+    spec = _lt_spec(domain)
+    names = list(spec)
+    yy, xx = np.mgrid[0:h, 0:w]
+    skies = [n for n in names if spec[n][0] == "sky"]
+    weights = np.array([spec[n][1] for n in skies])
+    lab = np.full((h, w), names.index(skies[rng.choice(len(skies), p=weights / weights.sum())]) + 1, np.uint8)
+    horizon = rng.uniform(0.25, 0.45) * h + np.sin(xx[0] / w * 2 * np.pi * rng.uniform(0.5, 1.5) + rng.uniform(0, 6)) * h * 0.04
+    grounds = [n for n in names if spec[n][0] == "ground" and rng.random() < spec[n][1]]
+    grounds = grounds or [next(n for n in names if spec[n][0] == "ground")]
+    bands = [grounds[k] for k in rng.permutation(len(grounds))]
+    k = len(bands)  # bands of similar depth, so that every present ground class is visible
+    edges = (np.arange(1, k) + rng.uniform(-0.3, 0.3, k - 1)) / k
+    depth = (yy - horizon[None]) / np.maximum(h - horizon[None], 1)
+    band = np.searchsorted(edges, depth + np.sin(xx / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6)) * 0.03)
+    for b, name in enumerate(bands):
+        lab[(yy >= horizon[None]) & (band == b)] = names.index(name) + 1
+    objects = [n for n in names if spec[n][0] == "object" and rng.random() < spec[n][1]]
+    shape_of = {n: TOY_LT_SOURCE[_lt_parts(n, domain)[0]][4] for n in objects}
+    for name in sorted(objects, key=lambda n: -shape_of[n][1] * shape_of[n][2]):  # largest first
+        kind, sw, sh = shape_of[name]
+        bw, bh = sw * w * rng.uniform(0.8, 1.2), sh * h * rng.uniform(0.8, 1.2)
+        cx = rng.uniform(bw / 4, w - bw / 4)
+        hz = horizon[int(np.clip(cx, 0, w - 1))]
+        bottom = rng.uniform(0.15, 0.8) * hz if kind == "fly" else rng.uniform(hz + 0.08 * h, h + 0.02 * h)
+        dx, dy = (xx - cx) / (bw / 2), (yy - (bottom - bh / 2)) / (bh / 2)  # both in [-1, 1] inside the box
+        if kind == "box":
+            m = (np.abs(dx) <= 1) & (np.abs(dy) <= 1)
+        elif kind == "tri":  # wide at the top (boat hull) or at the bottom (tent)
+            m = (np.abs(dy) <= 1) & (np.abs(dx) <= ((1 - dy) / 2 if name in ("boat", "ship") else (1 + dy) / 2))
+        else:  # ellipse, fly
+            m = dx ** 2 + dy ** 2 <= 1
+        lab[m] = names.index(name) + 1
+    return lab
+
+
+def render_toy_lt(lab, domain, rng):
+    """RGB uint8 image of a long-tailed label map: each class its texture (blends: the mean of two looks);
+    the target domain gets the toy task's colour grade."""
+    h, w = lab.shape
+    img = np.zeros((h, w, 3), np.float32)
+    for k, name in enumerate(_lt_spec(domain), 1):
+        m = lab == k
+        if not m.any():
+            continue
+        parts = _lt_parts(name, domain)
+        for part in parts:
+            _, _, base, (kind, period, amp), _ = TOY_LT_SOURCE[part]
+            tint = np.array(base, np.float32) + rng.uniform(-12, 12, 3)
+            img[m] += (tint + _lt_texture(kind, period, h, w, rng)[m][:, None] * amp) / len(parts)
+    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    if domain == "target":
+        img = img @ TOY_GRADE.T + TOY_GRADE_BIAS
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def toy_lt_item(domain, split, i, size=64, seed=0):
+    """(label map, image) of item i: a pure function of (seed, domain, split, i)."""
+    rng = np.random.default_rng([seed, 100 + ("source", "target").index(domain), ("train", "val").index(split), i])
+    lab = toy_lt_layout(size, size, rng, domain)
+    return lab, render_toy_lt(lab, domain, rng)
+
+
+def write_toy_longtail(out, size=64, seed=0, splits=None):
+    """Write the long-tailed toy task in the folder layout: out/{source,target}/{classes.txt, train/, val/}."""
+    out = Path(out)
+    for domain in ("source", "target"):
+        root = out / domain
+        for split, count in (splits or TOY_LT_SPLITS)[domain].items():
+            for sub in ("images", "labels"):
+                (root / split / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                lab, img = toy_lt_item(domain, split, i, size, seed)
+                Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
+                Image.fromarray(lab).save(root / split / "labels" / f"{i:05d}.png")
+        (root / "classes.txt").write_text("".join(c + "\n" for c in _lt_spec(domain)))  # last: marks it complete
     return out
 
 
