@@ -685,7 +685,7 @@ def check_state_dict(model, sd, path='<state dict>', name=None):
     """Load `sd` into `model` strictly; a mismatch raises DataError with one line, e.g.
     "x.pth: has 151 label channels, --source cityscapes expects 35". `name` words the model."""
     own = model.state_dict()
-    if isinstance(model, Generator) and model.cat_nc is not None and 'fc_cat.weight' not in sd:
+    if isinstance(model, Generator) and model.cat_nc is not None and not any(k.startswith('fc_cat.') for k in sd):
         raise DataError(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
     _check_keys(model, own, sd, path, name)
     model.load_state_dict(sd)

@@ -1,0 +1,424 @@
+"""The long-tailed toy benchmark: CAT against the paper's ablation rows and baselines when few-shot is few-shot.
+
+The task (data.py, toy-lt-source / toy-lt-target; BENCHMARKS.md gives its design): 30 source classes, 20
+target classes of which half are in fewer than 10% of the images. Pipeline (each step is one of the
+project's scripts run as a subprocess, --jobs at a time; finished steps are skipped when the benchmark is
+run again with the same --out):
+  1. the toy evaluation nets (bench/toy_segmenter.py, on all target training images) and a small source
+     OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch);
+  2. affinities (estimate_affinity.py): random (per seed), text (once), supervised and combination (per
+     seed and n: the source discriminator on the n target images), hard and soft;
+  3. for each n and seed, equal step budgets: from scratch, the ablation recipes, TransferGAN, cGANTransfer,
+     CAT training-free (4 affinities) and finetuned (4 affinities, hard and soft);
+  4. evaluate.py on the target validation maps: FID-toy, mIoU, and per-class IoU, from which the rare-class
+     mIoU (classes in < 10% of that seed's n training images); a table (mean ± std over seeds), a figure,
+     a plot of mIoU against n, and the orderings of the paper checked against the numbers.
+
+    python bench/toy_longtail.py --out runs/toy_lt --write-benchmarks          # 3 seeds, n = 25 and 100
+    python bench/toy_longtail.py --out runs/lt_try --seeds 0 --ns 25 --rows scratch cat-combination-hard
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import data  # noqa: E402
+
+SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
+PRESETS = {  # the cpu preset was sized for 2 hours on a 2-core CPU (BENCHMARKS.md)
+    "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
+                       "--d-last", "32"], batch=16, source_steps=20000, steps=2000, seg_epochs=20, seg_max=None, limit=None, extra=[],
+                source_opt=["--lr", "4e-4", "--ema-decay", "0.999"], target_opt=["--lr", "2e-4", "--ema-decay", "0.999"]),
+    "cpu": dict(width=SMALL, batch=8, source_steps=2000, steps=150, seg_epochs=10, seg_max=None, limit=None, extra=[],
+                source_opt=["--lr", "1e-3", "--ema-decay", "0.999"], target_opt=["--lr", "4e-4", "--ema-decay", "0.99"]),
+    "tiny": dict(width=["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16", "--d-last", "8"],
+                 batch=2, source_steps=2, steps=2, seg_epochs=1, seg_max=16, limit=8, extra=["--bn-batches", "2", "--grid-n", "2"],
+                 source_opt=["--lr", "1e-3", "--ema-decay", "0.9"], target_opt=["--lr", "4e-4", "--ema-decay", "0.9"]),
+}
+METHODS = ("random", "text", "supervised", "combination")
+# row id -> (table name, job); a job is a training run (or 'free-<method>': the source model + that affinity)
+ROWS = {
+    "scratch": ("From scratch", "scratch"),
+    "finetune": ("Finetune, random 1x1 (ablation row 1)", "finetune"),
+    "freezed": ("+ FreezeD", "freezed"),
+    "freezed-2stage": ("+ FreezeD, 2 stages", "freezed-2stage"),
+    "freezed-2stage-resid": ("+ FreezeD, 2 stages, residual", "freezed-2stage-resid"),
+    "cat": ("+ affinity = CAT (combination, hard)", "cat-combination-hard"),
+    "transfergan": ("TransferGAN (= the Finetune row's flags)", "finetune"),
+    "cgantransfer": ("cGANTransfer (learned softmax affinity)", "cgantransfer"),
+    **{f"free-{m}": (f"CAT training-free, {m}", f"free-{m}") for m in METHODS},
+    **{f"cat-{m}-{k}": (f"CAT finetuned, {m} ({k})", f"cat-{m}-{k}") for m in METHODS for k in ("hard", "soft")},
+}
+RARE = 0.10  # a class is rare when it is in fewer than this share of the n training images
+
+
+def run(cmd, log, done, threads):
+    """Run one step (skipped when `done` exists), its output into a log file; raises on failure."""
+    if Path(done).exists():
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if r.returncode != 0:
+        tail = Path(log).read_text().splitlines()[-5:]
+        raise RuntimeError(f"step failed (exit {r.returncode}), see {log}:\n" + "\n".join(tail))
+    print(f"  done in {time.time() - t0:.0f}s: {Path(done).parent.name}", flush=True)
+
+
+def schedule(tasks, jobs):
+    """Run {key: (dependency keys, fn)} with at most `jobs` at a time, each as soon as its dependencies are done,
+    in the given order otherwise. A failed step does not stop the others; its dependants are skipped, and the
+    failures are raised together at the end."""
+    pending, running, done, failed = list(tasks), {}, set(), []
+    with ThreadPoolExecutor(jobs) as ex:
+        while pending or running:
+            ready = [k for k in pending if set(tasks[k][0]) <= done][: jobs - len(running)]
+            for k in ready:
+                pending.remove(k)
+                running[ex.submit(tasks[k][1])] = k
+            if not running:
+                break  # what is left depends on a failed step
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                key = running.pop(f)
+                if f.exception() is None:
+                    done.add(key)
+                else:
+                    failed.append(str(f.exception()))
+                    print(failed[-1], flush=True)
+    if failed or pending:
+        raise RuntimeError(f"{len(failed)} step(s) failed, {len(pending)} skipped:\n" + "\n".join(failed))
+
+
+def rare_classes(n, seed):
+    """Target class names present in fewer than RARE of the n-shot subset's training images."""
+    ds = data.open_dataset("toy-lt-target", n=n, subset_seed=seed)
+    names = ds.classes.names
+    count = np.zeros(len(names) + 1)
+    for _, lbl in ds.files:
+        count[np.unique(np.asarray(Image.open(lbl)))] += 1
+    return [name for k, name in enumerate(names, 1) if count[k] < RARE * n]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/toy_lt", help="working folder (re-running skips finished steps)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="budgets (default: gpu on CUDA, else cpu)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="n-shot subset + training seeds")
+    p.add_argument("--ns", type=int, nargs="+", default=[25, 100], help="numbers of target training images")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run (default all)")
+    p.add_argument("--jobs", type=int, default=None, help="processes at a time (default: the CPU count, 2 on CUDA)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--write-benchmarks", action="store_true", help="write the results section of BENCHMARKS.md")
+    args = p.parse_args(argv)
+
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    cfg = PRESETS[preset]
+    jobs = args.jobs or (2 if device == "cuda" else os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    out, dev, t_start = Path(args.out).resolve(), ["--device", device], time.time()
+    logs = out / "logs"
+    for name in ("toy-lt-source", "toy-lt-target"):
+        data.dataset_root(name)  # generated once, here, before the jobs start
+    tasks = {}
+
+    def task(key, deps, cmd, done):
+        tasks[key] = (deps, lambda: run(cmd, logs / f"{key}.log", done, threads))
+
+    # 1. evaluation nets and the source model
+    evalnets, source = out / "evalnets", out / "source"
+    task("evalnets", [], ["bench/toy_segmenter.py", "--data", "folder", "--data-root", data.TOY_TASKS["toy-lt-target"],
+                          "--size", "64", "--out", evalnets, "--epochs", cfg["seg_epochs"]]
+         + (["--max-train", cfg["seg_max"]] if cfg["seg_max"] else []), evalnets / "features.pt")
+    task("source", [], ["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
+                        "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
+                        "--eval-every", cfg["source_steps"], *cfg["extra"], "--out", source] + dev, source / "checkpoint.pt")
+    src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
+    eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
+                  "--segmenter", evalnets / "segmenter.pt", "--stats-cache", "", "--workers", "0", "--grid-rows", "4"] + dev
+    eval_flags += ["--limit", cfg["limit"]] if cfg["limit"] else []
+    steps = cfg["steps"]
+    split = ["--stage1-steps", steps * 2 // 5, "--stage2-steps", steps - steps * 2 // 5]
+
+    # 2. affinities (only those the chosen rows need)
+    jobs_needed = {ROWS[r][1] for r in args.rows}
+    needed = {(j.split("-")[1], "hard" if j.startswith("free-") else j.split("-")[2]) for j in jobs_needed
+              if j.startswith(("free-", "cat-"))}
+
+    def affinity(method, kind, n, seed):
+        """(task key, affinity.npy) of an affinity; text depends on nothing, random on the seed only."""
+        if method == "text":
+            d = out / "aff" / f"text_{kind}"
+        elif method == "random":
+            d = out / "aff" / f"random_{kind}_seed{seed}"
+        else:
+            d = out / f"n{n}" / f"seed{seed}" / f"aff_{method}_{kind}"
+        key = str(d.relative_to(out)).replace("/", "_")
+        if key not in tasks:
+            cmd = ["estimate_affinity.py", "--source", "toy-lt-source", "--target", "toy-lt-target", "--method", method,
+                   f"--{kind}", "--seed", seed, "--out", d] + dev
+            if method in ("supervised", "combination"):
+                cmd += ["--source-ckpt", source / "checkpoint.pt", "--n", n, "--subset-seed", seed]
+            task(key, ["source"] if method in ("supervised", "combination") else [], cmd, d / "affinity.npy")
+        return key, d / "affinity.npy"
+
+    # 3.-4. the runs and their evaluations, seed by seed so that early seeds finish first
+    evals = {}  # (n, seed, job) -> eval folder
+    for seed in args.seeds:
+        for n in args.ns:
+            for m, k in sorted(needed):
+                affinity(m, k, n, seed)
+            sd = out / f"n{n}" / f"seed{seed}"
+            common = ["--batch", cfg["batch"], *cfg["target_opt"], "--seed", seed, "--eval-every", steps,
+                      "--data", "toy-lt-target", "--n", n, "--subset-seed", seed, *cfg["extra"]] + dev
+            for job in [j for j in dict.fromkeys(ROWS[r][1] for r in args.rows)]:
+                ev, deps = sd / f"eval_{job}", ["evalnets"]
+                if job.startswith("free-"):
+                    key, aff = affinity(job[5:], "hard", n, seed)
+                    model, deps = ["--ckpt", source / "checkpoint.pt", "--source", "toy-lt-source", "--affinity", aff], deps + ["source", key]
+                else:
+                    if job == "scratch":
+                        flags, tdeps = ["--init", "scratch", *cfg["width"]], []
+                    elif job.startswith("cat-"):
+                        key, aff = affinity(job.split("-")[1], job.split("-")[2], n, seed)
+                        flags, tdeps = [*src, "--recipe", "cat", "--affinity", aff], ["source", key]
+                    else:
+                        flags, tdeps = [*src, "--recipe", job], ["source"]
+                    rd = sd / f"run_{job}"
+                    task(f"n{n}_seed{seed}_run_{job}", tdeps, ["finetune_oasis.py", *flags, *split, *common, "--out", rd],
+                         rd / "checkpoint.pt")
+                    model, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [f"n{n}_seed{seed}_run_{job}"]
+                task(f"n{n}_seed{seed}_eval_{job}", deps, ["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev],
+                     ev / "results.json")
+                evals[n, seed, job] = ev
+    try:
+        schedule(tasks, jobs)
+    except RuntimeError as e:
+        raise SystemExit(str(e))
+    wall = time.time() - t_start
+
+    # 5. numbers, table, figures, orderings
+    results = {}  # (row, n) -> {"fid": [...], "miou": [...], "rare": [...]}
+    n_rare = {n: [] for n in args.ns}
+    for n in args.ns:
+        for seed in args.seeds:
+            rare = rare_classes(n, seed)
+            n_rare[n].append(len(rare))
+            for r in args.rows:
+                res = json.loads((evals[n, seed, ROWS[r][1]] / "results.json").read_text())
+                iou = [res["per_class_iou"].get(c) for c in rare]
+                iou = [v for v in iou if v is not None]
+                cell = results.setdefault((r, n), {"fid": [], "miou": [], "rare": [], "miou_real": [], "rare_real": []})
+                real = [v for v in (res["per_class_iou_real"].get(c) for c in rare) if v is not None]
+                cell["fid"].append(res.get("fid"))
+                cell["miou"].append(res.get("miou"))
+                cell["rare"].append(float(np.mean(iou)) if iou else None)
+                cell["miou_real"].append(res.get("miou_real"))
+                cell["rare_real"].append(float(np.mean(real)) if real else None)
+    cmd = "python bench/toy_longtail.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = format_table(results, args, n_rare, preset, device, wall, cmd)
+    verdicts = orderings(results, args)
+    (out / "table.md").write_text(table + "\n" + verdicts)
+    (out / "results.json").write_text(json.dumps({f"{r} n={n}": v for (r, n), v in results.items()}, indent=2))
+    figure(args.rows, evals, min(args.ns), args.seeds[0], out / "figure.png", cfg["limit"])
+    plot(results, args, out / "plot.png")
+    print(table + "\n" + verdicts)
+    print(f"total {wall:.0f}s\nfigure: {out / 'figure.png'}\nplot: {out / 'plot.png'}\nnumbers: {out / 'results.json'}")
+    if args.write_benchmarks:
+        write_benchmarks(table, verdicts, out)
+
+
+def mean_std(vals):
+    vals = [v for v in vals if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+
+
+def format_table(results, args, n_rare, preset, device, wall, cmd):
+    def cell(vals, fmt):
+        m, s = mean_std(vals)
+        return "n/a" if m is None else (fmt % m) + (f" ± {fmt % s}" if len([v for v in vals if v is not None]) > 1 else "")
+
+    head = "| method | " + " | ".join(f"n={n} FID-toy ↓ | n={n} mIoU ↑ | n={n} rare mIoU ↑" for n in args.ns) + " |"
+    lines = [f"{time.strftime('%Y-%m-%d')}, device {device}, preset `{preset}`, seeds {args.seeds}, "
+             f"wall time {wall / 60:.0f} min. Command: `{cmd}`", "",
+             "Rare classes (in < 10% of the n training images) per seed: "
+             + "; ".join(f"n = {n}: {n_rare[n]}" for n in args.ns) + ".", "",
+             head, "|---" * (1 + 3 * len(args.ns)) + "|"]
+    for r in args.rows:
+        cells = [c for n in args.ns for c in (cell(results[r, n]["fid"], "%.2f"), cell(results[r, n]["miou"], "%.3f"),
+                                              cell(results[r, n]["rare"], "%.3f"))]
+        lines.append(f"| {ROWS[r][0]} | " + " | ".join(cells) + " |")
+    first = args.rows[0]  # the real images score the same in every row's evaluation
+    lines.append("| real target val images | " + " | ".join(
+        c for n in args.ns for c in ("0", cell(results[first, n]["miou_real"], "%.3f"), cell(results[first, n]["rare_real"], "%.3f")))
+        + " |")
+    return "\n".join(lines) + "\n"
+
+
+# the paper's orderings: (title, [(better row, worse row)], '≫' when the paper reports a large gap)
+ORDERINGS = [
+    ("CAT finetuned ≫ from scratch", [("cat", "scratch")]),
+    ("Training-free CAT: a good affinity ≫ random", [(f"free-{m}", "free-random") for m in METHODS[1:]]),
+    ("Finetuned CAT: a good affinity > random", [(f"cat-{m}-hard", "cat-random-hard") for m in METHODS[1:]]),
+    ("Combination ≥ the best single method", [("free-combination", "free-text"), ("free-combination", "free-supervised"),
+                                               ("cat-combination-hard", "cat-text-hard"),
+                                               ("cat-combination-hard", "cat-supervised-hard")]),
+    ("Hard ≥ soft (finetuned)", [(f"cat-{m}-hard", f"cat-{m}-soft") for m in METHODS]),
+    ("Ablation: each component helps", [("freezed", "finetune"), ("freezed-2stage", "freezed"),
+                                         ("freezed-2stage-resid", "freezed-2stage"), ("cat", "freezed-2stage-resid")]),
+    ("CAT > TransferGAN and cGANTransfer", [("cat", "transfergan"), ("cat", "cgantransfer")]),
+]
+
+
+LABEL = {"miou": "mIoU", "rare": "rare mIoU", "fid": "FID"}
+
+
+def verdict(a, b):
+    """'holds' / 'within noise' / 'does not hold' for 'a better than b' on one metric (higher is better)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if ma is None or mb is None:
+        return None, "n/a"
+    d = ma - mb
+    return d, "holds" if d > max(sa, sb) else "within noise" if abs(d) <= max(sa, sb) else "does not hold"
+
+
+def orderings(results, args):
+    """One paragraph per ordering of the paper: each pair on mIoU, rare mIoU and FID, at each n."""
+    paras = []
+    for title, pairs in ORDERINGS:
+        pairs = [(a, b) for a, b in pairs if a in args.rows and b in args.rows]
+        if not pairs:
+            continue
+        parts, tally = [], {}
+        for a, b in pairs:
+            for n in args.ns:
+                bits = []
+                for metric, sign, fmt in (("miou", 1, "%+.3f"), ("rare", 1, "%+.3f"), ("fid", -1, "%+.2f")):
+                    ra, rb = results[a, n][metric], results[b, n][metric]
+                    d, v = verdict([None if x is None else sign * x for x in ra], [None if x is None else sign * x for x in rb])
+                    tally[v] = tally.get(v, 0) + 1
+                    bits.append(f"{LABEL[metric]} {fmt % (sign * d) if d is not None else 'n/a'} ({v})")
+                parts.append(f"{ROWS[a][0]} vs {ROWS[b][0]}, n = {n}: " + ", ".join(bits))
+        total = sum(tally.values())
+        summary = ("**holds**" if tally.get("holds", 0) > total / 2 else "**does not hold**" if tally.get("does not hold", 0) > total / 2
+                   else "**mixed**")
+        paras.append(f"- {title}: {summary} ({', '.join(f'{k} {v}/{total}' for k, v in sorted(tally.items()))}). "
+                     + "; ".join(parts) + ".")
+    return ("Orderings (differences are the first row minus the second; FID lower is better; a verdict 'holds' needs "
+            "a difference larger than the larger standard deviation):\n\n" + "\n".join(paras) + "\n")
+
+
+def _font(size=11):
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _wrap(text, width, draw, font):
+    lines, line = [], ""
+    for word in text.split():
+        if line and draw.textlength(line + " " + word, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = (line + " " + word).strip()
+    return lines + [line]
+
+
+def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
+    """Columns with titles: label colours | one image per row's job | real image, for the first validation maps
+    that show a tail class (design probability < 0.1), at the smallest n and the first seed."""
+    from models.piti import palette
+    import metrics
+    val = data.open_dataset("toy-lt-target", split="val")
+    tail = [k for k, c in enumerate(data.TOY_LT_TARGET.values(), 1) if c[1] < RARE]
+    shown = range(min(len(val), limit or len(val)))  # evaluate.py --limit: only the first maps have images
+    picks = [i for i in shown if np.isin(np.asarray(Image.open(val.files[i][1])), tail).any()][:n_maps]
+    picks += [i for i in shown if i not in picks][: n_maps - len(picks)]
+    items = [val[i] for i in picks]
+    colours = palette(val.n_channels).numpy()
+    cols = [("labels", [colours[it["label"].numpy()] for it in items])]
+    for r in rows:
+        ev = evals[n, seed, ROWS[r][1]] / "images"
+        cols.append((ROWS[r][0], [np.asarray(Image.open(ev / (Path(it["path"]).stem + ".png")).convert("RGB")) for it in items]))
+    cols.append(("real", [metrics.to_uint8(it["image"][None])[0] for it in items]))
+    font, gap, title_h = _font(10), 4, 56
+    canvas = Image.new("RGB", (len(cols) * (tile + gap), title_h + len(items) * (tile + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (title, tiles) in enumerate(cols):
+        x = c * (tile + gap)
+        for li, line in enumerate(_wrap(title, tile + gap - 2, draw, font)[:5]):
+            draw.text((x, 2 + li * 11), line, fill="black", font=font)
+        for i, t in enumerate(tiles):
+            canvas.paste(Image.fromarray(np.ascontiguousarray(t)).resize((tile, tile), Image.NEAREST), (x, title_h + i * (tile + gap)))
+    canvas.save(path)
+
+
+def plot(results, args, path, w=420, h=300):
+    """Two panels, mIoU and rare mIoU against n (mean over seeds), one line per row, and a legend."""
+    from models.piti import palette
+    colours = [tuple(int(v) for v in c) for c in palette(len(args.rows) + 2).numpy()[2:]]
+    font, legend_w = _font(11), 260
+    canvas = Image.new("RGB", (2 * w + legend_w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    ns = sorted(args.ns)
+    for panel, (metric, title) in enumerate((("miou", "mIoU"), ("rare", "rare-class mIoU"))):
+        ox, l, t, r, b = panel * w, 45, 25, w - 15, h - 35
+        draw.text((ox + l, 5), f"{title} against n (mean over seeds)", fill="black", font=font)
+        draw.rectangle([ox + l, t, ox + r, b], outline="black")
+        y_of = lambda v: b - v * (b - t)  # noqa: E731  (axis 0..1)
+        x_of = lambda n: ox + l + 20 + (ns.index(n) / max(len(ns) - 1, 1)) * (r - l - 40)  # noqa: E731
+        for v in np.linspace(0, 1, 6):
+            draw.line([ox + l - 4, y_of(v), ox + l, y_of(v)], fill="black")
+            draw.text((ox + 8, y_of(v) - 6), f"{v:.1f}", fill="black", font=font)
+        for n in ns:
+            draw.text((x_of(n) - 10, b + 5), f"n={n}", fill="black", font=font)
+        for k, row in enumerate(args.rows):
+            pts = [(x_of(n), y_of(mean_std(results[row, n][metric])[0])) for n in ns
+                   if mean_std(results[row, n][metric])[0] is not None]
+            if len(pts) > 1:
+                draw.line(pts, fill=colours[k], width=2)
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[k])
+    for k, row in enumerate(args.rows):
+        y = 10 + k * 15
+        draw.line([2 * w + 5, y + 6, 2 * w + 25, y + 6], fill=colours[k], width=3)
+        draw.text((2 * w + 30, y), ROWS[row][0], fill="black", font=font)
+    canvas.save(path)
+
+
+def write_benchmarks(table, verdicts, out):
+    """Replace the results part of BENCHMARKS.md's long-tail section (between its markers); the figure and the
+    plot are kept beside it in bench/."""
+    path = REPO / "BENCHMARKS.md"
+    begin, end = "<!-- toy-longtail:begin -->", "<!-- toy-longtail:end -->"
+    text = path.read_text()
+    for name in ("figure", "plot"):
+        (REPO / "bench" / f"toy_longtail_{name}.png").write_bytes((out / f"{name}.png").read_bytes())
+    block = (f"{begin}\n### Results\n\n{table}\n{verdicts}\nFigure `bench/toy_longtail_figure.png`: the first validation maps "
+             "showing a tail class, at the smallest n and the first seed; columns label colours | each row | real image. "
+             "Plot `bench/toy_longtail_plot.png`: mIoU and rare-class mIoU against n, one line per row.\n" + end)
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

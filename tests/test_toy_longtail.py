@@ -1,0 +1,102 @@
+"""The long-tailed toy task (data.py) is as designed and deterministic; its benchmark pipeline runs end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import data
+from conftest import REPO
+
+
+def presence(domain, n):
+    """Share of the first n training images that show each class of the domain."""
+    names = list(data.TOY_LT_SOURCE if domain == "source" else data.TOY_LT_TARGET)
+    count = np.zeros(len(names) + 1)
+    for i in range(n):
+        lab, _ = data.toy_lt_item(domain, "train", i)
+        count[np.unique(lab)] += 1
+    assert count[0] == 0  # every pixel is a class
+    return dict(zip(names, count[1:] / n))
+
+
+def test_target_frequencies_are_long_tailed_as_designed():
+    spec = data.TOY_LT_TARGET
+    assert len(spec) == 20
+    freq = presence("target", 500)  # the whole training split
+    for name, (role, p, _) in spec.items():
+        if name == "lawn":  # also drawn whenever no other ground class is
+            assert p <= freq[name] <= p + 0.15, (name, freq[name])
+        else:
+            assert abs(freq[name] - p) < 0.05, (name, p, freq[name])
+    tail = {n for n, f in freq.items() if f < 0.10}
+    assert tail == {n for n, (_, p, _) in spec.items() if p < 0.10}
+    assert len(tail) == 10  # half of the target classes in fewer than 10% of the images
+    assert {n for n, f in freq.items() if f > 0.5} == {"heaven", "lawn", "house"}  # a few classes in most images
+    blends = [n for n, (_, _, twin) in spec.items() if isinstance(twin, tuple)]
+    assert len(blends) == 4 and all(set(spec[n][2]) <= set(data.TOY_LT_SOURCE) for n in blends)
+    assert all(isinstance(t, tuple) or t in data.TOY_LT_SOURCE for _, _, t in spec.values())
+
+
+def test_source_shows_every_class_often():
+    spec = data.TOY_LT_SOURCE
+    assert len(spec) == 30
+    freq = presence("source", 300)
+    for name, (role, p, *_) in spec.items():
+        assert freq[name] >= 0.08, (name, freq[name])
+        if role != "sky":  # sky classes are drawn by weight, one per image
+            assert abs(freq[name] - p) < 0.08, (name, p, freq[name])
+    textures = [(s[2], s[3]) for s in spec.values()]
+    assert len(set(textures)) == 30  # every class has its own look
+
+
+def test_generator_is_deterministic_by_seed(tmp_path):
+    a = data.toy_lt_item("target", "val", 7, seed=3)
+    b = data.toy_lt_item("target", "val", 7, seed=3)
+    c = data.toy_lt_item("target", "val", 7, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], c[1])
+    splits = {"source": {"train": 3, "val": 1}, "target": {"train": 2, "val": 2}}
+    for out in ("x", "y"):
+        data.write_toy_longtail(tmp_path / out, size=64, seed=3, splits=splits)
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*") if p.is_file())
+    assert len(files) == 2 + 2 * (4 + 4)
+    assert all((tmp_path / "x" / f).read_bytes() == (tmp_path / "y" / f).read_bytes() for f in files)
+    assert (tmp_path / "x" / "target" / "classes.txt").read_text().split() == list(data.TOY_LT_TARGET)
+    ds = data.open_dataset("toy-lt-target", root=tmp_path / "x" / "target", split="val")
+    assert len(ds) == 2 and ds.n_channels == 21 and ds[0]["image"].shape == (3, 64, 64)
+
+
+def test_benchmark_pipeline_two_steps(tmp_path):
+    out = tmp_path / "lt"
+    rows = ["scratch", "free-random", "cat-random-hard"]
+    cmd = [sys.executable, "bench/toy_longtail.py", "--preset", "tiny", "--device", "cpu", "--seeds", "0", "--ns", "25",
+           "--jobs", "2", "--rows", *rows, "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary) == {f"{row} n=25" for row in rows}
+    for cell in summary.values():
+        assert len(cell["miou"]) == 1 and 0 <= cell["miou"][0] <= 1 and cell["fid"][0] >= 0
+    run = out / "n25" / "seed0" / "run_cat-random-hard"
+    assert len((run / "subset.txt").read_text().split()) == 25
+    assert json.loads((run.parent / "eval_cat-random-hard" / "results.json").read_text())["per_class_iou"]
+    table = (out / "table.md").read_text()
+    assert "| CAT finetuned, random (hard) |" in table and "rare mIoU" in table and "Orderings" in table
+    assert (out / "figure.png").stat().st_size > 0 and (out / "plot.png").stat().st_size > 0
+    # a second run finds every step done and only gathers the numbers
+    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0 and "$ " not in r2.stdout
+
+
+def test_learned_affinity_checkpoint_loads():
+    # the cGANTransfer row's generator (softmax affinity rows) is a CAT generator: evaluate.py must load it
+    from models.oasis import Generator, check_state_dict
+    kw = dict(semantic_nc=31, z_dim=8, channels=4, spade_hidden=8, crop_size=64, cat_nc=21, cat_residual=False,
+              cat_affinity="learned")
+    sd = Generator(**kw).state_dict()
+    assert not any(k.startswith("fc_cat.weight") for k in sd)
+    check_state_dict(Generator(**kw), sd, "cgantransfer.pt")
