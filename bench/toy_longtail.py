@@ -209,26 +209,10 @@ def main(argv=None):
         schedule(tasks, jobs)
     except RuntimeError as e:
         raise SystemExit(str(e))
-    wall = time.time() - t_start
+    wall = wall_time(out, t_start)
 
     # 5. numbers, table, figures, orderings
-    results = {}  # (row, n) -> {"fid": [...], "miou": [...], "rare": [...]}
-    n_rare = {n: [] for n in args.ns}
-    for n in args.ns:
-        for seed in args.seeds:
-            rare = rare_classes(n, seed)
-            n_rare[n].append(len(rare))
-            for r in args.rows:
-                res = json.loads((evals[n, seed, ROWS[r][1]] / "results.json").read_text())
-                iou = [res["per_class_iou"].get(c) for c in rare]
-                iou = [v for v in iou if v is not None]
-                cell = results.setdefault((r, n), {"fid": [], "miou": [], "rare": [], "miou_real": [], "rare_real": []})
-                real = [v for v in (res["per_class_iou_real"].get(c) for c in rare) if v is not None]
-                cell["fid"].append(res.get("fid"))
-                cell["miou"].append(res.get("miou"))
-                cell["rare"].append(float(np.mean(iou)) if iou else None)
-                cell["miou_real"].append(res.get("miou_real"))
-                cell["rare_real"].append(float(np.mean(real)) if real else None)
+    results, n_rare = gather(args, evals)
     cmd = "python bench/toy_longtail.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = format_table(results, args, n_rare, preset, device, wall, cmd)
     verdicts = orderings(results, args)
@@ -242,6 +226,36 @@ def main(argv=None):
         write_benchmarks(table, verdicts, out)
 
 
+def wall_time(out, t_start):
+    """Seconds spent by every invocation that ran steps (a run stopped and resumed sums them), kept in wall.json."""
+    path = out / "wall.json"
+    walls = json.loads(path.read_text()) if path.exists() else []
+    if any(log.stat().st_mtime > t_start for log in (out / "logs").glob("*.log")):
+        walls.append(round(time.time() - t_start))
+        path.write_text(json.dumps(walls))
+    return sum(walls)
+
+
+def gather(args, evals):
+    """{(row, n): {metric: [one value per seed]}} from the results.json files, and the rare-class counts.
+    rare (rare_real): the mean IoU on generated (real) images over the classes rare in that seed's subset."""
+    results, n_rare = {}, {n: [] for n in args.ns}
+    for n in args.ns:
+        for seed in args.seeds:
+            rare = rare_classes(n, seed)
+            n_rare[n].append(len(rare))
+            for r in args.rows:
+                res = json.loads((evals[n, seed, ROWS[r][1]] / "results.json").read_text())
+                cell = results.setdefault((r, n), {"fid": [], "miou": [], "rare": [], "miou_real": [], "rare_real": []})
+                cell["fid"].append(res.get("fid"))
+                cell["miou"].append(res.get("miou"))
+                cell["miou_real"].append(res.get("miou_real"))
+                for key, per in (("rare", res["per_class_iou"]), ("rare_real", res["per_class_iou_real"])):
+                    iou = [v for v in (per.get(c) for c in rare) if v is not None]
+                    cell[key].append(float(np.mean(iou)) if iou else None)
+    return results, n_rare
+
+
 def mean_std(vals):
     vals = [v for v in vals if v is not None]
     return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
@@ -253,7 +267,8 @@ def format_table(results, args, n_rare, preset, device, wall, cmd):
         return "n/a" if m is None else (fmt % m) + (f" ± {fmt % s}" if len([v for v in vals if v is not None]) > 1 else "")
 
     head = "| method | " + " | ".join(f"n={n} FID-toy ↓ | n={n} mIoU ↑ | n={n} rare mIoU ↑" for n in args.ns) + " |"
-    lines = [f"{time.strftime('%Y-%m-%d')}, device {device}, preset `{preset}`, seeds {args.seeds}, "
+    where = f"{device} ({os.cpu_count()} CPU cores)" if device == "cpu" else device
+    lines = [f"{time.strftime('%Y-%m-%d')}, device {where}, preset `{preset}`, seeds {args.seeds}, --jobs {args.jobs or 'default'}, "
              f"wall time {wall / 60:.0f} min. Command: `{cmd}`", "",
              "Rare classes (in < 10% of the n training images) per seed: "
              + "; ".join(f"n = {n}: {n_rare[n]}" for n in args.ns) + ".", "",
