@@ -185,7 +185,7 @@ def main(argv=None):
             sd = out / f"n{n}" / f"seed{seed}"
             common = ["--batch", cfg["batch"], *cfg["target_opt"], "--seed", seed, "--eval-every", steps,
                       "--data", "toy-lt-target", "--n", n, "--subset-seed", seed, *cfg["extra"]] + dev
-            for job in [j for j in dict.fromkeys(ROWS[r][1] for r in args.rows)]:
+            for job in dict.fromkeys(ROWS[r][1] for r in args.rows):  # rows sharing a job share its run
                 ev, deps = sd / f"eval_{job}", ["evalnets"]
                 if job.startswith("free-"):
                     key, aff = affinity(job[5:], "hard", n, seed)
