@@ -62,7 +62,8 @@ RARE = 0.10  # a class is rare when it is in fewer than this share of the n trai
 
 
 def run(cmd, log, done, threads):
-    """Run one step (skipped when `done` exists), its output into a log file; raises on failure."""
+    """Run one step (skipped when `done` exists), its output into a log file; raises on failure. Training steps
+    save their checkpoint only at the end and pass --overwrite, which then clears only an interrupted attempt."""
     if Path(done).exists():
         return
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,8 @@ def main(argv=None):
          + (["--max-train", cfg["seg_max"]] if cfg["seg_max"] else []), evalnets / "features.pt")
     task("source", [], ["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
                         "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
-                        "--eval-every", cfg["source_steps"], *cfg["extra"], "--out", source] + dev, source / "checkpoint.pt")
+                        "--eval-every", cfg["source_steps"], *cfg["extra"], "--overwrite", "--out", source] + dev,
+         source / "checkpoint.pt")
     src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
     eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--stats-cache", "", "--workers", "0", "--grid-rows", "4"] + dev
@@ -199,7 +201,7 @@ def main(argv=None):
                     else:
                         flags, tdeps = [*src, "--recipe", job], ["source"]
                     rd = sd / f"run_{job}"
-                    task(f"n{n}_seed{seed}_run_{job}", tdeps, ["finetune_oasis.py", *flags, *split, *common, "--out", rd],
+                    task(f"n{n}_seed{seed}_run_{job}", tdeps, ["finetune_oasis.py", *flags, *split, *common, "--overwrite", "--out", rd],
                          rd / "checkpoint.pt")
                     model, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [f"n{n}_seed{seed}_run_{job}"]
                 task(f"n{n}_seed{seed}_eval_{job}", deps, ["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev],

@@ -86,10 +86,15 @@ def test_benchmark_pipeline_two_steps(tmp_path):
     table = (out / "table.md").read_text()
     assert "| CAT finetuned, random (hard) |" in table and "rare mIoU" in table and "Orderings" in table
     assert (out / "figure.png").stat().st_size > 0 and (out / "plot.png").stat().st_size > 0
-    # a second run finds every step done and only gathers the numbers
+    # a second run redoes only what an interruption left unfinished (a run folder without its checkpoint)
+    (run / "checkpoint.pt").unlink()
+    (run.parent / "eval_cat-random-hard" / "results.json").unlink()
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r2.returncode == 0 and "$ " not in r2.stdout
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    redone = [line for line in r2.stdout.splitlines() if line.startswith("$ ")]
+    assert len(redone) == 2 and "run_cat-random-hard" in redone[0] and "eval_cat-random-hard" in redone[1]
+    assert (run / "checkpoint.pt").is_file()
 
 
 def test_learned_affinity_checkpoint_loads():
