@@ -354,7 +354,8 @@ def test_bad_input_is_one_line(tmp_path):
                         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: --source imagenet: neither a dataset "
-                                             "(coco, ade20k, cityscapes, toy-source, toy-target) nor a folder with classes.txt"]
+                                             "(coco, ade20k, cityscapes, toy-source, toy-target, toy-lt-source, "
+                                             "toy-lt-target) nor a folder with classes.txt"]
     torch.jit.script(KnownSegmenter()).save(str(tmp_path / "seg.pt"))  # 4 channels: dontcare + 3 classes
     src = folder_dataset(tmp_path / "src", ["x", "y", "z"])
     empty = folder_dataset(tmp_path / "empty", ["a", "b"], [np.zeros((8, 8), np.uint8)], [np.zeros((8, 8, 3), np.uint8)])
