@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -17,3 +18,13 @@ def golden_path(*parts):
     if not p.exists():
         pytest.fail(f"golden file missing: {p} (the repository ships them in tests/golden; CAT_GOLDEN overrides)")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small convs spend their time in thread hand-offs on a shared 2-core box: one torch thread for a test
+    module (use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,12 +19,7 @@ BASE = dict(TINY, image_size=16, channel_mult=[1, 2])
 UP = dict(TINY, image_size=32, channel_mult=[1, 1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: thread hand-offs dominate on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

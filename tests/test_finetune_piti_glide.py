@@ -25,12 +25,7 @@ UP = dict(ENC, image_size=8, model_channels=32, num_res_blocks=1, channel_mult=[
 TINY_UP = dict(ENC, image_size=32, model_channels=32, num_res_blocks=1, channel_mult=[1, 1], attention_ds=[2])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thread (conftest)
 
 
 def run(out, *extra, glide=("--glide-ckpt", str(GOLD / "glide_base_tiny.pt"))):

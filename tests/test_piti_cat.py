@@ -13,12 +13,7 @@ from conftest import golden_path
 from models import DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convs: thread hand-offs dominate on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ CASES = ["step_base_stage1.pt", "step_base_stage2.pt", "step_up.pt"]
 TERMS, GRAD_REL, STEP = 2e-5, 2e-4, 1e-7  # fp32: terms abs, gradients relative to the tensor's max |grad|, Adam step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thread (conftest)
 
 
 def gold(name):

@@ -18,18 +18,11 @@ from conftest import GOLDEN, golden_path
 FWD, STEP = 2e-5, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs spend their time in thread hand-offs on a shared 2-core box; 1 thread is ~50x faster.
-
-    With 2 threads (the goldens' setting) every small-net output and trajectory here is bit-exact; with
-    1 thread the differences are exactly the README's 1-thread figures (<= 3.2e-6 forwards, 9.7e-4 on
-    the base cosine trajectory), well inside the tolerances.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small convs spend their time in thread hand-offs on a shared 2-core box; 1 thread is ~50x faster.
+# With 2 threads (the goldens' setting) every small-net output and trajectory here is bit-exact; with
+# 1 thread the differences are exactly the README's 1-thread figures (<= 3.2e-6 forwards, 9.7e-4 on
+# the base cosine trajectory), well inside the tolerances.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thread (conftest)
 
 
 def load(name):
