@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 
 SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 PRESETS = {  # the cpu preset was sized for 2 hours on a 2-core CPU (BENCHMARKS.md)
@@ -422,19 +423,12 @@ def plot(results, args, path, w=420, h=300):
 def write_benchmarks(table, verdicts, out):
     """Replace the results part of BENCHMARKS.md's long-tail section (between its markers); the figure and the
     plot are kept beside it in bench/."""
-    path = REPO / "BENCHMARKS.md"
-    begin, end = "<!-- toy-longtail:begin -->", "<!-- toy-longtail:end -->"
-    text = path.read_text()
     for name in ("figure", "plot"):
         (REPO / "bench" / f"toy_longtail_{name}.png").write_bytes((out / f"{name}.png").read_bytes())
-    block = (f"{begin}\n### Results\n\n{table}\n{verdicts}\nFigure `bench/toy_longtail_figure.png`: the first validation maps "
-             "showing a tail class, at the smallest n and the first seed; columns label colours | each row | real image. "
-             "Plot `bench/toy_longtail_plot.png`: mIoU and rare-class mIoU against n, one line per row.\n" + end)
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_section("toy-longtail", f"### Results\n\n{table}\n{verdicts}\nFigure `bench/toy_longtail_figure.png`: the first "
+                  "validation maps showing a tail class, at the smallest n and the first seed; columns label colours | "
+                  "each row | real image. Plot `bench/toy_longtail_plot.png`: mIoU and rare-class mIoU against n, one "
+                  "line per row.\n")
 
 
 if __name__ == "__main__":

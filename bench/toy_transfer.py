@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks_md import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The sizes: "gpu" trains in minutes on one GPU; "cpu" is the reduced form for a 2-core machine.
@@ -204,21 +206,12 @@ def figure(rows, path, n_maps=4):
 
 
 def write_benchmarks(table, figure_path, names):
-    """Replace the toy-transfer section of BENCHMARKS.md (between its markers) with the new table, and
-    keep the figure beside it as bench/toy_transfer.png."""
-    path = REPO / "BENCHMARKS.md"
-    begin, end = "<!-- toy-transfer:begin -->", "<!-- toy-transfer:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    stamp = time.strftime("%Y-%m-%d")
+    """Replace the toy-transfer section of BENCHMARKS.md with the new table, and keep the figure beside it as
+    bench/toy_transfer.png."""
     shutil.copyfile(figure_path, REPO / "bench" / "toy_transfer.png")
     legend = ("Figure `bench/toy_transfer.png` (seed 0, first 4 validation maps), columns: label colours | "
               + " | ".join(names) + " | real image.\n")
-    block = f"{begin}\n## Toy transfer benchmark ({stamp})\n\n{table}\n{legend}{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_section("toy-transfer", f"## Toy transfer benchmark ({time.strftime('%Y-%m-%d')})\n\n{table}\n{legend}")
 
 
 if __name__ == "__main__":
