@@ -392,7 +392,7 @@ def plot(results, args, path, w=420, h=300):
     from models.piti import palette
     colours = [tuple(int(v) for v in c) for c in palette(len(args.rows) + 2).numpy()[2:]]
     font, legend_w = _font(11), 260
-    canvas = Image.new("RGB", (2 * w + legend_w, h), "white")
+    canvas = Image.new("RGB", (2 * w + legend_w, max(h, 20 + 15 * len(args.rows))), "white")
     draw = ImageDraw.Draw(canvas)
     ns = sorted(args.ns)
     for panel, (metric, title) in enumerate((("miou", "mIoU"), ("rare", "rare-class mIoU"))):
