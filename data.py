@@ -687,10 +687,29 @@ def render_toy(lab, classes, domain, rng):
         tint = np.array(base, np.float32) + rng.uniform(-12, 12, 3)  # per-image colour jitter
         tex = _pattern(kind, h, w, rng)[m][:, None] * amp
         img[m] = tint + tex
+    return _toy_finish(img, domain, rng)
+
+
+def _toy_finish(img, domain, rng):
+    """Sensor noise, then the target domain's colour grade, then uint8 RGB (both toy tasks)."""
     img += rng.normal(0, 3, img.shape).astype(np.float32)
     if domain == "target":
         img = img @ TOY_GRADE.T + TOY_GRADE_BIAS
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _write_split(root, split, pairs, stem="{:05d}", image_ext=".png", **image_kw):
+    """Save (label map, image) pairs as root/split/images/<stem><image_ext> and root/split/labels/<stem>.png."""
+    for sub in ("images", "labels"):
+        (root / split / sub).mkdir(parents=True, exist_ok=True)
+    for i, (lab, img) in enumerate(pairs):
+        Image.fromarray(img).save(root / split / "images" / (stem.format(i) + image_ext), **image_kw)
+        Image.fromarray(lab).save(root / split / "labels" / (stem.format(i) + ".png"))
+
+
+def _toy_pair(rng, classes, domain, size):
+    lab = _toy_layout(size, size, rng, classes)
+    return lab, render_toy(lab, classes, domain, rng)
 
 
 TOY_SPLITS = {"source": {"train": 1000, "val": 200}, "target": {"train": 500, "val": 200}}
@@ -704,14 +723,8 @@ def write_toy(out, size=64, seed=0, splits=None):
         classes = list(TOY_SOURCE if domain == "source" else TOY_TARGET)
         root = out / domain
         for s, (split, count) in enumerate(splits[domain].items()):
-            (root / split / "images").mkdir(parents=True, exist_ok=True)
-            (root / split / "labels").mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                rng = np.random.default_rng([seed, d, s, i])
-                lab = _toy_layout(size, size, rng, classes)
-                img = render_toy(lab, classes, domain, rng)
-                Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
-                Image.fromarray(lab).save(root / split / "labels" / f"{i:05d}.png")
+            _write_split(root, split, (_toy_pair(np.random.default_rng([seed, d, s, i]), classes, domain, size)
+                                       for i in range(count)))
         # classes.txt last: its presence marks a complete dataset
         (root / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return out
@@ -725,14 +738,8 @@ def write_example(out, size=64, n_train=120, n_val=40, seed=1):
         raise DataError(f"{out}: already holds a dataset (classes.txt); choose another folder")
     classes = list(TOY_TARGET)
     for s, (split, count) in enumerate((("train", n_train), ("val", n_val))):
-        (out / split / "images").mkdir(parents=True, exist_ok=True)
-        (out / split / "labels").mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            rng = np.random.default_rng([seed, 7, s, i])
-            lab = _toy_layout(size, size, rng, classes)
-            Image.fromarray(render_toy(lab, classes, "target", rng)).save(out / split / "images" / f"img{i:04d}.jpg",
-                                                                          quality=95)
-            Image.fromarray(lab).save(out / split / "labels" / f"img{i:04d}.png")
+        _write_split(out, split, (_toy_pair(np.random.default_rng([seed, 7, s, i]), classes, "target", size)
+                                  for i in range(count)), stem="img{:04d}", image_ext=".jpg", quality=95)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return out
 
@@ -903,10 +910,7 @@ def render_toy_lt(lab, domain, rng):
             _, _, base, (kind, period, amp), _ = TOY_LT_SOURCE[part]
             tint = np.array(base, np.float32) + rng.uniform(-12, 12, 3)
             img[m] += (tint + _lt_texture(kind, period, h, w, rng)[m][:, None] * amp) / len(parts)
-    img += rng.normal(0, 3, img.shape).astype(np.float32)
-    if domain == "target":
-        img = img @ TOY_GRADE.T + TOY_GRADE_BIAS
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return _toy_finish(img, domain, rng)
 
 
 def toy_lt_item(domain, split, i, size=64, seed=0):
@@ -922,12 +926,7 @@ def write_toy_longtail(out, size=64, seed=0, splits=None):
     for domain in ("source", "target"):
         root = out / domain
         for split, count in (splits or TOY_LT_SPLITS)[domain].items():
-            for sub in ("images", "labels"):
-                (root / split / sub).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                lab, img = toy_lt_item(domain, split, i, size, seed)
-                Image.fromarray(img).save(root / split / "images" / f"{i:05d}.png")
-                Image.fromarray(lab).save(root / split / "labels" / f"{i:05d}.png")
+            _write_split(root, split, (toy_lt_item(domain, split, i, size, seed) for i in range(count)))
         (root / "classes.txt").write_text("".join(c + "\n" for c in _lt_spec(domain)))  # last: marks it complete
     return out
 
