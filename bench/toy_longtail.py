@@ -20,7 +20,6 @@ run again with the same --out):
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -33,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
+from pipeline import SMALL, run_step  # noqa: E402
 
-SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 PRESETS = {  # the cpu preset was sized for 2 hours on a 2-core CPU (BENCHMARKS.md)
     "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
                        "--d-last", "32"], batch=16, source_steps=20000, steps=2000, seg_epochs=20, seg_max=None, limit=None, extra=[],
@@ -60,23 +59,6 @@ ROWS = {
     **{f"cat-{m}-{k}": (f"CAT finetuned, {m} ({k})", f"cat-{m}-{k}") for m in METHODS for k in ("hard", "soft")},
 }
 RARE = 0.10  # a class is rare when it is in fewer than this share of the n training images
-
-
-def run(cmd, log, done, threads):
-    """Run one step (skipped when `done` exists), its output into a log file; raises on failure. Training steps
-    save their checkpoint only at the end and pass --overwrite, which then clears only an interrupted attempt."""
-    if Path(done).exists():
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log, "w") as f:
-        r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if r.returncode != 0:
-        tail = Path(log).read_text().splitlines()[-5:]
-        raise RuntimeError(f"step failed (exit {r.returncode}), see {log}:\n" + "\n".join(tail))
-    print(f"  done in {time.time() - t0:.0f}s: {Path(done).parent.name}", flush=True)
 
 
 def schedule(tasks, jobs):
@@ -138,8 +120,9 @@ def main(argv=None):
         data.dataset_root(name)  # generated once, here, before the jobs start
     tasks = {}
 
-    def task(key, deps, cmd, done):
-        tasks[key] = (deps, lambda: run(cmd, logs / f"{key}.log", done, threads))
+    def task(key, deps, cmd, done):  # training steps save their checkpoint (`done`) only at the end and pass
+        # --overwrite, which then clears only an interrupted attempt
+        tasks[key] = (deps, lambda: run_step(cmd, logs / f"{key}.log", done, threads))
 
     # 1. evaluation nets and the source model
     evalnets, source = out / "evalnets", out / "source"

@@ -18,9 +18,7 @@ skipped when the benchmark is run again with the same --out):
 """
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +27,13 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
+from pipeline import SMALL, run_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The sizes: "gpu" trains in minutes on one GPU; "cpu" is the reduced form for a 2-core machine.
 # Learning rates and EMA decays are set for short runs (the official 1e-4 / 0.9999 are for 100k+ steps:
 # at a few hundred steps the EMA would still be the initial model) and are the same for every target row.
-SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 SIZES = {
     "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
                        "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20,
@@ -48,19 +46,11 @@ SIZES = {
 
 
 def run(cmd, log, done=None):
-    """Run one stage (skipped when `done` exists), teeing its output to a log file."""
-    if done is not None and Path(done).exists():
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    with open(log, "w") as f:
-        r = subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode != 0:
-        tail = Path(log).read_text().splitlines()[-5:]
-        raise SystemExit(f"step failed (exit {r.returncode}), see {log}:\n" + "\n".join(tail))
-    print(f"  done in {time.time() - t0:.0f}s", flush=True)
+    """One stage (skipped when `done` exists), its output into a log file; a failure ends the benchmark."""
+    try:
+        run_step(cmd, log, done)
+    except RuntimeError as e:
+        raise SystemExit(str(e))
 
 
 def main():
