@@ -11,10 +11,12 @@ r"""Finetune a pretrained OASIS generator on a few target images with Class Affi
     # several GPUs (the batch is global and split across the ranks)
     torchrun --nproc_per_node 4 finetune_oasis.py ...
 
-Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4 lr_G, N+1 class-balanced
-loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration: G step,
-D step, EMA). The paper's schedule (`stage_of`): stage 1 trains the CAT layers and the SPADE gamma/beta
-convs, stage 2 every SPADE-block layer. Every `--eval-every` steps (and at the end) the EMA's BN
+Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4e-4 for every dataset, N+1
+class-balanced loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration:
+G step, D step, EMA). The paper's schedule (`stage_of`): stage 1 trains the CAT layers and the SPADE gamma/beta
+convs, stage 2 "all layers in the SPADE blocks", read as every SPADE module (`--g-train`, models/oasis.py
+Generator.stage_parameters). A source model of another aspect serves the target's size (256x256 -> 256x512
+Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the EMA's BN
 statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
 and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
 continues the run in --out exactly, with its own settings; model and data flags cannot change.
@@ -58,8 +60,10 @@ RECIPES = {
     "transfergan": PLAIN,  # see the module docstring
     "cgantransfer": {**PLAIN, "affinity": "learned"},
 }
-# the learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep 1e-4
+# the generator learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep
+# 1e-4. The paper's rate is lr_G: official OASIS keeps lr_D = 4e-4 for every dataset (Cityscapes included).
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
+OASIS_LR_D = 4e-4
 
 SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe"}  # meaningless with --init scratch
 # flags a resumed run takes from its checkpoint and refuses to change
@@ -92,8 +96,10 @@ def get_args(argv=None):
     g = p.add_argument_group("CAT variants and baselines (paper Table 10)")
     g.add_argument("--recipe", default="cat", choices=list(RECIPES),
                    help="a row of the paper's ablation or a baseline, as the flags below (explicit flags override)")
-    g.add_argument("--g-train", default="spade", choices=["spade", "all"],
-                   help="spade: the paper's SPADE-block layers (+ CAT layers); all: every G parameter incl. fc and conv_img")
+    g.add_argument("--g-train", default="spade", choices=["spade", "blocks", "all"],
+                   help="stage 2 set. spade: every SPADE module (shared conv, gamma, beta) + CAT layers, the supplement's "
+                        "'all layers in the SPADE blocks'; blocks: also the residual blocks' main-path convs (conv_0/1/s); "
+                        "all: every G parameter incl. fc and conv_img")
     g.add_argument("--paths", default="separate", choices=["separate", "shared"], help="gamma/beta paths of the CAT layers")
     g.add_argument("--no-residual", action="store_true", help="drop the zero-initialised residual layers")
     g.add_argument("--stages", type=int, default=2, choices=[1, 2],
@@ -114,7 +120,7 @@ def get_args(argv=None):
     g.add_argument("--batch", type=data.positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=float, default=None,
                    help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
-    g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4 x --lr)")
+    g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
@@ -139,10 +145,10 @@ def get_args(argv=None):
         args.workers = 4 if args.device.startswith("cuda") else 0
     if args.resume:  # the run's own settings, except what the command line repeats (model/data flags must agree)
         saved = checkpoint.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
+        if "stage2_reading" not in saved and saved.get("g_train") == "spade":
+            saved = {**saved, "g_train": "blocks"}  # written when 'spade' named today's 'blocks' set: keep its meaning
         checkpoint.resume_args(args, saved, MODEL_FLAGS, given)
         args.resume = True
-        if "lr" in given and "lr_d" not in given:
-            args.lr_d = None  # 4 x the new --lr
     else:
         for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
             if k not in given:
@@ -155,9 +161,12 @@ def get_args(argv=None):
         raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
     if args.lr is None:
         args.lr = LR_BY_TARGET.get(args.data, 1e-4)
-    if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
-        raise DataError(f"--lr {args.lr} / --lr-d {args.lr_d}: expected positive learning rates")
-    args.lr_d = args.lr_d if args.lr_d is not None else 4 * args.lr
+    if args.lr_d is None:
+        args.lr_d = OASIS_LR_D
+    for flag, lr in (("--lr", args.lr), ("--lr-d", args.lr_d)):
+        if not (math.isfinite(lr) and lr > 0):
+            raise DataError(f"{flag} {lr}: expected a positive finite learning rate")
+    args.stage2_reading = "supplement"  # --g-train spade = the SPADE modules (a marker for resumed checkpoints)
     if args.lambda_labelmix is None:
         args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
     if args.ema_decay is None:
@@ -173,8 +182,8 @@ def get_args(argv=None):
 
 def stage_of(step, args):
     """CAT's two finetuning stages: 1 for the first --stage1-steps iterations (CAT layers + SPADE gamma/beta
-    convs), then 2 (every SPADE-block layer, or every G layer with --g-train all). One stage (--stages 1, and
-    --init scratch) trains the full set from the start."""
+    convs), then 2 (--g-train's set: the SPADE modules by default). One stage (--stages 1, and --init scratch)
+    trains the full set from the start."""
     if args.init == "scratch" or args.stages == 1:
         return 2
     return 1 if step < args.stage1_steps else 2
@@ -184,7 +193,7 @@ def stage_parameters(G, stage, args):
     """The generator parameters trained in `stage`: the paper's sets, or all of them (scratch, --g-train all)."""
     if stage == 2 and (args.init == "scratch" or args.g_train == "all"):
         return list(G.parameters())
-    return G.stage_parameters(stage)
+    return G.stage_parameters(stage, args.g_train)
 
 
 def ema_decay_at(step, decay):
@@ -205,7 +214,9 @@ def build_models(args, target, size):
         return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
-    G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
+    # the target's own size: a 256x256 source makes 256x512 Cityscapes images (oasis.resize_kwargs)
+    G_kwargs = oasis.resize_kwargs(src["G_kwargs"], size, f"--source-ckpt {args.source_ckpt}")
+    G = oasis.Generator(**{**G_kwargs, "cat_nc": target.n_channels, "cat_paths": args.paths,
                            "cat_residual": not args.no_residual,
                            "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})
     G.load_source(src["EMA"], args.source_ckpt, f"--source {args.source}")

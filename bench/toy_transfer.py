@@ -7,8 +7,9 @@ skipped when the benchmark is run again with the same --out):
   2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch);
   3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source
      discriminator as segmenter), combination (text + supervised; no DINO file here), hard and soft;
-  4. at n target images and equal step budgets, the paper's rows: from scratch; finetune with a random
-     first layer; FreezeD; CAT training-free (random / text / supervised / combination);
+  4. at n target images and equal step budgets: a random-init OASIS (no source model); finetune with a random
+     first layer; FreezeD with a random first layer (the paper's Table 8 "From scratch": CAT's recipe with
+     the affinity layers randomly initialised); CAT training-free (random / text / supervised / combination);
      CAT finetuned (text / supervised / combination, hard and soft);
   5. evaluate.py on the target validation maps: toy FID (features of the toy-domain net, NOT
      comparable to Inception FID) and mIoU; a table (mean ± std over seeds) and a figure.
@@ -18,6 +19,7 @@ skipped when the benchmark is run again with the same --out):
 """
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
-from pipeline import SMALL, run_step
+from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,11 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {
     "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
                        "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20,
-                source_opt=["--lr", "4e-4", "--ema-decay", "0.999"], target_opt=["--lr", "2e-4", "--ema-decay", "0.999"]),
+                source_opt=[*lr_opt("4e-4"), "--ema-decay", "0.999"], target_opt=[*lr_opt("2e-4"), "--ema-decay", "0.999"]),
     "cpu": dict(width=SMALL, batch=8, source_steps=2000, steps=300, seg_epochs=10,
-                source_opt=["--lr", "1e-3", "--ema-decay", "0.999"], target_opt=["--lr", "4e-4", "--ema-decay", "0.99"]),
+                source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.999"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
     "quick": dict(width=SMALL, batch=8, source_steps=400, steps=150, seg_epochs=3,
-                  source_opt=["--lr", "1e-3", "--ema-decay", "0.99"], target_opt=["--lr", "4e-4", "--ema-decay", "0.99"]),
+                  source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.99"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
 }
 
 
@@ -90,7 +92,7 @@ def main():
     run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch", cfg["batch"],
          "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--eval-every", max(source_steps // 4, 50),
          "--out", source] + dev, logs / "source.log", done=source / "checkpoint.pt")
-    src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt"]
+    src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt", *TWO_STAGE_AS_RECORDED]
 
     rows = {}  # row name -> list of results.json dicts (one per seed)
     for seed in args.seeds:
@@ -115,9 +117,9 @@ def main():
         plan = []
         if not args.quick:
             plan += [
-                ("From scratch", ["--init", "scratch", *cfg["width"]] + split, None),
+                ("Random-init OASIS (no source model)", ["--init", "scratch", *cfg["width"]] + split, None),
                 ("Finetune, random 1x1", [*src, "--affinity", "none", "--freeze-d", "0"] + split, None),
-                ("FreezeD, random 1x1", [*src, "--affinity", "none", "--freeze-d", "2"] + split, None),
+                ("FreezeD, random 1x1 (= Table 8's 'From scratch')", [*src, "--affinity", "none", "--freeze-d", "2"] + split, None),
             ]
             plan += [(f"CAT training-free, {m}", None, aff[m, "hard"]) for m in ("random", "text", "supervised", "combination")]
             plan += [(f"CAT finetuned, {m} ({k})", [*src, "--affinity", aff[m, k]] + split, None)
@@ -126,7 +128,7 @@ def main():
             plan += [("CAT training-free, combination", None, aff["combination", "hard"]),
                      ("CAT finetuned, combination (hard)", [*src, "--affinity", aff["combination", "hard"]] + split, None)]
         for name, flags, affinity in plan:
-            tag = name.lower().replace(",", "").replace("(", "").replace(")", "").replace(" ", "_")
+            tag = re.sub(r"[^a-z0-9-]+", "_", name.lower()).strip("_")
             ev = sd / f"eval_{tag}"
             if flags is not None:
                 run_dir = sd / f"run_{tag}"

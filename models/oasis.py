@@ -236,6 +236,29 @@ class SPADEResBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Generator
 
+def latent_hw(crop_size, aspect_ratio, num_res_blocks=6):
+    """(H0, W0) of the generator's first (fc) grid: W0 = crop_size // 2^(blocks-1), H0 = round(W0 / aspect),
+    with Python's banker's rounding as the official code."""
+    w0 = crop_size // 2 ** (num_res_blocks - 1)
+    return round(w0 / aspect_ratio), w0
+
+
+def resize_kwargs(G_kwargs, hw, what='the source generator'):
+    """G_kwargs of a (source) generator rebuilt to make (H, W) images: the same weights serve any width,
+    since every layer is convolutional and fc runs on a grid of (H/32, W/32). This is how a 256x256 ADE20K or
+    COCO-Stuff source makes 256x512 Cityscapes images (supplement Tables 8-10). The height stays: it is the
+    scale the layers learnt, so a source of another height is refused (DataError naming `what`)."""
+    H, W = hw
+    step = 2 ** (G_kwargs['num_res_blocks'] - 1)
+    h0, w0 = latent_hw(G_kwargs['crop_size'], G_kwargs['aspect_ratio'], G_kwargs['num_res_blocks'])
+    if H != step * h0 or W % step or W <= 0:
+        raise DataError(f'{what} makes {step * h0}x{step * w0} images; the target data gives {H}x{W} (--size): '
+                        f'the height must stay {step * h0} (the width may be any multiple of {step})')
+    kw = {**G_kwargs, 'crop_size': W, 'aspect_ratio': W / H}
+    assert latent_hw(kw['crop_size'], kw['aspect_ratio'], kw['num_res_blocks']) == (h0, W // step)
+    return kw
+
+
 class Generator(nn.Module):
     """The official OASIS_Generator with an explicit z and optional CAT layers.
 
@@ -264,8 +287,7 @@ class Generator(nn.Module):
                            spade_ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths, cat_residual=cat_residual,
                            cat_affinity=cat_affinity)
         self.semantic_nc, self.z_dim, self.cat_nc = semantic_nc, z_dim, cat_nc
-        w0 = crop_size // 2 ** (num_res_blocks - 1)
-        self.latent_hw = (round(w0 / aspect_ratio), w0)  # (H0, W0), Python's banker's rounding as the official code
+        self.latent_hw = latent_hw(crop_size, aspect_ratio, num_res_blocks)
         widths = [16 * channels, 16 * channels, 16 * channels, 8 * channels, 4 * channels, 2 * channels, channels]
         spade_kw = dict(hidden=spade_hidden, ks=spade_ks, cat_nc=cat_nc, cat_paths=cat_paths,
                         cat_residual=cat_residual, cat_affinity=cat_affinity)
@@ -337,19 +359,27 @@ class Generator(nn.Module):
                 if isinstance(m, Affinity):
                     m.weight.copy_(M.t()[:, :, None, None])
 
-    def stage_parameters(self, stage):
-        """Parameters trained in CAT stage 1 (CAT layers + SPADE gamma/beta convs) or stage 2 (every
-        SPADE-block layer, i.e. all of body.*, plus the CAT layers of fc)."""
+    def stage_parameters(self, stage, stage2='spade'):
+        """Parameters trained in CAT stage 1 or 2, each list without repeats.
+
+        Stage 1: the CAT layers + the SPADE gamma/beta convs (the supplement's "open padlock" layers).
+        Stage 2, `stage2`: 'spade' (the supplement's reading: "all layers in the SPADE blocks", where its
+        Figure 1 calls the normalisation module, shared 3x3 conv -> gamma/beta convs, the SPADE block: every
+        SPADE module, i.e. mlp_shared + mlp_gamma + mlp_beta + its CAT layers, plus fc's CAT layers), or
+        'blocks' (every layer of the SPADE residual blocks, body.* with conv_0/conv_1/conv_s, plus fc's CAT
+        layers: this toolkit's default before 2026-12)."""
         cat = [p for _, m in self.cat_modules() for p in m.parameters()]
+        spades = [m for m in self.modules() if isinstance(m, SPADE)]
         if stage == 1:
-            spade = [p for m in self.modules() if isinstance(m, SPADE)
-                     for p in (*m.mlp_gamma.parameters(), *m.mlp_beta.parameters())]
-            return cat + spade
-        if stage == 2:
-            body = list(self.body.parameters())
-            ids = {id(p) for p in body}
-            return body + [p for p in cat if id(p) not in ids]
-        raise ValueError(f'stage={stage}: expected 1 or 2')
+            own = [p for m in spades for p in (*m.mlp_gamma.parameters(), *m.mlp_beta.parameters())]
+        elif stage == 2 and stage2 == 'spade':
+            own = [p for m in spades for p in m.parameters()]
+        elif stage == 2 and stage2 == 'blocks':
+            own = list(self.body.parameters())
+        else:
+            raise ValueError(f"stage={stage}, stage2={stage2!r}: expected stage 1 or 2 and stage2 'spade' or 'blocks'")
+        ids = {id(p) for p in own}
+        return own + [p for p in cat if id(p) not in ids]
 
     def load_source(self, sd, path='<state dict>', name=None):
         """Load an official (source) generator state dict. Every source key must be present with its

@@ -116,10 +116,12 @@ def test_cat_end_to_end(source, cat_run):
     assert sorted(fids) == [3, 6] and all(np.isfinite(list(fids.values())))
     best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert best["best_fid"] == min(fids.values()) and best["step"] == min(fids, key=fids.get)
-    # neither stage trains the layers outside the SPADE blocks (fc, conv_img); stage 2 moved the body
+    # neither stage trains the layers outside the SPADE modules (fc, conv_img, the blocks' main convs); stage 2
+    # moved the SPADE modules' shared convs
     src = torch.load(source[0], map_location="cpu", weights_only=True)
-    assert torch.equal(ckpt["G"]["fc.weight"], src["EMA"]["fc.weight"])
-    assert not torch.equal(ckpt["G"]["body.0.conv_0.weight_orig"], src["EMA"]["body.0.conv_0.weight_orig"])
+    for k in ("fc.weight", "conv_img.weight", "body.0.conv_0.weight_orig", "body.3.conv_s.weight_orig"):
+        assert torch.equal(ckpt["G"][k], src["EMA"][k]), k
+    assert not torch.equal(ckpt["G"]["body.0.norm_0.mlp_shared.0.weight"], src["EMA"]["body.0.norm_0.mlp_shared.0.weight"])
     # FreezeD (default 2): the first two encoder blocks of D keep their source weights, the third trains
     for k in ("body_down.0.conv1.0.weight_orig", "body_down.1.conv1.1.weight_orig"):
         assert torch.equal(ckpt["D"][k], src["D"][k]), k
@@ -170,8 +172,9 @@ def test_recipes_build_and_train_what_they_say(source, tmp_path, recipe):
     changed = changed_params(ckpt, src)
     if flags["g_train"] == "all":  # one stage over every G parameter, fc and conv_img included
         assert {"fc.weight", "conv_img.weight", "body.0.norm_0.mlp_shared.0.weight"} <= changed
-    else:  # the paper's sets: SPADE-block layers and CAT layers only
-        assert "fc.weight" not in changed and "conv_img.weight" not in changed and "body.0.conv_0.weight_orig" in changed
+    else:  # the paper's sets: the SPADE modules and CAT layers only (the residual blocks' main convs stay)
+        assert "fc.weight" not in changed and "conv_img.weight" not in changed
+        assert "body.0.norm_0.mlp_shared.0.weight" in changed and "body.0.conv_0.weight_orig" not in changed
     frozen = [k for k in ckpt["D"] if k.startswith(tuple(f"body_down.{b}." for b in range(flags["freeze_d"])))
               and k.endswith(("weight_orig", "bias"))]  # parameters (spectral-norm u/v buffers move in train mode)
     assert all(torch.equal(ckpt["D"][k], src["D"][k]) for k in frozen)
@@ -202,9 +205,12 @@ def test_paper_defaults():
     base = ["--source", "ade20k", "--source-ckpt", "x", "--affinity", "a.npy", "--out", "o"]
     for target, lr in (("cityscapes", 4e-4), ("ade20k", 1e-4), ("coco", 1e-4), ("toy-target", 1e-4)):
         args, _ = finetune_oasis.get_args(base + ["--data", target])
-        assert args.lr == lr and args.lr_d == 4 * lr
+        assert args.lr == lr and args.lr_d == 4e-4  # the paper's rate is lr_G; official lr_D is 4e-4 everywhere
+        assert args.g_train == "spade" and args.stages == 2
     args, _ = finetune_oasis.get_args(base + ["--data", "cityscapes", "--lr", "2e-4"])
-    assert args.lr == 2e-4
+    assert args.lr == 2e-4 and args.lr_d == 4e-4
+    args, _ = finetune_oasis.get_args(base + ["--data", "cityscapes", "--lr-d", "1e-3"])
+    assert args.lr_d == 1e-3
     # the weight the step-0 model keeps in the EMA after 100 steps at decay 0.9999
     keep = np.prod([finetune_oasis.ema_decay_at(s, 0.9999) for s in range(100)])
     assert keep < 1e-6 and 0.9999 ** 100 > 0.99
@@ -222,6 +228,21 @@ def test_resume_is_exact(source, cat_run, tmp_path):
     cb = torch.load(part / "checkpoint.pt", map_location="cpu", weights_only=True)
     for k in ca["G"]:
         assert torch.equal(ca["G"][k], cb["G"][k]), k
+
+
+def test_resume_keeps_an_older_runs_stage2_set(cat_run, tmp_path):
+    """A checkpoint written when --g-train spade named every SPADE-block layer (no 'stage2_reading' in its args)
+    resumes with that set ('blocks'); a current one keeps 'spade'; lr_D is the run's own, whatever --lr says."""
+    ckpt = torch.load(cat_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["args"]["g_train"] == "spade" and ckpt["args"]["stage2_reading"] == "supplement"
+    (tmp_path / "new").mkdir()
+    torch.save(ckpt, tmp_path / "new" / "checkpoint.pt")
+    old = {**ckpt, "args": {k: v for k, v in ckpt["args"].items() if k != "stage2_reading"}}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    for run_dir, want in (("new", "spade"), ("old", "blocks")):
+        args, _ = finetune_oasis.get_args(["--out", str(tmp_path / run_dir), "--resume", "--lr", "1e-5"])
+        assert args.g_train == want and args.lr == 1e-5 and args.lr_d == ckpt["args"]["lr_d"]
 
 
 def test_torchrun_two_ranks_agree(source, tmp_path):
@@ -330,3 +351,77 @@ def test_nan_loss_keeps_last_good_checkpoint(source, cat_run, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "not finite at step 7" in last and "step 6" in last, r.stderr
     assert torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- into Cityscapes
+# Supplement Tables 8-10 transfer 256x256 ADE20K / COCO-Stuff sources into 256x512 Cityscapes: the generator is
+# convolutional, so the source weights make the target's width (the fc grid grows from 8x8 to 8x16).
+
+
+def fake_layout(root, files, size, values, ext="png"):
+    """Write (image, label) pairs at the given relative paths: random RGB images, labels of `values` in bands."""
+    rng = np.random.default_rng(0)
+    for k, (img, lbl) in enumerate(files):
+        for p in (root / img, root / lbl):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / img)
+        lab = np.zeros(size, np.uint8)
+        for i, v in enumerate(values):
+            lab[i * size[0] // len(values):, :] = (v + k) % max(values) + 1 if i else v
+        Image.fromarray(lab).save(root / lbl)
+
+
+@pytest.fixture(scope="module")
+def square_source(tmp_path_factory):
+    """A 256x256 source (a 5-class folder dataset, tiny widths) saved by --init scratch at 0 steps, a fake
+    Cityscapes (256x512, labelIds) and a hard affinity between them. (The full ADE20K configuration, 151
+    channels, is the same code path at 20x the CPU time; the closing note of issue 21 gives that run.)"""
+    w = tmp_path_factory.mktemp("square")
+    src = w / "src_data"
+    for split, n in (("train", 4), ("val", 2)):
+        fake_layout(src, [(f"{split}/images/{i}.png", f"{split}/labels/{i}.png") for i in range(n)], (256, 256), [0, 1, 2, 5])
+    (src / "classes.txt").write_text("sky\nroad\nbuilding\ntree\ncar\n")
+    finetune_oasis.main([str(a) for a in ["--init", "scratch", "--data", "folder", "--data-root", src, "--size", "256",
+                                           "--out", w / "src", "--stage1-steps", "0", "--stage2-steps", "0", *TINY]])
+    cs = w / "cityscapes"
+    for split, n in (("train", 4), ("val", 2)):
+        stems = [f"aachen/aachen_{i:06d}_000019" for i in range(n)]
+        fake_layout(cs, [(f"leftImg8bit/{split}/{s}_leftImg8bit.png", f"gtFine/{split}/{s}_gtFine_labelIds.png")
+                         for s in stems], (256, 512), [7, 11, 21, 26, 33])
+    A = np.zeros((33, 5), np.float32)  # Cityscapes real classes x source classes, one source per row
+    A[np.arange(33), np.arange(33) % 5] = 1
+    np.save(w / "A.npy", A)
+    return w
+
+
+def test_square_source_into_cityscapes(square_source, tmp_path):
+    """Finetune (one step per stage) and evaluate a 256x256-source CAT model on 256x512 Cityscapes; the
+    training-free mode of evaluate.py makes the same size; a source of another height is refused."""
+    w = square_source
+    cs = ["--data", "cityscapes", "--data-root", w / "cityscapes"]
+    args = ["--source", "folder", "--source-root", w / "src_data", "--source-ckpt", w / "src" / "checkpoint.pt", "--affinity", w / "A.npy", *cs,
+            "--out", tmp_path / "cat", "--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "2", *TINY]
+    G, _, _ = finetune_oasis.main([str(a) for a in args])
+    assert G.output_hw == (256, 512) and G.latent_hw == (8, 16)
+    ckpt = torch.load(tmp_path / "cat" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    src = torch.load(w / "src" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (ckpt["G_kwargs"]["crop_size"], ckpt["G_kwargs"]["aspect_ratio"]) == (512, 2.0)
+    assert src["G_kwargs"]["crop_size"] == 256 and ckpt["G"]["fc.weight"].shape == src["EMA"]["fc.weight"].shape
+    assert ckpt["args"]["lr"] == 4e-4 and ckpt["args"]["lr_d"] == 4e-4  # paper's lr_G for Cityscapes, official lr_D
+    assert Image.open(tmp_path / "cat" / "samples" / "000002.png").size[0] > 512  # grid of 256x512 samples
+    import evaluate
+    for model, out in ((["--ckpt", tmp_path / "cat" / "checkpoint.pt"], "ev"),
+                       (["--ckpt", w / "src" / "checkpoint.pt", "--source", "folder", "--source-root", w / "src_data",
+                         "--affinity", w / "A.npy"], "free")):
+        evaluate.main([str(a) for a in [*model, *cs, "--no-fid", "--workers", "0", "--device", "cpu",
+                                        "--out", tmp_path / out, "--grid-rows", "1"]])
+        assert (tmp_path / out / "results.json").is_file()
+        shots = sorted((tmp_path / out / "images").rglob("*.png"))
+        assert shots and all(Image.open(p).size == (512, 256) for p in shots)
+    # a 64-px source cannot make 256-px-high images: one line naming the sizes and --size
+    bad = ["--source", "toy-source", "--source-ckpt", w / "toy" / "checkpoint.pt", "--affinity", w / "A.npy"]
+    finetune_oasis.main([str(a) for a in ["--init", "scratch", "--data", "toy-source", "--out", w / "toy",
+                                           "--stage1-steps", "0", "--stage2-steps", "0", *TINY]])
+    with pytest.raises(DataError) as e:
+        finetune_oasis.main([str(a) for a in [*bad, *cs, "--out", tmp_path / "bad", "--stage2-steps", "1", *TINY]])
+    assert "makes 64x64 images" in str(e.value) and "256x512 (--size)" in str(e.value) and "\n" not in str(e.value)

@@ -123,7 +123,14 @@ def test_cat_layers_learn_and_stages():
     assert stage1 == {names[id(p)] for p in cat_params} | {n for n in names.values()
                                                           if '.mlp_gamma.' in n or '.mlp_beta.' in n}
     assert stage1 < stage2
-    assert stage2 == {n for n in names.values() if n.startswith(('body.', 'fc_cat', 'fc_res'))}
+    # stage 2, the supplement's reading: every SPADE module (shared conv, gamma, beta, CAT layers) + fc's CAT layers;
+    # the residual blocks' main-path convs stay frozen
+    assert stage2 == {n for n in names.values() if '.norm_' in n or n.startswith(('fc_cat', 'fc_res'))}
+    assert not any('.conv_' in n for n in stage2) and any('.mlp_shared.' in n for n in stage2)
+    blocks = {names[id(p)] for p in G.stage_parameters(2, 'blocks')}  # every SPADE-block layer (the option)
+    assert stage2 < blocks == {n for n in names.values() if n.startswith(('body.', 'fc_cat', 'fc_res'))}
+    for params in (G.stage_parameters(1), stage2, blocks):
+        assert len(params) == len(set(params) if isinstance(params, set) else {id(p) for p in params})
     with torch.no_grad():  # a trained residual moves the output away from the training-free one
         before = G.eval()(y, z)
         perturb_cat_layers(G)

@@ -70,7 +70,7 @@ def test_generator_is_deterministic_by_seed(tmp_path):
 
 def test_benchmark_pipeline_two_steps(tmp_path):
     out = tmp_path / "lt"
-    rows = ["scratch", "free-random", "cat-random-hard"]
+    rows = ["random-init", "free-random", "cat-random-hard"]
     cmd = [sys.executable, "bench/toy_longtail.py", "--preset", "tiny", "--device", "cpu", "--seeds", "0", "--ns", "25",
            "--jobs", "2", "--rows", *rows, "--out", str(out)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
