@@ -18,6 +18,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -505,6 +506,33 @@ def nonneg_int(text):
     v = int(text) if str(text).lstrip("-").isdigit() else None
     if v is None or v < 0:
         raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 0")
+    return v
+
+
+def finite_float(text):
+    """argparse type: a finite number (not nan, not inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}': expected a finite number")
+    return v
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a number > 0")
+    return v
+
+
+def unit_float(text):
+    """argparse type: a number in [0, 1] (a probability, a decay)."""
+    v = finite_float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a number in [0, 1]")
     return v
 
 

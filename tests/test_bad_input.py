@@ -28,6 +28,7 @@ import finetune_piti
 from models import DataError, checkpoint, cli
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16",
         "--d-last", "8", "--batch", "2", "--bn-batches", "2", "--grid-n", "2", "--device", "cpu"]
 UNWRITABLE = "/sys/cat_bad_input_test"  # sysfs refuses new folders, even to root
@@ -356,6 +357,27 @@ def test_main_refuses_in_one_line(W, case):
         (W.root / name).mkdir(exist_ok=True)
         (W.root / name / "checkpoint.pt").write_bytes((W.root / src).read_bytes())
     one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+
+
+# ---------------------------------------------------------------------------------------------- round 2
+# The second round of cases a new user tried (issue 22), one block per script, each with its own test.
+# Rows are (main, args, words) as in IN_PROCESS unless the block says otherwise.
+
+# finetune_piti.py, round 2
+PITI2 = {
+}
+
+# estimate_affinity.py, round 2
+EST2 = {
+}
+
+# evaluate.py and data.py, round 2
+EVAL2 = {
+}
+
+# flags every script shares, checkpoints and resume, round 2
+COMMON2 = {
+}
 
 
 def test_at_least_forty_cases_beyond_the_listed_ones():
