@@ -19,7 +19,7 @@ def load_clip(path, device):
     path = str(weights.resolve(path, "--clip-weights"))
     if not os.path.isfile(path):
         raise DataError(f"--clip-weights {path}: file not found; get ViT-B-32.pt from the OpenAI CLIP release "
-             "(the URLs are listed in openai/CLIP clip/clip.py), or drop the flag to use the bundled MiniLM encoder")
+             "(the URLs are listed in openai/CLIP clip/clip.py), or pass --text-encoder minilm (bundled, offline)")
     try:
         import pkg_resources  # noqa: F401
     except ImportError:  # setuptools >= 81 has no pkg_resources; clip-anytorch only takes `packaging` from it
