@@ -30,7 +30,7 @@ drn105), its weights by name (models/weights.py). CLIP, DINO and segmenter weigh
 Writes into --out: affinity.npy (float32, target classes x source classes in class-table order,
 rows sum to 1), affinity.json (method, encoders, files, class names, args, per-method matrices),
 mapping.md (top-3 source classes of every target class) and affinity.png (every target row labelled beside the
-heatmap with its top-3 source classes written out, a colour scale).
+heatmap with its top-3 source classes written out, a colour scale): all four or none (a failed write keeps none).
 """
 import argparse
 import json
@@ -409,7 +409,7 @@ def missing_input(R, method):
     if method == "self-supervised":
         spec = args.source_data or args.source
         need = [] if args.dino_weights else [f"--dino-weights NAME|FILE ({'|'.join(names('--dino-weights'))})"]
-        if not os.path.isdir(spec) and spec in PAPER_SEGMENTER and args.source_root is None:
+        if not os.path.isdir(spec) and spec in ("coco", "ade20k", "cityscapes") and args.source_root is None:
             need.append(f"--source-root DIR (labelled {spec} images)")
         return f"self-supervised needs {' and '.join(need)}" if need else None
     return None

