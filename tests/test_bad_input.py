@@ -6,6 +6,7 @@ lines of stderr); the rest call the script's main(argv) in-process and expect on
 subprocess cases show the entry point prints as is. The last tests kill finetune_oasis.py with SIGKILL after its
 first checkpoint and resume it: the log must hold every step once."""
 import argparse
+import errno
 import json
 import os
 import signal
@@ -237,7 +238,7 @@ IN_PROCESS = {
     "est-unknown-source": (estimate_affinity.main, ["--source", "imagenet", "--target", "ade20k", "--out", "{root}/e"],
                            ["--source imagenet"]),
     "est-missing-source": (estimate_affinity.main, ["--target", "ade20k", "--out", "{root}/e"], ["--source", "required"]),
-    "est-temperature": (estimate_affinity.main, EST + ["--temperature", "0"], ["--temperature 0"]),
+    "est-temperature": (estimate_affinity.main, EST + ["--temperature", "0"], ["--temperature", "'0'", "> 0"]),
     "est-batch-size": (estimate_affinity.main, EST + ["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
     "est-weights-number": (estimate_affinity.main, EST + ["--weights", "text=abc"], ["--weights", "abc"]),
     "est-weights-method": (estimate_affinity.main, EST + ["--weights", "colour=1"], ["--weights", "colour"]),
@@ -257,7 +258,8 @@ IN_PROCESS = {
                                                       "{root}/empty.pt"], ["--dino-weights", "empty"]),
     "est-dino-not-dino": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
                                                          "{root}/good.pt"], ["--dino-weights", "not a DINO"]),
-    "est-supervised-nothing": (estimate_affinity.main, EST + ["--method", "supervised"], ["--source-ckpt"]),
+    "est-supervised-nothing": (estimate_affinity.main, ["--source", "{three}", "--target", "{ok}", "--out", "{root}/e",
+                                                        "--method", "supervised"], ["--source-ckpt"]),
     "est-segmenter-missing": (estimate_affinity.main, EST + ["--method", "supervised", "--segmenter",
                                                              "{root}/nope.pt"], ["--segmenter", "nope.pt", "not found"]),
     "est-segmenter-not-script": (estimate_affinity.main, EST + ["--method", "supervised", "--segmenter",
@@ -367,9 +369,85 @@ def test_main_refuses_in_one_line(W, case):
 PITI2 = {
 }
 
-# estimate_affinity.py, round 2
+# estimate_affinity.py, round 2 (an empty torch hub cache and no network: nothing is downloaded)
+EST_F = ["--source", "{three}", "--target", "{ok}", "--text-encoder", "minilm"]  # folder -> folder, MiniLM offline
 EST2 = {
+    "est2-temperature-nan": (estimate_affinity.main, EST + ["--temperature", "nan"], ["--temperature", "nan", "finite"]),
+    "est2-temperature-inf": (estimate_affinity.main, EST + ["--temperature", "inf"], ["--temperature", "inf", "finite"]),
+    "est2-weights-inf": (estimate_affinity.main, EST + ["--weights", "text=1e400"], ["--weights", "1e400", "finite"]),
+    "est2-weights-negative": (estimate_affinity.main, EST + ["--weights", "text=-1"], ["--weights", "-1", ">= 0"]),
+    "est2-weights-overflow": (estimate_affinity.main, EST + ["--weights", "text=1e308,supervised=1e308"],
+                              ["--weights", "1e308", "sum"]),
+    "est2-scores-overflow": (estimate_affinity.main, EST_F + ["--method", "text", "--temperature", "1e-310", "--out",
+                                                              "{root}/e2"], ["--temperature 1e-310", "not finite"]),
+    "est2-out-in-target": (estimate_affinity.main, EST_F + ["--method", "random", "--out", "{ok}/aff"],
+                           ["--out", "{ok}/aff", "inside the dataset folder", "{ok}"]),
+    "est2-out-in-data-root": (estimate_affinity.main, ["--source", "{three}", "--target", "{three}", "--data-root", "{ok}",
+                                                       "--method", "random", "--out", "{ok}"],
+                              ["--out", "inside the dataset folder --data-root {ok}"]),
+    "est2-d-size": (estimate_affinity.main, EST_F[:1] + ["{ok}"] + EST_F[2:] + ["--method", "supervised", "--source-ckpt",
+                                                                               "{ckpt}", "--out", "{root}/e3"],
+                    ["--source-ckpt", "64x64", "256x256", "--size"]),
+    "est2-d-size-not-64": (estimate_affinity.main, EST_F[:1] + ["{ok}"] + EST_F[2:] + [
+        "--method", "supervised", "--source-ckpt", "{ckpt}", "--size", "96", "--out", "{root}/e3"],
+                           ["--size 96", "96x96", "multiples of 64"]),
+    "est2-override-duplicate": (estimate_affinity.main, EST_F + ["--method", "random", "--override",
+                                                                 "{root}/est2_dup.txt", "--out", "{root}/e4"],
+                                ["est2_dup.txt:3", "'Sky'", "line 1"]),
+    "est2-hand-duplicate": (estimate_affinity.main, EST_F + ["--method", "hand", "--hand", "{root}/est2_dup.txt",
+                                                             "--out", "{root}/e4"], ["est2_dup.txt:3", "line 1"]),
+    "est2-combination-no-dino": (estimate_affinity.main, EST, ["--method combination", "self-supervised needs",
+                                                               "--dino-weights NAME|FILE", "--source-root",
+                                                               "--weights text=1,supervised=1"]),
+    "est2-combination-nothing-but-text": (estimate_affinity.main, EST_F + ["--out", "{root}/e5"],
+                                          ["supervised needs --source-ckpt", "--segmenter FILE", "--dino-weights",
+                                           "--weights text=1"]),
+    "est2-subset-still-needs-its-input": (estimate_affinity.main, EST_F + ["--weights", "text=1,supervised=1", "--out",
+                                                                           "{root}/e5"], ["supervised needs", "--weights text=1"]),
+    "est2-default-segmenter-by-name": (estimate_affinity.main, EST + ["--method", "supervised"],
+                                       ["--source coco", "deeplabv2", "--segmenter-weights",
+                                        "deeplabv2_resnet101_msc-cocostuff164k-100000.pth", "--source-ckpt"]),
+    "est2-minilm-and-clip": (estimate_affinity.main, EST + ["--text-encoder", "minilm", "--clip-weights", "c.pt"],
+                             ["--clip-weights c.pt", "--text-encoder minilm"]),
 }
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty torch hub cache; any download attempt fails."""
+    def no_network(*args, **kwargs):
+        raise OSError("no network in tests")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.delenv("CAT_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+
+
+@pytest.mark.parametrize("case", sorted(EST2))
+def test_estimate_round2(W, offline, case):
+    main, args, words = EST2[case]
+    (W.root / "est2_dup.txt").write_text("sky -> sky\ngrass -> grass\nSky -> grass\n")
+    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+    assert not (W.ok / "aff").exists()
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "bool", "<U3"])
+def test_load_affinity_refuses_non_real_arrays(W, dtype):
+    path = W.root / f"est2_aff_{dtype.strip('<')}.npy"
+    np.save(path, np.ones((2, 3), dtype))
+    table = data.class_table("folder", W.ok), data.class_table("folder", W.three)
+    one_line(lambda: data.load_affinity(path, *table), "--affinity", path.name, str(np.dtype(dtype)), "real float")
+
+
+def test_estimate_full_disk_leaves_no_affinity(W, offline, monkeypatch):
+    """A write that fails (ENOSPC) on the last output, affinity.npy: none of the outputs stays, no temporary."""
+    out = W.root / "est2_full"
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "save", full)
+    one_line(lambda: estimate_affinity.main(["--source", str(W.three), "--target", str(W.ok), "--method", "random",
+                                             "--out", str(out)]), "--out", "affinity.npy", "No space left on device")
+    assert sorted(os.listdir(out)) == []
 
 # evaluate.py and data.py, round 2
 EVAL2 = {

@@ -74,9 +74,9 @@ def test_grid_titles_and_legend(tmp_path):
 
 
 def test_affinity_png_written_by_estimate_affinity(tmp_path):
-    """write_report draws the labelled figure (the offline text method on the toy tables)."""
+    """report() draws the labelled figure (the offline text method on the toy tables)."""
     import estimate_affinity
     estimate_affinity.main(["--method", "text", "--source", "toy-source", "--target", "toy-target",
-                            "--out", str(tmp_path)])
+                            "--text-encoder", "minilm", "--out", str(tmp_path)])
     img = Image.open(Path(tmp_path) / "affinity.png")
     assert img.size[0] > 400 and img.size[1] > 9 * 17 + 100

@@ -184,7 +184,7 @@ def test_num_batches_tracked_and_module_prefix_are_accepted(tmp_path):
     # estimate_affinity.py --method supervised takes the same segmenter for a Cityscapes source
     import estimate_affinity as ea
     args = types.SimpleNamespace(segmenter=None, segmenter_weights=[str(tmp_path / "drn.pth")], source_ckpt=None)
-    fn, desc, _ = ea.load_segmenter(args, data.class_table("cityscapes"), "cityscapes", "cpu")
+    fn, desc, _, _ = ea.load_segmenter(args, data.class_table("cityscapes"), "cityscapes", "cpu")
     assert "DRN-D-105" in desc and fn(torch.zeros(1, 3, 16, 16)).shape == (1, 35, 16, 16)
     with pytest.raises(ValueError, match="drn105 predicts cityscapes classes; the label maps are ade20k"):
         ea.load_segmenter(types.SimpleNamespace(segmenter="drn105", segmenter_weights=[str(tmp_path / "drn.pth")],
