@@ -63,8 +63,8 @@ from tqdm import tqdm
 import data
 import metrics
 from models import DataError, amp, cli, diffusion, piti, piti_train
-from models.checkpoint import (append_log, init_distributed, load, parse_with_given, prepare_out, resume_args, save,
-                               truncate_log)
+from models.checkpoint import (append_log, broadcast_stop, init_distributed, load, parse_with_given, prepare_out,
+                               resume_args, save, truncate_log)
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
@@ -393,10 +393,7 @@ def main(argv=None):
             "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
             **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
     def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
-        stop = torch.tensor([evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False])
-        if ddp:
-            dist.broadcast(stop, 0)
-        return bool(stop)
+        return broadcast_stop(evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False, device)
 
     if ckpt is None and (save_and_stop(0) or args.steps == 0):  # the model before training: training-free CAT
         return finish(ddp)

@@ -109,7 +109,10 @@ def attention(q, k, v):
     step by ~8e-3, past the golden tolerance. bf16 (autocast): SDPA's flash kernels, which keep the
     softmax in float32 internally.
     """
-    if q.dtype != torch.float32:  # (1, N, L, ch): the 4-D layout the flash kernels take
+    if q.dtype != torch.float32:
+        # contiguous (1, N, L, ch) or (B, heads, L, ch), the layout the flash and memory-efficient kernels take:
+        # a transposed view (its last dim not of stride 1) sends SDPA to its slow math fallback
+        q, k, v = (x.contiguous() for x in (q, k, v))
         return F.scaled_dot_product_attention(q[None], k[None], v[None])[0] if q.dim() == 3 else \
             F.scaled_dot_product_attention(q, k, v)
     scale = q.shape[-1] ** -0.25
