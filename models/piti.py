@@ -14,6 +14,7 @@ CAT (Careil et al. 2023) adds two things, both off the official key set:
 
 The diffusion schedules, the training loss and the samplers are in `models/diffusion.py`.
 """
+import inspect
 import math
 import os
 from functools import lru_cache
@@ -440,6 +441,12 @@ class PITI(nn.Module):
     def forward(self, x, t, ref, low_res=None):
         """The official `model(x_t, timesteps, ref=..., low_res=...)`."""
         return self.denoise(x, t, *self.encode(ref), low_res=low_res)
+
+
+# What a configuration override (finetune_piti.py --base-config / --up-config) may set: the constructor's
+# architecture arguments. super_res follows the file; the label channels and prompts are the run's own.
+CONFIG_KEYS = tuple(k for k in inspect.signature(PITI).parameters
+                    if k not in ("super_res", "source_channels", "target_channels", "prompts"))
 
 
 def load_official(path, super_res=False, device="cpu", config=None):

@@ -119,8 +119,8 @@ def test_bad_input_one_line(files, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and "is an upsampler checkpoint" in r.stderr
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
     r = run(files, tmp_path / "c", "--steps", "x")  # argparse's complaint is one line too, exit code 1
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: argument --steps: invalid int value: 'x' "
-                                                                   "(see --help)"]
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: argument --steps: 'x': expected an integer "
+                                                                   ">= 0 (see --help)"]
     # a non-empty --out is refused without --resume or --overwrite; --overwrite starts over
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "log.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
@@ -129,6 +129,7 @@ def test_bad_input_one_line(files, tmp_path):
     assert "--overwrite" in r.stderr and not (tmp_path / "d" / "checkpoint.pt").exists()
     r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == f"done: 0 steps, checkpoint {tmp_path / 'd' / 'checkpoint.pt'}"  # no FID
     assert [json.loads(s)["step"] for s in (tmp_path / "d" / "log.jsonl").read_text().splitlines()] == [0]
     assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 0
 
@@ -156,6 +157,9 @@ def test_ablation_rows_and_upsampler(files, tmp_path):
     assert ck["best_fid"] == min(fids.values())
     best = torch.load(tmp_path / "abl" / "best.pt", weights_only=True)  # the state of the best evaluation
     assert best["kind"] == "piti-cat" and fids[best["step"]] == best["best_fid"] == ck["best_fid"]
+    assert best["best_step"] == ck["best_step"] == best["step"]
+    assert r.stdout.splitlines()[-1] == (f"done: 1 steps, checkpoint {tmp_path / 'abl' / 'checkpoint.pt'}, best FID "
+                                         f"{ck['best_fid']:.2f} at step {best['step']} ({tmp_path / 'abl' / 'best.pt'})")
     if best["step"] == 0:
         assert not torch.equal(best["base_ema"]["cat_map"], ck["base_ema"]["cat_map"])
 
