@@ -43,7 +43,8 @@ atomically. Each step draws its randomness from (--seed, step), so --resume cont
 uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps,
 the evaluation cadence and --lr may); log.jsonl then holds each step once. A non-empty --out is refused
 without --resume or --overwrite. The checkpoint keeps the trained weights and the official files' paths
-(the decoder is not copied unless trained).
+(the decoder is not copied unless trained). The last line printed names the steps trained, the checkpoint and
+the best FID with its step.
 """
 import argparse
 import json
