@@ -347,7 +347,7 @@ def setup(args):
         R.step, R.best_fid, R.bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
         amp.restore(R.scalers, ckpt.get("scalers"))  # fp16 loss scales continue where they were
         if len(ckpt["rng"]) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
-            checkpoint.set_rng_state(ckpt["rng"][rank])
+            checkpoint.set_rng_state(ckpt["rng"][rank], device)
         if master:
             checkpoint.truncate_log(out / "log.jsonl", R.step)
 
@@ -375,9 +375,9 @@ def evaluate_and_save(R, s):
             stop = R.bad_evals >= R.args.patience
     rngs = [None] * R.world
     if R.ddp:
-        dist.all_gather_object(rngs, checkpoint.rng_state())
+        dist.all_gather_object(rngs, checkpoint.rng_state(R.device))
     else:
-        rngs = [checkpoint.rng_state()]
+        rngs = [checkpoint.rng_state(R.device)]
     if R.master:
         state = {"kind": "oasis-cat", "step": s, "args": vars(R.args), "affinity": R.A, "source": R.source_info,
                  "target": data.table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
@@ -390,11 +390,7 @@ def evaluate_and_save(R, s):
         if better:
             checkpoint.save(state, R.out / "best.pt")
         checkpoint.save(state, R.out / "checkpoint.pt")
-    if R.ddp:
-        flag = torch.tensor([int(stop)], device=R.device)
-        dist.broadcast(flag, 0)
-        stop = bool(flag.item())
-    return stop
+    return checkpoint.broadcast_stop(stop, R.device)
 
 
 def main(argv=None):

@@ -43,7 +43,8 @@ atomically. Each step draws its randomness from (--seed, step), so --resume cont
 uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps,
 the evaluation cadence and --lr may); log.jsonl then holds each step once. A non-empty --out is refused
 without --resume or --overwrite. The checkpoint keeps the trained weights and the official files' paths
-(the decoder is not copied unless trained).
+(the decoder is not copied unless trained). The last line printed names the steps trained, the checkpoint and
+the best FID with its step.
 """
 import argparse
 import json
@@ -63,8 +64,8 @@ from tqdm import tqdm
 import data
 import metrics
 from models import DataError, amp, cli, diffusion, piti, piti_train
-from models.checkpoint import (append_log, init_distributed, load, parse_with_given, prepare_out, resume_args, save,
-                               truncate_log)
+from models.checkpoint import (append_log, broadcast_stop, init_distributed, load, parse_with_given, prepare_out,
+                               resume_args, save, truncate_log)
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
@@ -111,25 +112,27 @@ def build_parser():
                         "model (--init glide default); encoder: the encoder only (official stage 1)")
     g.add_argument("--finetune-upsampler", action="store_true", help="also train the upsampler (same recipe)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=5000)
+    g.add_argument("--steps", type=data.nonneg_int, default=5000)
     g.add_argument("--batch", type=int, default=8)
-    g.add_argument("--lr", type=float, default=None, help="default: the paper's, 7e-5 for a Cityscapes target, else 2e-4")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
-    g.add_argument("--uncond-p", type=float, default=0.2, help="condition dropout for guidance (official 0.2)")
+    g.add_argument("--lr", type=data.positive_float, default=None, help="default: the paper's, 7e-5 for a Cityscapes target, else 2e-4")
+    g.add_argument("--ema-decay", type=data.unit_float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
+    g.add_argument("--uncond-p", type=data.unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
                    help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=500, help="grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--grid-n", type=int, default=4, help="validation label maps in the sample grid")
-    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100)")
-    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID")
-    g.add_argument("--guidance", type=float, default=diffusion.GUIDANCE)
+    g.add_argument("--grid-n", type=data.positive_int, default=4, help="validation label maps in the sample grid")
+    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
+                   + diffusion.RESPACINGS)
+    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID, the same forms")
+    g.add_argument("--guidance", type=data.finite_float, default=diffusion.GUIDANCE,
+                   help="classifier-free guidance scale (>= 0; official base 1.3, 1 = none)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
                    "once): early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
-    g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,10 +144,7 @@ def settings(argv):
     """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
     args, given = parse_with_given(build_parser(), argv)
     for flag in ("base_config", "up_config"):
-        try:
-            setattr(args, flag, json.loads(getattr(args, flag)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"--{flag.replace('_', '-')}: not JSON ({e})")
+        setattr(args, flag, model_config(getattr(args, flag), f"--{flag.replace('_', '-')}"))
     if not args.resume:  # a resumed run's recipe and --init settings are in its checkpoint's args
         piti_train.fresh_run_args(args, given)
         if args.prompts is None:  # a training-free run (--steps 0) is the source model: no random prompt tokens
@@ -159,11 +159,30 @@ def settings(argv):
         resume_args(args, ckpt["args"], MODEL_FLAGS, given)  # runs from before --init keep the new flags' defaults
     if args.init == "glide" and not args.glide_ckpt and (args.inception or args.fid_features):
         raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
-    if args.prompts < 0 or not 0 <= args.uncond_p <= 1 or args.batch < 1 or args.guidance < 0:
-        raise DataError("--prompts >= 0, --batch >= 1, --guidance >= 0 and --uncond-p in [0, 1] expected")
-    if args.eval_every < 1 or args.log_every < 1:
-        raise DataError(f"--eval-every and --log-every must be >= 1, got {args.eval_every} and {args.log_every}")
+    for flag, least in (("prompts", 0), ("batch", 1), ("guidance", 0), ("eval_every", 1), ("log_every", 1),
+                        ("patience", 1)):
+        if getattr(args, flag) < least:
+            raise DataError(f"--{flag.replace('_', '-')} >= {least} expected, got {getattr(args, flag)}")
+    for flag in ("sample_steps", "up_steps"):
+        diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
     return args, ckpt
+
+
+def model_config(text, flag):
+    """--base-config / --up-config: a JSON object of PITI constructor arguments (a resumed run's: a dict)."""
+    try:
+        config = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError as e:
+        raise DataError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        kind = {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean",
+                "NoneType": "null"}[type(config).__name__]
+        raise DataError(f"{flag} {text}: is a JSON {kind}; expected an object of PITI constructor "
+                        f"arguments, e.g. '{{\"dropout\": 0.0}}'")
+    unknown = sorted(set(config) - set(piti.CONFIG_KEYS))
+    if unknown:
+        raise DataError(f"{flag}: unknown key(s) {', '.join(unknown)}; known: {', '.join(piti.CONFIG_KEYS)}")
+    return config
 
 
 def trainable(model, mode):
@@ -224,7 +243,7 @@ def build(args, source, target, M, ckpt, device):
     return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, saved=saved,
                            ema=ema, opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
                            step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
-                           bad_evals=ckpt["bad_evals"] if ckpt else 0)
+                           best_step=(ckpt or {}).get("best_step"), bad_evals=ckpt["bad_evals"] if ckpt else 0)
 
 
 def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None, gen=None,
@@ -345,6 +364,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
             entry["fid"] = fid()
             better = net.best_fid is None or entry["fid"] < net.best_fid
             net.best_fid, net.bad_evals = (entry["fid"], 0) if better else (net.best_fid, net.bad_evals + 1)
+            net.best_step = s if better else net.best_step
             stop = net.bad_evals >= args.patience
         if args.init == "glide":  # the EMA weights as official flat files: a later run's --base / --upsampler
             piti_train.export(net.models, out)
@@ -353,7 +373,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
              "up_kwargs": net.up.kwargs if net.up is not None else None,
              "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
              "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), "best_fid": net.best_fid,
-             "bad_evals": net.bad_evals}
+             "best_step": net.best_step, "bad_evals": net.bad_evals}
     for name, ps in net.saved.items():
         state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
         state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()} if name in net.ema else state[name]
@@ -393,16 +413,13 @@ def main(argv=None):
             "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
             **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
     def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
-        stop = torch.tensor([evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False])
-        if ddp:
-            dist.broadcast(stop, 0)
-        return bool(stop)
+        return broadcast_stop(evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False, device)
 
     if ckpt is None and (save_and_stop(0) or args.steps == 0):  # the model before training: training-free CAT
-        return finish(ddp)
+        return finish(ddp, master, net, out, 0)
 
     # training
-    start = net.step
+    start = done = net.step
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="finetune_piti", disable=not master)
     t0 = time.time()
     for s in bar:
@@ -416,10 +433,15 @@ def main(argv=None):
             if master:
                 print(f"early stop at step {done}: no better FID in {args.patience} evaluations (best {net.best_fid:.2f})")
             break
-    finish(ddp)
+    finish(ddp, master, net, out, done)
 
 
-def finish(ddp):
+def finish(ddp, master, net, out, steps):
+    """The run's last line (rank 0): steps trained, its checkpoint, the best FID where there is one."""
+    if master:
+        at = f" at step {net.best_step}" if net.best_step is not None else ""  # runs from before best_step: unknown
+        best = f", best FID {net.best_fid:.2f}{at} ({out / 'best.pt'})" if net.best_fid is not None else ""
+        print(f"done: {steps} steps, checkpoint {out / 'checkpoint.pt'}{best}")
     if ddp:
         dist.destroy_process_group()
 

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import random
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -163,21 +164,31 @@ def append_log(path, entry):
         f.write(json.dumps(entry) + "\n")
 
 
-def rng_state():
-    """Every global RNG, as plain lists and tensors (weights_only loading accepts nothing else)."""
+def rng_state(device):
+    """Every global RNG, as plain lists and tensors (weights_only loading accepts nothing else); the CUDA
+    generator is the one of `device` (a rank's cuda:N), None on CPU."""
     np_state, py_state = np.random.get_state(), random.getstate()
+    device = torch.device(device)
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": [py_state[0], list(py_state[1]), py_state[2]]}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device):
+    """Restore rng_state(device)'s output; its CUDA state goes to `device`'s generator (a run resumed on CPU
+    has none to restore)."""
+    device = torch.device(device)
     torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+# How long a rank waits in a collective: the other ranks wait in the stop-flag broadcast while rank 0 alone
+# samples the grid and the val-set FID, which takes far longer than NCCL's default 10 minutes on a big val set.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def init_distributed(args):
@@ -188,7 +199,7 @@ def init_distributed(args):
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if args.batch % world:
         raise DataError(f"--batch {args.batch} must be a multiple of the {world} ranks")
@@ -196,6 +207,16 @@ def init_distributed(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, device
+
+
+def broadcast_stop(stop, device):
+    """Rank 0's early-stopping decision (`stop`), on every rank; as is without torchrun. The flag lives on the
+    run's `device`: NCCL broadcasts CUDA tensors only."""
+    if not dist.is_initialized():
+        return bool(stop)
+    flag = torch.tensor([int(stop)], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def key_diff(own, sd, optional=()):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import amp
+from models import DataError, amp
 
 # The official sampling settings: base 250 steps with guidance 1.3, upsampler fast27 at temperature 0.997.
 BASE_STEPS, UP_STEPS, GUIDANCE, UP_TEMP = "250", "fast27", 1.3, 0.997
@@ -59,6 +59,24 @@ def space_timesteps(T, spec):
             cur += stride
         start += size
     return set(kept)
+
+
+RESPACINGS = "a step count ('100'), step counts per section ('10,10,3,2,2'), 'ddimN' (e.g. ddim50) or 'fast27'"
+
+
+def check_respacing(spec, flag, T=1000):
+    """`spec` if space_timesteps takes it (every count >= 1), else one DataError line naming `flag`, what was
+    found and the accepted forms."""
+    if spec == "fast27":
+        return spec
+    counts = [spec[4:]] if spec.startswith("ddim") else spec.split(",")
+    if not all(c.strip().isdigit() and int(c) >= 1 for c in counts):
+        raise DataError(f"{flag} '{spec}': expected {RESPACINGS}")
+    try:
+        space_timesteps(T, spec)
+    except ValueError as e:
+        raise DataError(f"{flag}: {e}; expected {RESPACINGS} within {T} steps") from None
+    return spec
 
 
 class Diffusion:

@@ -14,6 +14,7 @@ CAT (Careil et al. 2023) adds two things, both off the official key set:
 
 The diffusion schedules, the training loss and the samplers are in `models/diffusion.py`.
 """
+import inspect
 import math
 import os
 from functools import lru_cache
@@ -109,7 +110,10 @@ def attention(q, k, v):
     step by ~8e-3, past the golden tolerance. bf16 (autocast): SDPA's flash kernels, which keep the
     softmax in float32 internally.
     """
-    if q.dtype != torch.float32:  # (1, N, L, ch): the 4-D layout the flash kernels take
+    if q.dtype != torch.float32:
+        # contiguous (1, N, L, ch) or (B, heads, L, ch), the layout the flash and memory-efficient kernels take:
+        # a transposed view (its last dim not of stride 1) sends SDPA to its slow math fallback
+        q, k, v = (x.contiguous() for x in (q, k, v))
         return F.scaled_dot_product_attention(q[None], k[None], v[None])[0] if q.dim() == 3 else \
             F.scaled_dot_product_attention(q, k, v)
     scale = q.shape[-1] ** -0.25
@@ -437,6 +441,12 @@ class PITI(nn.Module):
     def forward(self, x, t, ref, low_res=None):
         """The official `model(x_t, timesteps, ref=..., low_res=...)`."""
         return self.denoise(x, t, *self.encode(ref), low_res=low_res)
+
+
+# What a configuration override (finetune_piti.py --base-config / --up-config) may set: the constructor's
+# architecture arguments. super_res follows the file; the label channels and prompts are the run's own.
+CONFIG_KEYS = tuple(k for k in inspect.signature(PITI).parameters
+                    if k not in ("super_res", "source_channels", "target_channels", "prompts"))
 
 
 def load_official(path, super_res=False, device="cpu", config=None):

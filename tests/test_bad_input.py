@@ -367,7 +367,36 @@ def test_main_refuses_in_one_line(W, case):
 
 # finetune_piti.py, round 2
 PITI2 = {
+    "piti-steps-negative": (finetune_piti.main, PITI + ["--steps", "-1"], ["--steps", "'-1'", ">= 0"]),
+    "piti-ema-decay": (finetune_piti.main, PITI + ["--ema-decay", "2"], ["--ema-decay", "'2'", "[0, 1]"]),
+    "piti-guidance-nan": (finetune_piti.main, PITI + ["--guidance", "nan"], ["--guidance", "'nan'", "finite"]),
+    "piti-guidance-negative": (finetune_piti.main, PITI + ["--guidance", "-1"], ["--guidance >= 0", "got -1"]),
+    "piti-lr-negative": (finetune_piti.main, PITI + ["--lr", "-1"], ["--lr", "'-1'", "> 0"]),
+    "piti-lr-nan": (finetune_piti.main, PITI + ["--lr", "nan"], ["--lr", "'nan'", "finite"]),
+    "piti-uncond-p": (finetune_piti.main, PITI + ["--uncond-p", "2"], ["--uncond-p", "'2'", "[0, 1]"]),
+    "piti-grid-n-negative": (finetune_piti.main, PITI + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 1"]),
+    "piti-log-every-zero": (finetune_piti.main, PITI + ["--log-every", "0"], ["--log-every >= 1", "got 0"]),
+    "piti-patience-zero": (finetune_piti.main, PITI + ["--patience", "0"], ["--patience >= 1", "got 0"]),
+    "piti-fid-n-negative": (finetune_piti.main, PITI + ["--fid-n", "-3"], ["--fid-n", "'-3'", ">= 1"]),
+    "piti-sample-steps-word": (finetune_piti.main, PITI + ["--sample-steps", "abc"],
+                               ["--sample-steps 'abc'", "'ddimN'", "'fast27'"]),
+    "piti-sample-steps-zero": (finetune_piti.main, PITI + ["--sample-steps", "0"], ["--sample-steps '0'", "step count"]),
+    "piti-sample-steps-too-many": (finetune_piti.main, PITI + ["--sample-steps", "2000"],
+                                   ["--sample-steps", "2000", "1000"]),
+    "piti-up-steps-ddim": (finetune_piti.main, PITI + ["--up-steps", "ddimx"], ["--up-steps 'ddimx'", "'ddimN'"]),
+    "piti-base-config-unknown-key": (finetune_piti.main, PITI + ["--base-config", '{{"widht": 8, "prompts": 2}}'],
+                                     ["--base-config", "unknown key(s) prompts, widht", "known: image_size",
+                                      "transformer_proj_in"]),
+    "piti-up-config-not-object": (finetune_piti.main, PITI + ["--up-config", "[1, 2]"],
+                                  ["--up-config [1, 2]", "JSON array", "expected an object"]),
 }
+
+
+@pytest.mark.parametrize("case", sorted(PITI2))
+def test_piti_round2(W, case):
+    main, args, words = PITI2[case]
+    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+
 
 # estimate_affinity.py, round 2 (an empty torch hub cache and no network: nothing is downloaded)
 EST_F = ["--source", "{three}", "--target", "{ok}", "--text-encoder", "minilm"]  # folder -> folder, MiniLM offline
