@@ -227,7 +227,7 @@ def get_args(argv=None):
     p.add_argument("--weights", default="text=1,supervised=1,self-supervised=1", help="combination weights, METHOD=W,...")
     p.add_argument("--override", default=None, help="mapping file whose rows replace the estimate's ('target -> source' lines)")
     p.add_argument("--hand", default=None, help="mapping file for --method hand; must name every target class")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--seed", type=data.nonneg_int, default=0, help="seed of --method random")
     t = p.add_argument_group("text")
     t.add_argument("--clip-weights", default=None, help="CLIP file (ViT-B-32.pt) or clip_vitb32 (downloaded once); default: bundled all-MiniLM-L6-v2")
     t.add_argument("--synonyms", default="first", choices=["first", "mean"], help="ADE20K synonym lists: first name only, or mean over all")
@@ -249,6 +249,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP)
     args = p.parse_args(argv)
+    checkpoint.check_device(args.device)
     if args.temperature <= 0:
         raise DataError(f"--temperature {args.temperature}: expected > 0")
     for flag, low in (("batch_size", 1), ("source_n", 1), ("dino_size", 16)):
