@@ -6,8 +6,10 @@ lines of stderr); the rest call the script's main(argv) in-process and expect on
 subprocess cases show the entry point prints as is. The last tests kill finetune_oasis.py with SIGKILL after its
 first checkpoint and resume it: the log must hold every step once."""
 import argparse
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -376,8 +378,119 @@ EVAL2 = {
 }
 
 # flags every script shares, checkpoints and resume, round 2
+FT2 = SCRATCH + ["{ok}", "--out", "{root}/c2"]
+CAT2 = CAT[:3] + ["{ok}"] + CAT[4:-2] + ["--out", "{root}/c2_cat", "--affinity", "none"]  # a valid CAT run
+SCRIPTS2 = {"est": (estimate_affinity.main, EST), "ft": (finetune_oasis.main, FT2), "piti": (finetune_piti.main, PITI),
+            "ev": (evaluate.main, EVAL)}
 COMMON2 = {
+    **{f"{k}-device-banana": (m, a + ["--device", "banana"], ["--device 'banana'", "not a device name", "cpu"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-device-cuda": (m, a + ["--device", "cuda"], ["--device cuda", "no CUDA GPU visible", "use --device cpu"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-device-cuda7": (m, a + ["--device", "cuda:7"], ["--device cuda:7", "GPU", "visible"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-seed-negative": (m, a + ["--seed", "-1"], ["--seed", "'-1'", ">= 0"]) for k, (m, a) in SCRIPTS2.items()},
+    "ft-workers-negative": (finetune_oasis.main, FT2 + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
+    "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers -1", "at least 0"]),
+    "ft-channels-zero": (finetune_oasis.main, FT2 + ["--channels", "0"], ["--channels", "'0'", ">= 1"]),
+    "ft-d-last-zero": (finetune_oasis.main, FT2 + ["--d-last", "0"], ["--d-last", "'0'", ">= 1"]),
+    "ft-d-channels-not-rgb": (finetune_oasis.main, FT2 + ["--d-channels", "4,8,8"], ["--d-channels 4,8,8", "3 (RGB)"]),
+    "ft-d-channels-short": (finetune_oasis.main, FT2 + ["--d-channels", "3,8"], ["--d-channels 3,8", "at least two"]),
+    "ft-d-channels-zero": (finetune_oasis.main, FT2 + ["--d-channels", "3,0,8"], ["--d-channels 3,0,8", "positive"]),
+    "ft-d-channels-too-deep": (finetune_oasis.main, FT2 + ["--d-channels", "3,4,4,4,4,4,4,4"],
+                               ["--d-channels", "7 encoder blocks", "multiples of 128", "64x64"]),
+    "ft-freeze-d-too-deep": (finetune_oasis.main, CAT2 + ["--freeze-d", "7"], ["--freeze-d 7", "6 encoder blocks",
+                                                                               "at most 6"]),
+    "ft-lambda-labelmix-negative": (finetune_oasis.main, FT2 + ["--lambda-labelmix", "-1"], ["--lambda-labelmix -1", ">= 0"]),
+    "ft-grid-n-negative": (finetune_oasis.main, FT2 + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 0"]),
+    "ft-fid-n-negative": (finetune_oasis.main, FT2 + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
+    "piti-fid-n-negative": (finetune_piti.main, PITI + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
+    "ft-source-ckpt-piti": (finetune_oasis.main, CAT[:5] + ["{root}/piti_kind.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                            ["--source-ckpt", "piti_kind.pt", "a finetune_piti.py checkpoint", "expected an OASIS"]),
+    "ft-source-ckpt-tensor": (finetune_oasis.main, CAT[:5] + ["{root}/c2_tensor.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                              ["--source-ckpt", "c2_tensor.pt", "a single tensor, not a state dict / checkpoint"]),
+    "est-source-ckpt-tensor": (estimate_affinity.main, EST + ["--method", "supervised", "--source-ckpt",
+                                                              "{root}/c2_tensor.pt"], ["--source-ckpt", "single tensor"]),
+    "ev-ckpt-tensor": (evaluate.main, ["--ckpt", "{root}/c2_tensor.pt", "--source", "folder", "--source-root", "{ok}",
+                                       "--affinity", "{root}/aff_rows.npy"] + EVAL[2:], ["--ckpt", "single tensor"]),
 }
+
+
+@pytest.mark.parametrize("case", sorted(COMMON2))
+def test_common_round2(W, case):
+    if case.endswith("-device-cuda") and torch.cuda.is_available():
+        pytest.skip("the case needs a machine without a CUDA GPU")
+    if not (W.root / "c2_tensor.pt").is_file():
+        torch.save(torch.zeros(3), W.root / "c2_tensor.pt")
+    main, args, words = COMMON2[case]
+    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+
+
+def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full): one line naming the file and the cause, no .tmp left, the
+    previous checkpoint intact."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save({"step": 1}, path)
+
+    def full(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "no space left", "previous one is kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+
+
+def tiny_run(W, tmp_path, *extra):
+    """A copy of the ok dataset and the flags of a 2-step scratch run on it, checkpoint at step 1."""
+    ds = tmp_path / "ds"
+    if not ds.exists():
+        shutil.copytree(W.ok, ds)
+    return ["--init", "scratch", "--data", "folder", "--data-root", str(ds), "--size", "64", "--out",
+            str(tmp_path / "run"), "--stage1-steps", "0", "--stage2-steps", "2", "--eval-every", "1", *TINY, *extra]
+
+
+def test_resume_refuses_a_changed_dataset_and_says_its_step(W, tmp_path, capsys):
+    args = tiny_run(W, tmp_path, "--stage2-steps", "1")
+    finetune_oasis.main(args)
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
+    assert "resuming from step 1 of 2" in capsys.readouterr().out
+    for sub in ("images", "labels"):
+        shutil.copy(tmp_path / "ds" / sub / "0.png", tmp_path / "ds" / sub / "9.png")
+    one_line(lambda: finetune_oasis.main(args[:-2] + ["--stage2-steps", "3", "--resume"]), "--data-root",
+             "4 image/label pairs then, 5 now (1 added)", "--overwrite", "new --out")
+
+
+def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys):
+    args = tiny_run(W, tmp_path, "--stage2-steps", "1")
+    finetune_oasis.main(args)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del ckpt["data"]
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
+    note = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
+    assert len(note) == 1 and "records no fingerprint of its training files" in note[0], note
+
+
+def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
+    """Ctrl-C at the second step: one line with the last checkpoint's step and the --resume command."""
+    args = tiny_run(W, tmp_path)
+    real, calls = finetune_oasis.train_step, []
+
+    def ctrl_c_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune_oasis, "train_step", ctrl_c_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: finetune_oasis.main(args))
+    out = tmp_path / "run"
+    assert e.value.code == (f"interrupted: last checkpoint {out / 'checkpoint.pt'} (step 1); continue with: "
+                            f"python finetune_oasis.py --out {out} --resume --device cpu")
 
 
 def test_at_least_forty_cases_beyond_the_listed_ones():
