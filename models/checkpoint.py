@@ -165,7 +165,8 @@ def check_data(saved, now, args):
     a, b = saved["pairs"], now["pairs"]
     what = (f"{a} image/label pairs then, {b} now ({abs(b - a)} {'added' if b > a else 'removed'})" if a != b else
             f"the same {a} pairs by count, but names or file sizes differ")
-    raise DataError(f"--data-root {args.data_root or args.data}: the training files changed since the run in {args.out} "
+    where = f"--data-root {args.data_root}" if args.data_root else f"--data {args.data}"
+    raise DataError(f"{where}: the training files changed since the run in {args.out} "
                     f"was saved ({what}); resuming would train on other data. Start over with --overwrite, or "
                     "use a new --out")
 

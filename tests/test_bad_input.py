@@ -493,6 +493,52 @@ def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
                             f"python finetune_oasis.py --out {out} --resume --device cpu")
 
 
+@pytest.fixture(scope="module")
+def piti_files(tmp_path_factory):
+    """Tiny 'official' PITI base and upsampler files of the toy source classes (as tests/test_finetune_piti.py)."""
+    from models.piti import PITI
+    from test_finetune_piti import BASE, UP
+    d = tmp_path_factory.mktemp("piti2")
+    torch.manual_seed(0)
+    for name, kw, sr in (("base.pt", BASE, False), ("up.pt", UP, True)):
+        m = PITI(**kw, super_res=sr, source_channels=data.class_table("toy-source").n_channels)
+        torch.save({k: v for k, v in m.state_dict().items() if k in m.official_keys()}, d / name)
+    return d, ["--base-config", json.dumps(BASE), "--up-config", json.dumps(UP)]
+
+
+def test_piti_ctrl_c_resume_line_and_changed_dataset(W, piti_files, tmp_path, monkeypatch, capsys):
+    """finetune_piti.py: Ctrl-C at the second step names the step-1 checkpoint and the --resume command; --resume
+    says where it continues; a dataset that changed since is refused."""
+    d, configs = piti_files
+    shutil.copytree(W.ok, tmp_path / "ds")
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--base", str(d / "base.pt"), "--upsampler", str(d / "up.pt"), *configs, "--source",
+            "toy-source", "--affinity", "none", "--data", "folder", "--data-root", str(tmp_path / "ds"), "--size", "64",
+            "--batch", "2", "--prompts", "2", "--steps", "2", "--eval-every", "1", "--grid-n", "2", "--sample-steps",
+            "2", "--up-steps", "2", "--device", "cpu"]
+    real, calls = finetune_piti.train_step, []
+
+    def ctrl_c_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune_piti, "train_step", ctrl_c_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: finetune_piti.main(args))
+    assert e.value.code == (f"interrupted: last checkpoint {out / 'checkpoint.pt'} (step 1); continue with: "
+                            f"python finetune_piti.py --out {out} --resume --device cpu")
+    monkeypatch.undo()
+    capsys.readouterr()
+    finetune_piti.main(["--out", str(out), "--resume", "--device", "cpu"])
+    assert "resuming from step 1 of 2" in capsys.readouterr().out
+    (tmp_path / "ds" / "images" / "3.png").unlink()
+    (tmp_path / "ds" / "labels" / "3.png").unlink()
+    one_line(lambda: finetune_piti.main(["--out", str(out), "--resume", "--steps", "3"]), "--data-root",
+             "4 image/label pairs then, 3 now (1 removed)", "--overwrite")
+
+
 def test_at_least_forty_cases_beyond_the_listed_ones():
     assert len(SUBPROCESS) + len(IN_PROCESS) >= 60
 
