@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,10 @@ def save(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch's C++ writer reports a failed write as a RuntimeError (any text)
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2 ** 20)  # full with the .tmp in it
         tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "write" not in str(e):
-            raise
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
         why = "no space left on the device; free some space" if full else \
             (getattr(e, "strerror", None) or str(e).strip().splitlines()[0])
         kept = "the previous one is kept" if path.exists() else "no earlier one exists"

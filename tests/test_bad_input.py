@@ -426,18 +426,23 @@ def test_common_round2(W, case):
     one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
 
 
-def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch):
-    """A write that fails half-way (disk full): one line naming the file and the cause, no .tmp left, the
-    previous checkpoint intact."""
+@pytest.mark.parametrize("error,words", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), ["no space left", "free some space"]),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), ["unexpected pos"])],
+    ids=["ENOSPC", "torch-writer"])
+def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch, error, words):
+    """A write that fails half-way (disk full; torch's own writer says so as a RuntimeError): one line naming
+    the file and the cause, no .tmp left, the previous checkpoint intact."""
     path = tmp_path / "checkpoint.pt"
     checkpoint.save({"step": 1}, path)
 
     def full(obj, f):
         Path(f).write_bytes(b"PK\x03\x04 half")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise error
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
-    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "no space left", "previous one is kept")
+    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
+             "previous one is kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 1
