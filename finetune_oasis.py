@@ -19,7 +19,8 @@ Generator.stage_parameters). A source model of another aspect serves the target'
 Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the EMA's BN
 statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
 and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
-continues the run in --out exactly, with its own settings; model and data flags cannot change.
+continues the run in --out exactly, with its own settings; model and data flags cannot change, nor its training
+files (the checkpoint records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
 
 --recipe expresses the rows of the paper's OASIS ablation (supplement Table 10) and its two transfer baselines:
   finetune, freezed, freezed-2stage, freezed-2stage-resid, cat (the default, all four components);
@@ -65,7 +66,7 @@ RECIPES = {
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
 OASIS_LR_D = 4e-4
 
-SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe"}  # meaningless with --init scratch
+SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe", "freeze_d"}  # meaningless with --init scratch
 # flags a resumed run takes from its checkpoint and refuses to change
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
@@ -138,7 +139,8 @@ def get_args(argv=None):
     g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=data.nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")

@@ -401,6 +401,8 @@ COMMON2 = {
                                ["--d-channels", "7 encoder blocks", "multiples of 128", "64x64"]),
     "ft-freeze-d-too-deep": (finetune_oasis.main, CAT2 + ["--freeze-d", "7"], ["--freeze-d 7", "6 encoder blocks",
                                                                                "at most 6"]),
+    "ft-scratch-with-freeze-d": (finetune_oasis.main, FT2 + ["--freeze-d", "2"], ["--init scratch", "--freeze-d",
+                                                                                  "does not apply"]),
     "ft-lambda-labelmix-negative": (finetune_oasis.main, FT2 + ["--lambda-labelmix", "-1"], ["--lambda-labelmix -1", ">= 0"]),
     "ft-grid-n-negative": (finetune_oasis.main, FT2 + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 0"]),
     "ft-fid-n-negative": (finetune_oasis.main, FT2 + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
