@@ -44,12 +44,20 @@ def load(path, flag="--ckpt", kinds=None, mmap=False):
     if not path.is_file():
         raise DataError(f"{flag} {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
     obj = torch_load(path, flag, mmap)
+    require_dict(obj, path, flag, "a state dict or a checkpoint of this toolkit")
     if kinds is not None:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind not in kinds:
             raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
                             f"expected kind {' or '.join(repr(k) for k in kinds)}")
     return obj
+
+
+def require_dict(obj, path, flag, expected):
+    """One DataError line when a torch file holds something else than a dict (a bare tensor, a list)."""
+    if not isinstance(obj, dict):
+        what = "a single tensor" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
+        raise DataError(f"{flag + ' ' if flag else ''}{path}: {what}, not a state dict / checkpoint; expected {expected}")
 
 
 def torch_load(path, flag=None, mmap=False):

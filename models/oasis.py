@@ -641,10 +641,8 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
         obj = checkpoint.torch_load(p, flag, mmap=True)
-        if not isinstance(obj, dict):
-            what = 'a single tensor' if isinstance(obj, torch.Tensor) else f'a {type(obj).__name__}'
-            raise DataError(f'{flag} {p}: {what}, not a state dict / checkpoint; expected an official OASIS .pth '
-                            '(a state dict), its run folder, or a checkpoint.pt of finetune_oasis.py')
+        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth (a state dict), its run folder, or a '
+                                'checkpoint.pt of finetune_oasis.py')
         if isinstance(obj.get('kind'), str):  # a checkpoint of ours
             if obj['kind'] == 'piti-cat':
                 raise DataError(f'{flag} {p}: a finetune_piti.py checkpoint (kind piti-cat); expected an OASIS '

@@ -413,6 +413,10 @@ COMMON2 = {
                               ["--source-ckpt", "c2_tensor.pt", "a single tensor, not a state dict / checkpoint"]),
     "est-source-ckpt-tensor": (estimate_affinity.main, EST + ["--method", "supervised", "--source-ckpt",
                                                               "{root}/c2_tensor.pt"], ["--source-ckpt", "single tensor"]),
+    "ev-ckpt-tensor-alone": (evaluate.main, ["--ckpt", "{root}/c2_tensor.pt"] + EVAL[2:],
+                             ["--ckpt", "c2_tensor.pt", "a single tensor, not a state dict / checkpoint"]),
+    "ft-resume-tensor": (finetune_oasis.main, ["--out", "{root}/c2_tensor_run", "--resume"],
+                         ["--resume", "checkpoint.pt", "a single tensor"]),
     "ev-ckpt-tensor": (evaluate.main, ["--ckpt", "{root}/c2_tensor.pt", "--source", "folder", "--source-root", "{ok}",
                                        "--affinity", "{root}/aff_rows.npy"] + EVAL[2:], ["--ckpt", "single tensor"]),
 }
@@ -424,6 +428,8 @@ def test_common_round2(W, case):
         pytest.skip("the case needs a machine without a CUDA GPU")
     if not (W.root / "c2_tensor.pt").is_file():
         torch.save(torch.zeros(3), W.root / "c2_tensor.pt")
+        (W.root / "c2_tensor_run").mkdir()
+        torch.save(torch.zeros(3), W.root / "c2_tensor_run" / "checkpoint.pt")
     main, args, words = COMMON2[case]
     one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
 
