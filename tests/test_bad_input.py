@@ -390,6 +390,7 @@ COMMON2 = {
     **{f"{k}-device-cuda7": (m, a + ["--device", "cuda:7"], ["--device cuda:7", "GPU", "visible"])
        for k, (m, a) in SCRIPTS2.items()},
     **{f"{k}-seed-negative": (m, a + ["--seed", "-1"], ["--seed", "'-1'", ">= 0"]) for k, (m, a) in SCRIPTS2.items()},
+    "data-toy-seed-negative": (data.main, ["toy", "--seed", "-1", "--out", "{root}/c2_toy"], ["--seed", "'-1'", ">= 0"]),
     "ft-workers-negative": (finetune_oasis.main, FT2 + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
     "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers -1", "at least 0"]),
     "ft-channels-zero": (finetune_oasis.main, FT2 + ["--channels", "0"], ["--channels", "'0'", ">= 1"]),
