@@ -370,8 +370,6 @@ def main(argv=None):
     ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
     master, out = rank == 0, Path(args.out)
-    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
-        truncate_log(out / "log.jsonl", ckpt["step"])
 
     # data, class tables, affinity
     train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and not args.resume else None)
@@ -380,6 +378,8 @@ def main(argv=None):
     data_fp = data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
         check_data(ckpt.get("data"), data_fp, args)
+    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
+        truncate_log(out / "log.jsonl", ckpt["step"])
     if args.init == "glide":  # PITI itself from GLIDE, in the data's own label space (no CAT)
         source, A, M = target, None, None
     else:
