@@ -971,7 +971,7 @@ def main(argv=None):
     t = sub.add_parser("toy", help="write the toy transfer task (source + target domains)")
     t.add_argument("--out", default=str(TOY_ROOT), help="output folder")
     t.add_argument("--size", type=int, default=64, help="image side in pixels (64-256)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=nonneg_int, default=0)
     e = sub.add_parser("example", help="write an example folder dataset (toy target scenes) to try the walk-through")
     e.add_argument("out", help="folder to create (images/, labels/, classes.txt in train/ and val/)")
     i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram")

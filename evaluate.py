@@ -54,7 +54,7 @@ import torch
 from PIL import Image
 
 from models import ArgumentParser, DataError, amp, checkpoint, cli
-from data import add_data_args, class_table, dataset_from_args, load_affinity
+from data import add_data_args, class_table, dataset_from_args, load_affinity, nonneg_int
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)
@@ -110,7 +110,7 @@ def get_args(argv=None):
                    help="the segmenter's official weight file(s); upernet101 takes ENCODER DECODER (or the names "
                    "upernet101_encoder upernet101_decoder: downloaded once)")
     p.add_argument("--samples-per-map", type=int, default=1, help="images generated per label map")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png (0: no grid)")
@@ -121,6 +121,7 @@ def get_args(argv=None):
     p.add_argument("--bf16-features", action="store_true",
                    help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
     args = p.parse_args(argv)
+    checkpoint.check_device(args.device)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
                                ("--samples-per-map", args.samples_per_map, 1), ("--grid-rows", args.grid_rows, 0),
                                ("--workers", args.workers, 0)):

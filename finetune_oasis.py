@@ -19,7 +19,8 @@ Generator.stage_parameters). A source model of another aspect serves the target'
 Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the EMA's BN
 statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
 and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
-continues the run in --out exactly, with its own settings; model and data flags cannot change.
+continues the run in --out exactly, with its own settings; model and data flags cannot change, nor its training
+files (the checkpoint records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
 
 --recipe expresses the rows of the paper's OASIS ablation (supplement Table 10) and its two transfer baselines:
   finetune, freezed, freezed-2stage, freezed-2stage-resid, cat (the default, all four components);
@@ -65,7 +66,7 @@ RECIPES = {
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
 OASIS_LR_D = 4e-4
 
-SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe"}  # meaningless with --init scratch
+SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe", "freeze_d"}  # meaningless with --init scratch
 # flags a resumed run takes from its checkpoint and refuses to change
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
@@ -111,36 +112,40 @@ def get_args(argv=None):
     g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
                    help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
     g = p.add_argument_group("model widths (--init scratch only; a source model brings its own)")
-    g.add_argument("--channels", type=int, default=64, help="G base width (official 64)")
-    g.add_argument("--z-dim", type=int, default=64)
-    g.add_argument("--spade-hidden", type=int, default=128)
-    g.add_argument("--d-channels", type=data.int_list, default=[3, 128, 128, 256, 256, 512, 512], help="D encoder widths, comma separated")
-    g.add_argument("--d-last", type=int, default=64, help="width of D's last decoder block")
+    g.add_argument("--channels", type=data.positive_int, default=64, help="G base width (official 64)")
+    g.add_argument("--z-dim", type=data.nonneg_int, default=64)
+    g.add_argument("--spade-hidden", type=data.positive_int, default=128)
+    g.add_argument("--d-channels", type=data.int_list, default=[3, 128, 128, 256, 256, 512, 512],
+                   help="D encoder widths, comma separated: 3 (RGB), then one width per encoder block (at least two); "
+                        "images must be multiples of 2^blocks")
+    g.add_argument("--d-last", type=data.positive_int, default=64, help="width of D's last decoder block")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
     g.add_argument("--batch", type=data.positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=float, default=None,
                    help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
-    g.add_argument("--lambda-labelmix", type=float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
+    g.add_argument("--lambda-labelmix", type=data.finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
                         "runs, 0.999 otherwise)")
     g.add_argument("--bn-batches", type=data.positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=data.nonneg_int, default=0)
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=data.positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=data.positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=data.nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception: early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
-    g.add_argument("--fid-n", type=int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
-    g.add_argument("--workers", type=int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
+    g.add_argument("--workers", type=data.nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = checkpoint.parse_with_given(p, argv)
+    checkpoint.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
     if args.resume:  # the run's own settings, except what the command line repeats (model/data flags must agree)
@@ -169,6 +174,12 @@ def get_args(argv=None):
     args.stage2_reading = "supplement"  # --g-train spade = the SPADE modules (a marker for resumed checkpoints)
     if args.lambda_labelmix is None:
         args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
+    if args.lambda_labelmix < 0:
+        raise DataError(f"--lambda-labelmix {args.lambda_labelmix}: expected a weight >= 0 (0 turns LabelMix off)")
+    d = args.d_channels
+    if d[0] != 3 or len(d) < 3 or min(d) < 1:
+        raise DataError(f"--d-channels {','.join(map(str, d))}: expected 3 (RGB) then at least two positive widths, "
+                        "one per encoder block, e.g. 3,128,128,256,256,512,512")
     if args.ema_decay is None:
         args.ema_decay = 0.9999 if args.data in ("ade20k", "coco") else 0.999
     if not 0 <= args.ema_decay < 1:
@@ -314,6 +325,9 @@ def setup(args):
         raise DataError(f"--batch {args.batch} is larger than the {len(R.train_ds)} training images (--n)")
     data.check_labels(R.train_ds, f"--data {args.data}")
     R.train_items = data.Seeded(R.train_ds, args.seed)
+    R.data_fp = checkpoint.data_fingerprint(R.train_ds)  # a resumed run must train on the same files
+    if ckpt is not None:
+        checkpoint.check_data(ckpt.get("data"), R.data_fp, args)
 
     # Models: a fresh run builds them, a resumed one restores every tensor
     if ckpt is None:
@@ -329,6 +343,13 @@ def setup(args):
         raise DataError(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
                         f"{R.train_ds.size[0]}x{R.train_ds.size[1]} (--size)")
     scratch = args.init == "scratch"
+    blocks = len(D.blocks_for_freeze())
+    if any(side % 2 ** blocks for side in R.train_ds.size):
+        raise DataError(f"{'--d-channels' if scratch else '--source-ckpt'}: the discriminator has {blocks} encoder blocks "
+                        f"and needs image sides that are multiples of {2 ** blocks}; --size gives "
+                        f"{R.train_ds.size[0]}x{R.train_ds.size[1]}")
+    if not scratch and args.freeze_d > blocks:
+        raise DataError(f"--freeze-d {args.freeze_d}: the discriminator has {blocks} encoder blocks; expected at most {blocks}")
     frozen = {id(p) for block in D.blocks_for_freeze()[:args.freeze_d] for p in block.parameters()} if not scratch else set()
     R.d_trainable = [p for p in D.parameters() if id(p) not in frozen]
     for p in D.parameters():
@@ -380,6 +401,7 @@ def evaluate_and_save(R, s):
         rngs = [checkpoint.rng_state(R.device)]
     if R.master:
         state = {"kind": "oasis-cat", "step": s, "args": vars(R.args), "affinity": R.A, "source": R.source_info,
+                 "data": R.data_fp,
                  "target": data.table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
                  "G": R.G.state_dict(), "D": R.D.state_dict(), "EMA": R.EMA.state_dict(),
                  "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
@@ -394,9 +416,9 @@ def evaluate_and_save(R, s):
 
 
 def main(argv=None):
-    args, _ = get_args(argv)
+    args, given = get_args(argv)
     R = setup(args)
-    total, step, stage = args.stage1_steps + args.stage2_steps, R.step, None
+    total, step = args.stage1_steps + args.stage2_steps, R.step
     if R.master:
         print(f"{args.init}: {R.target.dataset} ({len(R.train_ds)} images, {R.target.n_channels} channels) from "
               f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}, {args.precision}")
@@ -404,7 +426,26 @@ def main(argv=None):
             checkpoint.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
             metrics.sample_grid(R.sample, R.grid, R.out / "samples" / f"{0:06d}.png")
-    last_saved = step if args.resume else None
+        else:
+            print(f"resuming from step {step} of {total} ({R.out / 'checkpoint.pt'})")
+    R.last_saved = step if args.resume else None  # the step of the last checkpoint written
+    try:
+        step = train(R, step, total)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
+        raise checkpoint.interrupted("finetune_oasis.py", args, given, R.last_saved) from None
+    if step == 0 and total == 0:  # training-free: save the model as built
+        evaluate_and_save(R, 0)
+    if R.master:
+        best = f", best FID {R.best_fid:.2f} in {R.out / 'best.pt'}" if R.best_fid is not None else ""
+        print(f"done: {R.out / 'checkpoint.pt'} (step {step})" + best)
+    if R.ddp:
+        dist.destroy_process_group()
+    return R.G, R.D, R.EMA
+
+
+def train(R, step, total):
+    """The training loop from `step` to `total` (or early stopping); returns the last step."""
+    args, stage = R.args, None
     bar = tqdm(total=total, initial=step, disable=not R.master, dynamic_ncols=True)
     t0 = time.time()
     # One loader for the whole run. Its own generator: a DataLoader iterator otherwise draws a seed from the
@@ -427,7 +468,7 @@ def main(argv=None):
         lg, ld = losses.tolist()
         if not (math.isfinite(lg) and math.isfinite(ld)):
             bar.close()
-            where = f"{R.out / 'checkpoint.pt'} (step {last_saved})" if last_saved is not None else "none saved yet"
+            where = f"{R.out / 'checkpoint.pt'} (step {R.last_saved})" if R.last_saved is not None else "none saved yet"
             raise DataError(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
         bar.update(1)
         bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
@@ -435,22 +476,16 @@ def main(argv=None):
             checkpoint.append_log(R.out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
                                                         "sec": round(time.time() - t0, 3)})
         if step % args.eval_every == 0 or step == total:
-            last_saved = step
-            if evaluate_and_save(R, step):
+            stop = evaluate_and_save(R, step)
+            R.last_saved = step
+            if stop:
                 if R.master:
                     print(f"early stop at step {step}: no better FID in {args.patience} evaluations")
                 break
         if step >= total:
             break
-    if step == 0 and total == 0:  # training-free: save the model as built
-        evaluate_and_save(R, 0)
     bar.close()
-    if R.master:
-        best = f", best FID {R.best_fid:.2f} in {R.out / 'best.pt'}" if R.best_fid is not None else ""
-        print(f"done: {R.out / 'checkpoint.pt'} (step {step})" + best)
-    if R.ddp:
-        dist.destroy_process_group()
-    return R.G, R.D, R.EMA
+    return step
 
 
 if __name__ == "__main__":

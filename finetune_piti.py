@@ -64,7 +64,8 @@ from tqdm import tqdm
 import data
 import metrics
 from models import DataError, amp, cli, diffusion, piti, piti_train
-from models.checkpoint import (append_log, broadcast_stop, init_distributed, load, parse_with_given, prepare_out,
+from models.checkpoint import (append_log, broadcast_stop, check_data, check_device, data_fingerprint,
+                               init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, truncate_log)
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -119,7 +120,7 @@ def build_parser():
     g.add_argument("--uncond-p", type=data.unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
                    help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=data.nonneg_int, default=0)
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=500, help="grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10)
@@ -143,6 +144,7 @@ def build_parser():
 def settings(argv):
     """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
     args, given = parse_with_given(build_parser(), argv)
+    check_device(args.device)
     for flag in ("base_config", "up_config"):
         setattr(args, flag, model_config(getattr(args, flag), f"--{flag.replace('_', '-')}"))
     if not args.resume:  # a resumed run's recipe and --init settings are in its checkpoint's args
@@ -389,13 +391,16 @@ def main(argv=None):
     ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
     master, out = rank == 0, Path(args.out)
-    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
-        truncate_log(out / "log.jsonl", ckpt["step"])
 
     # data, class tables, affinity
     train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and not args.resume else None)
     val_ds = data.dataset_from_args(args, "val")
     target = train_ds.classes
+    data_fp = data_fingerprint(train_ds)  # a resumed run must train on the same files
+    if ckpt is not None:
+        check_data(ckpt.get("data"), data_fp, args)
+    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
+        truncate_log(out / "log.jsonl", ckpt["step"])
     if args.init == "glide":  # PITI itself from GLIDE, in the data's own label space (no CAT)
         source, A, M = target, None, None
     else:
@@ -408,7 +413,7 @@ def main(argv=None):
     files = {"base": args.base, "up": args.upsampler}
     if args.init == "glide":  # the run's own exports are the models a sampler loads
         files.update({name: out / piti_train.EXPORTS[name] for name in net.models})
-    info = {"init": args.init, "affinity": None if A is None else torch.from_numpy(A),
+    info = {"init": args.init, "affinity": None if A is None else torch.from_numpy(A), "data": data_fp,
             "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
             "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
             **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
@@ -419,20 +424,29 @@ def main(argv=None):
         return finish(ddp, master, net, out, 0)
 
     # training
-    start = done = net.step
+    start = last = done = net.step  # `last`: the step of the last checkpoint written
+    if ckpt is not None and master:
+        print(f"resuming from step {start} of {args.steps} ({out / 'checkpoint.pt'})")
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="finetune_piti", disable=not master)
     t0 = time.time()
-    for s in bar:
-        loss, logs = train_step(net, args, train_ds, target.n_channels, s, device, rank, world)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        done = s + 1
-        if master and (done % args.log_every == 0 or done == args.steps):
-            append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
-                                           "sec_per_step": (time.time() - t0) / (done - start)})
-        if (done % args.eval_every == 0 or done == args.steps) and save_and_stop(done):
-            if master:
-                print(f"early stop at step {done}: no better FID in {args.patience} evaluations (best {net.best_fid:.2f})")
-            break
+    try:
+        for s in bar:
+            loss, logs = train_step(net, args, train_ds, target.n_channels, s, device, rank, world)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            done = s + 1
+            if master and (done % args.log_every == 0 or done == args.steps):
+                append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                                               "sec_per_step": (time.time() - t0) / (done - start)})
+            if done % args.eval_every == 0 or done == args.steps:
+                stop = save_and_stop(done)
+                last = done
+                if stop:
+                    if master:
+                        print(f"early stop at step {done}: no better FID in {args.patience} evaluations "
+                              f"(best {net.best_fid:.2f})")
+                    break
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
+        raise interrupted("finetune_piti.py", args, parse_with_given(build_parser(), argv)[1], last) from None
     finish(ddp, master, net, out, done)
 
 

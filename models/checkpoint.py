@@ -1,9 +1,13 @@
 """The run convention shared by the finetuning scripts: one plain checkpoint dict, written atomically and
 read weights-only; a run folder that is never overwritten by accident; logs that hold each step once."""
 import argparse
+import errno
+import hashlib
 import json
 import os
 import random
+import shlex
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,11 +19,21 @@ from models import DataError
 
 
 def save(obj, path):
-    """torch.save through a temporary file and os.replace: a killed run never leaves half a checkpoint."""
+    """torch.save through a temporary file and os.replace: a killed run never leaves half a checkpoint. A failed
+    write (a full disk) removes the temporary file and is one DataError line; the previous file stays as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's C++ writer reports a failed write as a RuntimeError (any text)
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 2 ** 20)  # full with the .tmp in it
+        tmp.unlink(missing_ok=True)
+        why = "no space left on the device; free some space" if full else \
+            (getattr(e, "strerror", None) or str(e).strip().splitlines()[0])
+        kept = "the previous one is kept" if path.exists() else "no earlier one exists"
+        raise DataError(f"{path}: could not write the checkpoint ({why}); {kept}") from None
 
 
 def load(path, flag="--ckpt", kinds=None, mmap=False):
@@ -31,12 +45,20 @@ def load(path, flag="--ckpt", kinds=None, mmap=False):
     if not path.is_file():
         raise DataError(f"{flag} {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
     obj = torch_load(path, flag, mmap)
+    require_dict(obj, path, flag, "a state dict or a checkpoint of this toolkit")
     if kinds is not None:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         if kind not in kinds:
             raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
                             f"expected kind {' or '.join(repr(k) for k in kinds)}")
     return obj
+
+
+def require_dict(obj, path, flag, expected):
+    """One DataError line when a torch file holds something else than a dict (a bare tensor, a list)."""
+    if not isinstance(obj, dict):
+        what = "a single tensor" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
+        raise DataError(f"{flag + ' ' if flag else ''}{path}: {what}, not a state dict / checkpoint; expected {expected}")
 
 
 def torch_load(path, flag=None, mmap=False):
@@ -109,6 +131,74 @@ def prepare_out(out, resume, overwrite, flag="--out"):
         for name in ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt"):
             (out / name).unlink(missing_ok=True)
     return out_dir(out, flag)
+
+
+def check_device(name, flag="--device"):
+    """One DataError line unless `name` is a device this machine has: cpu, cuda, cuda:N (N < the GPUs visible), mps."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"{flag} {name!r}: not a device name; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DataError(f"{flag} {name}: no CUDA GPU visible (torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise DataError(f"{flag} {name}: only {n} CUDA GPU(s) visible; use cuda:0 .. cuda:{n - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DataError(f"{flag} {name}: no Apple MPS device available; use --device cpu")
+    elif device.type != "cpu":
+        raise DataError(f"{flag} {name}: {device.type} devices are not supported; expected cpu, cuda or cuda:N")
+
+
+def data_fingerprint(ds):
+    """What a run trained on, cheaply: the number of image/label pairs and a hash of their paths (relative to
+    the dataset root) and byte sizes. Stored in a run's checkpoint; `check_data` compares it on --resume."""
+    h = hashlib.sha1()
+    for pair in ds.files:
+        for f in pair:
+            h.update(f"{os.path.relpath(f, ds.root)}\0{os.path.getsize(f)}\0".encode())
+    return {"pairs": len(ds.files), "sha1": h.hexdigest()}
+
+
+def check_data(saved, now, args):
+    """Refuse (one line) to resume on other training files than the run's; a checkpoint from before the
+    fingerprint gets a one-line note."""
+    if saved is None:
+        print(f"note: {Path(args.out) / 'checkpoint.pt'} records no fingerprint of its training files (an older "
+              "run); resuming without checking that --data-root still holds the same files")
+        return
+    if saved == now:
+        return
+    a, b = saved["pairs"], now["pairs"]
+    what = (f"{a} image/label pairs then, {b} now ({abs(b - a)} {'added' if b > a else 'removed'})" if a != b else
+            f"the same {a} pairs by count, but names or file sizes differ")
+    where = f"--data-root {args.data_root}" if args.data_root else f"--data {args.data}"
+    raise DataError(f"{where}: the training files changed since the run in {args.out} "
+                    f"was saved ({what}); resuming would train on other data. Start over with --overwrite, or "
+                    "use a new --out")
+
+
+def resume_command(script, args, given):
+    """The command line that continues this run: --out, --resume and the machine flags given this time."""
+    parts = ["python", script, "--out", str(args.out), "--resume"]
+    for k in MACHINE_FLAGS:
+        if k in given and k not in ("out", "resume", "overwrite", "precision") and hasattr(args, k):
+            v = getattr(args, k)
+            flag = "--" + k.replace("_", "-")
+            parts += [flag] if v is True else [] if v is False else [flag, str(v)]
+    return shlex.join(parts)
+
+
+def interrupted(script, args, given, step):
+    """The KeyboardInterrupt a finetuning loop raises on Ctrl-C: its one line (printed by models.cli) says where
+    the run can continue from."""
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if step is None:
+        return KeyboardInterrupt("no checkpoint written yet; start again with --overwrite (or a new --out)")
+    return KeyboardInterrupt(f"last checkpoint {ckpt} (step {step}); continue with: "
+                             f"{resume_command(script, args, given)}")
 
 
 # flags that describe the machine a run is on, not the run: never taken from a checkpoint

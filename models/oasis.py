@@ -641,7 +641,12 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
         obj = checkpoint.torch_load(p, flag, mmap=True)
-        if isinstance(obj, dict) and isinstance(obj.get('kind'), str):  # a checkpoint of ours
+        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth (a state dict), its run folder, or a '
+                                'checkpoint.pt of finetune_oasis.py')
+        if isinstance(obj.get('kind'), str):  # a checkpoint of ours
+            if obj['kind'] == 'piti-cat':
+                raise DataError(f'{flag} {p}: a finetune_piti.py checkpoint (kind piti-cat); expected an OASIS '
+                                'model: an official OASIS run folder / .pth or a checkpoint.pt of finetune_oasis.py')
             if obj['kind'] != 'oasis-cat':
                 raise DataError(f"{flag} {p}: a '{obj['kind']}' checkpoint; expected an OASIS model")
             if obj['G_kwargs'].get('cat_nc') is not None:

@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -483,8 +484,179 @@ EVAL2 = {
 }
 
 # flags every script shares, checkpoints and resume, round 2
+FT2 = SCRATCH + ["{ok}", "--out", "{root}/c2"]
+CAT2 = CAT[:3] + ["{ok}"] + CAT[4:-2] + ["--out", "{root}/c2_cat", "--affinity", "none"]  # a valid CAT run
+SCRIPTS2 = {"est": (estimate_affinity.main, EST), "ft": (finetune_oasis.main, FT2), "piti": (finetune_piti.main, PITI),
+            "ev": (evaluate.main, EVAL)}
 COMMON2 = {
+    **{f"{k}-device-banana": (m, a + ["--device", "banana"], ["--device 'banana'", "not a device name", "cpu"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-device-cuda": (m, a + ["--device", "cuda"], ["--device cuda", "no CUDA GPU visible", "use --device cpu"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-device-cuda7": (m, a + ["--device", "cuda:7"], ["--device cuda:7", "GPU", "visible"])
+       for k, (m, a) in SCRIPTS2.items()},
+    **{f"{k}-seed-negative": (m, a + ["--seed", "-1"], ["--seed", "'-1'", ">= 0"]) for k, (m, a) in SCRIPTS2.items()},
+    "data-toy-seed-negative": (data.main, ["toy", "--seed", "-1", "--out", "{root}/c2_toy"], ["--seed", "'-1'", ">= 0"]),
+    "ft-workers-negative": (finetune_oasis.main, FT2 + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
+    "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers -1", "at least 0"]),
+    "ft-channels-zero": (finetune_oasis.main, FT2 + ["--channels", "0"], ["--channels", "'0'", ">= 1"]),
+    "ft-d-last-zero": (finetune_oasis.main, FT2 + ["--d-last", "0"], ["--d-last", "'0'", ">= 1"]),
+    "ft-d-channels-not-rgb": (finetune_oasis.main, FT2 + ["--d-channels", "4,8,8"], ["--d-channels 4,8,8", "3 (RGB)"]),
+    "ft-d-channels-short": (finetune_oasis.main, FT2 + ["--d-channels", "3,8"], ["--d-channels 3,8", "at least two"]),
+    "ft-d-channels-zero": (finetune_oasis.main, FT2 + ["--d-channels", "3,0,8"], ["--d-channels 3,0,8", "positive"]),
+    "ft-d-channels-too-deep": (finetune_oasis.main, FT2 + ["--d-channels", "3,4,4,4,4,4,4,4"],
+                               ["--d-channels", "7 encoder blocks", "multiples of 128", "64x64"]),
+    "ft-freeze-d-too-deep": (finetune_oasis.main, CAT2 + ["--freeze-d", "7"], ["--freeze-d 7", "6 encoder blocks",
+                                                                               "at most 6"]),
+    "ft-scratch-with-freeze-d": (finetune_oasis.main, FT2 + ["--freeze-d", "2"], ["--init scratch", "--freeze-d",
+                                                                                  "does not apply"]),
+    "ft-lambda-labelmix-negative": (finetune_oasis.main, FT2 + ["--lambda-labelmix", "-1"], ["--lambda-labelmix -1", ">= 0"]),
+    "ft-grid-n-negative": (finetune_oasis.main, FT2 + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 0"]),
+    "ft-fid-n-negative": (finetune_oasis.main, FT2 + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
+    "piti-fid-n-negative": (finetune_piti.main, PITI + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
+    "ft-source-ckpt-piti": (finetune_oasis.main, CAT[:5] + ["{root}/piti_kind.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                            ["--source-ckpt", "piti_kind.pt", "a finetune_piti.py checkpoint", "expected an OASIS"]),
+    "ft-source-ckpt-tensor": (finetune_oasis.main, CAT[:5] + ["{root}/c2_tensor.pt"] + CAT[6:] + ["--affinity", "x.npy"],
+                              ["--source-ckpt", "c2_tensor.pt", "a single tensor, not a state dict / checkpoint"]),
+    "est-source-ckpt-tensor": (estimate_affinity.main, EST + ["--method", "supervised", "--source-ckpt",
+                                                              "{root}/c2_tensor.pt"], ["--source-ckpt", "single tensor"]),
+    "ev-ckpt-tensor-alone": (evaluate.main, ["--ckpt", "{root}/c2_tensor.pt"] + EVAL[2:],
+                             ["--ckpt", "c2_tensor.pt", "a single tensor, not a state dict / checkpoint"]),
+    "ft-resume-tensor": (finetune_oasis.main, ["--out", "{root}/c2_tensor_run", "--resume"],
+                         ["--resume", "checkpoint.pt", "a single tensor"]),
+    "ev-ckpt-tensor": (evaluate.main, ["--ckpt", "{root}/c2_tensor.pt", "--source", "folder", "--source-root", "{ok}",
+                                       "--affinity", "{root}/aff_rows.npy"] + EVAL[2:], ["--ckpt", "single tensor"]),
 }
+
+
+@pytest.mark.parametrize("case", sorted(COMMON2))
+def test_common_round2(W, case):
+    if case.endswith("-device-cuda") and torch.cuda.is_available():
+        pytest.skip("the case needs a machine without a CUDA GPU")
+    if not (W.root / "c2_tensor.pt").is_file():
+        torch.save(torch.zeros(3), W.root / "c2_tensor.pt")
+        (W.root / "c2_tensor_run").mkdir()
+        torch.save(torch.zeros(3), W.root / "c2_tensor_run" / "checkpoint.pt")
+    main, args, words = COMMON2[case]
+    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+
+
+@pytest.mark.parametrize("error,words", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), ["no space left", "free some space"]),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), ["unexpected pos"])],
+    ids=["ENOSPC", "torch-writer"])
+def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch, error, words):
+    """A write that fails half-way (disk full; torch's own writer says so as a RuntimeError): one line naming
+    the file and the cause, no .tmp left, the previous checkpoint intact."""
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save({"step": 1}, path)
+
+    def full(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise error
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
+             "previous one is kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+
+
+def tiny_run(W, tmp_path, *extra):
+    """A copy of the ok dataset and the flags of a 2-step scratch run on it, checkpoint at step 1."""
+    ds = tmp_path / "ds"
+    if not ds.exists():
+        shutil.copytree(W.ok, ds)
+    return ["--init", "scratch", "--data", "folder", "--data-root", str(ds), "--size", "64", "--out",
+            str(tmp_path / "run"), "--stage1-steps", "0", "--stage2-steps", "2", "--eval-every", "1", *TINY, *extra]
+
+
+def test_resume_refuses_a_changed_dataset_and_says_its_step(W, tmp_path, capsys):
+    args = tiny_run(W, tmp_path, "--stage2-steps", "1")
+    finetune_oasis.main(args)
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
+    assert "resuming from step 1 of 2" in capsys.readouterr().out
+    for sub in ("images", "labels"):
+        shutil.copy(tmp_path / "ds" / sub / "0.png", tmp_path / "ds" / sub / "9.png")
+    one_line(lambda: finetune_oasis.main(args[:-2] + ["--stage2-steps", "3", "--resume"]), "--data-root",
+             "4 image/label pairs then, 5 now (1 added)", "--overwrite", "new --out")
+
+
+def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys):
+    args = tiny_run(W, tmp_path, "--stage2-steps", "1")
+    finetune_oasis.main(args)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del ckpt["data"]
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
+    note = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
+    assert len(note) == 1 and "records no fingerprint of its training files" in note[0], note
+
+
+def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
+    """Ctrl-C at the second step: one line with the last checkpoint's step and the --resume command."""
+    args = tiny_run(W, tmp_path)
+    real, calls = finetune_oasis.train_step, []
+
+    def ctrl_c_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune_oasis, "train_step", ctrl_c_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: finetune_oasis.main(args))
+    out = tmp_path / "run"
+    assert e.value.code == (f"interrupted: last checkpoint {out / 'checkpoint.pt'} (step 1); continue with: "
+                            f"python finetune_oasis.py --out {out} --resume --device cpu")
+
+
+@pytest.fixture(scope="module")
+def piti_files(tmp_path_factory):
+    """Tiny 'official' PITI base and upsampler files of the toy source classes (as tests/test_finetune_piti.py)."""
+    from models.piti import PITI
+    from test_finetune_piti import BASE, UP
+    d = tmp_path_factory.mktemp("piti2")
+    torch.manual_seed(0)
+    for name, kw, sr in (("base.pt", BASE, False), ("up.pt", UP, True)):
+        m = PITI(**kw, super_res=sr, source_channels=data.class_table("toy-source").n_channels)
+        torch.save({k: v for k, v in m.state_dict().items() if k in m.official_keys()}, d / name)
+    return d, ["--base-config", json.dumps(BASE), "--up-config", json.dumps(UP)]
+
+
+def test_piti_ctrl_c_resume_line_and_changed_dataset(W, piti_files, tmp_path, monkeypatch, capsys):
+    """finetune_piti.py: Ctrl-C at the second step names the step-1 checkpoint and the --resume command; --resume
+    says where it continues; a dataset that changed since is refused."""
+    d, configs = piti_files
+    shutil.copytree(W.ok, tmp_path / "ds")
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--base", str(d / "base.pt"), "--upsampler", str(d / "up.pt"), *configs, "--source",
+            "toy-source", "--affinity", "none", "--data", "folder", "--data-root", str(tmp_path / "ds"), "--size", "64",
+            "--batch", "2", "--prompts", "2", "--steps", "2", "--eval-every", "1", "--grid-n", "2", "--sample-steps",
+            "2", "--up-steps", "2", "--device", "cpu"]
+    real, calls = finetune_piti.train_step, []
+
+    def ctrl_c_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune_piti, "train_step", ctrl_c_at_step_2)
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: finetune_piti.main(args))
+    assert e.value.code == (f"interrupted: last checkpoint {out / 'checkpoint.pt'} (step 1); continue with: "
+                            f"python finetune_piti.py --out {out} --resume --device cpu")
+    monkeypatch.undo()
+    capsys.readouterr()
+    finetune_piti.main(["--out", str(out), "--resume", "--device", "cpu"])
+    assert "resuming from step 1 of 2" in capsys.readouterr().out
+    (tmp_path / "ds" / "images" / "3.png").unlink()
+    (tmp_path / "ds" / "labels" / "3.png").unlink()
+    one_line(lambda: finetune_piti.main(["--out", str(out), "--resume", "--steps", "3"]), "--data-root",
+             "4 image/label pairs then, 3 now (1 removed)", "--overwrite")
 
 
 def test_at_least_forty_cases_beyond_the_listed_ones():
