@@ -59,7 +59,7 @@ from metrics import (confusion, embed, features, folder_images, frechet_distance
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)
 from models.inception import INCEPTION_FILE
-from models.oasis import Generator, check_state_dict, load_source, resize_kwargs
+from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
 
 PROTOCOL = {  # the module docstring in short, written into results.json
@@ -185,8 +185,9 @@ def load_generator(args, dataset, device, bf16):
         source = class_table(args.source, args.source_root)
         src = load_source(path, source.dataset, source.n_channels, args.which, parts=("EMA",), flag="--ckpt")
         _, M = load_affinity(args.affinity, dataset.classes, source)
-        G = Generator(**{**resize_kwargs(src["G_kwargs"], dataset.size, f"--ckpt {path}"), "cat_nc": dataset.n_channels})
+        G = Generator(**{**src["G_kwargs"], "cat_nc": dataset.n_channels})
         G.load_source(src["EMA"], path)
+        G.resize(dataset.size, f"--ckpt {path}")  # a 256x256 source makes 256x512 Cityscapes images
         G.set_affinity(M)
         info.update(kind="oasis-training-free", source=args.source, affinity=str(args.affinity))
     takes = G.kwargs.get("cat_nc") or G.kwargs["semantic_nc"]

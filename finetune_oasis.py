@@ -225,12 +225,11 @@ def build_models(args, target, size):
         return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
-    # the target's own size: a 256x256 source makes 256x512 Cityscapes images (oasis.resize_kwargs)
-    G_kwargs = oasis.resize_kwargs(src["G_kwargs"], size, f"--source-ckpt {args.source_ckpt}")
-    G = oasis.Generator(**{**G_kwargs, "cat_nc": target.n_channels, "cat_paths": args.paths,
+    G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
                            "cat_residual": not args.no_residual,
                            "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})
     G.load_source(src["EMA"], args.source_ckpt, f"--source {args.source}")
+    G.resize(size, f"--source-ckpt {args.source_ckpt}")  # the target's size: 256x256 source -> 256x512 Cityscapes
     D = oasis.Discriminator(**src["D_kwargs"])
     oasis.check_state_dict(D, src["D"], args.source_d or args.source_ckpt, f"--source {args.source}")
     A = M = None

@@ -381,6 +381,13 @@ class Generator(nn.Module):
         ids = {id(p) for p in own}
         return own + [p for p in cat if id(p) not in ids]
 
+    def resize(self, hw, what='the source generator'):
+        """Make (H, W) images with the same weights (`resize_kwargs` says which sizes can be made); call it
+        after loading, so that a file of the wrong classes is named as such before its size is."""
+        self.kwargs = resize_kwargs(self.kwargs, hw, what)
+        self.latent_hw = latent_hw(self.kwargs['crop_size'], self.kwargs['aspect_ratio'], self.kwargs['num_res_blocks'])
+        return self
+
     def load_source(self, sd, path='<state dict>', name=None):
         """Load an official (source) generator state dict. Every source key must be present with its
         shape; only the CAT layers may be missing (they keep their init / set_affinity values)."""
