@@ -54,13 +54,15 @@ import torch
 from PIL import Image
 
 from models import ArgumentParser, DataError, amp, checkpoint, cli
-from data import add_data_args, class_table, dataset_from_args, load_affinity
+from data import add_data_args, class_table, dataset_from_args, load_affinity, nonneg_int
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)
+from models.diffusion import space_timesteps
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source, resize_kwargs
 from models.piti import load_piti_generator, palette
+from models.segmenters import DEFAULT_SEGMENTER
 
 PROTOCOL = {  # the module docstring in short, written into results.json
     "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
@@ -113,7 +115,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png (0: no grid)")
+    p.add_argument("--grid-rows", type=nonneg_int, default=8, help="label maps shown in grid.png (0: no grid)")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached real statistics ('' = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=amp.MODES, help="generator and segmenter precision: " + amp.HELP)
@@ -122,8 +124,7 @@ def get_args(argv=None):
                    help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
     args = p.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
-                               ("--samples-per-map", args.samples_per_map, 1), ("--grid-rows", args.grid_rows, 0),
-                               ("--workers", args.workers, 0)):
+                               ("--samples-per-map", args.samples_per_map, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
             raise DataError(f"{flag} {value}: expected at least {least}")
     if args.real_dir or args.fake_dir:
@@ -138,9 +139,26 @@ def get_args(argv=None):
         raise DataError("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
     elif args.no_fid and flags(args, ("inception", "fid_features")):
         raise DataError(f"--no-fid skips FID: {', '.join(flags(args, ('inception', 'fid_features')))} would be ignored")
+    for flag, spec in (("--piti-steps", args.piti_steps), ("--piti-up-steps", args.piti_up_steps)):
+        check_respacing(flag, spec)
+    if args.stats_cache and args.ckpt and not args.no_fid:
+        checkpoint.out_dir(args.stats_cache, "--stats-cache", keep=False)  # a file in the way: one line now
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     return args
+
+
+def check_respacing(flag, spec):
+    """A PITI respacing as models/diffusion.py reads it (of the 1000 training steps), or one line."""
+    if spec is None:
+        return
+    try:
+        ok = bool(space_timesteps(1000, spec))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise DataError(f"{flag} {spec}: expected a respacing of the 1000 diffusion steps: a step count (250), "
+                        "ddimN (ddim50), section counts (10,10,3,2,2) or fast27")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +182,10 @@ def load_generator(args, dataset, device, bf16):
         raise DataError(f"--ckpt {path}: a finetuned CAT model (it has its CAT layers); {', '.join(given)} apply "
                         "to a source model only (training-free mode): drop them")
     info = {"ckpt": str(path)}
+    piti_flags = flags(args, ("piti_steps", "piti_up_steps"))
+    if piti_flags and (ckpt is None or ckpt["kind"] != "piti-cat"):
+        raise DataError(f"{', '.join(piti_flags)}: apply to PITI checkpoints (piti-cat); --ckpt {path} is an OASIS "
+                        "model: drop them")
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
@@ -305,8 +327,8 @@ def main(argv=None):
     bf16_features = device.type == "cuda" and args.bf16_features
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    # a file in the way, read-only: one line before any work; an earlier run's results.json goes now
-    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png"))
+    # a file in the way, read-only: one line before any work; an earlier run's results, grid and images go now
+    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png", "images/*.png"))
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",
@@ -331,6 +353,11 @@ def main(argv=None):
     seg = load_segmenter(args.segmenter, device, args.segmenter_weights, dataset.dataset)
     if net is None:
         print("--no-fid: FID and KID skipped")
+    if seg is None:
+        paper = DEFAULT_SEGMENTER.get(dataset.dataset)
+        print("mIoU skipped: no segmenter given; " + (f"--segmenter-weights FILE(S) scores it with the paper's {paper}"
+              if paper else f"the paper has no segmenter for --data {dataset.dataset}") +
+              ", --segmenter FILE with a TorchScript one")
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 

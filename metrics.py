@@ -93,7 +93,8 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
     else:
         path = Path(fid_features)
         if not path.is_file():
-            raise DataError(f"--fid-features {path}: file not found; expected a TorchScript feature net "
+            raise DataError(f"--fid-features {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}"
+                             "; expected a TorchScript feature net "
                              "(input (B,3,H,W) in [0,1], output (B,D))")
         try:
             scripted = jit_load(path, "cpu")
@@ -305,7 +306,8 @@ def jit_segmenter(path, device):
     """A TorchScript segmenter file, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--segmenter {path}: file not found; expected a TorchScript segmenter "
+        raise DataError(f"--segmenter {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}"
+                         "; expected a TorchScript segmenter "
                         "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
     try:
         return jit_load(path, device).eval()
