@@ -184,8 +184,8 @@ def load_generator(args, dataset, device, bf16):
     info = {"ckpt": str(path)}
     piti_flags = flags(args, ("piti_steps", "piti_up_steps"))
     if piti_flags and (ckpt is None or ckpt["kind"] != "piti-cat"):
-        raise DataError(f"{', '.join(piti_flags)}: apply to PITI checkpoints (piti-cat); --ckpt {path} is an OASIS "
-                        "model: drop them")
+        raise DataError(f"{', '.join(piti_flags)} appl{'ies' if len(piti_flags) == 1 else 'y'} to PITI checkpoints "
+                        f"(piti-cat); --ckpt {path} is an OASIS model: drop {'it' if len(piti_flags) == 1 else 'them'}")
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
@@ -222,12 +222,14 @@ def load_generator(args, dataset, device, bf16):
 # Scoring
 
 
-def fid_metrics(real_feats, fake_feats, real=None):
-    """FID (from real (mu, sigma) when given) and KID of two feature sets."""
+def fid_metrics(real_feats, fake_feats, real=None, notes=None):
+    """FID (from real (mu, sigma) when given) and KID of two feature sets; a few-images warning goes to `notes`."""
     mu_r, sigma_r = real if real is not None else stats(real_feats)
     mu_f, sigma_f = stats(fake_feats)
     kid_mean, kid_std = kid(real_feats, fake_feats)
-    return {"fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "kid_mean": kid_mean, "kid_std": kid_std}
+    fid = frechet_distance(mu_f, sigma_f, mu_r, sigma_r, n=min(len(real_feats), len(fake_feats)),
+                           note=print if notes is None else notes.append)
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}
 
 
 def describe_features(net, args):
@@ -254,10 +256,11 @@ def score_folders(args, device, bf16_features):
     net = load_feature_net(args.inception, args.fid_features, device)
     real_feats = features(net, image_batches(real_files, args.batch_size, device, args.workers), bf16_features)
     fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
-    metrics = fid_metrics(real_feats, fake_feats)
+    notes = []
+    metrics = fid_metrics(real_feats, fake_feats, notes=notes)
     results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
                "fid_features": describe_features(net, args), "toy_domain_fid": net.toy}
-    return results, fid_lines(metrics, False)
+    return results, fid_lines(metrics, False) + notes
 
 
 def check_sizes(fake, real, args, dataset):
@@ -373,9 +376,10 @@ def main(argv=None):
     if net is not None:
         mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16_features,
                                    args.workers)
-        metrics = fid_metrics(rf, fake_feats, (mu, sigma))
+        notes = []
+        metrics = fid_metrics(rf, fake_feats, (mu, sigma), notes)
         results.update(metrics, fid_features=describe_features(net, args), toy_domain_fid=net.toy)
-        lines += fid_lines(metrics, net.toy)
+        lines += fid_lines(metrics, net.toy) + notes
     if seg is not None:
         scores, seg_lines = miou_results(conf, conf_real, dataset, seg)
         results.update(scores)

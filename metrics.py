@@ -16,7 +16,7 @@ Public functions (stable names; the finetune scripts use the first group for ear
     embed(net, images, bf16=False) -> float64 array (B, D)           one batch
     features(net, batches, bf16=False) -> float64 array (N, D)       an iterable of batches
     stats(feats) -> (mu, sigma)
-    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
+    frechet_distance(mu1, sigma1, mu2, sigma2, n=None, note=print) -> float (n: images per side: few-images note)
     kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
     generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0) -> yields batches
     load_segmenter(segmenter, device='cpu', weights=None, dataset=None) -> (seg, its input from [-1,1], name)
@@ -133,22 +133,38 @@ def stats(feats):
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1-mu2||^2 + tr(s1 + s2 - 2 sqrt(s1 s2)), with pytorch-fid 0.3.0's numerics."""
+_SAID = set()  # the few-images notes printed already (once per run)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, n=None, note=print):
+    """||mu1-mu2||^2 + tr(s1 + s2 - 2 sqrt(s1 s2)), with pytorch-fid 0.3.0's numerics.
+
+    scipy's warnings on singular covariances (few images: `n`, the smaller side's count, not above the feature
+    dimension) are not printed; one line of ours says what they mean, once per run, given to `note`."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise DataError(f"FID statistics differ in size: {mu1.shape[0]} vs {mu2.shape[0]} features")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.17: no `disp`, same array
-    if not np.isfinite(covmean).all():
-        print(f"fid: sqrtm gave non-finite values; adding {eps} to the covariance diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    diff, d = mu1 - mu2, mu1.shape[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.17: no `disp`, same array
+        retried = not np.isfinite(covmean).all()
+        if retried:  # pytorch-fid's fallback
+            offset = np.eye(d) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    few = f"{n} images for {d} features" if n is not None and n <= d else None
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            raise DataError(f"FID: sqrtm of the covariances has an imaginary component "
+                            f"{np.max(np.abs(covmean.imag)):.3g} (pytorch-fid's error)" + (f"; {few}: use more images" if few else ""))
         covmean = covmean.real
+    if (few or caught or retried) and (n, d) not in _SAID:
+        _SAID.add((n, d))
+        why = few or "singular covariances"
+        note(f"warning: FID on {why}: the covariances are singular (scipy's sqrtm is inaccurate"
+              f"{', retried with eps*I' if retried else ''}), so this FID is noisy and biased high; "
+              "compare FIDs only at one number of images, ideally more than the feature dimension")
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
@@ -248,8 +264,9 @@ def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, w
 def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False):
     """FID of a sampler on a dataset's label maps against real (mu, sigma), e.g. for early stopping."""
     batches = ((b["fake"][0] + 1) / 2 for b in generate(sample, dataset, device, batch_size, seed))
-    mu, sigma = stats(features(net, batches, bf16))
-    return frechet_distance(mu, sigma, real[0], real[1])
+    feats = features(net, batches, bf16)
+    mu, sigma = stats(feats)
+    return frechet_distance(mu, sigma, real[0], real[1], n=len(feats))
 
 
 def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, device, batch_size, seed, bf16=False):
