@@ -249,7 +249,8 @@ def read_mapping(path, target, source):
     generator sees its unlabelled pixels (Cityscapes 'unlabeled' -> COCO-Stuff 'sky-other' in the CAT supplement)
     can map from and to; class k of a table is index k + 1."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: mapping file not found (lines 'target class -> source class')")
+        raise DataError(f"{path}: {'is a folder, expected a mapping file' if Path(path).is_dir() else 'mapping file not found'}"
+                        " (lines 'target class -> source class')")
     rows = {}
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):

@@ -88,7 +88,8 @@ def flags(args, dests):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
+    p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/ (an earlier run's "
+                   "are replaced; other files are kept)")
     p.add_argument("--inception", help=f"FID Inception weights: the file {INCEPTION_FILE}, or 'fid_inception' "
                    "(default: that file from the torch hub cache, downloaded there once, as pytorch-fid)")
     p.add_argument("--fid-features", help="TorchScript feature net for a toy-domain FID instead of Inception")
@@ -100,8 +101,9 @@ def get_args(argv=None):
     p.add_argument("--source", help="training-free mode: the source model's dataset (ade20k, coco, cityscapes, ...)")
     p.add_argument("--source-root", help="training-free mode: folder of a folder/toy source dataset (classes.txt)")
     p.add_argument("--affinity", help="training-free mode: affinity .npy (target classes x source classes)")
-    p.add_argument("--piti-steps", help="PITI base sampler respacing, e.g. ddim50 (default: the official 250 steps)")
-    p.add_argument("--piti-up-steps", help="PITI upsampler respacing (default: the official fast27)")
+    p.add_argument("--piti-steps", help="PITI checkpoints: base sampler respacing of the 1000 steps: 250, ddim50, "
+                   "10,10,3,2,2 or fast27 (default: the official 250 steps)")
+    p.add_argument("--piti-up-steps", help="PITI checkpoints: upsampler respacing, same forms (default: the official fast27)")
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")
@@ -372,21 +374,20 @@ def main(argv=None):
                "n_maps": len(dataset), "samples_per_map": args.samples_per_map, "seed": args.seed,
                "dataset": {"name": dataset.dataset, "root": str(dataset.root), "split": args.split,
                            "size": list(dataset.size), "limit": args.limit}, **results}
-    lines = []
+    lines, notes = [], []  # notes (a few-images FID warning) after the numbers
     if net is not None:
         mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16_features,
                                    args.workers)
-        notes = []
         metrics = fid_metrics(rf, fake_feats, (mu, sigma), notes)
         results.update(metrics, fid_features=describe_features(net, args), toy_domain_fid=net.toy)
-        lines += fid_lines(metrics, net.toy) + notes
+        lines += fid_lines(metrics, net.toy)
     if seg is not None:
         scores, seg_lines = miou_results(conf, conf_real, dataset, seg)
         results.update(scores)
         lines += seg_lines
     results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg[0], "protocol", "TorchScript file")) if seg else PROTOCOL
     write_results(out, results)
-    for line in lines:
+    for line in lines + notes:
         print(line)
     print(f"wrote {out / 'results.json'}" + (f", {out / 'grid.png'}" if has_grid else "") +
           f" and {n_fake} images in {out / 'images'}")

@@ -394,6 +394,8 @@ EVAL2 = {
                            ["--affinity", "is a folder, expected a file"]),
     "ev-ckpt-folder-resume": (finetune_oasis.main, ["--out", "{root}/dir_run", "--resume"],
                               ["--resume", "checkpoint.pt", "is a folder, expected a file"]),
+    "est-override-folder": (estimate_affinity.main, EST + ["--method", "random", "--override", "{root}"],
+                            ["{root}: is a folder, expected a mapping file"]),
     "info-subset-file-folder": (data.main, INFO + ["{ok}", "--subset-file", "{root}"],
                                 ["--subset-file", "is a folder, expected a file"]),
     "info-no-val-split": (data.main, INFO + ["{train_only}", "--split", "val"],
