@@ -66,6 +66,11 @@ def _read_tsv(name):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+def no_file(path):
+    """Why an expected file is not there, in a few words: a folder in its place, or nothing."""
+    return "is a folder, expected a file" if Path(path).is_dir() else "file not found"
+
+
 _WARNED = set()  # what a warning was printed for already: once per run
 NOT_A_CLASS = ("background", "unlabeled", "unlabelled", "void", "ignore", "ignored", "dontcare", "don't care", "none",
                "other", "others", "unknown")
@@ -177,8 +182,7 @@ def load_affinity(path, target, source, flag="--affinity"):
     affinity.json lies beside it, the class names it was estimated for."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{flag} {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}; "
-                        "estimate_affinity.py writes affinity.npy")
+        raise DataError(f"{flag} {path}: {no_file(path)}; estimate_affinity.py writes affinity.npy")
     with open(path, "rb") as f:
         head = f.read(6)
     if head != b"\x93NUMPY":
@@ -249,8 +253,7 @@ def read_mapping(path, target, source):
     generator sees its unlabelled pixels (Cityscapes 'unlabeled' -> COCO-Stuff 'sky-other' in the CAT supplement)
     can map from and to; class k of a table is index k + 1."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: {'is a folder, expected a mapping file' if Path(path).is_dir() else 'mapping file not found'}"
-                        " (lines 'target class -> source class')")
+        raise DataError(f"{path}: {no_file(path)}; expected a mapping file (lines 'target class -> source class')")
     rows = {}
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
@@ -310,9 +313,11 @@ def _pairs_by_stem(img_dir, lbl_dir, image_suffix="", label_suffix=""):
     missing_l = sorted(set(images) - set(labels))
     missing_i = sorted(set(labels) - set(images))
     if missing_l:
-        raise DataError(f"{img_dir}: {len(missing_l)} image(s) without a label in {lbl_dir}, e.g. '{missing_l[0]}' {read}")
+        raise DataError(f"{img_dir}: {len(missing_l)} image(s) without a label in {lbl_dir}, e.g. '{missing_l[0]}' "
+                        + read)
     if missing_i:
-        raise DataError(f"{lbl_dir}: {len(missing_i)} label(s) without an image in {img_dir}, e.g. '{missing_i[0]}' {read}")
+        raise DataError(f"{lbl_dir}: {len(missing_i)} label(s) without an image in {img_dir}, e.g. '{missing_i[0]}' "
+                        + read)
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
@@ -393,8 +398,8 @@ def open_pair(img_path, lbl_path, decode=True):
     if label.mode not in ("L", "P", "I;16", "I"):
         raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids (mode L or P)")
     if image.size != label.size:
-        turned = [f"{what} turned by its EXIF orientation {im.exif_turned}" for what, im in (("image", image), ("label", label))
-                  if getattr(im, "exif_turned", None)]
+        turned = [f"{what} turned by its EXIF orientation {im.exif_turned}"
+                  for what, im in (("image", image), ("label", label)) if getattr(im, "exif_turned", None)]
         raise DataError(f"{lbl_path}: label is {label.size[0]}x{label.size[1]}, its image {img_path} is "
                         f"{image.size[0]}x{image.size[1]}{' (' + ', '.join(turned) + ')' if turned else ''}; "
                         "expected the same size (they would be resized apart)")
@@ -483,8 +488,7 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
     if subset_file:
         path = Path(subset_file)
         if not path.is_file():
-            raise DataError(f"--subset-file {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}"
-                            " (the subset.txt of an earlier run)")
+            raise DataError(f"--subset-file {path}: {no_file(path)} (the subset.txt of an earlier run)")
         wanted = [s.strip() for s in path.read_text().splitlines() if s.strip()]
         index = {r: i for i, r in enumerate(rel)}
         unknown = [w for w in wanted if w not in index]

@@ -103,7 +103,8 @@ def get_args(argv=None):
     p.add_argument("--affinity", help="training-free mode: affinity .npy (target classes x source classes)")
     p.add_argument("--piti-steps", help="PITI checkpoints: base sampler respacing of the 1000 steps: 250, ddim50, "
                    "10,10,3,2,2 or fast27 (default: the official 250 steps)")
-    p.add_argument("--piti-up-steps", help="PITI checkpoints: upsampler respacing, same forms (default: the official fast27)")
+    p.add_argument("--piti-up-steps", help="PITI checkpoints: upsampler respacing, same forms (default: the official "
+                   "fast27)")
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")

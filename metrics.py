@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from data import onehot
+from data import no_file, onehot
 from models import DataError, amp, figures, segmenters
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
@@ -93,8 +93,7 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
     else:
         path = Path(fid_features)
         if not path.is_file():
-            raise DataError(f"--fid-features {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}"
-                             "; expected a TorchScript feature net "
+            raise DataError(f"--fid-features {path}: {no_file(path)}; expected a TorchScript feature net "
                              "(input (B,3,H,W) in [0,1], output (B,D))")
         try:
             scripted = jit_load(path, "cpu")
@@ -153,11 +152,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, n=None, note=print):
         if retried:  # pytorch-fid's fallback
             offset = np.eye(d) * eps
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    caught = [w for w in caught if issubclass(w.category, (linalg.LinAlgWarning, RuntimeWarning))]
     few = f"{n} images for {d} features" if n is not None and n <= d else None
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise DataError(f"FID: sqrtm of the covariances has an imaginary component "
-                            f"{np.max(np.abs(covmean.imag)):.3g} (pytorch-fid's error)" + (f"; {few}: use more images" if few else ""))
+            imag = np.max(np.abs(covmean.imag))
+            raise DataError(f"FID: sqrtm of the covariances has an imaginary component {imag:.3g} (pytorch-fid's "
+                            "error)" + (f"; {few}: use more images" if few else ""))
         covmean = covmean.real
     if (few or caught or retried) and (n, d) not in _SAID:
         _SAID.add((n, d))
@@ -323,8 +324,7 @@ def jit_segmenter(path, device):
     """A TorchScript segmenter file, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--segmenter {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}"
-                         "; expected a TorchScript segmenter "
+        raise DataError(f"--segmenter {path}: {no_file(path)}; expected a TorchScript segmenter "
                         "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
     try:
         return jit_load(path, device).eval()

@@ -374,7 +374,8 @@ EST2 = {
 # evaluate.py and data.py, round 2 ({names} also from the fixture E below)
 EVAL_FID = [a for a in EVAL if a != "--no-fid"] + ["--fid-features", "{root}/feat.pt"]
 EVAL2 = {
-    "ev-piti-steps-oasis": (evaluate.main, EVAL + ["--piti-steps", "ddim50"], ["--piti-steps applies to PITI checkpoints"]),
+    "ev-piti-steps-oasis": (evaluate.main, EVAL + ["--piti-steps", "ddim50"],
+                            ["--piti-steps applies to PITI checkpoints"]),
     "ev-piti-up-steps-oasis": (evaluate.main, EVAL + ["--piti-up-steps", "fast27"], ["--piti-up-steps", "PITI"]),
     "ev-piti-steps-ddimabc": (evaluate.main, EVAL + ["--piti-steps", "ddimabc"],
                               ["--piti-steps ddimabc", "250", "ddim50", "10,10,3,2,2", "fast27"]),
@@ -386,16 +387,19 @@ EVAL2 = {
                                ["--stats-cache", "a_file", "is a file, expected a folder"]),
     "ev-inception-folder": (evaluate.main, [a for a in EVAL if a != "--no-fid"] + ["--inception", "{root}"],
                             ["--inception", "is a folder, expected a file"]),
-    "ev-fid-features-folder": (evaluate.main, EVAL_FID[:-1] + ["{root}"], ["--fid-features", "is a folder, expected a file"]),
-    "ev-segmenter-folder": (evaluate.main, EVAL + ["--segmenter", "{root}"], ["--segmenter", "is a folder, expected a file"]),
+    "ev-fid-features-folder": (evaluate.main, EVAL_FID[:-1] + ["{root}"],
+                               ["--fid-features", "is a folder, expected a file"]),
+    "ev-segmenter-folder": (evaluate.main, EVAL + ["--segmenter", "{root}"],
+                            ["--segmenter", "is a folder, expected a file"]),
     "ev-segmenter-weights-folder": (evaluate.main, EVAL + ["--segmenter", "deeplabv2", "--segmenter-weights", "{root}"],
                                     ["--segmenter-weights", "is a folder, expected a file"]),
-    "ev-affinity-folder": (evaluate.main, EVAL + ["--source", "folder", "--source-root", "{ok}", "--affinity", "{root}"],
+    "ev-affinity-folder": (evaluate.main, EVAL + ["--source", "folder", "--source-root", "{ok}",
+                                                  "--affinity", "{root}"],
                            ["--affinity", "is a folder, expected a file"]),
     "ev-ckpt-folder-resume": (finetune_oasis.main, ["--out", "{root}/dir_run", "--resume"],
                               ["--resume", "checkpoint.pt", "is a folder, expected a file"]),
     "est-override-folder": (estimate_affinity.main, EST + ["--method", "random", "--override", "{root}"],
-                            ["{root}: is a folder, expected a mapping file"]),
+                            ["{root}: is a folder, expected a file; expected a mapping file"]),
     "info-subset-file-folder": (data.main, INFO + ["{ok}", "--subset-file", "{root}"],
                                 ["--subset-file", "is a folder, expected a file"]),
     "info-no-val-split": (data.main, INFO + ["{train_only}", "--split", "val"],
@@ -452,7 +456,8 @@ def test_val_split_of_a_flat_folder_is_said_once(E, capsys):
 def test_background_as_first_class_is_warned(E, capsys):
     data.main(INFO + [str(E.background)])
     lines = [s for s in capsys.readouterr().out.splitlines() if "warning" in s]
-    assert len(lines) == 1 and "line 1 'Background' is read as class 1 (label value 1); value 0 is unlabelled" in lines[0]
+    assert len(lines) == 1
+    assert "classes.txt: line 1 'Background' is read as class 1 (label value 1); value 0 is unlabelled" in lines[0]
     data.main(INFO + [str(E.ok)])
     assert "warning" not in capsys.readouterr().out
 
