@@ -361,9 +361,9 @@ def main(argv=None):
         print("--no-fid: FID and KID skipped")
     if seg is None:
         paper = DEFAULT_SEGMENTER.get(dataset.dataset)
-        print("mIoU skipped: no segmenter given; " + (f"--segmenter-weights FILE(S) scores it with the paper's {paper}"
-              if paper else f"the paper has no segmenter for --data {dataset.dataset}") +
-              ", --segmenter FILE with a TorchScript one")
+        print("mIoU skipped: no segmenter given" + (f" (--segmenter-weights FILE(S): the paper's {paper} for "
+              f"{dataset.dataset}; or --segmenter FILE: a TorchScript one)" if paper else f", and the paper has none for "
+              f"--data {dataset.dataset} (--segmenter FILE: a TorchScript segmenter over its channels)"))
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 

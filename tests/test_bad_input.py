@@ -481,7 +481,7 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys):
     assert not (ev / "images" / "xyz.png").exists() and not (ev / "grid.png").exists()
     assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 4
     out = capsys.readouterr().out
-    assert "mIoU skipped: no segmenter given; the paper has no segmenter for --data folder" in out
+    assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(run / "samples" / "xyz.png")
