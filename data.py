@@ -379,12 +379,13 @@ def _open(path, decode=True):
     says so in .exif_turned (the orientation tag)."""
     try:
         im = Image.open(path)
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)  # decodes it
-            im.exif_turned = orientation
-        elif decode:
+        if decode:
             im.load()
+        # the tag from what is read so far: a PNG's own getexif() would decode the whole image first
+        orientation = Image.Image.getexif(im).get(0x0112, 1)
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+            im.exif_turned = orientation
         return im
     except OSError as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
