@@ -469,9 +469,10 @@ def test_exif_rotated_jpeg_is_read_upright(E):
     assert item["image"].shape == (3, 64, 64) and item["image"][0].min() > 0.5  # red everywhere, no black bars
 
 
-def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys):
+def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypatch):
     """evaluate.py into a used --out and finetune --overwrite drop the earlier run's images, keep other files;
     evaluate.py says why mIoU is skipped, and a tiny folder FID gives one warning line of ours."""
+    import metrics
     ev = tmp_path / "ev"
     for stale in ("images/xyz.png", "grid.png"):
         (ev / stale).parent.mkdir(parents=True, exist_ok=True)
@@ -490,11 +491,13 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys):
                                         "--stage2-steps", "0"])
     assert not (run / "samples" / "xyz.png").exists() and (run / "samples" / "notes.txt").exists()
     capsys.readouterr()
+    monkeypatch.setattr(metrics, "_SAID", set())  # a fresh run: its FID note not said yet
     evaluate.main(["--real-dir", str(E.fake), "--fake-dir", str(E.ok / "images"), "--fid-features",
                    str(E.root / "feat.pt"), "--out", str(tmp_path / "fid"), "--workers", "0"])
     lines = capsys.readouterr().out.splitlines()
     assert [s.split()[0] for s in lines] == ["fid", "kid", "warning:", "wrote"], lines
     assert "FID on 3 images for 12 features: the covariances are singular" in lines[2]
+
 
 # flags every script shares, checkpoints and resume, round 2
 COMMON2 = {
