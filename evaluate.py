@@ -18,8 +18,10 @@ Protocol (also written into results.json):
   pytorch-fid 0.3.0 and OASIS): input in [0, 1], resized bilinearly (align_corners=False) to 299x299,
   mapped to [-1, 1]; mean and covariance (np.cov, 1/(N-1)) in float64; the Frechet distance with
   scipy's sqrtm, retried with eps*I on non-finite results, the real part kept when the imaginary
-  diagonal is below 1e-3 (else an error), exactly as pytorch-fid. As in OASIS, real images are the
-  preprocessed validation images and generated images are scored as floats, not quantised PNGs.
+  diagonal is below 1e-3 (else an error), exactly as pytorch-fid; scipy's warnings on singular
+  covariances (no more images than feature dimensions) become one warning line after the scores. As in
+  OASIS, real images are the preprocessed validation images and generated images are scored as floats,
+  not quantised PNGs.
   --fid-features FILE replaces Inception by a TorchScript feature net: a toy-domain FID that is not
   comparable to Inception FID (results.json says so).
 - KID: unbiased MMD^2 with the kernel (x.y/d + 1)^3, over 100 random subsets of min(1000, N) images

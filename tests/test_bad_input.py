@@ -499,6 +499,19 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypa
     assert "FID on 3 images for 12 features: the covariances are singular" in lines[2]
 
 
+def test_scipy_singular_matrix_warning_becomes_our_note(monkeypatch):
+    import metrics
+    monkeypatch.setattr(metrics, "_SAID", set())
+    rng = np.random.default_rng(8)  # 2 images of 4 features: scipy's sqrtm warns 'Matrix is singular'
+    a, b = rng.random((2, 4)), rng.random((2, 4))
+    notes = []
+    with warnings.catch_warnings(record=True) as leaked:
+        warnings.simplefilter("always")
+        fid = metrics.frechet_distance(*metrics.stats(a), *metrics.stats(b), n=2, note=notes.append)
+        metrics.frechet_distance(*metrics.stats(a), *metrics.stats(b), n=2, note=notes.append)
+    assert np.isfinite(fid) and not leaked and len(notes) == 1 and "FID on 2 images for 4 features" in notes[0]
+
+
 # flags every script shares, checkpoints and resume, round 2
 COMMON2 = {
 }
