@@ -157,13 +157,14 @@ def check_respacing(flag, spec):
     """A PITI respacing as models/diffusion.py reads it (of the 1000 training steps), or one line."""
     if spec is None:
         return
+    why = "no steps"
     try:
         ok = bool(space_timesteps(1000, spec))
-    except ValueError:
-        ok = False
+    except ValueError as e:  # its own words when it has them ('no integer stride gives 7 steps'), not int()'s
+        ok, why = False, str(e).split(": ", 1)[1] if str(e).startswith("respacing") else "not a number of steps"
     if not ok:
-        raise DataError(f"{flag} {spec}: expected a respacing of the 1000 diffusion steps: a step count (250), "
-                        "ddimN (ddim50), section counts (10,10,3,2,2) or fast27")
+        raise DataError(f"{flag} {spec}: {why}; expected a respacing of the 1000 diffusion steps: a step count "
+                        "(250), ddimN (ddim50), section counts (10,10,3,2,2) or fast27")
 
 
 # ----------------------------------------------------------------------------------------------
