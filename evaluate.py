@@ -364,9 +364,10 @@ def main(argv=None):
         print("--no-fid: FID and KID skipped")
     if seg is None:
         paper = DEFAULT_SEGMENTER.get(dataset.dataset)
-        print("mIoU skipped: no segmenter given" + (f" (--segmenter-weights FILE(S): the paper's {paper} for "
-              f"{dataset.dataset}; or --segmenter FILE: a TorchScript one)" if paper else f", and the paper has none for "
-              f"--data {dataset.dataset} (--segmenter FILE: a TorchScript segmenter over its channels)"))
+        how = (f" (--segmenter-weights FILE(S): the paper's {paper} for {dataset.dataset}; or --segmenter FILE: "
+               "a TorchScript one)" if paper else f", and the paper has none for --data {dataset.dataset} "
+               "(--segmenter FILE: a TorchScript segmenter over its channels)")
+        print("mIoU skipped: no segmenter given" + how)
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
