@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
 from models import ArgumentParser, DataError, checkpoint, cli
@@ -66,6 +66,16 @@ def _read_tsv(name):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+def no_file(path):
+    """Why an expected file is not there, in a few words: a folder in its place, or nothing."""
+    return "is a folder, expected a file" if Path(path).is_dir() else "file not found"
+
+
+_WARNED = set()  # what a warning was printed for already: once per run
+NOT_A_CLASS = ("background", "unlabeled", "unlabelled", "void", "ignore", "ignored", "dontcare", "don't care", "none",
+               "other", "others", "unknown")
+
+
 def _read_classes_txt(root):
     path = Path(root) / "classes.txt"
     if not path.is_file():
@@ -86,6 +96,10 @@ def _read_classes_txt(root):
             raise DataError(f"{path}: line {k} '{name.strip()}' repeats line {seen[name.strip().lower()]}; "
                             "expected each class once")
         seen[name.strip().lower()] = k
+    if names[0].strip().lower() in NOT_A_CLASS and path.resolve() not in _WARNED:
+        _WARNED.add(path.resolve())
+        print(f"warning: {path}: line 1 '{names[0].strip()}' is read as class 1 (label value 1); value 0 is "
+              "unlabelled and has no line: if your labels use 0 for it, drop this line, else every class shifts by one")
     return [n.strip() for n in names]
 
 
@@ -168,7 +182,7 @@ def load_affinity(path, target, source, flag="--affinity"):
     affinity.json lies beside it, the class names it was estimated for."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{flag} {path}: file not found; estimate_affinity.py writes affinity.npy")
+        raise DataError(f"{flag} {path}: {no_file(path)}; estimate_affinity.py writes affinity.npy")
     with open(path, "rb") as f:
         head = f.read(6)
     if head != b"\x93NUMPY":
@@ -239,7 +253,7 @@ def read_mapping(path, target, source):
     generator sees its unlabelled pixels (Cityscapes 'unlabeled' -> COCO-Stuff 'sky-other' in the CAT supplement)
     can map from and to; class k of a table is index k + 1."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: mapping file not found (lines 'target class -> source class')")
+        raise DataError(f"{path}: {no_file(path)}; expected a mapping file (lines 'target class -> source class')")
     rows, first = {}, {}
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
@@ -297,14 +311,17 @@ def _pairs_by_stem(img_dir, lbl_dir, image_suffix="", label_suffix=""):
         return found
 
     images, labels = by_key(img_dir, image_suffix, IMAGE_EXTS), by_key(lbl_dir, label_suffix, (".png",))
+    read = f"(read: images {'/'.join(IMAGE_EXTS)}, labels .png)"
     if not images:
-        raise DataError(f"{img_dir}: no images (.jpg/.png) found")
+        raise DataError(f"{img_dir}: no images found {read}")
     missing_l = sorted(set(images) - set(labels))
     missing_i = sorted(set(labels) - set(images))
     if missing_l:
-        raise DataError(f"{img_dir}: {len(missing_l)} image(s) without a label in {lbl_dir}, e.g. '{missing_l[0]}'")
+        raise DataError(f"{img_dir}: {len(missing_l)} image(s) without a label in {lbl_dir}, e.g. '{missing_l[0]}' "
+                        + read)
     if missing_i:
-        raise DataError(f"{lbl_dir}: {len(missing_i)} label(s) without an image in {img_dir}, e.g. '{missing_i[0]}'")
+        raise DataError(f"{lbl_dir}: {len(missing_i)} label(s) without an image in {img_dir}, e.g. '{missing_i[0]}' "
+                        + read)
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
@@ -329,8 +346,18 @@ def list_files(dataset, root, split):
             raise DataError(f"{img_root}: no images found")
         return pairs
     # folder / toy: <root>/<split>/{images,labels} when split folders exist, else <root>/{images,labels}
-    base = root / split if (root / split / "images").is_dir() else root
-    return _pairs_by_stem(base / "images", base / "labels")
+    if (root / split / "images").is_dir():
+        return _pairs_by_stem(root / split / "images", root / split / "labels")
+    other = "val" if split == "train" else "train"
+    if (root / other / "images").is_dir():
+        raise DataError(f"--data-root {root} has {other}/ but no {split}/ ({split}/images, {split}/labels); "
+                        f"expected both splits, or one images/ + labels/ pair without splits")
+    pairs = _pairs_by_stem(root / "images", root / "labels")
+    if split == "val" and root.resolve() not in _WARNED:
+        _WARNED.add(root.resolve())
+        print(f"warning: --data-root {root} has no train/ and val/ subfolders: the val split is the training "
+              "images, so its FID (and best.pt) is measured on the images trained on; split them for a held-out score")
+    return pairs
 
 
 def label_channels(label, dataset, n_channels, path=""):
@@ -352,10 +379,17 @@ def label_channels(label, dataset, n_channels, path=""):
 
 
 def _open(path, decode=True):
+    """A PIL image as viewers show it: turned upright by its EXIF orientation (phone photos); such an image
+    says so in .exif_turned (the orientation tag)."""
     try:
         im = Image.open(path)
         if decode:
             im.load()
+        # the tag from what is read so far: a PNG's own getexif() would decode the whole image first
+        orientation = Image.Image.getexif(im).get(0x0112, 1)
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+            im.exif_turned = orientation
         return im
     except OSError as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
@@ -369,8 +403,11 @@ def open_pair(img_path, lbl_path, decode=True):
     if label.mode not in ("L", "P", "I;16", "I"):
         raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids (mode L or P)")
     if image.size != label.size:
+        turned = [f"{what} turned by its EXIF orientation {im.exif_turned}"
+                  for what, im in (("image", image), ("label", label)) if getattr(im, "exif_turned", None)]
         raise DataError(f"{lbl_path}: label is {label.size[0]}x{label.size[1]}, its image {img_path} is "
-                        f"{image.size[0]}x{image.size[1]}; expected the same size (they would be resized apart)")
+                        f"{image.size[0]}x{image.size[1]}{' (' + ', '.join(turned) + ')' if turned else ''}; "
+                        "expected the same size (they would be resized apart)")
     return image, label
 
 
@@ -456,7 +493,7 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
     if subset_file:
         path = Path(subset_file)
         if not path.is_file():
-            raise DataError(f"--subset-file {path}: file not found")
+            raise DataError(f"--subset-file {path}: {no_file(path)} (the subset.txt of an earlier run)")
         wanted = [s.strip() for s in path.read_text().splitlines() if s.strip()]
         index = {r: i for i, r in enumerate(rel)}
         unknown = [w for w in wanted if w not in index]

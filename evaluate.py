@@ -18,8 +18,10 @@ Protocol (also written into results.json):
   pytorch-fid 0.3.0 and OASIS): input in [0, 1], resized bilinearly (align_corners=False) to 299x299,
   mapped to [-1, 1]; mean and covariance (np.cov, 1/(N-1)) in float64; the Frechet distance with
   scipy's sqrtm, retried with eps*I on non-finite results, the real part kept when the imaginary
-  diagonal is below 1e-3 (else an error), exactly as pytorch-fid. As in OASIS, real images are the
-  preprocessed validation images and generated images are scored as floats, not quantised PNGs.
+  diagonal is below 1e-3 (else an error), exactly as pytorch-fid; scipy's warnings on singular
+  covariances (no more images than feature dimensions) become one warning line after the scores. As in
+  OASIS, real images are the preprocessed validation images and generated images are scored as floats,
+  not quantised PNGs.
   --fid-features FILE replaces Inception by a TorchScript feature net: a toy-domain FID that is not
   comparable to Inception FID (results.json says so).
 - KID: unbiased MMD^2 with the kernel (x.y/d + 1)^3, over 100 random subsets of min(1000, N) images
@@ -58,9 +60,11 @@ from data import add_data_args, class_table, dataset_from_args, load_affinity, n
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)
+from models.diffusion import space_timesteps
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
+from models.segmenters import DEFAULT_SEGMENTER
 
 PROTOCOL = {  # the module docstring in short, written into results.json
     "generation": "EMA generator in eval mode; image k of label map i from noise seeded by (seed, i, k)",
@@ -86,7 +90,8 @@ def flags(args, dests):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/")
+    p.add_argument("--out", required=True, help="output folder: results.json, grid.png, images/ (an earlier run's "
+                   "are replaced; other files are kept)")
     p.add_argument("--inception", help=f"FID Inception weights: the file {INCEPTION_FILE}, or 'fid_inception' "
                    "(default: that file from the torch hub cache, downloaded there once, as pytorch-fid)")
     p.add_argument("--fid-features", help="TorchScript feature net for a toy-domain FID instead of Inception")
@@ -98,8 +103,10 @@ def get_args(argv=None):
     p.add_argument("--source", help="training-free mode: the source model's dataset (ade20k, coco, cityscapes, ...)")
     p.add_argument("--source-root", help="training-free mode: folder of a folder/toy source dataset (classes.txt)")
     p.add_argument("--affinity", help="training-free mode: affinity .npy (target classes x source classes)")
-    p.add_argument("--piti-steps", help="PITI base sampler respacing, e.g. ddim50 (default: the official 250 steps)")
-    p.add_argument("--piti-up-steps", help="PITI upsampler respacing (default: the official fast27)")
+    p.add_argument("--piti-steps", help="PITI checkpoints: base sampler respacing of the 1000 steps: 250, ddim50, "
+                   "10,10,3,2,2 or fast27 (default: the official 250 steps)")
+    p.add_argument("--piti-up-steps", help="PITI checkpoints: upsampler respacing, same forms (default: the official "
+                   "fast27)")
     add_data_args(p)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--limit", type=int, help="only the first N label maps (quick checks; not for reporting)")
@@ -113,7 +120,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    p.add_argument("--grid-rows", type=int, default=8, help="label maps shown in grid.png (0: no grid)")
+    p.add_argument("--grid-rows", type=nonneg_int, default=8, help="label maps shown in grid.png (0: no grid)")
     p.add_argument("--stats-cache", default="data/fid_stats", help="folder for cached real statistics ('' = off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="auto", choices=amp.MODES, help="generator and segmenter precision: " + amp.HELP)
@@ -123,8 +130,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     checkpoint.check_device(args.device)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
-                               ("--samples-per-map", args.samples_per_map, 1), ("--grid-rows", args.grid_rows, 0),
-                               ("--workers", args.workers, 0)):
+                               ("--samples-per-map", args.samples_per_map, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
             raise DataError(f"{flag} {value}: expected at least {least}")
     if args.real_dir or args.fake_dir:
@@ -139,9 +145,27 @@ def get_args(argv=None):
         raise DataError("give --ckpt (model mode) or --real-dir and --fake-dir (folder mode)")
     elif args.no_fid and flags(args, ("inception", "fid_features")):
         raise DataError(f"--no-fid skips FID: {', '.join(flags(args, ('inception', 'fid_features')))} would be ignored")
+    for flag, spec in (("--piti-steps", args.piti_steps), ("--piti-up-steps", args.piti_up_steps)):
+        check_respacing(flag, spec)
+    if args.stats_cache and args.ckpt and not args.no_fid:
+        checkpoint.out_dir(args.stats_cache, "--stats-cache", keep=False)  # a file in the way: one line now
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     return args
+
+
+def check_respacing(flag, spec):
+    """A PITI respacing as models/diffusion.py reads it (of the 1000 training steps), or one line."""
+    if spec is None:
+        return
+    why = "no steps"
+    try:
+        ok = bool(space_timesteps(1000, spec))
+    except ValueError as e:  # its own words when it has them ('no integer stride gives 7 steps'), not int()'s
+        ok, why = False, str(e).split(": ", 1)[1] if str(e).startswith("respacing") else "not a number of steps"
+    if not ok:
+        raise DataError(f"{flag} {spec}: {why}; expected a respacing of the 1000 diffusion steps: a step count "
+                        "(250), ddimN (ddim50), section counts (10,10,3,2,2) or fast27")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +189,10 @@ def load_generator(args, dataset, device, bf16):
         raise DataError(f"--ckpt {path}: a finetuned CAT model (it has its CAT layers); {', '.join(given)} apply "
                         "to a source model only (training-free mode): drop them")
     info = {"ckpt": str(path)}
+    piti_flags = flags(args, ("piti_steps", "piti_up_steps"))
+    if piti_flags and (ckpt is None or ckpt["kind"] != "piti-cat"):
+        raise DataError(f"{', '.join(piti_flags)} appl{'ies' if len(piti_flags) == 1 else 'y'} to PITI checkpoints "
+                        f"(piti-cat); --ckpt {path} is an OASIS model: drop {'it' if len(piti_flags) == 1 else 'them'}")
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.piti_steps
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
@@ -202,12 +230,14 @@ def load_generator(args, dataset, device, bf16):
 # Scoring
 
 
-def fid_metrics(real_feats, fake_feats, real=None):
-    """FID (from real (mu, sigma) when given) and KID of two feature sets."""
+def fid_metrics(real_feats, fake_feats, real=None, notes=None):
+    """FID (from real (mu, sigma) when given) and KID of two feature sets; a few-images warning goes to `notes`."""
     mu_r, sigma_r = real if real is not None else stats(real_feats)
     mu_f, sigma_f = stats(fake_feats)
     kid_mean, kid_std = kid(real_feats, fake_feats)
-    return {"fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r), "kid_mean": kid_mean, "kid_std": kid_std}
+    fid = frechet_distance(mu_f, sigma_f, mu_r, sigma_r, n=min(len(real_feats), len(fake_feats)),
+                           note=print if notes is None else notes.append)
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}
 
 
 def describe_features(net, args):
@@ -234,10 +264,11 @@ def score_folders(args, device, bf16_features):
     net = load_feature_net(args.inception, args.fid_features, device)
     real_feats = features(net, image_batches(real_files, args.batch_size, device, args.workers), bf16_features)
     fake_feats = features(net, image_batches(fake_files, args.batch_size, device, args.workers), bf16_features)
-    metrics = fid_metrics(real_feats, fake_feats)
+    notes = []
+    metrics = fid_metrics(real_feats, fake_feats, notes=notes)
     results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
                "fid_features": describe_features(net, args), "toy_domain_fid": net.toy}
-    return results, fid_lines(metrics, False)
+    return results, fid_lines(metrics, False) + notes
 
 
 def check_sizes(fake, real, args, dataset):
@@ -307,8 +338,8 @@ def main(argv=None):
     bf16_features = device.type == "cuda" and args.bf16_features
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    # a file in the way, read-only: one line before any work; an earlier run's results.json goes now
-    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png"))
+    # a file in the way, read-only: one line before any work; an earlier run's results, grid and images go now
+    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png", "images/*.png"))
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",
@@ -333,6 +364,12 @@ def main(argv=None):
     seg = load_segmenter(args.segmenter, device, args.segmenter_weights, dataset.dataset)
     if net is None:
         print("--no-fid: FID and KID skipped")
+    if seg is None:
+        paper = DEFAULT_SEGMENTER.get(dataset.dataset)
+        how = (f" (--segmenter-weights FILE(S): the paper's {paper} for {dataset.dataset}; or --segmenter FILE: "
+               "a TorchScript one)" if paper else f", and the paper has none for --data {dataset.dataset} "
+               "(--segmenter FILE: a TorchScript segmenter over its channels)")
+        print("mIoU skipped: no segmenter given" + how)
     if net is not None and len(dataset) < 2:
         raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
@@ -344,11 +381,11 @@ def main(argv=None):
                "n_maps": len(dataset), "samples_per_map": args.samples_per_map, "seed": args.seed,
                "dataset": {"name": dataset.dataset, "root": str(dataset.root), "split": args.split,
                            "size": list(dataset.size), "limit": args.limit}, **results}
-    lines = []
+    lines, notes = [], []  # notes (a few-images FID warning) after the numbers
     if net is not None:
         mu, sigma, rf = real_stats(dataset, net, args.stats_cache or None, device, args.batch_size, bf16_features,
                                    args.workers)
-        metrics = fid_metrics(rf, fake_feats, (mu, sigma))
+        metrics = fid_metrics(rf, fake_feats, (mu, sigma), notes)
         results.update(metrics, fid_features=describe_features(net, args), toy_domain_fid=net.toy)
         lines += fid_lines(metrics, net.toy)
     if seg is not None:
@@ -357,7 +394,7 @@ def main(argv=None):
         lines += seg_lines
     results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg[0], "protocol", "TorchScript file")) if seg else PROTOCOL
     write_results(out, results)
-    for line in lines:
+    for line in lines + notes:
         print(line)
     print(f"wrote {out / 'results.json'}" + (f", {out / 'grid.png'}" if has_grid else "") +
           f" and {n_fake} images in {out / 'images'}")

@@ -16,7 +16,7 @@ Public functions (stable names; the finetune scripts use the first group for ear
     embed(net, images, bf16=False) -> float64 array (B, D)           one batch
     features(net, batches, bf16=False) -> float64 array (N, D)       an iterable of batches
     stats(feats) -> (mu, sigma)
-    frechet_distance(mu1, sigma1, mu2, sigma2) -> float
+    frechet_distance(mu1, sigma1, mu2, sigma2, n=None, note=print) -> float (n: images per side: few-images note)
     kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
     generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0) -> yields batches
     load_segmenter(segmenter, device='cpu', weights=None, dataset=None) -> (seg, its input from [-1,1], name)
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from data import onehot
+from data import no_file, onehot
 from models import DataError, amp, figures, segmenters
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
@@ -93,7 +93,7 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
     else:
         path = Path(fid_features)
         if not path.is_file():
-            raise DataError(f"--fid-features {path}: file not found; expected a TorchScript feature net "
+            raise DataError(f"--fid-features {path}: {no_file(path)}; expected a TorchScript feature net "
                              "(input (B,3,H,W) in [0,1], output (B,D))")
         try:
             scripted = jit_load(path, "cpu")
@@ -132,22 +132,40 @@ def stats(feats):
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1-mu2||^2 + tr(s1 + s2 - 2 sqrt(s1 s2)), with pytorch-fid 0.3.0's numerics."""
+_SAID = set()  # the few-images notes printed already (once per run)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, n=None, note=print):
+    """||mu1-mu2||^2 + tr(s1 + s2 - 2 sqrt(s1 s2)), with pytorch-fid 0.3.0's numerics.
+
+    scipy's warnings on singular covariances (few images: `n`, the smaller side's count, not above the feature
+    dimension) are not printed; one line of ours says what they mean, once per run, given to `note`."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise DataError(f"FID statistics differ in size: {mu1.shape[0]} vs {mu2.shape[0]} features")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.17: no `disp`, same array
-    if not np.isfinite(covmean).all():
-        print(f"fid: sqrtm gave non-finite values; adding {eps} to the covariance diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    diff, d = mu1 - mu2, mu1.shape[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # scipy >= 1.17: no `disp`, same array
+        retried = not np.isfinite(covmean).all()
+        if retried:  # pytorch-fid's fallback
+            offset = np.eye(d) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    caught = [w for w in caught if issubclass(w.category, (linalg.LinAlgWarning, RuntimeWarning))]
+    few = f"{n} images for {d} features" if n is not None and n <= d else None
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            imag = np.max(np.abs(covmean.imag))
+            raise DataError(f"FID: sqrtm of the covariances has an imaginary component {imag:.3g} (pytorch-fid's "
+                            "error)" + (f"; {few}: use more images" if few else ""))
         covmean = covmean.real
+    if (few or caught or retried) and (n, d) not in _SAID:
+        _SAID.add((n, d))
+        why = few or "singular covariances"
+        note(f"warning: FID on {why}: the covariances are singular (scipy's sqrtm is inaccurate"
+              f"{', retried with eps*I' if retried else ''}), so this FID is noisy and biased high; "
+              "compare FIDs only at one number of images, ideally more than the feature dimension")
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
@@ -247,8 +265,9 @@ def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, w
 def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False):
     """FID of a sampler on a dataset's label maps against real (mu, sigma), e.g. for early stopping."""
     batches = ((b["fake"][0] + 1) / 2 for b in generate(sample, dataset, device, batch_size, seed))
-    mu, sigma = stats(features(net, batches, bf16))
-    return frechet_distance(mu, sigma, real[0], real[1])
+    feats = features(net, batches, bf16)
+    mu, sigma = stats(feats)
+    return frechet_distance(mu, sigma, real[0], real[1], n=len(feats))
 
 
 def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, device, batch_size, seed, bf16=False):
@@ -305,7 +324,7 @@ def jit_segmenter(path, device):
     """A TorchScript segmenter file, in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--segmenter {path}: file not found; expected a TorchScript segmenter "
+        raise DataError(f"--segmenter {path}: {no_file(path)}; expected a TorchScript segmenter "
                         "(input (B,3,H,W) in [0,1], output logits (B,C,H,W) over the dataset's channels)")
     try:
         return jit_load(path, device).eval()

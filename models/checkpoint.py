@@ -95,7 +95,8 @@ def out_dir(path, flag="--out", keep=True, replaces=()):
     writable, or one DataError line (a file in the way, a read-only file system, no permission). keep=False
     only checks: the folders it made for the check are removed again (a script that may still refuse its
     other inputs leaves nothing behind). `replaces`: an earlier run's outputs that this run rewrites, removed
-    now, so that a run that fails leaves no number that looks like its own."""
+    now, so that a run that fails leaves no number that looks like its own; names or glob patterns for the
+    folders of images a run writes ('images/*.png'): a rerun shows no image of another run."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DataError(f"{flag} {path}: is a file, expected a folder")
@@ -106,7 +107,9 @@ def out_dir(path, flag="--out", keep=True, replaces=()):
         probe.write_text("")
         probe.unlink()
         for name in replaces:
-            (path / name).unlink(missing_ok=True)
+            for f in path.glob(name):
+                if f.is_file():
+                    f.unlink()
     except OSError as e:
         raise DataError(f"{flag} {path}: cannot write there ({e.strerror})") from None
     if not keep:
@@ -127,10 +130,8 @@ def prepare_out(out, resume, overwrite, flag="--out"):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{flag} {out}: folder is not empty; continue the run with --resume, start over with "
                         "--overwrite, or choose another folder")
-    if out.is_dir() and overwrite:
-        for name in ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt"):
-            (out / name).unlink(missing_ok=True)
-    return out_dir(out, flag)
+    old = ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt", "samples/*.png") if overwrite else ()
+    return out_dir(out, flag, replaces=old)
 
 
 def check_device(name, flag="--device"):

@@ -182,6 +182,8 @@ def resolve(value, flag):
         if w.flag and w.flag != flag:
             raise DataError(f"{flag} {value}: these are the weights of {w.flag}, not of {flag}")
         return fetch(str(value))
+    if Path(value).is_dir():
+        raise DataError(f"{flag} {value}: is a folder, expected a file")
     return Path(value)
 
 

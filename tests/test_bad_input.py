@@ -479,9 +479,152 @@ def test_estimate_full_disk_leaves_no_affinity(W, offline, monkeypatch):
                                              "--out", str(out)]), "--out", "affinity.npy", "No space left on device")
     assert sorted(os.listdir(out)) == []
 
-# evaluate.py and data.py, round 2
+
+# evaluate.py and data.py, round 2 ({names} also from the fixture E below)
+EVAL_FID = [a for a in EVAL if a != "--no-fid"] + ["--fid-features", "{root}/feat.pt"]
 EVAL2 = {
+    "ev-piti-steps-oasis": (evaluate.main, EVAL + ["--piti-steps", "ddim50"],
+                            ["--piti-steps applies to PITI checkpoints"]),
+    "ev-piti-up-steps-oasis": (evaluate.main, EVAL + ["--piti-up-steps", "fast27"], ["--piti-up-steps", "PITI"]),
+    "ev-piti-steps-ddimabc": (evaluate.main, EVAL + ["--piti-steps", "ddimabc"],
+                              ["--piti-steps ddimabc: not a number of steps", "250", "ddim50", "10,10,3,2,2",
+                               "fast27"]),
+    "ev-piti-steps-abc": (evaluate.main, EVAL + ["--piti-steps", "abc"], ["--piti-steps abc", "ddim50"]),
+    "ev-piti-steps-too-many": (evaluate.main, EVAL + ["--piti-steps", "2000"],
+                               ["--piti-steps 2000: cannot take 2000 steps from a section of 1000"]),
+    "ev-piti-up-steps-zero": (evaluate.main, EVAL + ["--piti-up-steps", "0"],
+                              ["--piti-up-steps 0: no steps", "fast27"]),
+    "ev-piti-steps-ddim300": (evaluate.main, EVAL + ["--piti-steps", "ddim300"],
+                            ["--piti-steps ddim300: no integer stride gives 300 steps out of 1000", "ddim50"]),
+    "ev-grid-rows-negative": (evaluate.main, EVAL + ["--grid-rows", "-1"], ["--grid-rows", "'-1'", ">= 0"]),
+    "ev-stats-cache-is-file": (evaluate.main, EVAL_FID + ["--stats-cache", "{root}/a_file"],
+                               ["--stats-cache", "a_file", "is a file, expected a folder"]),
+    "ev-inception-folder": (evaluate.main, [a for a in EVAL if a != "--no-fid"] + ["--inception", "{root}"],
+                            ["--inception", "is a folder, expected a file"]),
+    "ev-fid-features-folder": (evaluate.main, EVAL_FID[:-1] + ["{root}"],
+                               ["--fid-features", "is a folder, expected a file"]),
+    "ev-segmenter-folder": (evaluate.main, EVAL + ["--segmenter", "{root}"],
+                            ["--segmenter", "is a folder, expected a file"]),
+    "ev-segmenter-weights-folder": (evaluate.main, EVAL + ["--segmenter", "deeplabv2", "--segmenter-weights", "{root}"],
+                                    ["--segmenter-weights", "is a folder, expected a file"]),
+    "ev-affinity-folder": (evaluate.main, EVAL + ["--source", "folder", "--source-root", "{ok}",
+                                                  "--affinity", "{root}"],
+                           ["--affinity", "is a folder, expected a file"]),
+    "ev-ckpt-folder-resume": (finetune_oasis.main, ["--out", "{root}/dir_run", "--resume"],
+                              ["--resume", "checkpoint.pt", "is a folder, expected a file"]),
+    "est-override-folder": (estimate_affinity.main, EST + ["--method", "random", "--override", "{root}"],
+                            ["{root}: is a folder, expected a file; expected a mapping file"]),
+    "info-subset-file-folder": (data.main, INFO + ["{ok}", "--subset-file", "{root}"],
+                                ["--subset-file", "is a folder, expected a file"]),
+    "info-no-val-split": (data.main, INFO + ["{train_only}", "--split", "val"],
+                          ["--data-root", "train_only", "has train/ but no val/"]),
+    "info-no-train-split": (data.main, INFO + ["{val_only}"], ["--data-root", "val_only", "has val/ but no train/"]),
+    "info-unpaired-says-extensions": (data.main, INFO + ["{unpaired_img}"],
+                                      ["without a label", "images .jpg/.jpeg/.png, labels .png"]),
+    "info-exif-size-mismatch": (data.main, INFO + ["{exif_bad}"],
+                                ["0.png", "label is 64x48", "is 48x64", "image turned by its EXIF orientation 6"]),
 }
+
+
+@pytest.fixture(scope="module")
+def E(W):
+    """Round-2 datasets: split folders with one split missing, a flat one, 'background' first in classes.txt,
+    JPEGs stored sideways with an EXIF orientation (6: turn 90 degrees clockwise) whose labels are upright
+    (exif_ok) or stored as the pixels lie (exif_bad)."""
+    ns = argparse.Namespace(**vars(W))
+    ns.train_only = make_ds(W.root / "train_only" / "train", n=2).parent
+    (ns.train_only / "classes.txt").write_text("sky\ngrass\n")
+    ns.val_only = make_ds(W.root / "val_only" / "val", n=2).parent
+    (ns.val_only / "classes.txt").write_text("sky\ngrass\n")
+    ns.flat = make_ds(W.root / "flat", n=2)
+    ns.background = make_ds(W.root / "background", n=2, classes="Background\nsky\n")
+    for name, label_size in (("exif_ok", (48, 64)), ("exif_bad", (64, 48))):
+        root = make_ds(W.root / name, n=2, size=label_size)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        for i in range(2):
+            (root / "images" / f"{i}.png").unlink()
+            Image.new("RGB", (64, 48), (200, 0, 0)).save(root / "images" / f"{i}.jpg", exif=exif)
+        setattr(ns, name, root)
+    (W.root / "dir_run" / "checkpoint.pt").mkdir(parents=True, exist_ok=True)
+    return ns
+
+
+@pytest.mark.parametrize("case", sorted(EVAL2))
+def test_evaluate_and_data_round2(E, case):
+    main, args, words = EVAL2[case]
+    one_line(lambda: main([a.format(**vars(E)) for a in args]), *[w.format(**vars(E)) for w in words])
+
+
+def test_val_split_of_a_flat_folder_is_said_once(E, capsys):
+    """A folder dataset without train/ and val/: its val split is the training images, said in one line, once."""
+    for _ in range(2):
+        assert len(data.open_dataset("folder", E.flat, "val")) == 2
+    lines = [s for s in capsys.readouterr().out.splitlines() if "warning" in s]
+    assert len(lines) == 1 and "has no train/ and val/ subfolders: the val split is the training images" in lines[0]
+    data.open_dataset("folder", E.flat, "train")
+    data.open_dataset("folder", E.train_only, "train")
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_background_as_first_class_is_warned(E, capsys):
+    data.main(INFO + [str(E.background)])
+    lines = [s for s in capsys.readouterr().out.splitlines() if "warning" in s]
+    assert len(lines) == 1
+    assert "classes.txt: line 1 'Background' is read as class 1 (label value 1); value 0 is unlabelled" in lines[0]
+    data.main(INFO + [str(E.ok)])
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_exif_rotated_jpeg_is_read_upright(E):
+    image, label = data.open_pair(*data.list_files("folder", E.exif_ok, "train")[0])
+    assert image.size == label.size == (48, 64) and image.exif_turned == 6
+    item = data.SegDataset("folder", E.exif_ok, size=64)[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"][0].min() > 0.5  # red everywhere, no black bars
+
+
+def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypatch):
+    """evaluate.py into a used --out and finetune --overwrite drop the earlier run's images, keep other files;
+    evaluate.py says why mIoU is skipped, and a tiny folder FID gives one warning line of ours."""
+    import metrics
+    ev = tmp_path / "ev"
+    for stale in ("images/xyz.png", "grid.png"):
+        (ev / stale).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(ev / stale)
+    (ev / "images" / "mine.txt").write_text("keep")
+    evaluate.main([a.format(**vars(E)) for a in EVAL[:-1]] + [str(ev), "--grid-rows", "0", "--workers", "0"])
+    assert not (ev / "images" / "xyz.png").exists() and not (ev / "grid.png").exists()
+    assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 4
+    out = capsys.readouterr().out
+    assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(run / "samples" / "xyz.png")
+    (run / "samples" / "notes.txt").write_text("keep")
+    finetune_oasis.main(SCRATCH[:-1] + ["--data-root", str(E.ok), "--out", str(run), "--overwrite",
+                                        "--stage2-steps", "0"])
+    assert not (run / "samples" / "xyz.png").exists() and (run / "samples" / "notes.txt").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(metrics, "_SAID", set())  # a fresh run: its FID note not said yet
+    evaluate.main(["--real-dir", str(E.fake), "--fake-dir", str(E.ok / "images"), "--fid-features",
+                   str(E.root / "feat.pt"), "--out", str(tmp_path / "fid"), "--workers", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [s.split()[0] for s in lines] == ["fid", "kid", "warning:", "wrote"], lines
+    assert "FID on 3 images for 12 features: the covariances are singular" in lines[2]
+
+
+def test_scipy_singular_matrix_warning_becomes_our_note(monkeypatch):
+    import metrics
+    monkeypatch.setattr(metrics, "_SAID", set())
+    rng = np.random.default_rng(8)  # 2 images of 4 features: scipy's sqrtm warns 'Matrix is singular'
+    a, b = rng.random((2, 4)), rng.random((2, 4))
+    notes = []
+    with warnings.catch_warnings(record=True) as leaked:
+        warnings.simplefilter("always")
+        fid = metrics.frechet_distance(*metrics.stats(a), *metrics.stats(b), n=2, note=notes.append)
+        metrics.frechet_distance(*metrics.stats(a), *metrics.stats(b), n=2, note=notes.append)
+    assert np.isfinite(fid) and not leaked and len(notes) == 1 and "FID on 2 images for 4 features" in notes[0]
+
 
 # flags every script shares, checkpoints and resume, round 2
 FT2 = SCRATCH + ["{ok}", "--out", "{root}/c2"]

@@ -409,7 +409,7 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
         ("--batch-size -2: expected at least 1", [*model, "--batch-size", -2]),
         ("--limit 0: expected at least 1", [*model, "--limit", 0]),
         ("--limit -1: expected at least 1", [*model, "--limit", -1]),
-        ("--grid-rows -1: expected at least 0", [*model, "--grid-rows", -1]),
+        ("--grid-rows: '-1': expected an integer >= 0", [*model, "--grid-rows", -1]),
         ("--samples-per-map 0: expected at least 1", [*model, "--samples-per-map", 0]),
     ]:
         with pytest.raises(DataError, match=match) as e:
