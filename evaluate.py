@@ -60,7 +60,7 @@ from data import add_data_args, class_table, dataset_from_args, load_affinity, n
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)
-from models.diffusion import space_timesteps
+from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
 from models.piti import load_piti_generator, palette
@@ -146,26 +146,13 @@ def get_args(argv=None):
     elif args.no_fid and flags(args, ("inception", "fid_features")):
         raise DataError(f"--no-fid skips FID: {', '.join(flags(args, ('inception', 'fid_features')))} would be ignored")
     for flag, spec in (("--piti-steps", args.piti_steps), ("--piti-up-steps", args.piti_up_steps)):
-        check_respacing(flag, spec)
+        if spec is not None:
+            check_respacing(spec, flag)
     if args.stats_cache and args.ckpt and not args.no_fid:
         checkpoint.out_dir(args.stats_cache, "--stats-cache", keep=False)  # a file in the way: one line now
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     return args
-
-
-def check_respacing(flag, spec):
-    """A PITI respacing as models/diffusion.py reads it (of the 1000 training steps), or one line."""
-    if spec is None:
-        return
-    why = "no steps"
-    try:
-        ok = bool(space_timesteps(1000, spec))
-    except ValueError as e:  # its own words when it has them ('no integer stride gives 7 steps'), not int()'s
-        ok, why = False, str(e).split(": ", 1)[1] if str(e).startswith("respacing") else "not a number of steps"
-    if not ok:
-        raise DataError(f"{flag} {spec}: {why}; expected a respacing of the 1000 diffusion steps: a step count "
-                        "(250), ddimN (ddim50), section counts (10,10,3,2,2) or fast27")
 
 
 # ----------------------------------------------------------------------------------------------

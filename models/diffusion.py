@@ -75,7 +75,7 @@ def check_respacing(spec, flag, T=1000):
     try:
         space_timesteps(T, spec)
     except ValueError as e:
-        raise DataError(f"{flag}: {e}; expected {RESPACINGS} within {T} steps") from None
+        raise DataError(f"{flag} '{spec}': {str(e).split(': ', 1)[-1]}; expected {RESPACINGS} within {T} steps") from None
     return spec
 
 
