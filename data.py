@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,7 +354,7 @@ def list_files(dataset, root, split):
         raise DataError(f"--data-root {root} has {other}/ but no {split}/ ({split}/images, {split}/labels); "
                         f"expected both splits, or one images/ + labels/ pair without splits")
     pairs = _pairs_by_stem(root / "images", root / "labels")
-    if split == "val" and root.resolve() not in _WARNED:
+    if split == "val" and root.resolve() not in _WARNED and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 says it
         _WARNED.add(root.resolve())
         print(f"warning: --data-root {root} has no train/ and val/ subfolders: the val split is the training "
               "images, so its FID (and best.pt) is measured on the images trained on; split them for a held-out score")
