@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 # The toy tables in BENCHMARKS.md were measured before finetune_oasis.py took the supplement's stage-2 set and the
-# official lr_D as defaults (2026-12-02). Their runs keep the settings they were measured with, written out, so that
+# official lr_D as defaults (2026-12-06). Their runs keep the settings they were measured with, written out, so that
 # their commands reproduce them: stage 2 = every SPADE-block layer (TWO_STAGE_AS_RECORDED, for the two-stage rows),
 # lr_D = 4 x lr_G (lr_opt).
 TWO_STAGE_AS_RECORDED = ["--g-train", "blocks"]
