@@ -739,18 +739,23 @@ def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys
     assert len(note) == 1 and "records no fingerprint of its training files" in note[0], note
 
 
-def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
-    """Ctrl-C at the second step: one line with the last checkpoint's step and the --resume command."""
-    args = tiny_run(W, tmp_path)
-    real, calls = finetune_oasis.train_step, []
+def ctrl_c_at_step_2(monkeypatch, script):
+    """The script's train_step raises KeyboardInterrupt (Ctrl-C) when it is called the second time."""
+    real, calls = script.train_step, []
 
-    def ctrl_c_at_step_2(*a, **k):
+    def step(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(finetune_oasis, "train_step", ctrl_c_at_step_2)
+    monkeypatch.setattr(script, "train_step", step)
+
+
+def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
+    """Ctrl-C at the second step: one line with the last checkpoint's step and the --resume command."""
+    args = tiny_run(W, tmp_path)
+    ctrl_c_at_step_2(monkeypatch, finetune_oasis)
     with pytest.raises(SystemExit) as e:
         cli(lambda: finetune_oasis.main(args))
     out = tmp_path / "run"
@@ -781,15 +786,7 @@ def test_piti_ctrl_c_resume_line_and_changed_dataset(W, piti_files, tmp_path, mo
             "toy-source", "--affinity", "none", "--data", "folder", "--data-root", str(tmp_path / "ds"), "--size", "64",
             "--batch", "2", "--prompts", "2", "--steps", "2", "--eval-every", "1", "--grid-n", "2", "--sample-steps",
             "2", "--up-steps", "2", "--device", "cpu"]
-    real, calls = finetune_piti.train_step, []
-
-    def ctrl_c_at_step_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(finetune_piti, "train_step", ctrl_c_at_step_2)
+    ctrl_c_at_step_2(monkeypatch, finetune_piti)
     with pytest.raises(SystemExit) as e:
         cli(lambda: finetune_piti.main(args))
     assert e.value.code == (f"interrupted: last checkpoint {out / 'checkpoint.pt'} (step 1); continue with: "
@@ -806,6 +803,7 @@ def test_piti_ctrl_c_resume_line_and_changed_dataset(W, piti_files, tmp_path, mo
 
 def test_at_least_forty_cases_beyond_the_listed_ones():
     assert len(SUBPROCESS) + len(IN_PROCESS) >= 60
+    assert len(PITI2) + len(EST2) + len(EVAL2) + len(COMMON2) >= 58  # the second round's cases (and more)
 
 
 # ---------------------------------------------------------------------------------------------- what is accepted
