@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import data
 import metrics
 from models import ArgumentParser, DataError, amp, checkpoint, cli, figures, oasis, segmenters
-from models.weights import names, resolve
+from models.weights import by_hand_missing, names, resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
 
@@ -404,9 +404,13 @@ def parse_weights(text):
 def missing_input(R, method):
     """What `method` lacks to run in a combination (the flags that give it), or None."""
     args = R.args
-    if method == "supervised" and not (args.source_ckpt or args.segmenter or args.segmenter_weights
-                                       or R.s_name in PAPER_SEGMENTER):
-        return "supervised needs --source-ckpt RUN|FILE (its discriminator segments) or --segmenter FILE (TorchScript)"
+    if method == "supervised" and not (args.source_ckpt or args.segmenter or args.segmenter_weights):
+        if R.s_name not in PAPER_SEGMENTER:
+            return "supervised needs --source-ckpt RUN|FILE (its discriminator segments) or --segmenter FILE (TorchScript)"
+        seg, names_ = PAPER_SEGMENTER[R.s_name]
+        why = [w for n in names_ if (w := by_hand_missing(n))]
+        if why:  # said now, not after the other methods ran
+            return f"supervised's default segmenter for --source {R.s_name}, {seg}: {why[0]}; or pass --source-ckpt"
     if method == "self-supervised":
         spec = args.source_data or args.source
         need = [] if args.dino_weights else [f"--dino-weights NAME|FILE ({'|'.join(names('--dino-weights'))})"]

@@ -90,6 +90,13 @@ def _by_hand(w, why):
             + (f" (or pass its path with {w.flag})" if w.flag else ""))
 
 
+def by_hand_missing(name):
+    """The one line saying what to get, when weight `name` has no download link and is not in the cache yet
+    (a run can refuse before it spends time on anything else); None when fetch(name) can work."""
+    w = WEIGHTS[name]
+    return None if w.url is not None or (cache_dir() / w.file).is_file() else _by_hand(w, "has no direct download link")
+
+
 def _url(w):
     mirror = os.environ.get("CAT_WEIGHTS_MIRROR")
     return f"{mirror.rstrip('/')}/{w.file}" if mirror else w.url

@@ -437,6 +437,10 @@ EST2 = {
     "est2-default-segmenter-by-name": (estimate_affinity.main, EST + ["--method", "supervised"],
                                        ["--source coco", "deeplabv2", "--segmenter-weights",
                                         "deeplabv2_resnet101_msc-cocostuff164k-100000.pth", "--source-ckpt"]),
+    "est2-default-segmenter-said-first": (estimate_affinity.main, EST + ["--text-encoder", "minilm", "--weights",
+                                                                         "text=1,supervised=1"],
+                                          ["--weights text=1,supervised=1", "default segmenter for --source coco",
+                                           "deeplabv2_resnet101_msc-cocostuff164k-100000.pth", "--weights text=1"]),
     "est2-minilm-and-clip": (estimate_affinity.main, EST + ["--text-encoder", "minilm", "--clip-weights", "c.pt"],
                              ["--clip-weights c.pt", "--text-encoder minilm"]),
 }
