@@ -65,6 +65,8 @@ RECIPES = {
 # 1e-4. The paper's rate is lr_G: official OASIS keeps lr_D = 4e-4 for every dataset (Cityscapes included).
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
 OASIS_LR_D = 4e-4
+OASIS_WIDTHS = {"channels": 64, "z_dim": 64, "spade_hidden": 128, "d_channels": [3, 128, 128, 256, 256, 512, 512],
+                "d_last": 64}  # the official widths: --init scratch's defaults
 
 SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe", "freeze_d"}  # meaningless with --init scratch
 # flags a resumed run takes from its checkpoint and refuses to change
@@ -111,14 +113,15 @@ def get_args(argv=None):
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
     g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
                    help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
-    g = p.add_argument_group("model widths (--init scratch only; a source model brings its own)")
-    g.add_argument("--channels", type=data.positive_int, default=64, help="G base width (official 64)")
-    g.add_argument("--z-dim", type=data.nonneg_int, default=64)
-    g.add_argument("--spade-hidden", type=data.positive_int, default=128)
-    g.add_argument("--d-channels", type=data.int_list, default=[3, 128, 128, 256, 256, 512, 512],
+    g = p.add_argument_group("model widths (--init scratch; a source model brings its own, and a width given with "
+                             "one must equal the source's)")
+    g.add_argument("--channels", type=data.positive_int, default=None, help="G base width (official 64)")
+    g.add_argument("--z-dim", type=data.nonneg_int, default=None, help="noise channels (official 64)")
+    g.add_argument("--spade-hidden", type=data.positive_int, default=None, help="SPADE hidden width (official 128)")
+    g.add_argument("--d-channels", type=data.int_list, default=None,
                    help="D encoder widths, comma separated: 3 (RGB), then one width per encoder block (at least two); "
-                        "images must be multiples of 2^blocks")
-    g.add_argument("--d-last", type=data.positive_int, default=64, help="width of D's last decoder block")
+                        "images must be multiples of 2^blocks (official 3,128,128,256,256,512,512)")
+    g.add_argument("--d-last", type=data.positive_int, default=None, help="width of D's last decoder block (official 64)")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
     g.add_argument("--batch", type=data.positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=float, default=None,
@@ -176,8 +179,11 @@ def get_args(argv=None):
         args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
     if args.lambda_labelmix < 0:
         raise DataError(f"--lambda-labelmix {args.lambda_labelmix}: expected a weight >= 0 (0 turns LabelMix off)")
+    if args.init == "scratch":
+        for k, v in OASIS_WIDTHS.items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     d = args.d_channels
-    if d[0] != 3 or len(d) < 3 or min(d) < 1:
+    if d is not None and (d[0] != 3 or len(d) < 3 or min(d) < 1):
         raise DataError(f"--d-channels {','.join(map(str, d))}: expected 3 (RGB) then at least two positive widths, "
                         "one per encoder block, e.g. 3,128,128,256,256,512,512")
     if args.ema_decay is None:
@@ -225,6 +231,14 @@ def build_models(args, target, size):
         return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
+    have = {"channels": src["G_kwargs"]["channels"], "z_dim": src["G_kwargs"]["z_dim"],
+            "spade_hidden": src["G_kwargs"]["spade_hidden"], "d_channels": list(src["D_kwargs"]["channels"]),
+            "d_last": src["D_kwargs"]["last_width"]}
+    for k, v in have.items():  # a width flag would be ignored: only the source's own value may be repeated
+        if getattr(args, k) not in (None, v):
+            flag, text = "--" + k.replace("_", "-"), lambda x: ",".join(map(str, x)) if isinstance(x, list) else x
+            raise DataError(f"{flag} {text(getattr(args, k))}: the source model {args.source_ckpt} has {flag} "
+                            f"{text(v)}; a source model brings its own widths (drop {flag})")
     G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
                            "cat_residual": not args.no_residual,
                            "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})
