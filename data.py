@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 # bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
-from models import ArgumentParser, DataError, checkpoint, cli
+from models import ArgumentParser, DataError, checkpoint, cli, no_file
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
@@ -65,11 +65,6 @@ class ClassTable:
 def _read_tsv(name):
     with open(CLASS_DIR / name, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
-
-
-def no_file(path):
-    """Why an expected file is not there, in a few words: a folder in its place, or nothing."""
-    return "is a folder, expected a file" if Path(path).is_dir() else "file not found"
 
 
 _WARNED = set()  # what a warning was printed for already: once per run

@@ -56,9 +56,7 @@ PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there 
 # mirror, window): on such exact ties the hard argmax picks the class the source generator was trained on.
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 # the supervised method's default for a source dataset: the paper's segmenter, its weight files by name
-PAPER_SEGMENTER = {"coco": ("deeplabv2", ["deeplabv2_cocostuff"]),
-                   "ade20k": ("upernet101", ["upernet101_encoder", "upernet101_decoder"]),
-                   "cityscapes": ("drn105", ["drn105_cityscapes"])}
+PAPER_SEGMENTER = {ds: (net, segmenters.WEIGHT_NAMES[net]) for ds, net in segmenters.DEFAULT_SEGMENTER.items()}
 OUTPUTS = ("mapping.md", "affinity.png", "affinity.json", "affinity.npy")  # written in this order, all or none
 
 

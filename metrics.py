@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from data import no_file, onehot
-from models import DataError, amp, figures, segmenters
+from data import onehot
+from models import DataError, amp, figures, no_file, segmenters
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
 from models.inception import INCEPTION_FILE, load_fid_inception

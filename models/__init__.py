@@ -1,8 +1,9 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
-stage shares: `DataError` for bad input, `ArgumentParser` whose flag errors are DataErrors, and `cli` to turn
-them into one line at a script's entry point."""
+stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
+are DataErrors, and `cli` to turn them into one line at a script's entry point."""
 import argparse
 import sys
+from pathlib import Path
 
 
 class DataError(ValueError):
@@ -17,6 +18,11 @@ class DataError(ValueError):
         if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
             args = (text.strip().splitlines()[-1].split(": ", 1)[-1],)
         super().__init__(*args)
+
+
+def no_file(path):
+    """Why an expected file is not there, in a few words: a folder in its place, or nothing."""
+    return "is a folder, expected a file" if Path(path).is_dir() else "file not found"
 
 
 class ArgumentParser(argparse.ArgumentParser):

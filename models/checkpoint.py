@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models import DataError
+from models import DataError, no_file
 
 
 def save(obj, path):
@@ -43,11 +43,11 @@ def load(path, flag="--ckpt", kinds=None, mmap=False):
     file, pickled objects."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{flag} {path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
+        raise DataError(f"{flag} {path}: {no_file(path)}")
     obj = torch_load(path, flag, mmap)
     require_dict(obj, path, flag, "a state dict or a checkpoint of this toolkit")
     if kinds is not None:
-        kind = obj.get("kind") if isinstance(obj, dict) else None
+        kind = obj.get("kind")
         if kind not in kinds:
             raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
                             f"expected kind {' or '.join(repr(k) for k in kinds)}")

@@ -651,11 +651,10 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
         checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth (a state dict), its run folder, or a '
                                 'checkpoint.pt of finetune_oasis.py')
         if isinstance(obj.get('kind'), str):  # a checkpoint of ours
-            if obj['kind'] == 'piti-cat':
-                raise DataError(f'{flag} {p}: a finetune_piti.py checkpoint (kind piti-cat); expected an OASIS '
-                                'model: an official OASIS run folder / .pth or a checkpoint.pt of finetune_oasis.py')
             if obj['kind'] != 'oasis-cat':
-                raise DataError(f"{flag} {p}: a '{obj['kind']}' checkpoint; expected an OASIS model")
+                what = 'finetune_piti.py' if obj['kind'] == 'piti-cat' else f"'{obj['kind']}'"
+                raise DataError(f"{flag} {p}: a {what} checkpoint (kind {obj['kind']}); expected an OASIS model: an "
+                                'official OASIS run folder / .pth or a checkpoint.pt of finetune_oasis.py')
             if obj['G_kwargs'].get('cat_nc') is not None:
                 raise DataError(f'{flag} {p}: already has CAT layers; a source model is a plain OASIS model '
                                 '(continue a CAT run with --resume)')

@@ -42,6 +42,9 @@ from models.checkpoint import torch_load
 NEG = -1e4  # logit of channels the segmenter has no class for (finite: softmax and bf16 stay finite)
 
 DEFAULT_SEGMENTER = {"coco": "deeplabv2", "ade20k": "upernet101", "cityscapes": "drn105"}
+# their official weight files by name (models/weights.py; upernet101: encoder, decoder)
+WEIGHT_NAMES = {"deeplabv2": ["deeplabv2_cocostuff"], "upernet101": ["upernet101_encoder", "upernet101_decoder"],
+                "drn105": ["drn105_cityscapes"]}
 DATASET_OF = {v: k for k, v in DEFAULT_SEGMENTER.items()}
 
 # Cityscapes trainIds 0..18 -> labelIds (mcordts/cityscapesScripts labels.py; checked against classes/ in tests).

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import DataError
+from models import DataError, no_file
 
 TIMEOUT = 20  # seconds for name lookup, connect and each read: offline fails fast instead of hanging
 
@@ -151,8 +151,9 @@ def fetch(name, path=None, progress=True):
     dest = cache_dir() / w.file
     if dest.is_file():
         return dest
-    if w.url is None:
-        raise DataError(_by_hand(w, "has no direct download link"))
+    missing = by_hand_missing(name)
+    if missing:
+        raise DataError(missing)
     url = _url(w)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def resolve(value, flag):
             raise DataError(f"{flag} {value}: these are the weights of {w.flag}, not of {flag}")
         return fetch(str(value))
     if Path(value).is_dir():
-        raise DataError(f"{flag} {value}: is a folder, expected a file")
+        raise DataError(f"{flag} {value}: {no_file(value)}")
     return Path(value)
 
 

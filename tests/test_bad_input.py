@@ -140,6 +140,13 @@ def one_line(fn, *words):
         assert w in msg, msg
 
 
+def refused_row(row, ns):
+    """A table row (main, args, words): main(args) raises one DataError line with every word; {names} in args and
+    words are filled from the fixture namespace `ns`."""
+    main, args, words = row
+    one_line(lambda: main([a.format(**vars(ns)) for a in args]), *[w.format(**vars(ns)) for w in words])
+
+
 # ---------------------------------------------------------------------------------------------- subprocess
 # (script, args with {names} filled from the fixture, words the one line must contain)
 
@@ -355,11 +362,10 @@ IN_PROCESS = {
 
 @pytest.mark.parametrize("case", sorted(IN_PROCESS))
 def test_main_refuses_in_one_line(W, case):
-    main, args, words = IN_PROCESS[case]
     for name, src in (("pickled_run", "pickled.pt"), ("piti_run", "piti_kind.pt"), ("trunc_piti", "trunc.pt")):
         (W.root / name).mkdir(exist_ok=True)
         (W.root / name / "checkpoint.pt").write_bytes((W.root / src).read_bytes())
-    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+    refused_row(IN_PROCESS[case], W)
 
 
 # ---------------------------------------------------------------------------------------------- round 2
@@ -395,8 +401,7 @@ PITI2 = {
 
 @pytest.mark.parametrize("case", sorted(PITI2))
 def test_piti_round2(W, case):
-    main, args, words = PITI2[case]
-    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+    refused_row(PITI2[case], W)
 
 
 # estimate_affinity.py, round 2 (an empty torch hub cache and no network: nothing is downloaded)
@@ -459,9 +464,8 @@ def offline(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", sorted(EST2))
 def test_estimate_round2(W, offline, case):
-    main, args, words = EST2[case]
     (W.root / "est2_dup.txt").write_text("sky -> sky\ngrass -> grass\nSky -> grass\n")
-    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+    refused_row(EST2[case], W)
     assert not (W.ok / "aff").exists()
 
 
@@ -555,8 +559,7 @@ def E(W):
 
 @pytest.mark.parametrize("case", sorted(EVAL2))
 def test_evaluate_and_data_round2(E, case):
-    main, args, words = EVAL2[case]
-    one_line(lambda: main([a.format(**vars(E)) for a in args]), *[w.format(**vars(E)) for w in words])
+    refused_row(EVAL2[case], E)
 
 
 def test_val_split_of_a_flat_folder_is_said_once(E, capsys):
@@ -690,8 +693,7 @@ def test_common_round2(W, case):
         torch.save(torch.zeros(3), W.root / "c2_tensor.pt")
         (W.root / "c2_tensor_run").mkdir()
         torch.save(torch.zeros(3), W.root / "c2_tensor_run" / "checkpoint.pt")
-    main, args, words = COMMON2[case]
-    one_line(lambda: main([a.format(**vars(W)) for a in args]), *[w.format(**vars(W)) for w in words])
+    refused_row(COMMON2[case], W)
 
 
 @pytest.mark.parametrize("error,words", [
