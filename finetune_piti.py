@@ -8,34 +8,24 @@ r"""Finetune the official PITI models on a few target images with Class Affinity
 
 The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
 affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
-encoder CNN and the last transformer block are trained; the UNet decoder stays fixed. Table 11 rows:
---train all (finetune everything), --prompts 0 (no prompts), --affinity none (no CAT: the 1x1 conv keeps
-PyTorch's default random init, as in finetune_oasis.py).
+encoder CNN and the last transformer block are trained; the UNet decoder stays fixed.
+--recipe names the rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as
+flag values that explicit flags override:
+  finetune        none of the three: the whole model trained, no prompts, the 1x1 conv keeps PyTorch's default
+                  random init (--train all --prompts 0 --affinity none), as finetune_oasis.py's 'finetune';
+  fixdec          + FixDec: the decoder fixed (--train fixdec --prompts 0 --affinity none);
+  fixdec-prompts  + Prompts: K learned prompt tokens (--train fixdec --affinity none);
+  cat             + CAT, the default: the 1x1 conv initialised from --affinity FILE.
 Loss: the official PITI base loss, eps MSE + the variational bound training the learned variance
-(uniform t); condition dropout (--uncond-p, the input becomes ones as in the official code) keeps
-classifier-free guidance working; AdamW without weight decay, EMA of the trained weights.
+(uniform t unless --schedule-sampler); condition dropout (--uncond-p, the input becomes ones as in the official
+code) keeps classifier-free guidance working; AdamW without weight decay, EMA of the trained weights.
 The upsampler is used as released (its own encoder gets the same CAT 1x1 conv, training-free) unless
 --finetune-upsampler, which trains it the same way on 8-bit bicubic low-res inputs, without condition
 dropout as the official upsampler (the official BSRGAN degradation, VGG and adversarial terms are left out).
 
-A PITI source for your own dataset (the official stage schedule), and the paper's Figure 3 baseline (PITI
-finetuned from GLIDE on the few target images, no CAT):
-
-    python finetune_piti.py --init glide --glide-ckpt glide/base.pt --recipe piti-stage1 \
-        --data ade20k --data-root ADEChallengeData2016 --out runs/ade_stage1
-    python finetune_piti.py --init glide --glide-ckpt glide/base.pt --recipe piti-stage1-cont \
-        --encoder runs/ade_stage1/base.pt --data ade20k --data-root ADEChallengeData2016 --out runs/ade_stage1c
-    python finetune_piti.py --init glide --glide-ckpt glide/base.pt --recipe piti-stage2 \
-        --encoder runs/ade_stage1c/base.pt --data ade20k --data-root ADEChallengeData2016 --out runs/ade_base
-    python finetune_piti.py --init glide --glide-up-ckpt glide/upsample.pt --recipe piti-upsample ... --out runs/ade_up
-
---init glide loads GLIDE's file unchanged into the decoder after the official key filter (the text tower out,
-transformer_proj kept; strict), with a fresh encoder (or --encoder: a stage-1 encoder file or an earlier run's
-base.pt); the label space is --data's classes. Every evaluation exports <out>/base.pt (and <out>/upsampler.pt),
-the EMA weights in the official flat format: the --base / --upsampler of a later CAT run (with --source set to
-that dataset). Recipes set --train, --uncond-p, --lr, --steps, --schedule-sampler and --ema-decay unless given
-(--batch is yours: the official global batch is 128 for the base stages, 4 for the upsampler). The
-loss-second-moment timestep sampler's loss history is part of the checkpoint, so resumes stay exact.
+A PITI source for another label space than COCO-Stuff, and the paper's Figure 3 baseline (PITI finetuned from
+GLIDE on the few target images, no CAT), are trained by pretrain_piti.py; its exported base.pt / upsampler.pt
+are the --base / --upsampler here (with --source set to that dataset).
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
 --fid-features (early stopping with --patience; <out>/best.pt keeps the best), <out>/checkpoint.pt written
@@ -47,7 +37,6 @@ without --resume or --overwrite. The checkpoint keeps the trained weights and th
 the best FID with its step.
 """
 import argparse
-import json
 import os
 import random
 import time
@@ -58,20 +47,28 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import metrics
-from models import DataError, amp, cli, diffusion, piti, piti_train
-from models.checkpoint import (append_log, broadcast_stop, check_data, check_device, data_fingerprint,
-                               init_distributed, interrupted, load, parse_with_given, prepare_out,
-                               resume_args, save, truncate_log)
+from models import DataError, amp, cli, diffusion, piti
+from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
+                               gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
+                               resume_args, save, step_seed, swapped, truncate_log)
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
-MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
-               "base_config", "up_config", "source", "source_root", "affinity", "data", "data_root", "n", "subset_seed",
-               "subset_file", "size", "prompts", "train", "finetune_upsampler", "batch", "ema_decay", "uncond_p", "seed")
+MODEL_FLAGS = ("recipe", "schedule_sampler", "base", "upsampler", "base_config", "up_config", "source", "source_root",
+               "affinity", "data", "data_root", "n", "subset_seed", "subset_file", "size", "prompts", "train",
+               "finetune_upsampler", "batch", "ema_decay", "uncond_p", "seed")
+
+# The rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as flag values;
+# flags given explicitly override a recipe's. prompts None: the default (8, or 0 for a training-free run).
+RECIPES = {
+    "finetune": dict(train="all", prompts=0, affinity="none"),
+    "fixdec": dict(train="fixdec", prompts=0, affinity="none"),
+    "fixdec-prompts": dict(train="fixdec", prompts=None, affinity="none"),
+    "cat": dict(train="fixdec", prompts=None),  # all three (needs --affinity FILE)
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,14 +84,6 @@ def build_parser():
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out (its run files are removed)")
     g = p.add_argument_group("source model")
-    g.add_argument("--init", default="piti", choices=["piti", "glide"],
-                   help="piti: CAT from released PITI files; glide: train PITI itself from GLIDE (a new source, or the "
-                        "Figure 3 baseline on a few-shot target)")
-    g.add_argument("--glide-ckpt", help="--init glide: GLIDE base.pt (openai/glide-text2im) for the base decoder")
-    g.add_argument("--glide-up-ckpt", help="--init glide: GLIDE upsample.pt; trains the upsampler too (or alone)")
-    g.add_argument("--encoder", help="--init glide: base encoder init, an official stage-1 file or a run's base.pt")
-    g.add_argument("--recipe", choices=sorted(piti_train.RECIPES),
-                   help="the official stage: " + piti_train.describe_recipes())
     g.add_argument("--base", help="official PITI base file (base_mask.pt, from the PITI README's 'Pretrained Models')")
     g.add_argument("--upsampler", help="official PITI upsampler file (upsample_mask.pt)")
     g.add_argument("--base-config", default="{}", help="JSON overrides of the released base configuration (tiny tests)")
@@ -105,12 +94,16 @@ def build_parser():
                    help="affinity.npy (target x source classes) from estimate_affinity.py, or 'none' for the no-CAT row "
                         "(the 1x1 conv keeps its random init)")
     data.add_data_args(p)
-    g = p.add_argument_group("CAT recipe (paper Table 11)")
+    g = p.add_argument_group("CAT variants (paper Table 11)")
+    g.add_argument("--recipe", default="cat", choices=list(RECIPES),
+                   help="a row of the paper's PITI ablation, as the flags below (explicit flags override): "
+                        + "; ".join(f"{k}: {' '.join(f'--{f} {v}' for f, v in r.items() if v is not None)}"
+                                    for k, r in RECIPES.items()))
     g.add_argument("--prompts", type=int, default=None,
                    help="learned prompt tokens K at the encoder input (default 8; 0, the source model, with --steps 0)")
-    g.add_argument("--train", default=None, choices=["fixdec", "all", "encoder"],
+    g.add_argument("--train", default=None, choices=["fixdec", "all"],
                    help="fixdec (CAT default): 1x1 conv, prompts, encoder CNN, last transformer block; all: the whole "
-                        "model (--init glide default); encoder: the encoder only (official stage 1)")
+                        "model")
     g.add_argument("--finetune-upsampler", action="store_true", help="also train the upsampler (same recipe)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=data.nonneg_int, default=5000)
@@ -146,9 +139,14 @@ def settings(argv):
     args, given = parse_with_given(build_parser(), argv)
     check_device(args.device)
     for flag in ("base_config", "up_config"):
-        setattr(args, flag, model_config(getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    if not args.resume:  # a resumed run's recipe and --init settings are in its checkpoint's args
-        piti_train.fresh_run_args(args, given)
+        setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
+    if not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
+        for k, v in RECIPES[args.recipe].items():
+            if k not in given:
+                setattr(args, k, v)
+        for flag in ("base", "upsampler", "affinity"):
+            if getattr(args, flag) is None:
+                raise DataError(f"--{flag} is required (see --help)")
         if args.prompts is None:  # a training-free run (--steps 0) is the source model: no random prompt tokens
             args.prompts = 0 if args.steps == 0 else 8
         if args.lr is None:
@@ -158,9 +156,10 @@ def settings(argv):
     ckpt = None
     if args.resume:
         ckpt = load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",))
-        resume_args(args, ckpt["args"], MODEL_FLAGS, given)  # runs from before --init keep the new flags' defaults
-    if args.init == "glide" and not args.glide_ckpt and (args.inception or args.fid_features):
-        raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
+        if ckpt.get("init") == "glide":
+            raise DataError(f"--resume {out / 'checkpoint.pt'}: a PITI pretraining run (from GLIDE); continue it with "
+                            f"pretrain_piti.py --out {out} --resume")
+        resume_args(args, ckpt["args"], MODEL_FLAGS, given)
     for flag, least in (("prompts", 0), ("batch", 1), ("guidance", 0), ("eval_every", 1), ("log_every", 1),
                         ("patience", 1)):
         if getattr(args, flag) < least:
@@ -170,56 +169,35 @@ def settings(argv):
     return args, ckpt
 
 
-def model_config(text, flag):
-    """--base-config / --up-config: a JSON object of PITI constructor arguments (a resumed run's: a dict)."""
-    try:
-        config = json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError as e:
-        raise DataError(f"{flag}: not JSON ({e})") from None
-    if not isinstance(config, dict):
-        kind = {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean",
-                "NoneType": "null"}[type(config).__name__]
-        raise DataError(f"{flag} {text}: is a JSON {kind}; expected an object of PITI constructor "
-                        f"arguments, e.g. '{{\"dropout\": 0.0}}'")
-    unknown = sorted(set(config) - set(piti.CONFIG_KEYS))
-    if unknown:
-        raise DataError(f"{flag}: unknown key(s) {', '.join(unknown)}; known: {', '.join(piti.CONFIG_KEYS)}")
-    return config
-
-
 def trainable(model, mode):
-    """FixDec's parameter set (or everything, or the encoder): names -> parameters, in model order."""
-    if mode in ("all", "encoder"):
-        return piti_train.trainable(model, mode)
+    """FixDec's parameter set (or everything): names -> parameters, in model order."""
+    if mode == "all":
+        return dict(model.named_parameters())
     last = f"encoder.transformer.resblocks.{len(model.encoder.transformer.resblocks) - 1}."
     keep = ("cat_map", "prompts", "encoder.cnn.", last)
     return {k: p for k, p in model.named_parameters() if k.startswith(keep)}
 
 
 def build(args, source, target, M, ckpt, device):
-    """The models (official weights + CAT layers, or GLIDE decoders for --init glide), what trains, its EMA,
-    optimiser and timestep samplers (restored from `ckpt`)."""
-    if args.init == "glide":  # PITI itself, in the data's own label space (no CAT)
-        base, up, models = piti_train.glide_models(args, target.n_channels)
-    else:
-        cat = dict(source_channels=source.n_channels, target_channels=target.n_channels)
-        base_kw = {**piti.BASE_KWARGS, **args.base_config, **cat, "prompts": args.prompts}
-        up_kw = {**piti.UP_KWARGS, **args.up_config, **cat, "prompts": args.prompts if args.finetune_upsampler else 0}
-        base = piti.load_official(args.base, super_res=False, config=base_kw)
-        up = piti.load_official(args.upsampler, super_res=True, config=up_kw)
-        torch.manual_seed(args.seed)  # prompts' random init (and the 1x1 conv's with --affinity none)
-        for m in (base, up):  # the upsampler's 1x1 conv gets the same affinity
-            m.reset_cat()
-            m.set_affinity(M) if M is not None else m.random_cat_map()
-        models = {"base": base, "up": up} if args.finetune_upsampler else {"base": base}
-    present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
+    """The models (official weights + CAT layers), what trains, its EMA, optimiser and timestep samplers (restored
+    from `ckpt`)."""
+    cat = dict(source_channels=source.n_channels, target_channels=target.n_channels)
+    base_kw = {**piti.BASE_KWARGS, **args.base_config, **cat, "prompts": args.prompts}
+    up_kw = {**piti.UP_KWARGS, **args.up_config, **cat, "prompts": args.prompts if args.finetune_upsampler else 0}
+    base = piti.load_official(args.base, super_res=False, config=base_kw)
+    up = piti.load_official(args.upsampler, super_res=True, config=up_kw)
+    torch.manual_seed(args.seed)  # prompts' random init (and the 1x1 conv's with --affinity none)
+    for m in (base, up):  # the upsampler's 1x1 conv gets the same affinity
+        m.reset_cat()
+        m.set_affinity(M) if M is not None else m.random_cat_map()
+    models = {"base": base, "up": up} if args.finetune_upsampler else {"base": base}
+    present = {"base": base, "up": up}
     params = {name: trainable(m, args.train) for name, m in models.items()}
     for name, m in models.items():
         m.requires_grad_(False)
         for p in params[name].values():
             p.requires_grad_(True)
-    saved = dict(params) if args.init == "glide" else \
-        {"base": params["base"], "up": params.get("up", {"cat_map": up.cat_map})}  # what a checkpoint keeps
+    saved = {"base": params["base"], "up": params.get("up", {"cat_map": up.cat_map})}  # what a checkpoint keeps
     ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
@@ -238,52 +216,23 @@ def build(args, source, target, M, ckpt, device):
     scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
     amp.restore([scaler], [(ckpt or {}).get("scaler")])
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
-    samplers = {name: piti_train.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
+    samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
     for name, state in (ckpt or {}).get("timestep_samplers", {}).items():
         samplers[name].load_state_dict(state)
-    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
     return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, saved=saved,
-                           ema=ema, opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
+                           ema=ema, opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=base.image_size,
                            step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
                            best_step=(ckpt or {}).get("best_step"), bad_evals=ckpt["bad_evals"] if ckpt else 0)
-
-
-def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None, gen=None,
-                  part=(0, 1)):
-    """Official PITI loss on one batch: q_sample at t from `sampler` (None: uniform), model output, mse + vb;
-    batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses).
-
-    The condition dropout, t and noise are drawn from `gen` for the whole global batch, of which this process
-    holds items rank::world (`part`): any number of torchrun ranks trains on the same draws as one process."""
-    rank, world = part
-    B, keep, dev = image.shape[0] * world, slice(rank, None, world), image.device
-    side = model.image_size
-    x0 = F.interpolate(image, (side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
-    ref = model.ref(label)
-    drop = (torch.rand(B, generator=gen) < uncond_p)[keep].to(dev)
-    ref = torch.where(drop[:, None, None, None], torch.ones_like(ref), ref)
-    if sampler is None or sampler.kind == "uniform":
-        t, weights = torch.randint(0, diff.num_timesteps, (B,), generator=gen)[keep].to(dev), None
-    else:
-        t, weights = sampler.sample(B, "cpu", generator=gen)
-        t, weights = t[keep].to(dev), weights[keep].to(dev)
-    noise = torch.randn((B, *x0.shape[1:]), generator=gen)[keep].to(dev, x0.dtype)
-    low = None
-    if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
-        low = diffusion.quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
-                                               align_corners=False))
-    terms = piti_train.diffusion_terms(model, diff, x0, ref, t, noise, low_res=low, amp=amp)
-    return {**piti_train.weighted_means(terms, weights), "per_sample": (t.detach(), terms["loss"].detach())}
 
 
 def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=1):
     """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms).
     Under torchrun each rank takes items rank::world of the global batch and the gradients are averaged."""
-    seed = piti_train.step_seed(args.seed, 0, s)
+    seed = step_seed(args.seed, 0, s)
     gen = torch.Generator().manual_seed(seed)  # t, noise, condition dropout of the global batch
     torch.manual_seed(seed + rank)  # UNet dropout
     items = []
-    for k, i in enumerate(piti_train.batch_indices(s, len(train_ds), args.batch, args.seed)):
+    for k, i in enumerate(batch_indices(s, len(train_ds), args.batch, args.seed)):
         if k % world == rank:
             random.seed(f"{seed}/{k}")  # the dataset's crop and flip, per item of the global batch
             items.append(train_ds[i])
@@ -295,10 +244,10 @@ def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=
     for name, m in net.models.items():
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
-        terms = training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                              net.low_side if name == "up" else None, amp=args.precision, sampler=net.samplers[name],
-                              gen=gen, part=(rank, world))
-        net.samplers[name].update(*(piti_train.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
+        terms = diffusion.training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
+                                        net.low_side if name == "up" else None, amp=args.precision,
+                                        sampler=net.samplers[name], gen=gen, part=(rank, world))
+        net.samplers[name].update(*(gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
         logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
     loss = total.detach().clone()
@@ -325,26 +274,15 @@ def train_step(net, args, train_ds, n_target_channels, s, device, rank=0, world=
 
 
 def evaluation(args, net, val_ds, n_target_channels, out, device):
-    """(sample, grid, fid): the EMA models' sampler, fixed val maps and seeds for grids, FID or None.
-
-    Base and upsampler: the cascade. Base alone (--init glide without an upsampler): its own samples. Upsampler
-    alone: it upsamples the 8-bit low-res versions of the grid's real images."""
+    """(sample, grid, fid): the EMA models' sampler (the base -> upsampler cascade), fixed val maps and seeds for
+    grids, FID or None."""
     grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
-    base, up, amp, ddim = net.base, net.up, args.precision, args.sample_steps.startswith("ddim")
+    ddim = args.sample_steps.startswith("ddim")
 
     def sample(label, seeds):
         gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-        if base is not None and up is not None:
-            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                                  guidance=args.guidance, ddim=ddim, amp=amp)
-        elif base is not None:
-            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
-                                 ddim=ddim, amp=amp)
-        else:
-            real = grid["real"][:len(label)].to(label.device)
-            low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
-                                                   align_corners=False))
-            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
+        x = diffusion.cascade(net.base, net.up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
+                              guidance=args.guidance, ddim=ddim, amp=args.precision)
         return metrics.resize_images(x, val_ds.size)
 
     return sample, grid, metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n,
@@ -352,14 +290,13 @@ def evaluation(args, net, val_ds, n_target_channels, out, device):
 
 
 def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
-    """EMA grid, FID, exported files (--init glide), log line, checkpoint.pt (and best.pt on a better FID);
-    True when early stopping says stop."""
+    """EMA grid, FID, log line, checkpoint.pt (and best.pt on a better FID); True when early stopping says stop."""
     for m in net.present:
         m.eval()
     better = stop = False
     with ExitStack() as stack:
         for name in net.params:
-            stack.enter_context(piti_train.swapped(net.params[name], net.ema[name]))
+            stack.enter_context(swapped(net.params[name], net.ema[name]))
         metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
         entry = {"step": s, "grid": f"samples/{s:06d}.png"}
         if fid is not None:
@@ -368,11 +305,8 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
             net.best_fid, net.bad_evals = (entry["fid"], 0) if better else (net.best_fid, net.bad_evals + 1)
             net.best_step = s if better else net.best_step
             stop = net.bad_evals >= args.patience
-        if args.init == "glide":  # the EMA weights as official flat files: a later run's --base / --upsampler
-            piti_train.export(net.models, out)
     state = {"kind": "piti-cat", "step": s, "args": vars(args), **info,
-             "base_kwargs": net.base.kwargs if net.base is not None else None,
-             "up_kwargs": net.up.kwargs if net.up is not None else None,
+             "base_kwargs": net.base.kwargs, "up_kwargs": net.up.kwargs,
              "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
              "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), "best_fid": net.best_fid,
              "best_step": net.best_step, "bad_evals": net.bad_evals}
@@ -401,19 +335,14 @@ def main(argv=None):
         check_data(ckpt.get("data"), data_fp, args)
     if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
         truncate_log(out / "log.jsonl", ckpt["step"])
-    if args.init == "glide":  # PITI itself from GLIDE, in the data's own label space (no CAT)
-        source, A, M = target, None, None
-    else:
-        source = data.class_table(args.source, args.source_root)
-        A, M = (None, None) if args.affinity == "none" else data.load_affinity(args.affinity, target, source)
+    source = data.class_table(args.source, args.source_root)
+    A, M = (None, None) if args.affinity == "none" else data.load_affinity(args.affinity, target, source)
 
-    # models (official weights + CAT layers, or GLIDE decoders), evaluation
+    # models (official weights + CAT layers), evaluation
     net = build(args, source, target, M, ckpt, device)
     sample, grid, fid = evaluation(args, net, val_ds, target.n_channels, out, device) if master else (None,) * 3
     files = {"base": args.base, "up": args.upsampler}
-    if args.init == "glide":  # the run's own exports are the models a sampler loads
-        files.update({name: out / piti_train.EXPORTS[name] for name in net.models})
-    info = {"init": args.init, "affinity": None if A is None else torch.from_numpy(A), "data": data_fp,
+    info = {"init": "piti", "affinity": None if A is None else torch.from_numpy(A), "data": data_fp,
             "source": {"dataset": source.dataset, "names": source.names, "n_channels": source.n_channels},
             "target": {"dataset": target.dataset, "names": target.names, "n_channels": target.n_channels},
             **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}

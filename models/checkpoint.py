@@ -8,6 +8,7 @@ import os
 import random
 import shlex
 import shutil
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -253,6 +254,51 @@ def truncate_log(path, step):
 def append_log(path, entry):
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stateless run mechanics of the PITI scripts (finetune_piti.py, pretrain_piti.py): batch order and per-step
+# seeds from (seed, step) alone, so a resumed run draws exactly what an uninterrupted one would; the EMA swap;
+# the global-batch order of per-rank items. Kept together: they belong to the run toolkit.
+
+
+def step_seed(seed, what, i):
+    """Independent seed for (run seed, what: 0 = a step's draws, 1 = an epoch's order, index)."""
+    return int(np.random.SeedSequence([seed, what, i]).generate_state(1)[0])
+
+
+def batch_indices(step, n, batch, seed):
+    """Items of a step: consecutive slices of per-epoch permutations (stateless, so resumes are exact)."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
+        out.append(int(perm[i]))
+    return out
+
+
+def gather(x, world):
+    """The global-batch order of a per-rank tensor of items rank::world (all ranks get it)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten()
+
+
+@contextmanager
+def swapped(params, ema):
+    """Temporarily put the EMA weights into the model (only the trained tensors are copied)."""
+    raw = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(raw[k])
 
 
 def rng_state(device):

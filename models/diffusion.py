@@ -5,7 +5,8 @@ the official improved-diffusion code; `training_losses` is PITI's base loss (eps
 training the learned variance). `sample` runs the respaced DDPM/DDIM loop with classifier-free guidance (cond
 and uncond halves in one batch, the encoder run once per sample); `cascade` chains base -> 8-bit -> upsampler.
 The models are `models.piti.PITI` (anything with `encode`, `denoise`, `ref`, `super_res`, `image_size`,
-`noise_schedule`).
+`noise_schedule`). `training_loss` is one batch of the official PITI training step (condition dropout, timesteps
+from a `TimestepSampler`, noise), shared by finetune_piti.py and pretrain_piti.py.
 """
 import math
 
@@ -271,3 +272,106 @@ def cascade(base, up, label, generator=None, steps=None, up_steps=None, guidance
                  progress=progress)
     return sample(up, up.ref(label), steps=up_steps, low_res=quantize(low), generator=generator, amp=amp,
                   progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the official timestep samplers (with state for exact resumes) and the loss of one batch
+
+
+class TimestepSampler:
+    """uniform, or loss-second-moment: p_t ∝ sqrt(E[loss_t^2]) over the last 10 losses of each t once every t
+    has 10, mixed with 0.1% uniform; before that uniform. sample() returns (t, weights = 1 / (T p_t))."""
+
+    def __init__(self, kind, num_timesteps, history=10, uniform_prob=0.001):
+        if kind not in ("uniform", "loss-second-moment"):
+            raise ValueError(f"unknown timestep sampler '{kind}'; expected uniform or loss-second-moment")
+        self.kind, self.T, self.history, self.uniform_prob = kind, num_timesteps, history, uniform_prob
+        self.loss_history = np.zeros((num_timesteps, history), dtype=np.float64)
+        self.loss_counts = np.zeros(num_timesteps, dtype=np.int64)
+
+    def warmed_up(self):
+        return bool((self.loss_counts == self.history).all())
+
+    def weights(self):
+        if self.kind == "uniform" or not self.warmed_up():
+            return np.ones(self.T, dtype=np.float64)
+        w = np.sqrt(np.mean(self.loss_history ** 2, axis=-1))
+        w /= np.sum(w)
+        w *= 1 - self.uniform_prob
+        w += self.uniform_prob / len(w)
+        return w
+
+    def sample(self, batch, device, generator=None):
+        """(t, weights) on `device`; uniform draws torch.randint (the generator's stream), else multinomial."""
+        if self.kind == "uniform":
+            t = torch.randint(0, self.T, (batch,), generator=generator, device=generator.device if generator else "cpu")
+            return t.to(device), torch.ones(batch, device=device)
+        w = self.weights()
+        p = w / np.sum(w)
+        t = torch.multinomial(torch.from_numpy(p), batch, replacement=True, generator=generator)
+        weights = torch.from_numpy(1 / (len(p) * p[t.numpy()])).float()
+        return t.to(device), weights.to(device)
+
+    def update(self, ts, losses):
+        """Record the per-sample losses of all ranks (the same call on every rank keeps them in step)."""
+        if self.kind == "uniform":
+            return
+        for t, loss in zip(np.asarray(ts).tolist(), np.asarray(losses, dtype=np.float64).tolist()):
+            if self.loss_counts[t] == self.history:
+                self.loss_history[t, :-1] = self.loss_history[t, 1:]
+                self.loss_history[t, -1] = loss
+            else:
+                self.loss_history[t, self.loss_counts[t]] = loss
+                self.loss_counts[t] += 1
+
+    def state_dict(self):
+        return {"kind": self.kind, "loss_history": torch.from_numpy(self.loss_history.copy()),
+                "loss_counts": torch.from_numpy(self.loss_counts.copy())}
+
+    def load_state_dict(self, state):
+        if state["kind"] != self.kind:
+            raise ValueError(f"timestep sampler state is '{state['kind']}', this run uses '{self.kind}'")
+        self.loss_history = state["loss_history"].numpy().astype(np.float64).copy()
+        self.loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()
+
+
+def diffusion_terms(model, diff, x0, ref, t, noise, low_res=None, amp=True):
+    """Per-sample official terms {loss, mse, vb} for x0 (B,3,H,W) in [-1,1], conditioning `ref`, timesteps t
+    (indices into `diff`), noise; `low_res` for the upsampler (bilinearly resized inside, as the official)."""
+    x_t = diff.q_sample(x0, t, noise)
+    with autocast(x0.device, amp):
+        out = model(x_t, diff.model_t(t), ref, low_res=low_res)
+    return diff.training_losses(out.float(), x0, x_t, t, noise)
+
+
+def weighted_means(terms, weights=None):
+    """Batch values as the official TrainLoop: mean(term * importance weight)."""
+    return {k: (v * weights).mean() if weights is not None else v.mean() for k, v in terms.items()}
+
+
+def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None, gen=None,
+                  part=(0, 1)):
+    """Official PITI loss on one batch: q_sample at t from `sampler` (None: uniform), model output, mse + vb;
+    batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses).
+
+    The condition dropout, t and noise are drawn from `gen` for the whole global batch, of which this process
+    holds items rank::world (`part`): any number of torchrun ranks trains on the same draws as one process."""
+    rank, world = part
+    B, keep, dev = image.shape[0] * world, slice(rank, None, world), image.device
+    side = model.image_size
+    x0 = F.interpolate(image, (side, side), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    ref = model.ref(label)
+    drop = (torch.rand(B, generator=gen) < uncond_p)[keep].to(dev)
+    ref = torch.where(drop[:, None, None, None], torch.ones_like(ref), ref)
+    if sampler is None or sampler.kind == "uniform":
+        t, weights = torch.randint(0, diff.num_timesteps, (B,), generator=gen)[keep].to(dev), None
+    else:
+        t, weights = sampler.sample(B, "cpu", generator=gen)
+        t, weights = t[keep].to(dev), weights[keep].to(dev)
+    noise = torch.randn((B, *x0.shape[1:]), generator=gen)[keep].to(dev, x0.dtype)
+    low = None
+    if low_res_side:  # upsampler: an 8-bit bicubic low-res version of the target
+        low = quantize(F.interpolate(x0, (low_res_side, low_res_side), mode="bicubic", antialias=True,
+                                     align_corners=False))
+    terms = diffusion_terms(model, diff, x0, ref, t, noise, low_res=low, amp=amp)
+    return {**weighted_means(terms, weights), "per_sample": (t.detach(), terms["loss"].detach())}

@@ -15,6 +15,7 @@ CAT (Careil et al. 2023) adds two things, both off the official key set:
 The diffusion schedules, the training loss and the samplers are in `models/diffusion.py`.
 """
 import inspect
+import json
 import math
 import os
 from functools import lru_cache
@@ -60,6 +61,24 @@ def official_kwargs(options, shrink=None):
                   n_tokens=shrink["n_tokens"], ref_size=shrink["ref_size"],
                   transformer_proj_in=shrink["transformer_proj_in"])
     return kw
+
+
+def config_overrides(text, flag):
+    """--base-config / --up-config (finetune_piti.py, pretrain_piti.py): a JSON object of constructor arguments
+    (CONFIG_KEYS) overriding a released configuration; a resumed run's is already a dict. DataError otherwise."""
+    try:
+        config = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError as e:
+        raise DataError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        kind = {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean",
+                "NoneType": "null"}[type(config).__name__]
+        raise DataError(f"{flag} {text}: is a JSON {kind}; expected an object of PITI constructor "
+                        f"arguments, e.g. '{{\"dropout\": 0.0}}'")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise DataError(f"{flag}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +462,7 @@ class PITI(nn.Module):
         return self.denoise(x, t, *self.encode(ref), low_res=low_res)
 
 
-# What a configuration override (finetune_piti.py --base-config / --up-config) may set: the constructor's
+# What a configuration override (config_overrides: --base-config / --up-config) may set: the constructor's
 # architecture arguments. super_res follows the file; the label channels and prompts are the run's own.
 CONFIG_KEYS = tuple(k for k in inspect.signature(PITI).parameters
                     if k not in ("super_res", "source_channels", "target_channels", "prompts"))

@@ -27,6 +27,7 @@ import estimate_affinity
 import evaluate
 import finetune_oasis
 import finetune_piti
+import pretrain_piti
 from models import DataError, checkpoint, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +213,8 @@ CAT = ["--source", "folder", "--source-root", "{three}", "--source-ckpt", "{ckpt
        "--data-root", "{ok}", "--size", "64", "--stage1-steps", "0", "--stage2-steps", "1", *TINY, "--out", "{root}/cat"]
 PITI = ["--data", "folder", "--data-root", "{ok}", "--size", "64", "--steps", "0", "--base", "b.pt", "--upsampler",
         "u.pt", "--affinity", "a.npy", "--out", "{root}/p"]
+PRE = ["--data", "folder", "--data-root", "{ok}", "--size", "64", "--steps", "0", "--glide-ckpt", "g.pt", "--out",
+       "{root}/pre"]
 EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--no-fid", "--out", "{root}/ev"]
 
 IN_PROCESS = {
@@ -347,8 +350,13 @@ IN_PROCESS = {
     "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "got 0"]),
     "piti-steps-not-int": (finetune_piti.main, PITI + ["--steps", "many"], ["--steps", "many"]),
     "piti-unknown-source": (finetune_piti.main, PITI + ["--source", "imagenet"], ["--source", "imagenet"]),
-    "piti-glide-without-ckpt": (finetune_piti.main, ["--out", "{root}/p", "--init", "glide", "--data", "folder",
-                                                     "--data-root", "{ok}"], ["--glide-ckpt"]),
+    "piti-init-glide-moved": (finetune_piti.main, PITI + ["--init", "glide"], ["unrecognized arguments: --init"]),
+    # pretrain_piti.py (fails before any model is built)
+    "pretrain-without-glide-ckpt": (pretrain_piti.main, ["--out", "{root}/p", "--data", "folder", "--data-root", "{ok}"],
+                                    ["--glide-ckpt", "--glide-up-ckpt"]),
+    "pretrain-fixdec": (pretrain_piti.main, PRE + ["--train", "fixdec"], ["--train", "invalid choice: 'fixdec'"]),
+    "pretrain-resume-cat-run": (pretrain_piti.main, ["--out", "{root}/piti_run", "--resume"],
+                                ["a CAT run", "finetune_piti.py --out", "--resume"]),
     "piti-resume-truncated": (finetune_piti.main, ["--out", "{root}/trunc_piti", "--resume"], ["--resume", "truncated"]),
     "piti-resume-wrong-kind": (finetune_piti.main, ["--out", "{root}/run", "--resume"], ["--resume", "piti-cat"]),
     "piti-out-is-file": (finetune_piti.main, PITI[:-2] + ["--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
@@ -636,7 +644,7 @@ def test_scipy_singular_matrix_warning_becomes_our_note(monkeypatch):
 FT2 = SCRATCH + ["{ok}", "--out", "{root}/c2"]
 CAT2 = CAT[:3] + ["{ok}"] + CAT[4:-2] + ["--out", "{root}/c2_cat", "--affinity", "none"]  # a valid CAT run
 SCRIPTS2 = {"est": (estimate_affinity.main, EST), "ft": (finetune_oasis.main, FT2), "piti": (finetune_piti.main, PITI),
-            "ev": (evaluate.main, EVAL)}
+            "pre": (pretrain_piti.main, PRE), "ev": (evaluate.main, EVAL)}
 COMMON2 = {
     **{f"{k}-device-banana": (m, a + ["--device", "banana"], ["--device 'banana'", "not a device name", "cpu"])
        for k, (m, a) in SCRIPTS2.items()},

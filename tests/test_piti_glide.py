@@ -1,4 +1,5 @@
-"""models/piti_train.py against the official code: GLIDE loading and one PITI training step (tests/golden/piti_train).
+"""models/glide.py (GLIDE loading), models/diffusion.py (the training loss, the timestep samplers) and
+pretrain_piti.py's parameter sets against the official code: one PITI training step (tests/golden/piti_train).
 
 The goldens (README there) were made by the official PITI training code (its GLIDE loading, its training loop's
 forward_backward and optimize_normal) and glide-text2im's model constructor, imported unchanged, in float32 on CPU.
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, TimestepSampler, diffusion_terms, weighted_means
+from models.glide import (CheckpointError, glide_decoder_state, glide_model, load_encoder, load_glide_decoder,
+                          official_state)
 from models.piti import PITI, official_kwargs
-from models.piti_train import (CheckpointError, TimestepSampler, diffusion_terms, glide_decoder_state, glide_model,
-                               load_encoder, load_glide_decoder, official_state, trainable, weighted_means)
+from pretrain_piti import trainable
 
 GOLD = Path(__file__).resolve().parent / "golden" / "piti_train"
 CASES = ["step_base_stage1.pt", "step_base_stage2.pt", "step_up.pt"]

@@ -1,5 +1,6 @@
-"""finetune_piti.py --init glide: a toy PITI source pretrained from a tiny GLIDE-format file (the official key layout,
-tests/golden/piti_train), used as the source of a CAT run; the Figure 3 baseline (GLIDE init on a few-shot target)."""
+"""pretrain_piti.py: a toy PITI source pretrained from a tiny GLIDE-format file (the official key layout,
+tests/golden/piti_train), used as the source of a finetune_piti.py CAT run; the Figure 3 baseline (GLIDE init on a
+few-shot target)."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import data
-import finetune_piti
+import pretrain_piti
 from models import DataError
 from models.piti import PITI, load_official, load_piti_generator
 from conftest import REPO
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convs: one torch thre
 
 
 def run(out, *extra, glide=("--glide-ckpt", str(GOLD / "glide_base_tiny.pt"))):
-    cmd = [sys.executable, "finetune_piti.py", "--out", str(out), "--init", "glide", *glide,
+    cmd = [sys.executable, "pretrain_piti.py", "--out", str(out), *glide,
            "--base-config", json.dumps(BASE), "--up-config", json.dumps(UP), "--batch", "2", "--log-every", "1",
            "--grid-n", "2", "--sample-steps", "4", "--up-steps", "4", "--lr", "1e-3", "--device", "cpu", *extra]
     return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
@@ -49,7 +50,7 @@ def test_toy_pretraining_from_glide_is_a_cat_source(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     half = run(tmp_path / "half", *common, "--steps", "10")
     assert half.returncode == 0, half.stderr[-2000:]
-    more = subprocess.run([sys.executable, "finetune_piti.py", "--out", str(tmp_path / "half"), "--resume", "--steps",
+    more = subprocess.run([sys.executable, "pretrain_piti.py", "--out", str(tmp_path / "half"), "--resume", "--steps",
                            "20", "--eval-every", "10", "--log-every", "1", "--grid-n", "2", "--sample-steps", "4",
                            "--device", "cpu"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=300)
@@ -99,7 +100,7 @@ def test_toy_pretraining_from_glide_is_a_cat_source(tmp_path):
 
 
 def test_figure3_baseline_glide_init_on_few_shot_target(tmp_path):
-    """--init glide on the few-shot target (stage-2 recipe: everything, condition dropout 0.2), base and upsampler
+    """GLIDE init on the few-shot target (stage-2 recipe: everything, condition dropout 0.2), base and upsampler
     from their GLIDE files; the checkpoint samples through load_piti_generator like a CAT one."""
     r = run(tmp_path / "fig3", "--glide-up-ckpt", str(GOLD / "glide_upsample_tiny.pt"), "--recipe", "piti-stage2",
             "--data", "toy-target", "--n", "4", "--steps", "2", "--eval-every", "2", "--batch", "2")
@@ -121,12 +122,29 @@ def test_glide_bad_input_one_line(tmp_path):
             glide=("--glide-ckpt", str(GOLD / "glide_upsample_tiny.pt")))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "GLIDE's upsample.pt" in r.stderr, r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1
-    common = ["--init", "glide", "--base-config", json.dumps(BASE), "--data", "toy-target", "--n", "4", "--steps", "1",
-              "--device", "cpu"]
+    common = ["--base-config", json.dumps(BASE), "--data", "toy-target", "--n", "4", "--steps", "1", "--device", "cpu"]
     glide = ["--glide-ckpt", str(GOLD / "glide_base_tiny.pt")]
-    for extra, msg in (([], "--glide-ckpt"), (glide + ["--train", "fixdec"], "fixdec"),
-                       (glide + ["--affinity", "a.npy"], "no --affinity"),
+    up = ["--glide-up-ckpt", str(GOLD / "glide_upsample_tiny.pt")]
+    for extra, msg in (([], "--glide-ckpt"), (glide + ["--train", "fixdec"], "invalid choice: 'fixdec'"),
+                       (glide + ["--affinity", "a.npy"], "unrecognized arguments: --affinity"),
+                       (up + ["--encoder", "enc.pt"], "--encoder initialises the base model's encoder"),
+                       (glide + up + ["--upsampler", "u.pt"], "--upsampler stands in"),
+                       (up + ["--fid-features", "f.pt"], "FID needs the base model"),
                        (glide + ["--encoder", str(GOLD / "glide_base_tiny.pt")], "not an encoder")):
         with pytest.raises(DataError, match=msg) as e:
-            finetune_piti.main(["--out", str(tmp_path / "b"), *common, *extra])
+            pretrain_piti.main(["--out", str(tmp_path / "b"), *common, *extra])
         assert "\n" not in str(e.value)
+
+
+def test_scripts_refuse_each_others_runs(tmp_path):
+    """A pretraining run is continued by pretrain_piti.py, a CAT run by finetune_piti.py: each script's --resume
+    names the other one (one line) instead of reading flags that do not apply."""
+    import finetune_piti
+    (tmp_path / "glide_run").mkdir()
+    (tmp_path / "cat_run").mkdir()
+    torch.save({"kind": "piti-cat", "init": "glide", "args": {}}, tmp_path / "glide_run" / "checkpoint.pt")
+    torch.save({"kind": "piti-cat", "init": "piti", "args": {}}, tmp_path / "cat_run" / "checkpoint.pt")
+    with pytest.raises(DataError, match="continue it with pretrain_piti.py"):
+        finetune_piti.main(["--out", str(tmp_path / "glide_run"), "--resume", "--device", "cpu"])
+    with pytest.raises(DataError, match="continue it with finetune_piti.py"):
+        pretrain_piti.main(["--out", str(tmp_path / "cat_run"), "--resume", "--device", "cpu"])

@@ -1,0 +1,410 @@
+r"""Train PITI itself from GLIDE, the official way: a PITI source for your own label space, or the paper's
+Figure 3 baseline (PITI finetuned from GLIDE on the few target images, no CAT).
+
+PITI released only COCO-Stuff models. The official mask schedule, on ADE20K (GLIDE's files in glide/):
+
+    python pretrain_piti.py --glide-ckpt glide/base.pt --recipe piti-stage1 \
+        --data ade20k --data-root ADEChallengeData2016 --out runs/ade_stage1
+    python pretrain_piti.py --glide-ckpt glide/base.pt --recipe piti-stage1-cont \
+        --encoder runs/ade_stage1/base.pt --data ade20k --data-root ADEChallengeData2016 --out runs/ade_stage1c
+    python pretrain_piti.py --glide-ckpt glide/base.pt --recipe piti-stage2 \
+        --encoder runs/ade_stage1c/base.pt --data ade20k --data-root ADEChallengeData2016 --out runs/ade_base
+    python pretrain_piti.py --glide-up-ckpt glide/upsample.pt --recipe piti-upsample ... --out runs/ade_up
+    # Figure 3's baseline: base and upsampler from GLIDE, everything trained on 100 target images
+    python pretrain_piti.py --glide-ckpt glide/base.pt --glide-up-ckpt glide/upsample.pt --recipe piti-stage2 \
+        --steps 5000 --data folder --data-root my_data --n 100 --out runs/fig3
+
+GLIDE's file goes unchanged into the decoder after the official key filter (the text tower out, transformer_proj
+kept; strict), with a fresh encoder (or --encoder: a stage-1 encoder file or an earlier run's base.pt); the
+label space is --data's classes (models/glide.py). Every evaluation exports <out>/base.pt (and
+<out>/upsampler.pt), the EMA weights in the official flat format: the --base / --upsampler of a later
+finetune_piti.py run (with --source set to this dataset). A run that trains the base alone samples its grids
+(and FID) from the base alone, or through --upsampler (a PITI upsampler of this label space); one that trains
+the upsampler alone upsamples the 8-bit low-res versions of the grid's real images (grids only).
+
+--recipe sets --train, --uncond-p, --lr, --steps, --schedule-sampler and --ema-decay unless given (--batch is
+yours: the official global batch is 128 for the base stages, 4 for the upsampler). Loss: the official PITI
+loss (eps MSE + the variational bound training the learned variance), AdamW without weight decay, EMA of the
+trained weights. The loss-second-moment timestep sampler's loss history is part of the checkpoint, so resumes
+stay exact.
+
+Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-features (early stopping with
+--patience; <out>/best.pt keeps the best), the exports and <out>/checkpoint.pt written atomically. Each step
+draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run, taking the
+run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
+may). A non-empty --out is refused without --resume or --overwrite. The checkpoint (a 'piti-cat' one with
+init 'glide', which evaluate.py samples from) keeps the trained weights and the exported files' paths. The
+last line printed names the steps trained, the checkpoint and the best FID with its step.
+"""
+import argparse
+import os
+import random
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import metrics
+from models import DataError, amp, cli, diffusion, glide, piti
+from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
+                               gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
+                               resume_args, save, step_seed, swapped, truncate_log)
+
+# flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
+MODEL_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "upsampler", "base_config",
+               "up_config", "data", "data_root", "n", "subset_seed", "subset_file", "size", "train", "batch",
+               "ema_decay", "uncond_p", "seed")
+
+# The official stage schedule (PITI's mask_finetune_*.sh). official_batch is the official global batch
+# (8 GPUs x 16 for the base); everything else applies unless given on the command line.
+RECIPES = {
+    "piti-stage1": dict(train="encoder", uncond_p=0.0, lr=3.5e-5, steps=200_000, official_batch=128,
+                        schedule_sampler="loss-second-moment", ema_decay=0.9999,
+                        doc="encoder only, decoder = GLIDE base, no condition dropout"),
+    "piti-stage1-cont": dict(train="encoder", uncond_p=0.2, lr=2e-5, steps=60_000, official_batch=128,
+                             schedule_sampler="loss-second-moment", ema_decay=0.9999,
+                             doc="encoder only from the stage-1 EMA (--encoder), condition dropout 0.2"),
+    "piti-stage2": dict(train="all", uncond_p=0.2, lr=3.5e-5, steps=200_000, official_batch=128,
+                        schedule_sampler="loss-second-moment", ema_decay=0.9999,
+                        doc="everything, decoder = GLIDE base, encoder = stage-1-cont EMA (--encoder); open-ended"),
+    "piti-upsample": dict(train="all", uncond_p=0.0, lr=1e-5, steps=200_000, official_batch=4, schedule_sampler="uniform",
+                          ema_decay=0.9999, doc="the upsampler: everything from GLIDE upsample.pt, fresh encoder"),
+}
+EXPORTS = {"base": "base.pt", "up": "upsampler.pt"}  # the trained models as official flat files
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is a DataError (one line from cli()), not argparse's SystemExit; --help still exits."""
+        raise DataError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, base.pt, upsampler.pt, log.jsonl, "
+                   "samples/, subset.txt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out (its run files are removed)")
+    g = p.add_argument_group("GLIDE files and the official stage")
+    g.add_argument("--glide-ckpt", help="GLIDE base.pt (openai/glide-text2im): trains the base model")
+    g.add_argument("--glide-up-ckpt", help="GLIDE upsample.pt: trains the upsampler too (or alone)")
+    g.add_argument("--encoder", help="base encoder init: an official stage-1 file or a run's base.pt (default: fresh)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="the official stage: " + "; ".join(
+        f"{name}: {r['doc']} (lr {r['lr']:g}, uncond_p {r['uncond_p']:g}, {r['schedule_sampler']} t)"
+        for name, r in RECIPES.items()))
+    g.add_argument("--train", default=None, choices=["all", "encoder"],
+                   help="all (default): the whole model; encoder: the encoder only (official stage 1)")
+    g.add_argument("--upsampler", help="a PITI upsampler of --data's label space (e.g. an earlier run's "
+                   "upsampler.pt) for the grids and FID of a base-only run; not trained")
+    g.add_argument("--base-config", default="{}", help="JSON overrides of the released base configuration (tiny tests)")
+    g.add_argument("--up-config", default="{}", help="JSON overrides of the released upsampler configuration")
+    data.add_data_args(p)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=data.nonneg_int, default=5000)
+    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--lr", type=data.positive_float, default=None, help="default: the recipe's, else 7e-5 for a "
+                   "Cityscapes target and 2e-4 otherwise (the paper's few-shot rates)")
+    g.add_argument("--ema-decay", type=data.unit_float, default=0.999, help="EMA of the trained weights (official 0.9999)")
+    g.add_argument("--uncond-p", type=data.unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
+    g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
+                   help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")
+    g.add_argument("--seed", type=data.nonneg_int, default=0)
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-every", type=int, default=500, help="grid + FID + exports + checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--grid-n", type=data.positive_int, default=4, help="validation label maps in the sample grid")
+    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
+                   + diffusion.RESPACINGS)
+    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID, the same forms")
+    g.add_argument("--guidance", type=data.finite_float, default=diffusion.GUIDANCE,
+                   help="classifier-free guidance scale (>= 0; official base 1.3, 1 = none)")
+    g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
+                   "once): early stopping on val FID")
+    g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
+    g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
+    return p
+
+
+def settings(argv):
+    """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
+    args, given = parse_with_given(build_parser(), argv)
+    check_device(args.device)
+    for flag in ("base_config", "up_config"):
+        setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
+    if not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
+        for k, v in RECIPES[args.recipe].items() if args.recipe else ():
+            if k not in ("doc", "official_batch") and k not in given:
+                setattr(args, k, v)
+        if not (args.glide_ckpt or args.glide_up_ckpt):
+            raise DataError("pretrain_piti.py needs --glide-ckpt (GLIDE base.pt) and/or --glide-up-ckpt (upsample.pt)")
+        if args.encoder and not args.glide_ckpt:
+            raise DataError("--encoder initialises the base model's encoder: it needs --glide-ckpt")
+        if args.upsampler and args.glide_up_ckpt:
+            raise DataError("--upsampler stands in for an upsampler this run does not train: not with --glide-up-ckpt")
+        args.train = args.train or "all"
+        if args.lr is None:
+            args.lr = 7e-5 if args.data == "cityscapes" else 2e-4
+    master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone owns the run folder
+    out = prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
+    ckpt = None
+    if args.resume:
+        ckpt = load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",))
+        if ckpt.get("init") != "glide":
+            raise DataError(f"--resume {out / 'checkpoint.pt'}: a CAT run, not a pretraining one; continue it with "
+                            f"finetune_piti.py --out {out} --resume")
+        resume_args(args, ckpt["args"], MODEL_FLAGS, given)
+    if not args.glide_ckpt and (args.inception or args.fid_features):
+        raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
+    for flag, least in (("batch", 1), ("guidance", 0), ("eval_every", 1), ("log_every", 1), ("patience", 1)):
+        if getattr(args, flag) < least:
+            raise DataError(f"--{flag.replace('_', '-')} >= {least} expected, got {getattr(args, flag)}")
+    for flag in ("sample_steps", "up_steps"):
+        diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    return args, ckpt
+
+
+def trainable(model, mode):
+    """Parameters a stage optimises: 'encoder' (stages 1 and 1-cont) or 'all' (stage 2, the upsampler)."""
+    if mode == "encoder":
+        return {k: p for k, p in model.named_parameters() if k.startswith("encoder.")}
+    return dict(model.named_parameters())
+
+
+def build(args, n_channels, ckpt, device):
+    """The models (decoders from the GLIDE files, in --data's label space), what trains, its EMA, optimiser and
+    timestep samplers (restored from `ckpt`)."""
+    own = {"source_channels": n_channels}
+    base = up = None
+    if args.glide_ckpt:
+        base = glide.glide_model(args.glide_ckpt, False, {**args.base_config, **own}, encoder=args.encoder,
+                                 seed=args.seed)
+    if args.glide_up_ckpt:
+        up = glide.glide_model(args.glide_up_ckpt, True, {**args.up_config, **own}, seed=args.seed + 1)
+    elif args.upsampler:  # not trained: it upsamples the base's grids and FID samples
+        up = piti.load_official(args.upsampler, super_res=True, config={**piti.UP_KWARGS, **args.up_config, **own})
+    models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}
+    present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
+    params = {name: trainable(m, args.train) for name, m in models.items()}
+    for name, m in models.items():
+        m.requires_grad_(False)
+        for p in params[name].values():
+            p.requires_grad_(True)
+    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
+    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
+    if ckpt is not None:
+        for name in models:
+            present[name].load_state_dict(ckpt[name], strict=False)
+        ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
+    for m in present.values():
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
+    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
+        opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
+    amp.restore([scaler], [(ckpt or {}).get("scaler")])
+    diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
+    samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
+    for name, state in (ckpt or {}).get("timestep_samplers", {}).items():
+        samplers[name].load_state_dict(state)
+    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
+    return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, ema=ema,
+                           opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
+                           step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
+                           best_step=(ckpt or {}).get("best_step"), bad_evals=ckpt["bad_evals"] if ckpt else 0)
+
+
+def train_step(net, args, train_ds, n_channels, s, device, rank=0, world=1):
+    """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms).
+    Under torchrun each rank takes items rank::world of the global batch and the gradients are averaged."""
+    seed = step_seed(args.seed, 0, s)
+    gen = torch.Generator().manual_seed(seed)  # t, noise, condition dropout of the global batch
+    torch.manual_seed(seed + rank)  # UNet dropout
+    items = []
+    for k, i in enumerate(batch_indices(s, len(train_ds), args.batch, args.seed)):
+        if k % world == rank:
+            random.seed(f"{seed}/{k}")  # the dataset's crop and flip, per item of the global batch
+            items.append(train_ds[i])
+    image = torch.stack([it["image"] for it in items]).to(device)
+    label = torch.stack([it["label"] for it in items]).to(device)
+    if label.max() >= n_channels:
+        raise DataError(f"label id {int(label.max())} beyond the {n_channels} channels of --data")
+    logs, total = {}, 0.0
+    for name, m in net.models.items():
+        m.train()
+        # the official upsampler is never trained unconditionally (it samples without guidance)
+        terms = diffusion.training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
+                                        net.low_side if name == "up" else None, amp=args.precision,
+                                        sampler=net.samplers[name], gen=gen, part=(rank, world))
+        net.samplers[name].update(*(gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
+        total = total + terms["loss"]
+        logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
+    loss = total.detach().clone()
+    if world > 1:  # the global batch's mean; a NaN anywhere stops every rank
+        dist.all_reduce(loss)
+        loss /= world
+    loss = loss.item()
+    if not np.isfinite(loss):
+        raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
+                        "(lower --lr?)")
+    net.opt.zero_grad(set_to_none=True)
+    net.scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
+    if world > 1:  # the global batch's gradient: each rank's mean over its equal share, averaged
+        for p in (p for ps in net.params.values() for p in ps.values()):
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    net.scaler.step(net.opt)  # skips a step whose gradients overflowed (fp16), else net.opt.step()
+    net.scaler.update()
+    with torch.no_grad():
+        for name, ps in net.params.items():
+            for k, p in ps.items():
+                net.ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+    return loss, logs
+
+
+def evaluation(args, net, val_ds, out, device):
+    """(sample, grid, fid): the EMA models' sampler, fixed val maps and seeds for grids, FID or None.
+
+    Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the 8-bit
+    low-res versions of the grid's real images."""
+    grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
+    base, up, amp, ddim = net.base, net.up, args.precision, args.sample_steps.startswith("ddim")
+
+    def sample(label, seeds):
+        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+        if base is not None and up is not None:
+            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
+                                  guidance=args.guidance, ddim=ddim, amp=amp)
+        elif base is not None:
+            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
+                                 ddim=ddim, amp=amp)
+        else:
+            real = grid["real"][:len(label)].to(label.device)
+            low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
+                                                   align_corners=False))
+            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
+        return metrics.resize_images(x, val_ds.size)
+
+    return sample, grid, metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n,
+                                                out / "fid_cache", device, args.batch, args.seed)
+
+
+def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
+    """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID);
+    True when early stopping says stop."""
+    for m in net.present:
+        m.eval()
+    better = stop = False
+    with ExitStack() as stack:
+        for name in net.params:
+            stack.enter_context(swapped(net.params[name], net.ema[name]))
+        metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+        entry = {"step": s, "grid": f"samples/{s:06d}.png"}
+        if fid is not None:
+            entry["fid"] = fid()
+            better = net.best_fid is None or entry["fid"] < net.best_fid
+            net.best_fid, net.bad_evals = (entry["fid"], 0) if better else (net.best_fid, net.bad_evals + 1)
+            net.best_step = s if better else net.best_step
+            stop = net.bad_evals >= args.patience
+        for name, m in net.models.items():  # the EMA weights: a later run's --base / --upsampler
+            save(glide.official_state(m), out / EXPORTS[name])
+    state = {"kind": "piti-cat", "step": s, "args": vars(args), **info,
+             "base_kwargs": net.base.kwargs if net.base is not None else None,
+             "up_kwargs": net.up.kwargs if net.up is not None else None,
+             "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
+             "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), "best_fid": net.best_fid,
+             "best_step": net.best_step, "bad_evals": net.bad_evals}
+    for name, ps in net.params.items():
+        state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
+        state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()}
+    append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+    save(state, out / "checkpoint.pt")
+    if better:
+        save(state, out / "best.pt")
+    return stop
+
+
+def main(argv=None):
+    args, ckpt = settings(argv)
+    ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
+    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
+    master, out = rank == 0, Path(args.out)
+
+    # data: PITI is trained in --data's own label space (no CAT, no affinity)
+    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and not args.resume else None)
+    val_ds = data.dataset_from_args(args, "val")
+    classes = train_ds.classes
+    data_fp = data_fingerprint(train_ds)  # a resumed run must train on the same files
+    if ckpt is not None:
+        check_data(ckpt.get("data"), data_fp, args)
+    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
+        truncate_log(out / "log.jsonl", ckpt["step"])
+
+    # models (GLIDE decoders), evaluation
+    net = build(args, classes.n_channels, ckpt, device)
+    sample, grid, fid = evaluation(args, net, val_ds, out, device) if master else (None,) * 3
+    files = {"base": None, "up": args.upsampler}
+    files.update({name: out / EXPORTS[name] for name in net.models})  # the run's own exports: what a sampler loads
+    table = {"dataset": classes.dataset, "names": classes.names, "n_channels": classes.n_channels}
+    info = {"init": "glide", "affinity": None, "data": data_fp, "source": table, "target": table,
+            **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
+    def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
+        return broadcast_stop(evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False, device)
+
+    if ckpt is None and (save_and_stop(0) or args.steps == 0):  # the model before training
+        return finish(ddp, master, net, out, 0)
+
+    # training
+    start = last = done = net.step  # `last`: the step of the last checkpoint written
+    if ckpt is not None and master:
+        print(f"resuming from step {start} of {args.steps} ({out / 'checkpoint.pt'})")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain_piti", disable=not master)
+    t0 = time.time()
+    try:
+        for s in bar:
+            loss, logs = train_step(net, args, train_ds, classes.n_channels, s, device, rank, world)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            done = s + 1
+            if master and (done % args.log_every == 0 or done == args.steps):
+                append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                                               "sec_per_step": (time.time() - t0) / (done - start)})
+            if done % args.eval_every == 0 or done == args.steps:
+                stop = save_and_stop(done)
+                last = done
+                if stop:
+                    if master:
+                        print(f"early stop at step {done}: no better FID in {args.patience} evaluations "
+                              f"(best {net.best_fid:.2f})")
+                    break
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
+        raise interrupted("pretrain_piti.py", args, parse_with_given(build_parser(), argv)[1], last) from None
+    finish(ddp, master, net, out, done)
+
+
+def finish(ddp, master, net, out, steps):
+    """The run's last line (rank 0): steps trained, its checkpoint, the best FID where there is one."""
+    if master:
+        at = f" at step {net.best_step}" if net.best_step is not None else ""
+        best = f", best FID {net.best_fid:.2f}{at} ({out / 'best.pt'})" if net.best_fid is not None else ""
+        print(f"done: {steps} steps, checkpoint {out / 'checkpoint.pt'}{best}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)
