@@ -98,7 +98,7 @@ def build_parser():
     g.add_argument("--recipe", default="cat", choices=list(RECIPES),
                    help="a row of the paper's PITI ablation, as the flags below (explicit flags override): "
                         + "; ".join(f"{k}: {' '.join(f'--{f} {v}' for f, v in r.items() if v is not None)}"
-                                    for k, r in RECIPES.items()))
+                                    for k, r in RECIPES.items()) + " --affinity FILE (the default)")
     g.add_argument("--prompts", type=int, default=None,
                    help="learned prompt tokens K at the encoder input (default 8; 0, the source model, with --steps 0)")
     g.add_argument("--train", default=None, choices=["fixdec", "all"],

@@ -538,9 +538,9 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
     models = []
     for part, path, sr in (("base", base, False), ("up", upsampler, True)):
         path = path or ckpt[f"{part}_file"]
-        if not path or not ckpt.get(f"{part}_kwargs"):  # an --init glide run that trained one of the two
+        if not path or not ckpt.get(f"{part}_kwargs"):  # a pretrain_piti.py run that trained one of the two
             raise DataError(f"the checkpoint has no {'upsampler' if sr else 'base'} model; pass one of this label "
-                            f"space (e.g. the upsampler.pt of a finetune_piti.py --init glide --glide-up-ckpt run)")
+                            f"space (e.g. the upsampler.pt of a pretrain_piti.py --glide-up-ckpt run)")
         model = load_official(path, super_res=sr, config=ckpt[f"{part}_kwargs"])
         trained = ckpt.get(f"{part}_ema" if ema else part, {})
         unknown = [k for k in trained if k not in model.state_dict()]

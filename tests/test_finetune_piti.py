@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from models import DataError
 from models.piti import PITI, load_piti_generator
 from conftest import REPO
 
@@ -182,6 +183,23 @@ def test_paper_defaults(tmp_path):
     assert args.prompts == 0
     args, _ = finetune_piti.settings(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
     assert args.prompts == 4
+
+
+def test_recipes_are_table_11_rows(tmp_path):
+    """--recipe names the rows of the paper's PITI ablation (Table 11: FixDec, Prompts, CAT added one at a time) as
+    flag values; a flag given on the command line wins over its recipe's; only the CAT row needs an affinity file."""
+    import finetune_piti
+    files = ["--base", "b.pt", "--upsampler", "u.pt"]
+    rows = {"finetune": ("all", 0, "none"), "fixdec": ("fixdec", 0, "none"), "fixdec-prompts": ("fixdec", 8, "none")}
+    for i, (recipe, want) in enumerate(rows.items()):
+        args, _ = finetune_piti.settings(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])
+        assert (args.train, args.prompts, args.affinity) == want, recipe
+    args, _ = finetune_piti.settings(files + ["--affinity", "a.npy", "--out", str(tmp_path / "cat")])
+    assert (args.recipe, args.train, args.prompts, args.affinity) == ("cat", "fixdec", 8, "a.npy")
+    args, _ = finetune_piti.settings(files + ["--recipe", "fixdec", "--prompts", "3", "--out", str(tmp_path / "o")])
+    assert (args.train, args.prompts, args.affinity) == ("fixdec", 3, "none")
+    with pytest.raises(DataError, match="--affinity is required"):
+        finetune_piti.settings(files + ["--recipe", "cat", "--out", str(tmp_path / "no_aff")])
 
 
 def test_torchrun_two_ranks_equal_one_process(files, tmp_path):
