@@ -1,4 +1,4 @@
-"""The run convention shared by the finetuning scripts: one plain checkpoint dict, written atomically and
+"""The run convention shared by the training scripts: one plain checkpoint dict, written atomically and
 read weights-only; a run folder that is never overwritten by accident; logs that hold each step once."""
 import argparse
 import errno
