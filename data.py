@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import toy  # the toy tasks' names, folders and generation (toy.ensure)
 # bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
-import toy
 from models import ArgumentParser, DataError, cli, no_file
 
 REPO = Path(__file__).resolve().parent
