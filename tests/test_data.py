@@ -316,3 +316,18 @@ def test_a_toy_folder_of_other_classes_is_refused(toy_roots):
     (root / "classes.txt").write_text("sky\nmeadow\n")
     with pytest.raises(DataError, match=r"classes.txt: lists 2 classes .*expected the 9 of toy-target.*delete"):
         data.open_dataset("toy-target", root)
+
+
+def test_readme_step_3_example_then_info(tmp_path):
+    # README step 3 as written: toy.py example writes a folder dataset that data.py info reads
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
+    made = run(str(REPO / "toy.py"), "example", "my_data")
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "120 train + 40 val pairs, 64x64, 9 classes" in made.stdout
+    assert len(list((tmp_path / "my_data" / "val" / "images").glob("*.jpg"))) == 40
+    info = run(str(REPO / "data.py"), "info", "--data", "folder", "--data-root", "my_data", "--size", "64")
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "my_data (train): 120 pairs, 9 classes; images 64x64" in info.stdout and " lava " in info.stdout
+    again = run(str(REPO / "toy.py"), "example", "my_data")
+    assert again.returncode == 1 and again.stderr.strip() == ("error: my_data: already holds a dataset (classes.txt); "
+                                                              "choose another folder")
