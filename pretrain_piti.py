@@ -52,7 +52,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import DataError, amp, cli, diffusion, glide, piti
+from models import (DataError, amp, cli, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
+                    unit_float)
 from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, step_seed, swapped, truncate_log)
@@ -108,28 +109,28 @@ def build_parser():
     g.add_argument("--up-config", default="{}", help="JSON overrides of the released upsampler configuration")
     data.add_data_args(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=data.nonneg_int, default=5000)
+    g.add_argument("--steps", type=nonneg_int, default=5000)
     g.add_argument("--batch", type=int, default=8)
-    g.add_argument("--lr", type=data.positive_float, default=None, help="default: the recipe's, else 7e-5 for a "
+    g.add_argument("--lr", type=positive_float, default=None, help="default: the recipe's, else 7e-5 for a "
                    "Cityscapes target and 2e-4 otherwise (the paper's few-shot rates)")
-    g.add_argument("--ema-decay", type=data.unit_float, default=0.999, help="EMA of the trained weights (official 0.9999)")
-    g.add_argument("--uncond-p", type=data.unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
+    g.add_argument("--ema-decay", type=unit_float, default=0.999, help="EMA of the trained weights (official 0.9999)")
+    g.add_argument("--uncond-p", type=unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
                    help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")
-    g.add_argument("--seed", type=data.nonneg_int, default=0)
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=500, help="grid + FID + exports + checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--grid-n", type=data.positive_int, default=4, help="validation label maps in the sample grid")
+    g.add_argument("--grid-n", type=positive_int, default=4, help="validation label maps in the sample grid")
     g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
                    + diffusion.RESPACINGS)
     g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID, the same forms")
-    g.add_argument("--guidance", type=data.finite_float, default=diffusion.GUIDANCE,
+    g.add_argument("--guidance", type=finite_float, default=diffusion.GUIDANCE,
                    help="classifier-free guidance scale (>= 0; official base 1.3, 1 = none)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
                    "once): early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
-    g.add_argument("--fid-n", type=data.positive_int, default=None, help="val images used for FID (default all)")
+    g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """The long-tailed toy benchmark: CAT against the paper's ablation rows and baselines when few-shot is few-shot.
 
-The task (data.py, toy-lt-source / toy-lt-target; BENCHMARKS.md gives its design): 30 source classes, 20
+The task (toy.py, toy-lt-source / toy-lt-target; BENCHMARKS.md gives its design): 30 source classes, 20
 target classes of which half are in fewer than 10% of the images. Pipeline (each step is one of the
 project's scripts run as a subprocess, --jobs at a time; finished steps are skipped when the benchmark is
 run again with the same --out):
@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
+import toy  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_step  # noqa: E402
 
@@ -118,7 +119,7 @@ def main(argv=None):
     out, dev, t_start = Path(args.out).resolve(), ["--device", device], time.time()
     logs = out / "logs"
     for name in ("toy-lt-source", "toy-lt-target"):
-        data.dataset_root(name)  # generated once, here, before the jobs start
+        toy.ensure(name)  # generated once, here, before the jobs start
     tasks = {}
 
     def task(key, deps, cmd, done):  # training steps save their checkpoint (`done`) only at the end and pass
@@ -127,7 +128,7 @@ def main(argv=None):
 
     # 1. evaluation nets and the source model
     evalnets, source = out / "evalnets", out / "source"
-    task("evalnets", [], ["bench/toy_segmenter.py", "--data", "folder", "--data-root", data.TOY_TASKS["toy-lt-target"],
+    task("evalnets", [], ["bench/toy_segmenter.py", "--data", "folder", "--data-root", toy.task_root("toy-lt-target"),
                           "--size", "64", "--out", evalnets, "--epochs", cfg["seg_epochs"]]
          + (["--max-train", cfg["seg_max"]] if cfg["seg_max"] else []), evalnets / "features.pt")
     task("source", [], ["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
@@ -352,7 +353,7 @@ def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
     from models.piti import palette
     import metrics
     val = data.open_dataset("toy-lt-target", split="val")
-    tail = [k for k, c in enumerate(data.TOY_LT_TARGET.values(), 1) if c[1] < RARE]
+    tail = [k for k, c in enumerate(toy.TOY_LT_TARGET.values(), 1) if c[1] < RARE]
     shown = range(min(len(val), limit or len(val)))  # evaluate.py --limit: only the first maps have images
     picks = [i for i in shown if np.isin(np.asarray(Image.open(val.files[i][1])), tail).any()][:n_maps]
     picks += [i for i in shown if i not in picks][: n_maps - len(picks)]

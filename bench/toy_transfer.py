@@ -2,7 +2,7 @@
 
 Pipeline (each step is one of the project's scripts, run as a subprocess; finished steps are
 skipped when the benchmark is run again with the same --out):
-  1. the toy task (data.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
+  1. the toy task (toy.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
      trained on the FULL toy target training set (bench/toy_segmenter.py);
   2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch);
   3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source

@@ -1,7 +1,9 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
 stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
-are DataErrors, and `cli` to turn them into one line at a script's entry point."""
+are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `finite_float`, `positive_float`,
+`unit_float`), and `cli` to turn them into one line at a script's entry point."""
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +33,60 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise DataError(f"{message} (see --help)")
+
+
+# argparse types: a bad value is refused by the parser, in one line naming the flag (ArgumentParser.error)
+
+
+def int_list(text):
+    """argparse type: '3,128,128' -> [3, 128, 128]."""
+    try:
+        return [int(c) for c in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated integers, e.g. 3,128,128,256")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 1")
+    return v
+
+
+def nonneg_int(text):
+    """argparse type: an integer >= 0."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or v < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 0")
+    return v
+
+
+def finite_float(text):
+    """argparse type: a finite number (not nan, not inf)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}': expected a finite number")
+    return v
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a number > 0")
+    return v
+
+
+def unit_float(text):
+    """argparse type: a number in [0, 1] (a probability, a decay)."""
+    v = finite_float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a number in [0, 1]")
+    return v
 
 
 def cli(main):

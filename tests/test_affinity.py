@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import estimate_affinity as ea
+import toy as toy_task
 from conftest import REPO, golden_path
 from models import DataError
 
@@ -41,7 +42,7 @@ def run(tmp_path, *argv):
 def toy(tmp_path_factory):
     """A small copy of the toy task (source 24 / target 16 training images, 64 px)."""
     root = tmp_path_factory.mktemp("toy")
-    data.write_toy(root, splits={"source": {"train": 24, "val": 1}, "target": {"train": 16, "val": 1}})
+    toy_task.write_toy(root, splits={"source": {"train": 24, "val": 1}, "target": {"train": 16, "val": 1}})
     return root
 
 

@@ -28,6 +28,7 @@ import evaluate
 import finetune_oasis
 import finetune_piti
 import pretrain_piti
+import toy
 from models import DataError, checkpoint, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +219,7 @@ PRE = ["--data", "folder", "--data-root", "{ok}", "--size", "64", "--steps", "0"
 EVAL = ["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "{ok}", "--size", "64", "--no-fid", "--out", "{root}/ev"]
 
 IN_PROCESS = {
-    # data.py info: datasets, classes.txt, labels, flags
+    # data.py info: datasets, classes.txt, labels, flags; toy.py write / example
     "info-label-range": (data.main, INFO + ["{range}"], ["0.png", "label value 5 outside 0..2"]),
     "info-empty-classes": (data.main, INFO + ["{empty_classes}"], ["classes.txt", "empty"]),
     "info-missing-classes": (data.main, INFO + ["{no_classes}"], ["classes.txt", "missing"]),
@@ -239,10 +240,11 @@ IN_PROCESS = {
     "info-subset-file-unknown": (data.main, INFO + ["{ok}", "--subset-file", "{root}/map_partial.txt"],
                                  ["--subset-file", "map_partial.txt", "not in"]),
     "info-bad-split": (data.main, INFO + ["{ok}", "--split", "test"], ["--split", "test"]),
-    "info-no-command": (data.main, [], ["required", "{{toy,example,info}}"]),
-    "toy-size-too-small": (data.main, ["toy", "--size", "8", "--out", "{root}/toy"], ["--size 8"]),
-    "toy-out-is-file": (data.main, ["toy", "--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
-    "example-out-in-file": (data.main, ["example", "{root}/a_file/x"], ["a_file", "cannot write"]),
+    "info-no-command": (data.main, [], ["required", "{{info}}"]),
+    "toy-no-command": (toy.main, [], ["required", "{{write,example}}"]),
+    "toy-size-too-small": (toy.main, ["write", "--size", "8", "--out", "{root}/toy"], ["--size 8"]),
+    "toy-out-is-file": (toy.main, ["write", "--out", "{root}/a_file"], ["--out", "a_file", "is a file"]),
+    "example-out-in-file": (toy.main, ["example", "{root}/a_file/x"], ["a_file", "cannot write"]),
     "info-ade20k-layout": (data.main, ["info", "--data", "ade20k", "--data-root", "{ok}"], ["training", "no such folder"]),
     "info-cityscapes-layout": (data.main, ["info", "--data", "cityscapes", "--data-root", "{ok}"], ["leftImg8bit"]),
     # estimate_affinity.py
@@ -653,7 +655,7 @@ COMMON2 = {
     **{f"{k}-device-cuda7": (m, a + ["--device", "cuda:7"], ["--device cuda:7", "GPU", "visible"])
        for k, (m, a) in SCRIPTS2.items()},
     **{f"{k}-seed-negative": (m, a + ["--seed", "-1"], ["--seed", "'-1'", ">= 0"]) for k, (m, a) in SCRIPTS2.items()},
-    "data-toy-seed-negative": (data.main, ["toy", "--seed", "-1", "--out", "{root}/c2_toy"], ["--seed", "'-1'", ">= 0"]),
+    "toy-seed-negative": (toy.main, ["write", "--seed", "-1", "--out", "{root}/c2_toy"], ["--seed", "'-1'", ">= 0"]),
     "ft-workers-negative": (finetune_oasis.main, FT2 + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
     "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers -1", "at least 0"]),
     "ft-channels-zero": (finetune_oasis.main, FT2 + ["--channels", "0"], ["--channels", "'0'", ">= 1"]),

@@ -1,5 +1,7 @@
 """Dataset layouts, id conventions, preprocessing and the toy task, on tiny fixtures built here."""
+import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
+import toy
 from models import DataError
 from conftest import REPO
 
@@ -219,9 +222,9 @@ SMALL = {"source": {"train": 6, "val": 2}, "target": {"train": 6, "val": 2}}
 
 
 def test_toy_is_deterministic(tmp_path):
-    a = data.write_toy(tmp_path / "a", size=64, seed=5, splits=SMALL)
-    b = data.write_toy(tmp_path / "b", size=64, seed=5, splits=SMALL)
-    c = data.write_toy(tmp_path / "c", size=64, seed=6, splits=SMALL)
+    a = toy.write_toy(tmp_path / "a", size=64, seed=5, splits=SMALL)
+    b = toy.write_toy(tmp_path / "b", size=64, seed=5, splits=SMALL)
+    c = toy.write_toy(tmp_path / "c", size=64, seed=6, splits=SMALL)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) == 2 * (2 * 8 + 1)
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -229,13 +232,13 @@ def test_toy_is_deterministic(tmp_path):
 
 
 def _expected_colour(name, domain):
-    base = np.array(data.toy_look(name, domain)[0], np.float32)
-    return base @ data.TOY_GRADE.T + data.TOY_GRADE_BIAS if domain == "target" else base
+    base = np.array(toy.toy_look(name, domain)[0], np.float32)
+    return base @ toy.TOY_GRADE.T + toy.TOY_GRADE_BIAS if domain == "target" else base
 
 
 @pytest.mark.parametrize("domain", ["source", "target"])
 def test_toy_labels_match_images(tmp_path, domain):
-    root = data.write_toy(tmp_path, size=96, seed=1, splits={"source": {"train": 12}, "target": {"train": 12}})
+    root = toy.write_toy(tmp_path, size=96, seed=1, splits={"source": {"train": 12}, "target": {"train": 12}})
     classes = (root / domain / "classes.txt").read_text().split()
     expected = np.stack([_expected_colour(c, domain) for c in classes])
     checked = 0
@@ -254,8 +257,77 @@ def test_toy_labels_match_images(tmp_path, domain):
 
 
 def test_toy_datasets_load_through_the_data_layer(tmp_path):
-    root = data.write_toy(tmp_path, size=64, seed=0, splits=SMALL)
+    root = toy.write_toy(tmp_path, size=64, seed=0, splits=SMALL)
     ds = data.open_dataset("toy-target", root / "target", split="train", augment=True, n=3)
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and ds.n_channels == 10
     assert data.class_table("toy-source", root / "source").names[:3] == ["sky", "grass", "water"]
+
+
+@pytest.fixture
+def toy_roots(tmp_path, monkeypatch):
+    """toy.py's default task folders pointed at an empty temporary folder."""
+    monkeypatch.setattr(toy, "TOY_ROOT", tmp_path / "toy")
+    monkeypatch.setattr(toy, "TOY_LT_ROOT", tmp_path / "toy_lt")
+    return tmp_path
+
+
+def test_class_tables_of_toy_tasks_write_nothing(toy_roots):
+    for task in toy.TASKS:
+        table = data.class_table(task)
+        assert table.names == toy.class_names(task) and table.n_channels == len(table.names) + 1
+        assert table.ids == list(range(1, len(table.names) + 1))
+    assert list(toy_roots.iterdir()) == []  # not a folder, not a file
+    assert data.class_table("toy-target").names[-1] == "lava" and len(data.class_table("toy-lt-source")) == 30
+
+
+def test_class_table_in_a_fresh_copy_writes_no_file(tmp_path):
+    # the issue's check as written: `import data; data.class_table('toy-target')` in a clone without data/
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("data.py", "toy.py"):
+        shutil.copy(REPO / name, clone / name)
+    shutil.copytree(REPO / "classes", clone / "classes")
+    shutil.copytree(REPO / "models", clone / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    before = sorted(p.relative_to(clone) for p in clone.rglob("*"))
+    r = subprocess.run([sys.executable, "-c", "import data; print(data.class_table('toy-target').names)"],
+                       cwd=clone, capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'lava'" in r.stdout
+    assert sorted(p.relative_to(clone) for p in clone.rglob("*")) == before
+
+
+def test_opening_a_toy_dataset_generates_it_once(toy_roots, monkeypatch, capsys):
+    monkeypatch.setattr(toy, "TOY_SPLITS", SMALL)
+    ds = data.open_dataset("toy-target", split="val")
+    assert len(ds) == 2 and ds.root == toy_roots / "toy" / "target" and ds[0]["image"].shape == (3, 64, 64)
+    assert (toy_roots / "toy" / "source" / "classes.txt").read_text().split() == toy.class_names("toy-source")
+    stamp = (toy_roots / "toy" / "target" / "val" / "images" / "00000.png").stat().st_mtime_ns
+    assert len(data.open_dataset("toy-source", split="train")) == 6
+    assert (toy_roots / "toy" / "target" / "val" / "images" / "00000.png").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count("generating the toy transfer task") == 1
+    assert not (toy_roots / "toy_lt").exists()  # only the family asked for
+
+
+def test_a_toy_folder_of_other_classes_is_refused(toy_roots):
+    root = toy_roots / "old" / "target"
+    _save(root / "train" / "images" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    _save(root / "train" / "labels" / "0.png", np.zeros((8, 8), np.uint8))
+    (root / "classes.txt").write_text("sky\nmeadow\n")
+    with pytest.raises(DataError, match=r"classes.txt: lists 2 classes .*expected the 9 of toy-target.*delete"):
+        data.open_dataset("toy-target", root)
+
+
+def test_readme_step_3_example_then_info(tmp_path):
+    # README step 3 as written: toy.py example writes a folder dataset that data.py info reads
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
+    made = run(str(REPO / "toy.py"), "example", "my_data")
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "120 train + 40 val pairs, 64x64, 9 classes" in made.stdout
+    assert len(list((tmp_path / "my_data" / "val" / "images").glob("*.jpg"))) == 40
+    info = run(str(REPO / "data.py"), "info", "--data", "folder", "--data-root", "my_data", "--size", "64")
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "my_data (train): 120 pairs, 9 classes; images 64x64" in info.stdout and " lava " in info.stdout
+    again = run(str(REPO / "toy.py"), "example", "my_data")
+    assert again.returncode == 1 and again.stderr.strip() == ("error: my_data: already holds a dataset (classes.txt); "
+                                                              "choose another folder")

@@ -257,9 +257,10 @@ def our_checkpoint(G, table):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     import data
+    import toy as toy_task
     from models.oasis import Generator
     root = tmp_path_factory.mktemp("toy")
-    data.write_toy(root / "toy", size=32, splits={"source": {"train": 2, "val": 2}, "target": {"train": 2, "val": 5}})
+    toy_task.write_toy(root / "toy", size=32, splits={"source": {"train": 2, "val": 2}, "target": {"train": 2, "val": 5}})
     src, tgt = data.class_table("toy-source", root / "toy/source"), data.class_table("toy-target", root / "toy/target")
     torch.manual_seed(0)
     kw = dict(z_dim=4, channels=2, spade_hidden=8, crop_size=32)

@@ -1,4 +1,4 @@
-"""The long-tailed toy task (data.py) is as designed and deterministic; its benchmark pipeline runs end to end."""
+"""The long-tailed toy task (toy.py) is as designed and deterministic; its benchmark pipeline runs end to end."""
 import json
 import os
 import subprocess
@@ -7,22 +7,23 @@ import sys
 import numpy as np
 
 import data
+import toy
 from conftest import REPO
 
 
 def presence(domain, n):
     """Share of the first n training images that show each class of the domain."""
-    names = list(data.TOY_LT_SOURCE if domain == "source" else data.TOY_LT_TARGET)
+    names = list(toy.TOY_LT_SOURCE if domain == "source" else toy.TOY_LT_TARGET)
     count = np.zeros(len(names) + 1)
     for i in range(n):
-        lab, _ = data.toy_lt_item(domain, "train", i)
+        lab, _ = toy.toy_lt_item(domain, "train", i)
         count[np.unique(lab)] += 1
     assert count[0] == 0  # every pixel is a class
     return dict(zip(names, count[1:] / n))
 
 
 def test_target_frequencies_are_long_tailed_as_designed():
-    spec = data.TOY_LT_TARGET
+    spec = toy.TOY_LT_TARGET
     assert len(spec) == 20
     freq = presence("target", 500)  # the whole training split
     for name, (role, p, _) in spec.items():
@@ -35,12 +36,12 @@ def test_target_frequencies_are_long_tailed_as_designed():
     assert len(tail) == 10  # half of the target classes in fewer than 10% of the images
     assert {n for n, f in freq.items() if f > 0.5} == {"heaven", "lawn", "house"}  # a few classes in most images
     blends = [n for n, (_, _, twin) in spec.items() if isinstance(twin, tuple)]
-    assert len(blends) == 4 and all(set(spec[n][2]) <= set(data.TOY_LT_SOURCE) for n in blends)
-    assert all(isinstance(t, tuple) or t in data.TOY_LT_SOURCE for _, _, t in spec.values())
+    assert len(blends) == 4 and all(set(spec[n][2]) <= set(toy.TOY_LT_SOURCE) for n in blends)
+    assert all(isinstance(t, tuple) or t in toy.TOY_LT_SOURCE for _, _, t in spec.values())
 
 
 def test_source_shows_every_class_often():
-    spec = data.TOY_LT_SOURCE
+    spec = toy.TOY_LT_SOURCE
     assert len(spec) == 30
     freq = presence("source", 300)
     for name, (role, p, *_) in spec.items():
@@ -52,18 +53,18 @@ def test_source_shows_every_class_often():
 
 
 def test_generator_is_deterministic_by_seed(tmp_path):
-    a = data.toy_lt_item("target", "val", 7, seed=3)
-    b = data.toy_lt_item("target", "val", 7, seed=3)
-    c = data.toy_lt_item("target", "val", 7, seed=4)
+    a = toy.toy_lt_item("target", "val", 7, seed=3)
+    b = toy.toy_lt_item("target", "val", 7, seed=3)
+    c = toy.toy_lt_item("target", "val", 7, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[1], c[1])
     splits = {"source": {"train": 3, "val": 1}, "target": {"train": 2, "val": 2}}
     for out in ("x", "y"):
-        data.write_toy_longtail(tmp_path / out, size=64, seed=3, splits=splits)
+        toy.write_toy_longtail(tmp_path / out, size=64, seed=3, splits=splits)
     files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*") if p.is_file())
     assert len(files) == 2 + 2 * (4 + 4)
     assert all((tmp_path / "x" / f).read_bytes() == (tmp_path / "y" / f).read_bytes() for f in files)
-    assert (tmp_path / "x" / "target" / "classes.txt").read_text().split() == list(data.TOY_LT_TARGET)
+    assert (tmp_path / "x" / "target" / "classes.txt").read_text().split() == list(toy.TOY_LT_TARGET)
     ds = data.open_dataset("toy-lt-target", root=tmp_path / "x" / "target", split="val")
     assert len(ds) == 2 and ds.n_channels == 21 and ds[0]["image"].shape == (3, 64, 64)
 
