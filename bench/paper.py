@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import queue
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -320,7 +321,7 @@ def dry_run(args, plan, table_rows, source, target, paper_pair, ns):
     for key, (deps, cmd, done, stage) in plan.tasks.items():
         s = R.estimate_s(stage)
         known, unknown = known + (s or 0), unknown + (s is None)
-        print(f"[{fmt_s(s)}] python " + " ".join(str(c) for c in cmd))
+        print(f"[{fmt_s(s)}] python " + shlex.join(str(c) for c in cmd))
     print(f"\ntotal: {fmt_s(known) if known else '0 s'} measured" + (f" + {unknown} stage(s) unmeasured" if unknown else ""))
 
 
@@ -359,7 +360,7 @@ def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, ou
             for k in metrics:
                 ours = mean([c[k] for c in cells[m, rid, label, n]])
                 theirs = paper.get(k)
-                digits = "%.4f" if k == "kid" else "%.1f"
+                digits = "%.4f" if k == "kid" else "%.2f"
                 row += ["n/a" if ours is None else digits % ours, "-" if theirs is None else str(theirs),
                         "-" if ours is None or theirs is None else "%+.1f" % (ours - theirs)]
             lines.append("| " + " | ".join(row) + " |")
