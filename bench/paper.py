@@ -239,11 +239,13 @@ def main(argv=None):
                                         R.oasis_cmd([*flags, *common, *train] + dev, rd), rd / "checkpoint.pt", "oasis")
                         model_flags, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [rkey]
                 else:
-                    train = ["--lr", R.LR["piti"][target]] if target in R.LR["piti"] else []
+                    # the supplement's rate is CAT's; the GLIDE-init baseline keeps its recipe's (piti_train.RECIPES)
+                    train = ["--lr", R.LR["piti"][target]] if target in R.LR["piti"] and row.train != "glide" else []
                     train += ["--inception", args.inception] if args.inception else []
                     rd = sd / f"run_{job}"
                     if row.train == "glide":
-                        flags = ["--glide-ckpt", f("--glide-ckpt"), *(["--glide-up-ckpt", args.glide_up_ckpt] if args.glide_up_ckpt else [])]
+                        flags = ["--glide-ckpt", f("--glide-ckpt"), *(["--glide-up-ckpt", args.glide_up_ckpt] if args.glide_up_ckpt else []),
+                                 *row.flags]
                         cmd, stage = R.pretrain_piti_cmd([*flags, *common, *train] + dev, rd), "pretrain_piti"
                     else:
                         flags = ["--base", f("--piti-base"), "--upsampler", f("--piti-upsampler"), "--source", source, *src_root,

@@ -68,7 +68,8 @@ def _piti_rows():
                            ("random", "hard")),
         "piti-prompts": Row("PITI + FixDec + prompts, random 1x1", "piti", "piti-prompts", "finetune", ("--train", "fixdec", "--prompts", "8"),
                             ("random", "hard")),
-        "piti-glide": Row("PITI from GLIDE on the target (pretrain_piti.py)", "piti", "piti-glide", "glide"),
+        # Figure 3's GLIDE-init baseline: PITI trained from GLIDE on the few target images (README, "A PITI source")
+        "piti-glide": Row("PITI from GLIDE on the target (pretrain_piti.py)", "piti", "piti-glide", "glide", ("--recipe", "piti-stage2")),
     }
     for m in METHODS:
         rows[f"piti-free-{m}"] = Row(f"PITI CAT training-free, {m}", "piti", f"piti-free-{m}", "free", ("--steps", "0"), (m, "hard"))
