@@ -82,14 +82,19 @@ def build_parser():
 
 
 class Plan:
-    """The stages of a table: {key: (dependency keys, command, done file, stage name)}, in order."""
+    """The stages of a table: {key: (dependency keys, command, done file, stage name, run folder)}, in order.
+
+    A stage is done when its done file exists: an evaluation's results.json, an affinity's affinity.npy (both written
+    last), and for a training run (`run` = its folder, whose checkpoint.pt is also written mid-run) the marker
+    <out>/done/<key>.json written here after the run exited 0. A run interrupted after its first checkpoint
+    continues with --resume."""
 
     def __init__(self, out):
         self.out, self.tasks = out, {}
 
-    def add(self, key, deps, cmd, done, stage):
+    def add(self, key, deps, cmd, done, stage, run=None):
         if key not in self.tasks:
-            self.tasks[key] = (list(deps), cmd, done, stage)
+            self.tasks[key] = (list(deps), cmd, self.out / "done" / f"{key}.json" if run else done, stage, run)
         return key
 
 
@@ -168,7 +173,7 @@ def main(argv=None):
             plan.add("source", [], R.oasis_cmd(["--init", "scratch", "--data", source, *cfg["width"], "--batch", cfg["batch"],
                                                 "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
                                                 "--eval-every", cfg["source_steps"], *cfg["extra"]] + dev, src_dir),
-                     src_ckpt, "oasis")
+                     None, "oasis", run=src_dir)
         src_deps = [] if args.source_ckpt else ["source"]
         eval_flags = [*data_flags, "--split", "val", "--fid-features", evalnets / "features.pt", "--segmenter",
                       evalnets / "segmenter.pt", "--workers", "0", *R.evaluate_flags(grid=4, stats_cache="")] + dev
@@ -207,6 +212,8 @@ def main(argv=None):
         return plan.add(key, deps, R.estimate_cmd(source, target, method, kind, d, seed, extra) + dev, d / "affinity.npy",
                         "estimate"), d / "affinity.npy"
 
+    # the model evaluated: with early stopping on val FID (--inception) the best one, else the last
+    final = "best.pt" if args.inception and not toy else "checkpoint.pt"
     entries = []  # (model, row id, label, n, seed, eval folder, run folder or None)
     first_eval = None
     for seed in args.seeds:
@@ -236,8 +243,8 @@ def main(argv=None):
                         flags = (["--init", "scratch", *(cfg["width"] if toy else [])] if row.train == "scratch" else
                                  ["--source", source, *src_root, "--source-ckpt", src_ckpt, *row.flags, *aff_flags])
                         rkey = plan.add(f"n{n}_seed{seed}_run_{job}", (src_deps + tdeps) if row.train != "scratch" else [],
-                                        R.oasis_cmd([*flags, *common, *train] + dev, rd), rd / "checkpoint.pt", "oasis")
-                        model_flags, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [rkey]
+                                        R.oasis_cmd([*flags, *common, *train] + dev, rd), None, "oasis", run=rd)
+                        model_flags, deps = ["--ckpt", rd / final], deps + [rkey]
                 else:
                     # the supplement's rate is CAT's; the GLIDE-init baseline keeps its recipe's (piti_train.RECIPES)
                     train = ["--lr", R.LR["piti"][target]] if target in R.LR["piti"] and row.train != "glide" else []
@@ -251,8 +258,8 @@ def main(argv=None):
                         flags = ["--base", f("--piti-base"), "--upsampler", f("--piti-upsampler"), "--source", source, *src_root,
                                  *aff_flags, *row.flags]
                         cmd, stage = R.piti_cmd([*flags, *common, *train] + dev, rd), "piti"
-                    rkey = plan.add(f"n{n}_seed{seed}_run_{job}", tdeps, cmd, rd / "checkpoint.pt", stage)
-                    model_flags, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [rkey]
+                    rkey = plan.add(f"n{n}_seed{seed}_run_{job}", tdeps, cmd, None, stage, run=rd)
+                    model_flags, deps = ["--ckpt", rd / final], deps + [rkey]
                 ev = sd / f"eval_{job}"
                 ekey = f"n{n}_seed{seed}_eval_{job}"
                 if ekey not in plan.tasks and not toy:  # one FID reference statistic per split: the first evaluation's
@@ -270,14 +277,20 @@ def main(argv=None):
         free_gpus.put(g)
     logs = out / "logs"
 
-    def runner(key, cmd, done):
+    def runner(key, cmd, done, run):
         def go():
+            if done.exists():
+                return
             gpu = free_gpus.get() if gpus else None
+            todo = [cmd[0], "--resume", "--out", run] if run is not None and (run / "checkpoint.pt").exists() else cmd
             try:
-                run_step(cmd, logs / f"{key}.log", done, threads, env={"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
+                run_step(todo, logs / f"{key}.log", None, threads, env={"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
             finally:
                 if gpu is not None:
                     free_gpus.put(gpu)
+            if run is not None:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps({"command": [str(c) for c in todo], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         return go
 
     if toy:
@@ -285,7 +298,7 @@ def main(argv=None):
             data.dataset_root(name)  # generated once, here, before the jobs start
     t0 = time.time()
     try:
-        schedule({k: (deps, runner(k, cmd, done)) for k, (deps, cmd, done, _) in plan.tasks.items()}, jobs)
+        schedule({k: (deps, runner(k, cmd, done, run)) for k, (deps, cmd, done, _, run) in plan.tasks.items()}, jobs)
     except RuntimeError as e:
         raise SystemExit(str(e))
     write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, time.time() - t0, device)
@@ -320,7 +333,7 @@ def dry_run(args, plan, table_rows, source, target, paper_pair, ns):
         print(f"  {model} {label}: paper {nums}")
     known, unknown = 0.0, 0
     print(f"\n{len(plan.tasks)} stages (estimated time per run on one H100, from BENCHMARKS.md):")
-    for key, (deps, cmd, done, stage) in plan.tasks.items():
+    for key, (deps, cmd, done, stage, run) in plan.tasks.items():
         s = R.estimate_s(stage)
         known, unknown = known + (s or 0), unknown + (s is None)
         print(f"[{fmt_s(s)}] python " + shlex.join(str(c) for c in cmd))

@@ -42,10 +42,16 @@ def test_table10_toy_quick_end_to_end(tmp_path):
     # the CAT row finetuned with the affinity it was given, the others with their recipes
     cat = [x for x in runs if x["row"] == "cat-supervised-hard"][0]
     assert (out / "n100" / "seed0" / "aff_supervised_hard" / "affinity.npy").is_file() and cat["run"].endswith("run_cat-supervised-hard")
-    # a second run finds every stage finished and only rewrites the table
+    # every training run (the toy source included) is marked done only after it exited 0
+    assert len(list((out / "done").glob("*.json"))) == 6
+    # a second run redoes only what is unfinished (here the CAT row's evaluation), then rewrites the table
+    (out / "n100" / "seed0" / "eval_cat-supervised-hard" / "results.json").unlink()
+    (out / "table.md").unlink()
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
-    assert not [line for line in r2.stdout.splitlines() if line.startswith("$ ")]
+    redone = [line for line in r2.stdout.splitlines() if line.startswith("$ ")]
+    assert len(redone) == 1 and redone[0].startswith("$ evaluate.py") and "eval_cat-supervised-hard" in redone[0]
+    assert "| +CAT |" in (out / "table.md").read_text()
 
 
 def test_rows_flags_match_the_recipes():
