@@ -147,8 +147,11 @@ def main(argv=None):
         for rid, label in spec["rows"].get(model, []):
             why = requirements(R.ROWS[rid], args, toy)
             (skipped.__setitem__((model, rid), why) if why else table_rows.append((model, rid, label)))
+    by_reason = {}
     for (model, rid), why in skipped.items():
-        print(f"skipped: {model} {R.ROWS[rid].label} ({', '.join(why)})")
+        by_reason.setdefault(", ".join(why), []).append(f"{model} {R.ROWS[rid].label}")
+    for why, names in by_reason.items():
+        print(f"skipped ({why}): {'; '.join(names)}")
     if not table_rows:
         raise SystemExit(f"--table {args.table} --pair {args.pair}: no row can run here ({len(skipped)} skipped, see above)")
     if not args.dry_run:
@@ -329,8 +332,8 @@ def dry_run(args, plan, table_rows, source, target, paper_pair, ns):
     for model, rid, label in table_rows:
         paper = R.PAPER.get((args.table, pair, model, rid))
         nums = (", ".join(f"{LABEL[k]} {v}" for k, v in paper.items()) + f" (supplement Table {args.table})" if paper
-                else "not in the project's notes" if paper_pair else "no paper numbers for this pair")
-        print(f"  {model} {label}: paper {nums}")
+                else "not in the project's notes" if paper_pair else "none (not one of the paper's pairs)")
+        print(f"  {model} {label}: the paper's numbers: {nums}")
     known, unknown = 0.0, 0
     print(f"\n{len(plan.tasks)} stages (estimated time per run on one H100, from BENCHMARKS.md):")
     for key, (deps, cmd, done, stage, run) in plan.tasks.items():

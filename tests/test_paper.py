@@ -140,7 +140,7 @@ def test_dry_run_every_table(capsys, monkeypatch, pair):
             else:
                 not_here.add(cmd[0])
         if pair == "coco-ade20k" and table == "10":
-            assert "+CAT: paper FID 40.9 (supplement Table 10)" in text
+            assert "+CAT: the paper's numbers: FID 40.9 (supplement Table 10)" in text
     assert not_here <= {"pretrain_piti.py"}, not_here
     if not_here:
         print(f"not parse-checked (script not in this checkout): {sorted(not_here)}")
@@ -159,5 +159,5 @@ def test_bad_input_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no row can run here"):
         paper.main(["--table", "11", "--pair", "coco-ade20k", "--device", "cpu", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert "skipped: piti PITI + FixDec, random 1x1 (needs --piti-base, needs --piti-upsampler)" in out
+    assert "skipped (needs --piti-base, needs --piti-upsampler): piti PITI finetune all layers, random 1x1; piti PITI + FixDec" in out
     assert not (tmp_path / "o").exists()
