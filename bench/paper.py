@@ -18,6 +18,9 @@ read evaluate.py's --stats-cache).
     # any table on the toy pair (a small source OASIS is pretrained first; toy evaluation nets), minutes on CPU
     python bench/paper.py --table 10 --pair toy --quick --out runs/paper_toy
 
+The toy pair (the long-tailed toy task of bench/toy_longtail.py) uses that benchmark's budgets (bench/rows.py
+TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID).
+
 Supervised and combination affinities use the source OASIS discriminator as the segmenter (--source-ckpt); the
 training-free PITI rows are finetune_piti.py --steps 0. Rows a pair cannot run are listed with the reason before
 anything runs.
@@ -164,7 +167,8 @@ def main(argv=None):
     plan = Plan(out)
     cfg = R.TOY_PRESETS["tiny" if args.quick else "gpu" if device == "cuda" else "cpu"] if toy else None
     data_flags = ["--data", target] + ([] if toy else ["--data-root", f("--data-root")])
-    src_root = ["--source-root", f("--source-root")] if source == "folder" or args.source_root else []
+    src_root = ["--source-root", f("--source-root")] if source == "folder" else []  # a folder source's classes.txt
+    src_images = [] if toy else ["--source-root", f("--source-root")]  # the self-supervised prototypes' labelled source images
 
     # toy: the evaluation nets and a small source OASIS trained here
     if toy:
@@ -205,7 +209,7 @@ def main(argv=None):
             extra += ["--source-ckpt", src_ckpt, *data_flags, "--n", n, "--subset-seed", seed]
             deps += src_deps
         if method == "self-supervised" or (method == "combination" and args.dino_weights):
-            extra += ["--dino-weights", f("--dino-weights"), *src_root, *([] if method == "combination" else data_flags),
+            extra += ["--dino-weights", f("--dino-weights"), *src_images, *([] if method == "combination" else data_flags),
                       *([] if method == "combination" else ["--n", n, "--subset-seed", seed])]
         if method == "combination":
             extra += ["--weights", "text=1,supervised=1" + (",self-supervised=1" if args.dino_weights else "")]
