@@ -382,8 +382,7 @@ def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, ou
             for k in metrics:
                 ours = mean([c[k] for c in cells[m, rid, label, n]])
                 theirs = paper.get(k)
-                digits = "%.4f" if k == "kid" else "%.2f"
-                row += ["n/a" if ours is None else digits % ours, "-" if theirs is None else str(theirs),
+                row += ["n/a" if ours is None else f"{ours:.3g}" if abs(ours) < 1 else f"{ours:.2f}", "-" if theirs is None else str(theirs),
                         "-" if ours is None or theirs is None else "%+.1f" % (ours - theirs)]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
