@@ -13,6 +13,7 @@ target: §C "Training"; results: Tables 3, 4, 7 and 10). A number that is not in
 """
 from typing import NamedTuple, Optional
 
+from models.segmenters import DEFAULT_SEGMENTER
 from pipeline import SMALL, lr_opt
 
 METHODS = ("random", "text", "supervised", "self-supervised", "combination")  # estimate_affinity.py --method
@@ -159,11 +160,11 @@ PAPER = {
 }
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Per target: the supplement's chosen generator learning rates (§C), and the paper's segmenter for mIoU (evaluate.py
-# --segmenter; models/segmenters.py DEFAULT_SEGMENTER holds the same table for the scripts' defaults).
+# Per target: the supplement's chosen generator learning rates (§C; the tests check them against finetune_oasis.py's
+# LR_BY_TARGET), and the paper's segmenter for mIoU (evaluate.py --segmenter; models/segmenters.py's table).
 LR = {"oasis": {"cityscapes": "4e-4", "ade20k": "1e-4", "coco": "1e-4"},
       "piti": {"cityscapes": "7e-5", "ade20k": "2e-4", "coco": "2e-4"}}
-SEGMENTER = {"coco": "deeplabv2", "ade20k": "upernet101", "cityscapes": "drn105"}
+SEGMENTER = DEFAULT_SEGMENTER
 PAPER_PAIRS = ("coco-ade20k", "ade20k-coco", "ade20k-cityscapes", "coco-cityscapes")
 
 # Seconds per run on one H100, by stage, from BENCHMARKS.md's measured figures. None are measured yet (the GPU
