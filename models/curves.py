@@ -59,17 +59,19 @@ def smooth(y):
     return (c[i] - c[np.maximum(i - k, 0)]) / np.minimum(i, k)
 
 
-def ticks(lo, hi, n=5):
-    """Round tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
-    span = max(hi - lo, 1e-12)
-    raw = span / n
-    step = min((m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw) + (s < raw) * 1e9)
-    return [t for t in np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step)]
+def ticks(lo, hi, n=5, least=0.0):
+    """(round tick values covering [lo, hi] in steps of 1, 2 or 5 x 10^k (at least `least`), the step)."""
+    raw = max(hi - lo, 1e-12) / n
+    step = max(least, min((m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10)),
+                          key=lambda s: abs(s - raw) + (s < raw) * 1e9))
+    return list(np.arange(np.ceil(lo / step) * step, hi + step * 1e-6, step)), step
 
 
-def label(v):
-    v = 0.0 if abs(v) < 1e-12 else v
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+def label(v, step):
+    """A tick value with the decimals its step needs."""
+    if abs(v) >= 1e5 or 0 < abs(v) < 1e-4:
+        return f"{v:.2e}"
+    return f"{0.0 if abs(v) < step * 1e-6 else v:.{max(0, int(-np.floor(np.log10(step) + 1e-9)))}f}"
 
 
 def panel(d, y0, title, series, x_max, marks, points=False, log=False):
@@ -88,11 +90,12 @@ def panel(d, y0, title, series, x_max, marks, points=False, log=False):
     px = lambda s: x0 + (x1 - x0) * s / max(x_max, 1)
     py = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)
     d.rectangle([x0, top, x1, bottom], outline=GREY)
-    for t in ticks(lo, hi, 4):
+    values, step = ticks(lo, hi, 4, least=1.0 if log else 0.0)  # log scale: one tick a decade
+    for t in values:
         d.line([x0 - 4, py(t), x0, py(t)], fill=GREY)
         d.line([x0 + 1, py(t), x1 - 1, py(t)], fill=(235, 235, 235))
-        d.text((x0 - 7, py(t)), label(10 ** t if log else t), font=small, fill=INK, anchor="rm")
-    for t in ticks(0, x_max, 8):
+        d.text((x0 - 7, py(t)), label(10 ** t, 10 ** t) if log else label(t, step), font=small, fill=INK, anchor="rm")
+    for t in ticks(0, x_max, 8, least=1.0)[0]:
         d.line([px(t), bottom, px(t), bottom + 4], fill=GREY)
         d.text((px(t), bottom + 6), f"{int(t):,}", font=small, fill=INK, anchor="ma")
     for step, colour, dash in marks:
@@ -131,7 +134,9 @@ def draw(entries, title):
     marks = ([(s["stage2"], STAGE, True)] if s["stage2"] is not None else []) + \
             ([(s["best"][0], BEST, False)] if s["best"] else [])
     f, big = font(14), font(18)
-    notes = [f"x: training step; faint: every logged value, bold: moving mean of {max(1, len(next(iter(losses.values()), ((), ()))[1]) // 25)} values"]
+    k = max(1, len(next(iter(losses.values()), ((), ()))[1]) // 25)
+    notes = ["x: training step; " + (f"faint: every logged value, bold: their moving mean over {k}" if k > 1 else
+                                     "every logged value")]
     if s["stage2"] is not None:
         notes.append(f"dashed grey: stage 1 -> stage 2 after step {s['stage2']:,}")
     if s["best"]:
