@@ -190,22 +190,35 @@ def format_table(rows, args, preset, steps, source_steps, device):
 
 
 def figure(rows, path, n_maps=4):
-    """Columns: label colours, then one generated image per method (in table order), then the real image,
-    for the first validation maps."""
+    """Columns: label colours, then one generated image per method (in table order, numbered; the key below
+    names them), then the real image, for the first validation maps; a legend of the classes shown."""
+    val, _ = validation_maps(n_maps)
+    tiles = [[np.asarray(Image.open(f).convert("RGB"))
+              for f in sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]] for rs in rows.values()]
+    save_figure([list(r) for r in zip(*tiles)], list(rows), path, n_maps)
+
+
+def validation_maps(n):
+    """(the toy target's val dataset, its first n items)."""
     sys.path.insert(0, str(REPO))
     import data
-    import metrics
-    from models.piti import palette
     val = data.open_dataset("toy-target", split="val")
-    items = [val[i] for i in range(n_maps)]
+    return val, [val[i] for i in range(n)]
+
+
+def save_figure(generated, names, path, n_maps=4):
+    """generated: per validation map, one image per method (named by `names`): the figure with column titles
+    (labels | 1..K | real), the key of the numbers and the class legend."""
+    import metrics
+    from models import figures
+    from models.piti import palette
+    val, items = validation_maps(n_maps)
     colours = palette(val.n_channels).numpy()
-    cols = [np.concatenate([colours[it["label"].numpy()] for it in items], 0)]
-    for name, rs in rows.items():
-        imgs = sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]
-        cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
-    cols.append(np.concatenate([metrics.to_uint8(it["image"][None])[0] for it in items], 0))
-    gap = np.full((cols[0].shape[0], 2, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([c for col in cols for c in (col, gap)][:-1], 1)).save(path)
+    labels = [it["label"].numpy() for it in items]
+    rows = [[colours[lab], *gen, metrics.to_uint8(it["image"][None])[0]] for lab, gen, it in zip(labels, generated, items)]
+    metrics.save_grid(rows, path, ["labels", *map(str, range(1, len(names) + 1)), "real"],
+                      figures.legend_of(labels, figures.channel_names(val.classes), colours),
+                      [f"{k}: {name}" for k, name in enumerate(names, 1)])
 
 
 def write_benchmarks(table, figure_path, names):
@@ -213,7 +226,7 @@ def write_benchmarks(table, figure_path, names):
     bench/toy_transfer.png."""
     shutil.copyfile(figure_path, REPO / "bench" / "toy_transfer.png")
     legend = ("Figure `bench/toy_transfer.png` (seed 0, first 4 validation maps), columns: label colours | "
-              + " | ".join(names) + " | real image.\n")
+              + " | ".join(f"{k}: {name}" for k, name in enumerate(names, 1)) + " | real image.\n")
     write_section("toy-transfer", f"## Toy transfer benchmark ({time.strftime('%Y-%m-%d')})\n\n{table}\n{legend}")
 
 
