@@ -62,10 +62,13 @@ def run_step(cmd, log, done=None, threads=None, every=60):
                     rc = proc.wait(timeout=every)
                     break
                 except subprocess.TimeoutExpired:
-                    print(f"  {time.time() - t0:.0f}s: {progress(log) or 'running'}", flush=True)
-        except BaseException:  # Ctrl-C: the step stops with the benchmark (a finetuning run saves nothing more)
-            proc.kill()
-            proc.wait()
+                    print(f"  {Path(log).stem}, {time.time() - t0:.0f}s: {progress(log) or 'running'}", flush=True)
+        except BaseException:  # Ctrl-C reaches the step too: let it stop (its log says where), else end it
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
     if rc != 0:
         tail = Path(log).read_text().splitlines()[-5:]

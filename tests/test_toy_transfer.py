@@ -49,3 +49,15 @@ def test_interrupted_finetune_stage_resumes_not_skipped(tmp_path, capsys, monkey
     assert run_finetune(tiny + ["--stage2-steps", "4"], log, run_dir, 4)
     assert "before its first checkpoint, starting over" in capsys.readouterr().out
     assert (run_dir / "checkpoint.pt").is_file()
+
+
+def test_progress_line_is_the_logs_last_redraw(tmp_path):
+    """What the demo prints every minute for a running stage: the last tqdm redraw of its log (carriage returns)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from pipeline import progress
+    log = tmp_path / "stage.log"
+    assert progress(log) == ""  # not started yet
+    log.write_text("scratch: toy-source\n  0%|  | 0/6 [00:00<?]\r 17%|#  | 1/6 [00:01<00:08]\r 33%|## | 2/6 [00:02<00:05]")
+    assert progress(log) == "33%|## | 2/6 [00:02<00:05]"
+    log.write_text("x" * 10000 + "\nresuming from step 4 of 6\n")
+    assert progress(log) == "resuming from step 4 of 6"
