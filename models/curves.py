@@ -98,17 +98,18 @@ def panel(d, y0, title, series, x_max, marks, points=False, log=False):
     for t in ticks(0, x_max, 8, least=1.0)[0]:
         d.line([px(t), bottom, px(t), bottom + 4], fill=GREY)
         d.text((px(t), bottom + 6), f"{int(t):,}", font=small, fill=INK, anchor="ma")
-    for step, colour, dash in marks:
+    for at, colour, dash in marks:
         for ya in range(top, bottom, 8 if dash else 1000):
-            d.line([px(step), ya, px(step), min(ya + (4 if dash else bottom - top), bottom)], fill=colour, width=2)
+            d.line([px(at), ya, px(at), min(ya + (4 if dash else bottom - top), bottom)], fill=colour, width=2)
     x_legend = x0 + text_width(f, title) + 24
     for name, steps, values, colour in series:
         xy = [(px(s), py(v)) for s, v in zip(steps, values)]
-        if points:
-            d.line(xy, fill=colour, width=2) if len(xy) > 1 else None
+        if points or len(xy) == 1:  # evaluations (or a single logged step): dots, joined
+            if len(xy) > 1:
+                d.line(xy, fill=colour, width=2)
             for x, y in xy:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        elif len(xy) > 1:
+        else:
             faint = tuple(int(255 - (255 - c) * 0.3) for c in colour)
             d.line(xy, fill=faint, width=1)
             d.line([(px(s), py(v)) for s, v in zip(steps, smooth(np.asarray(values)))], fill=colour, width=2)
