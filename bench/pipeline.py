@@ -73,7 +73,7 @@ def run_step(cmd, log, done=None, threads=None, every=60):
     if rc != 0:
         tail = Path(log).read_text().splitlines()[-5:]
         raise RuntimeError(f"step failed (exit {rc}), see {log}:\n" + "\n".join(tail))
-    print(f"  done in {time.time() - t0:.0f}s" + (f": {Path(done).parent.name}" if done is not None else ""), flush=True)
+    print(f"  done in {time.time() - t0:.0f}s: {Path(log).stem}", flush=True)
 
 
 def saved_step(ckpt):
