@@ -77,9 +77,10 @@ def run_step(cmd, log, done=None, threads=None, every=60):
 
 
 def saved_step(ckpt):
-    """The training step a finetune_oasis.py checkpoint.pt was saved at."""
-    import torch
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"])
+    """The training step a finetune_oasis.py checkpoint.pt was saved at (read by the project's one loader)."""
+    sys.path.insert(0, str(REPO))
+    from models import checkpoint
+    return int(checkpoint.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["step"])
 
 
 def run_finetune(cmd, log, run_dir, steps, threads=None, again=False):
