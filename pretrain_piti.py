@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (DataError, amp, cli, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
+from models import (DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
                     unit_float)
 from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
@@ -334,6 +334,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
         state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
         state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()}
     append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+    curves.update(out)  # curves.png from log.jsonl
     save(state, out / "checkpoint.pt")
     if better:
         save(state, out / "best.pt")
