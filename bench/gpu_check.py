@@ -10,7 +10,9 @@ Writes DIR/gpu_check.json, {"device": ..., "parts": {"<part>": {"ok": true|false
 Both are rewritten after every part, and every part prints one line when it ends, so a run cut off by a time limit
 leaves everything done so far. A part's failure (an exception, a script's non-zero exit, a figure out of range) is
 recorded with its traceback and the run goes on to the next part; the exit status is 1 when any part failed.
-Random weights in the official formats and toy data written on the spot into DIR: nothing is downloaded.
+Random weights in the official formats and toy data written on the spot into DIR: nothing is downloaded. At full
+size DIR holds about 4 GB of such weight files (the released PITI base and upsampler, the segmenters): give a scratch
+folder and keep gpu_check.json / gpu_check.md.
 CAT_GPU_CHECK_FAIL=<part>[,<part>] makes those parts raise at their start (the test's planted failure).
 
 Parts, in order, with their share of the 4-minute H100 budget (SHARE):
@@ -246,8 +248,8 @@ def random_affinity(n_target, n_source, seed=0):
 
 
 def oasis_generator_ckpt(c, dataset, path):
-    """An OASIS generator checkpoint of ours (kind oasis-cat) over `dataset`'s classes, random weights in train-mode
-    BN statistics: the official configuration, or tiny widths."""
+    """An OASIS generator checkpoint of ours (kind oasis-cat) over `dataset`'s classes with random weights: the
+    official configuration, or tiny widths."""
     import data
     from models import oasis
     table = data.class_table(dataset)
@@ -255,9 +257,7 @@ def oasis_generator_ckpt(c, dataset, path):
     if c.tiny:
         G_kwargs.update(z_dim=8, channels=4, spade_hidden=8)
     torch.manual_seed(0)
-    G = oasis.Generator(**G_kwargs)
-    with torch.no_grad():
-        G(torch.rand(1, G.semantic_nc, int(G_kwargs["crop_size"] / G_kwargs["aspect_ratio"]), G_kwargs["crop_size"]))
+    G = oasis.Generator(**G_kwargs)  # BN running statistics at their initial values: plumbing, not quality
     info = {"dataset": table.dataset, "names": table.names, "n_channels": table.n_channels}
     torch.save({"kind": "oasis-cat", "step": 0, "args": {}, "affinity": None, "source": info, "target": info,
                 "G_kwargs": G.kwargs, "EMA": G.eval().state_dict(), "D_kwargs": {}, "D": {}}, path)
@@ -276,9 +276,10 @@ def part_env(c):
     if c.device.startswith("cuda"):
         dev = torch.device(c.device)
         free, total = torch.cuda.mem_get_info(dev)
+        nccl = torch.cuda.nccl.version()  # a tuple in current torch, an int in older ones
         res.update(name=torch.cuda.get_device_name(dev), capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
                    bf16=torch.cuda.is_bf16_supported(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())), **{"free GiB": round(free / 2 ** 30, 1),
+                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl, **{"free GiB": round(free / 2 ** 30, 1),
                                                                          "total GiB": round(total / 2 ** 30, 1)})
     else:
         res.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
@@ -337,7 +338,7 @@ def piti_files(c):
     for path, kw, sr in ((c.piti_base, PITI_TINY_BASE if c.tiny else piti.BASE_KWARGS, False),
                          (c.piti_up, PITI_TINY_UP if c.tiny else piti.UP_KWARGS, True)):
         if not path.exists():
-            m = piti.PITI(**kw, super_res=sr)
+            m = piti.PITI(**{**kw, "super_res": sr})
             torch.save({k: v for k, v in m.state_dict().items() if k in m.official_keys()}, path)
             del m
     np.save(c.piti_affinity, random_affinity(data.class_table("ade20k").n_channels, piti.COCO_CHANNELS))
@@ -347,16 +348,16 @@ def fused_sdpa(c):
     """One forward of the base model with SDPA's math fallback disabled: it runs only on a fused kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import bench_piti
     from models import amp as amp_mod
     from models import piti
     dev = torch.device(c.device)
     kw = PITI_TINY_BASE if c.tiny else piti.BASE_KWARGS
-    m = piti.PITI(**kw, super_res=False).to(dev).eval()
-    x = torch.randn(2, 3, kw["image_size"], kw["image_size"], device=dev)
-    ref = torch.ones(2, 3, kw["ref_size"], kw["ref_size"], device=dev)
+    m = piti.PITI(**{**kw, "super_res": False}).to(dev).eval()
+    x = torch.randn(2, 3, m.image_size, m.image_size, device=dev)
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     with torch.no_grad(), sdpa_kernel(fused), amp_mod.autocast(dev, "bf16"):
-        out = m(x, torch.tensor([10, 500], device=dev), ref)
+        out = m(x, torch.tensor([10, 500], device=dev), m.ref(bench_piti.labels(2, 256, dev)))
     if not torch.isfinite(out.float()).all():
         raise CheckFailed("fused SDPA forward: non-finite output")
     return "ran with the math fallback disabled"
