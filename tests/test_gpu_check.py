@@ -38,7 +38,7 @@ def test_cpu_rehearsal_runs_every_part(tmp_path):
     assert "bf16 last loss" in piti and piti["torchrun backend"] == "gloo" and "math fallback disabled" in piti["fused SDPA"]
     assert (tmp_path / "piti" / "bf16" / "samples").is_dir()
     ev = parts["evaluate"]
-    assert ev["ade20k upernet101"]["fid"] >= 0 and "kid" in ev["ade20k upernet101"]
+    assert ev["ade20k upernet101"]["fid"] > 0 and "kid" in ev["ade20k upernet101"]  # 0: features that never vary
     for key in ("ade20k upernet101", "coco deeplabv2", "cityscapes drn105"):
         assert 0 <= ev[key]["miou"] <= 1 and 0 <= ev[key]["miou_real"] <= 1
     assert parts["bench_oasis"]["batch 1"]["img/s"] > 0
