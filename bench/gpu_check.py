@@ -57,9 +57,9 @@ SHARE = {"env": 2, "oasis": 70, "piti": 50, "evaluate": 30, "bench_oasis": 40, "
 PARTS = list(SHARE)
 # Python packages each part imports beyond torch (module name -> pip name). The device image lacks some test-only
 # ones (pytorch-fid): such a part fails with that name as its error, the others run.
-NEEDS = {"oasis": {"scipy": "scipy", "PIL": "pillow"}, "piti": {"scipy": "scipy", "PIL": "pillow"},
-         "evaluate": {"scipy": "scipy", "PIL": "pillow"}, "bench_oasis": {"PIL": "pillow"},
-         "bench_piti": {"PIL": "pillow"}, "bench_fid": {"scipy": "scipy", "pytorch_fid": "pytorch-fid"}}
+SCRIPTS = {"scipy": "scipy", "PIL": "pillow", "tqdm": "tqdm"}  # what finetune_*.py / evaluate.py import
+NEEDS = {"oasis": SCRIPTS, "piti": SCRIPTS, "evaluate": SCRIPTS, "bench_oasis": SCRIPTS, "bench_piti": {"PIL": "pillow"},
+         "bench_fid": {"scipy": "scipy", "PIL": "pillow", "pytorch_fid": "pytorch-fid"}}
 # Tiny widths of the rehearsal (and only of it).
 OASIS_TINY = ["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8", "--d-last", "8"]
 PITI_TINY = dict(model_channels=32, num_res_blocks=1, attention_ds=[2], num_head_channels=16, xf_width=32, xf_heads=4,
@@ -104,7 +104,8 @@ def evaluate_cmd(c, out, ckpt, dataset, root, segmenter, weights, inception=None
     """evaluate.py in model mode on the validation maps; FID + KID only with `inception` (at least 2 images)."""
     fid = ["--inception", inception] if inception else ["--no-fid"]
     return (["evaluate.py", "--ckpt", ckpt, "--data", dataset, "--data-root", root, "--split", "val", "--out", out,
-             "--limit", c.eval_images if inception or not c.tiny else 1, "--batch-size", c.eval_batch, "--workers", "0", "--grid-rows", "0",
+             "--limit", c.eval_images if inception or not c.tiny else 1, "--batch-size", c.eval_batch,
+             "--workers", "0", "--grid-rows", "0",
              "--stats-cache", "", "--device", c.device, "--amp", "auto", "--segmenter", segmenter,
              "--segmenter-weights", *weights] + fid)
 
@@ -277,23 +278,26 @@ def part_env(c):
         dev = torch.device(c.device)
         free, total = torch.cuda.mem_get_info(dev)
         nccl = torch.cuda.nccl.version()  # a tuple in current torch, an int in older ones
-        res.update(name=torch.cuda.get_device_name(dev), capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
+        res.update(name=torch.cuda.get_device_name(dev),
+                   capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
                    bf16=torch.cuda.is_bf16_supported(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl, **{"free GiB": round(free / 2 ** 30, 1),
-                                                                         "total GiB": round(total / 2 ** 30, 1)})
+                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+                   **{"free GiB": round(free / 2 ** 30, 1), "total GiB": round(total / 2 ** 30, 1)})
     else:
         res.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return res
 
 
 def part_oasis(c):
+    c.ade = toy_dataset(c, "ade20k")
     n = 2  # steps per run (the resume check: 1, then resumed to 2)
     res = {"steps": n, "batch": c.oasis_batch, "config": "tiny widths" if c.tiny else "ADE20K official widths"}
     runs = c.out / "oasis"
     # on the CPU rehearsal bf16 runs under torchrun only (below), to save a process start; fp16 is CUDA-only
     amps = ["bf16", "fp32", "fp16"] if c.device.startswith("cuda") else ["fp32"]
     for amp in amps:
-        _, s = run_script(c, oasis_cmd(c, runs / amp, amp, n, eval_every=n // 2 if amp == "fp32" else n), f"oasis_{amp}")
+        every = n // 2 if amp == "fp32" else n  # the fp32 run is the resume check's reference (below)
+        _, s = run_script(c, oasis_cmd(c, runs / amp, amp, n, eval_every=every), f"oasis_{amp}")
         losses = step_losses(runs / amp, ("loss_G", "loss_D"))
         if sorted(losses) != list(range(1, n + 1)) or not np.isfinite(list(losses.values())).all():
             raise CheckFailed(f"--amp {amp}: losses per step {losses}; expected {n} finite steps")
@@ -364,6 +368,7 @@ def fused_sdpa(c):
 
 
 def part_piti(c):
+    c.ade = toy_dataset(c, "ade20k")
     piti_files(c)
     n = 1 if c.tiny else 2
     res = {"steps": n, "batch": c.piti_batch, "config": "tiny widths" if c.tiny else "released base 64 + upsampler 256",
@@ -396,7 +401,8 @@ def part_evaluate(c):
     from models import inception, segmenters as S
     d = c.out / "eval_files"
     d.mkdir(parents=True, exist_ok=True)
-    files = {"inception": d / inception.INCEPTION_FILE, "deeplabv2": [d / "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"],
+    files = {"inception": d / inception.INCEPTION_FILE,
+             "deeplabv2": [d / "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"],
              "upernet101": [d / "encoder_epoch_50.pth", d / "decoder_epoch_50.pth"],
              "drn105": [d / "drn-d-105_ms_cityscapes.pth"]}
     nets = {"inception": inception.FIDInception(), "deeplabv2": [S.DeepLabV2MSC(182)],
@@ -551,10 +557,11 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny widths, 1-2 steps, few images (the CPU rehearsal)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list, run in the fixed order: {','.join(PARTS)}")
     args = p.parse_args(argv)
-    parts = [s for s in args.parts.split(",") if s]
-    unknown = [s for s in parts if s not in RUN]
+    asked = [s for s in args.parts.split(",") if s]
+    unknown = [s for s in asked if s not in RUN]
     if unknown:
         p.error(f"--parts: unknown {', '.join(unknown)}; expected some of {', '.join(PARTS)}")
+    parts = [s for s in PARTS if s in asked]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU visible (the CPU rehearsal: --device cpu --tiny)")
     out = Path(args.out)
@@ -567,7 +574,6 @@ def main(argv=None):
     c = SimpleNamespace(out=out, device=args.device, tiny=args.tiny, oasis_batch=1 if args.tiny else 8,
                         piti_batch=2 if args.tiny else 4, piti_sample_steps="2" if args.tiny else "25",
                         eval_images=2 if args.tiny else 16, eval_batch=2 if args.tiny else 16)
-    c.ade = toy_dataset(c, "ade20k")
     planted = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
     report = {"device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"cpu ({platform.machine()})",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
