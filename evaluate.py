@@ -63,7 +63,8 @@ from metrics import (confusion, embed, features, folder_images, frechet_distance
 from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
-from models.piti import load_piti_generator, palette
+from models.palette import palette
+from models.piti import load_piti_generator
 from models.segmenters import DEFAULT_SEGMENTER
 
 PROTOCOL = {  # the module docstring in short, written into results.json

@@ -185,7 +185,7 @@ def figure(rows, path, n_maps=4):
     sys.path.insert(0, str(REPO))
     import data
     import metrics
-    from models.piti import palette
+    from models.palette import palette
     val = data.open_dataset("toy-target", split="val")
     items = [val[i] for i in range(n_maps)]
     colours = palette(val.n_channels).numpy()
