@@ -67,6 +67,7 @@ from models import DataError, amp, cli, diffusion, piti, piti_train
 from models.checkpoint import (append_log, broadcast_stop, check_data, check_device, data_fingerprint,
                                init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, truncate_log)
+from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("init", "glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "base", "upsampler",
@@ -224,7 +225,9 @@ def build(args, source, target, M, ckpt, device):
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
         for name in saved:
-            present[name].load_state_dict(ckpt[name], strict=False)
+            m = present[name]  # the checkpoint keeps what trains; the rest stays as the official file gave it
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
+                        f"weights of this run's PITI {name} model")
         ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
     for m in present.values():
         m.to(device)
