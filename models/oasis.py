@@ -392,7 +392,8 @@ class Generator(nn.Module):
     def load_source(self, sd, path='<state dict>', name=None):
         """Load an official (source) generator state dict. Every source key must be present with its
         shape; only the CAT layers may be missing (they keep their init / set_affinity values)."""
-        _load(self, sd, path, name, optional=[f'{n}.{k}' for n, m in self.cat_modules() for k in m.state_dict()])
+        check_state_dict(self, sd, path, name, optional=[f'{n}.{k}' for n, m in self.cat_modules()
+                                                         for k in m.state_dict()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,18 +617,15 @@ def load_official(path, part='EMA', which='best'):
     <dir>/{which}_{part}.pth) or a single .pth. A finetuned CAT checkpoint (our dict) gives its `part`."""
     p = Path(path)
     if p.is_dir():
-        tries = [p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth']
-        found = [t for t in tries if t.is_file()]
+        found = [t for t in (p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth') if t.is_file()]
         if not found:
             have = sorted(f.name for d in (p, p / 'models') if d.is_dir() for f in d.glob('*.pth'))
             raise DataError(f'{p}: no {which}_{part}.pth in it or in {p / "models"} (found: '
                              f'{", ".join(have) or "no .pth files"}); {_WHERE}')
         p = found[0]
-    elif not p.is_file():
-        raise DataError(f'{p}: file not found; {_WHERE}')
     return read_state_dict(p, None, 'an OASIS state dict (a dict of tensors, as the official save_networks writes)',
                            unwrap=lambda sd: sd[part] if isinstance(sd, dict) and isinstance(sd.get('kind'), str)
-                           and part in sd else sd)  # a CAT checkpoint of ours gives its `part`
+                           and part in sd else sd, fix=_WHERE)  # a CAT checkpoint of ours gives its `part`
 
 
 def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EMA', 'D'), flag='--source-ckpt'):
@@ -641,9 +639,8 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     if not p.exists():
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
-        obj = checkpoint.torch_load(p, flag, mmap=True)
-        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth (a state dict), its run folder, or a '
-                                'checkpoint.pt of finetune_oasis.py')
+        obj = checkpoint.torch_load(p, flag, mmap=True)  # one line: truncated, empty, pickled, not a torch file
+        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth, its run folder or a checkpoint.pt of ours')
         if isinstance(obj.get('kind'), str):  # a checkpoint of ours
             if obj['kind'] != 'oasis-cat':
                 what = 'finetune_piti.py' if obj['kind'] == 'piti-cat' else f"'{obj['kind']}'"
@@ -673,45 +670,31 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
 
 
 def _explain(model, sd, name):
-    """One line saying why `sd` does not fit `model` (label channels, widths), or None."""
-    want = name or 'the model'
-    if isinstance(model, Generator):
-        if 'layer_up_last.weight' in sd:
-            return 'is a discriminator state dict, expected a generator (G or EMA)'
-        if 'fc.weight' not in sd:
-            return 'it has no fc.weight: not an OASIS generator state dict'
-        zd = model.z_dim
-        got_nc, exp_nc = sd['fc.weight'].shape[1] - zd, model.semantic_nc
-        if got_nc < 1:  # the noise width differs too: say what the input holds rather than a negative count
-            return (f'takes {sd["fc.weight"].shape[1]} input channels (z_dim + label channels), '
-                    f'{want} expects {zd} + {exp_nc}')
-        if got_nc != exp_nc:
-            return f'has {got_nc} label channels, {want} expects {exp_nc}'
-        got_w, exp_w = sd['fc.weight'].shape[0], model.fc.weight.shape[0]
-        if got_w != exp_w:
-            return f'has channels_G={got_w // 16}, {want} expects {exp_w // 16}'
-    else:
-        if 'fc.weight' in sd:
-            return 'is a generator state dict, expected a discriminator (D)'
-        if 'layer_up_last.weight' not in sd:
-            return 'it has no layer_up_last.weight: not an OASIS discriminator state dict'
-        got_nc, exp_nc = sd['layer_up_last.weight'].shape[0] - 1, model.kwargs['semantic_nc']
-        if got_nc != exp_nc:
-            return f'has {got_nc} label channels, {want} expects {exp_nc}'
-    return None
+    """Why `sd` does not fit `model` in OASIS terms (its kind, label channels, widths), or None."""
+    want, gen = name or 'the model', isinstance(model, Generator)
+    if ('layer_up_last.weight' if gen else 'fc.weight') in sd:
+        return f"is a {'discriminator' if gen else 'generator'} state dict, expected a " + (
+            'generator (G or EMA)' if gen else 'discriminator (D)')
+    first = sd.get('fc.weight' if gen else 'layer_up_last.weight')
+    if first is None or first.dim() < 2:
+        return None
+    zd = model.z_dim if gen else 1  # the generator's input: z + label channels; D's output: fake + classes
+    got_nc, exp_nc = first.shape[1 if gen else 0] - zd, model.semantic_nc if gen else model.kwargs['semantic_nc']
+    if gen and got_nc < 1:  # the noise width differs too: say what the input holds rather than a negative count
+        return f'takes {first.shape[1]} input channels (z_dim + label channels), {want} expects {zd} + {exp_nc}'
+    if got_nc != exp_nc:
+        return f'has {got_nc} label channels, {want} expects {exp_nc}'
+    if gen and first.shape[0] != model.fc.weight.shape[0]:
+        return f'has channels_G={first.shape[0] // 16}, {want} expects {model.fc.weight.shape[0] // 16}'
 
 
-def _load(model, sd, path, name, optional=()):
-    """Load `sd` into `model` strictly; a mismatch is one DataError line, with _explain's words as its hint."""
-    what = f"an OASIS {'generator' if isinstance(model, Generator) else 'discriminator'} " + (
-        f'for {name}' if name else 'of this configuration')
-    load_strict(model, sd, path, what, optional, hint=lambda sd: _explain(model, sd, name))
-
-
-def check_state_dict(model, sd, path='<state dict>', name=None):
+def check_state_dict(model, sd, path='<state dict>', name=None, optional=()):
     """Load `sd` into `model` strictly; a mismatch raises DataError with one line, e.g. "x.pth: not an OASIS
     generator for --source cityscapes: 1 key of another shape (fc.weight ...); has 151 label channels,
-    --source cityscapes expects 35". `name` words the model."""
-    if isinstance(model, Generator) and model.cat_nc is not None and not any(k.startswith('fc_cat.') for k in sd):
+    --source cityscapes expects 35". `name` words the model; `optional`: keys `sd` may lack (G.load_source's
+    CAT layers, which then keep their values)."""
+    gen = isinstance(model, Generator)
+    if gen and model.cat_nc is not None and not optional and not any(k.startswith('fc_cat.') for k in sd):
         raise DataError(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
-    _load(model, sd, path, name)
+    what = f"an OASIS {'generator' if gen else 'discriminator'} {f'for {name}' if name else 'of this configuration'}"
+    load_strict(model, sd, path, what, optional, hint=lambda sd: _explain(model, sd, name))

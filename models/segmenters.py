@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.state_dict import load_strict, read_state_dict
+from models.state_dict import load_strict, mismatch, read_state_dict
 
 NEG = -1e4  # logit of channels the segmenter has no class for (finite: softmax and bf16 stay finite)
 
@@ -385,7 +385,9 @@ def check_and_load(module, sd, path, what):
     with one line, saying which known network the file looks like when it is another one."""
     def hint(sd):
         guess = _looks_like(sd)
-        return f"this looks like {guess}, not {what}" if guess else "another class count or variant?"
+        if guess and guess != _looks_like(module.state_dict()):
+            return f"this looks like {guess}, not {what}"
+        return "another class count or variant?"
     load_strict(module, sd, path, f"the {what} weights", optional=OPTIONAL, hint=hint)
 
 
@@ -408,6 +410,9 @@ def build_segmenter(name, weight_paths, device="cpu"):
         if _looks_like(enc) == "the UperNet decoder" and _looks_like(dec) == "the UperNet (CSAIL ResNet) encoder":
             raise DataError(f"{paths[0]}, {paths[1]}: encoder and decoder swapped; give the encoder file first")
         what = "UperNet-101 encoder (CSAIL ResNet-101)", "UperNet-101 decoder (ADE20K, 150 classes)"
+        for module, sd, path, w in zip((seg.net.encoder, seg.net.decoder), (enc, dec), paths, what):
+            if any(mismatch(module.state_dict(), sd, OPTIONAL)[:2]):  # both key sets before any shape
+                check_and_load(module, sd, path, w)  # raises, naming the keys
         check_and_load(seg.net.encoder, enc, paths[0], what[0])
         check_and_load(seg.net.decoder, dec, paths[1], what[1])
     else:

@@ -46,7 +46,7 @@ def _not_tensors(obj):
     bad = next((k for k, v in obj.items() if not torch.is_tensor(v)), None)
     if bad is not None:
         keys = ", ".join(str(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
-        return f"a dict whose {bad!r} is a {type(obj[bad]).__name__}, not a tensor (keys {keys})"
+        return f"a dict whose {bad!r} is not a tensor ({type(obj[bad]).__name__}; keys {keys})"
     return ""
 
 
