@@ -115,3 +115,21 @@ def test_read_state_dict_missing_truncated_and_unwrapped(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "wrapped.pt")
     sd = read_state_dict(tmp_path / "wrapped.pt", unwrap=lambda o: o["state_dict"] if isinstance(o, dict) else o)
     assert list(sd) == ["w"] and torch.equal(sd["w"], torch.ones(2))
+
+
+def test_the_palette_is_neutral_and_oasis_paths_never_import_piti():
+    """models/palette.py: the colours models.piti's encoder eats; metrics and the OASIS scripts draw with them
+    without importing PITI (a fresh interpreter, so that no other test's import hides it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from models import piti
+    from models.palette import palette
+    assert piti.palette is palette  # one palette: the encoder's input colours are the grids' colours
+    assert palette(4).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]  # pix2pixHD's first colours
+    code = ("import sys, metrics, evaluate, estimate_affinity, finetune_oasis; "
+            "print(sorted(m for m in sys.modules if m.startswith('models.piti')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
