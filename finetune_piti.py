@@ -56,6 +56,7 @@ from models import (DataError, amp, cli, curves, diffusion, finite_float, nonneg
 from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, step_seed, swapped, truncate_log)
+from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("recipe", "schedule_sampler", "base", "upsampler", "base_config", "up_config", "source", "source_root",
@@ -207,7 +208,9 @@ def build(args, source, target, M, ckpt, device):
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
         for name in saved:
-            present[name].load_state_dict(ckpt[name], strict=False)
+            m = present[name]  # the checkpoint keeps what trains; the rest stays as the official file gave it
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
+                        f"weights of this run's PITI {name} model")
         ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
     for m in present.values():
         m.to(device)

@@ -44,7 +44,7 @@ from models import DataError, amp, figures, no_file, segmenters
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
 from models.inception import INCEPTION_FILE, load_fid_inception
-from models.piti import palette
+from models.palette import palette
 
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
 

@@ -254,7 +254,7 @@ def main(argv=None):
                                         R.oasis_cmd([*flags, *common, *train] + dev, rd), None, "oasis", run=rd)
                         model_flags, deps = ["--ckpt", rd / final], deps + [rkey]
                 else:
-                    # the supplement's rate is CAT's; the GLIDE-init baseline keeps its recipe's (piti_train.RECIPES)
+                    # the supplement's rate is CAT's; the GLIDE-init baseline keeps its recipe's (pretrain_piti.RECIPES)
                     train = ["--lr", R.LR["piti"][target]] if target in R.LR["piti"] and row.train != "glide" else []
                     train += ["--inception", args.inception] if args.inception else []
                     rd = sd / f"run_{job}"

@@ -299,7 +299,7 @@ def _wrap(text, width, draw, font):
 def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
     """Columns with titles: label colours | one image per row's job | real image, for the first validation maps
     that show a tail class (design probability < 0.1), at the smallest n and the first seed."""
-    from models.piti import palette
+    from models.palette import palette
     import metrics
     val = data.open_dataset("toy-lt-target", split="val")
     tail = [k for k, c in enumerate(toy.TOY_LT_TARGET.values(), 1) if c[1] < RARE]
@@ -327,7 +327,7 @@ def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
 
 def plot(results, args, path, w=420, h=300):
     """Two panels, mIoU and rare mIoU against n (mean over seeds), one line per row, and a legend."""
-    from models.piti import palette
+    from models.palette import palette
     colours = [tuple(int(v) for v in c) for c in palette(len(args.rows) + 2).numpy()[2:]]
     font, legend_w = _font(11), 260
     canvas = Image.new("RGB", (2 * w + legend_w, max(h, 20 + 15 * len(args.rows))), "white")

@@ -211,7 +211,7 @@ def save_figure(generated, names, path, n_maps=4):
     (labels | 1..K | real), the key of the numbers and the class legend."""
     import metrics
     from models import figures
-    from models.piti import palette
+    from models.palette import palette
     val, items = validation_maps(n_maps)
     colours = palette(val.n_channels).numpy()
     labels = [it["label"].numpy() for it in items]

@@ -364,11 +364,3 @@ def broadcast_stop(stop, device):
     dist.broadcast(flag, 0)
     return bool(flag.item())
 
-
-def key_diff(own, sd, optional=()):
-    """(missing, unexpected, wrong-shape) keys of a state dict `sd` against `own` (the model's state dict);
-    keys of `own` ending in one of `optional` may be absent. Each loader words its own one-line error."""
-    missing = [k for k in own if k not in sd and not k.endswith(tuple(optional))]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    return missing, unexpected, wrong
