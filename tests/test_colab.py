@@ -182,6 +182,10 @@ def test_notebook_structure():
             assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cell.get("id", "")), f"cell {k}: id {cell.get('id')!r}"
             ids.append(cell["id"])
         if cell["cell_type"] == "code":
+            lines = [ln.strip() for ln in logical_lines(cell_text(cell))]
+            for ln, after in zip(lines, lines[1:] + [""]):  # IPython goes on after a failed `!` line: stop there
+                assert not ln.startswith("!") or after.startswith("check("), \
+                    f"cell {k}: `{ln[:60]}` is not followed by check(...), which stops the cell when it fails"
             assert isinstance(cell["outputs"], list), f"cell {k}: outputs"
             assert cell["execution_count"] is None or isinstance(cell["execution_count"], int), f"cell {k}"
             compile(as_python(cell_text(cell)), f"colab.ipynb cell {k}", "exec")
@@ -224,16 +228,17 @@ def test_command_parses(cell, command, monkeypatch):
 
 
 def test_setup_cell_stops_without_repository(tmp_path, monkeypatch):
-    """The first code cell: outside a checkout with REPO_URL unset it stops with one line naming REPO_URL; inside
+    """The first code cell: outside a checkout with REPO_URL unset it stops (Stop: one line, no traceback in IPython)
+    naming REPO_URL; inside
     the checkout it keeps it (no clone, no network)."""
     setup = next(cell_text(c) for c in NB["cells"] if c["cell_type"] == "code")
     assert re.search(r'^REPO_URL = ""', setup, re.M), "REPO_URL must ship unset (the placeholder check relies on it)"
     monkeypatch.chdir(tmp_path)
     if Path("/content/cat").exists():
         pytest.skip("a /content/cat checkout exists here")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Exception) as e:
         exec(compile(as_python(setup), "setup cell", "exec"), {})
-    assert "REPO_URL" in str(e.value) and "\n" not in str(e.value)
+    assert type(e.value).__name__ == "Stop" and "REPO_URL" in str(e.value) and "\n" not in str(e.value)
     monkeypatch.chdir(REPO)
     scope = {}
     exec(compile(as_python(setup), "setup cell", "exec"), scope)
