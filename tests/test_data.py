@@ -60,9 +60,25 @@ def test_affinity_to_channels_hard_matches_mapped_onehot(rng):
         data.affinity_to_channels(A, tgt, src)
 
 
-def test_onehot_rejects_out_of_range():
-    with pytest.raises(DataError, match=r"expected 0\.\.4"):
-        data.onehot(torch.tensor([[[0, 5]]]), 5)
+def _folder(root, labels, classes="sky\ngrass\n", image_mode=None):
+    """A flat folder dataset: one image per label array (names 0, 1, ...)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text(classes)
+    for i, lab in enumerate(labels):
+        _save(root / "images" / f"{i}.png", np.zeros(lab.shape + (3,), np.uint8))
+        Image.fromarray(lab).save(root / "labels" / f"{i}.png")
+    return root
+
+
+def test_check_labels_rejects_out_of_range_once_per_dataset(tmp_path, monkeypatch):
+    lab = np.zeros((8, 8), np.uint8)
+    ds = data.SegDataset("folder", _folder(tmp_path / "d", [lab, lab + 5]), size=8)
+    with pytest.raises(DataError, match=r"1.png: label value 5 outside 0\.\.2"):
+        data.check_labels(ds)
+    # the batches are not checked again: onehot reads ids without a GPU->CPU sync (no .min()/.max())
+    monkeypatch.setattr(torch.Tensor, "max", lambda *a, **k: pytest.fail("onehot synced on label.max()"))
+    assert data.onehot(torch.tensor([[[0, 1]]]), 3)[0, :, 0, 1].tolist() == [0, 1, 0]
 
 
 # ---------------------------------------------------------------- layouts and id conventions
