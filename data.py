@@ -236,7 +236,9 @@ def load_affinity(path, target, source, flag="--affinity"):
 
     Checks what a wrong file would otherwise slip through: not a plain .npy (pickled, corrupt), the shape
     against the two class tables, NaN/negative entries, rows not summing to 1, and, when estimate_affinity.py's
-    affinity.json lies beside it, the class names it was estimated for."""
+    affinity.json lies beside it, that it records this array (sha256: a stale or mismatched pair is refused) and
+    the class names it was estimated for (compare_classes names the first difference). A broken json is refused,
+    never skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{flag} {path}: {no_file(path)}; estimate_affinity.py writes affinity.npy")
@@ -264,18 +266,37 @@ def load_affinity(path, target, source, flag="--affinity"):
         name = (["unlabelled"] + list(target.display))[k] if len(A) == len(target) + 1 else target.display[k]
         raise DataError(f"{flag} {path}: row {k} ({name}) sums to {sums[k]:.4f}; expected rows summing to 1")
     meta = path.with_name("affinity.json")
-    if meta.is_file():
+    if meta.is_file():  # estimate_affinity.py's record: tied to the .npy by the array's sha256, then the classes
+        where = f"{flag} {path}: {meta.name} beside it"
         try:
-            names = json.loads(meta.read_text())
-            names = {side: names[side]["names"] for side in ("target", "source")}
-        except (ValueError, KeyError, TypeError):
-            names = None  # not estimate_affinity.py's file: nothing to compare
-        for side, table in (("target", target), ("source", source)) if names else ():
-            if [n.lower() for n in names[side]] != [n.lower() for n in table.names]:
-                raise DataError(f"{flag} {path}: {meta.name} says it was estimated for other {side} classes "
-                                f"({len(names[side])} classes, first '{names[side][0] if names[side] else ''}') than "
-                                f"{table.dataset} ({len(table)} classes, first '{table.names[0]}')")
+            info = json.loads("\n".join(read_lines(meta, flag)))
+            names = {side: list(info[side]["names"]) for side in ("target", "source")}
+            digest = info["sha256"]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not valid JSON (line {e.lineno}: {e.msg}); re-run estimate_affinity.py, or "
+                            f"move {meta.name} away to use the .npy alone") from None
+        except (KeyError, TypeError):
+            raise DataError(f"{where} lacks the class names or the array's sha256 (edited by hand, or written by an "
+                            f"older estimate_affinity.py); re-run it, or move {meta.name} away to use the .npy "
+                            "alone") from None
+        if digest != affinity_sha256(A):
+            ours = all([n.lower() for n in names[side]] == [n.lower() for n in table.names]
+                       for side, table in (("target", target), ("source", source)))
+            raise DataError(f"{where} records another array (sha256 {str(digest)[:12]}..., the .npy's "
+                            f"{affinity_sha256(A)[:12]}...): " + (
+                                "same classes, so the .npy was rewritten after its estimate (stale)" if ours else
+                                f"and other classes ({names['target'][:1]}... -> {names['source'][:1]}...), so the "
+                                "two files come from different runs (a mismatched pair)")
+                            + f"; re-run estimate_affinity.py, or move {meta.name} away to use the .npy alone")
+        for side, table in (("target", target), ("source", source)):
+            compare_classes(table, names[side], f"--{side} {table.dataset}", f"{where} ({side} classes)")
     return A.astype(np.float32), M
+
+
+def affinity_sha256(A):
+    """The sha256 that affinity.json records of its .npy's array (float32 values and shape)."""
+    A = np.ascontiguousarray(A, np.float32)
+    return hashlib.sha256(repr(A.shape).encode() + A.tobytes()).hexdigest()
 
 
 def onehot(label, n_channels):
