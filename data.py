@@ -413,9 +413,10 @@ def _open(path, decode=True):
             im.exif_turned = orientation
         return im
     except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: refused before decoding
-        raise DataError(f"{path}: {str(e).split(' could be')[0].replace('Image size', 'an image of')}, over PIL's "
-                        f"decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS} pixels; downscale it (the "
-                        "models read 256-pixel sides)") from None
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"{path}: an image of {n.group(1) if n else 'too many'} pixels is over PIL's decompression-bomb "
+                        f"limit of {2 * Image.MAX_IMAGE_PIXELS} pixels; downscale it (the models read 256-pixel "
+                        "sides)") from None
     except OSError as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
 
@@ -479,7 +480,13 @@ def check_labels(ds, what=None):
             values = np.asarray(label)
         except OSError as e:
             raise DataError(f"{lbl_path}: unreadable image ({e})") from None
-        label_channels(values, ds.dataset, ds.n_channels, lbl_path)
+        try:
+            label_channels(values, ds.dataset, ds.n_channels, lbl_path)
+        except DataError:  # ids out of range because of JPEG ringing: say that instead
+            suspects = [(lbl_path, ringing_ids(values))] if ringing_ids(values) else []
+            if not suspects:
+                raise
+            break
         if k % step == 0:
             suspects.append((lbl_path, ringing_ids(values)))
     bad = [(p, ids) for p, ids in suspects if ids]
