@@ -71,8 +71,6 @@ def _read_tsv(name):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-
-
 def read_lines(path, what):
     """The one reader of the toolkit's text inputs (classes.txt, mapping files, --subset-file): a UTF-8 file whose
     byte-order mark and CRLF line ends are read transparently; other text encodings are refused in one line that
@@ -101,23 +99,24 @@ _HEADER = re.compile(r"^\s*(id|value|label|index|class_?id)\s*[\t,;]\s*(name|cla
 
 def _numbered(names, path):
     """classes.txt written as 'id<TAB>name' or CSV 'id,name' (a header line allowed) -> the names in id order, ids
-    1..N (an id 0 naming the unlabelled value is dropped); other numberings are refused, never read as names."""
-    rows = names[1:] if _HEADER.match(names[0]) else names
-    pairs = [_ID_NAME.match(n) for n in rows]
+    1..N (an id 0 naming the unlabelled value is dropped); other numberings are refused, never read as names.
+    None: plain names."""
+    header = _HEADER.match(names[0]) is not None
+    pairs = [_ID_NAME.match(n) for n in names[header:]]
     if not all(pairs):
-        return None if not _HEADER.match(names[0]) else DataError(
-            f"{path}: has the header '{names[0].strip()}' but line {2 + [bool(p) for p in pairs].index(False)} is "
-            "not 'id,name'")
+        if header:
+            raise DataError(f"{path}: has the header '{names[0].strip()}' but line "
+                            f"{2 + [bool(p) for p in pairs].index(False)} is not 'id,name'")
+        return None
     ids, out = [int(p.group(1)) for p in pairs], [p.group(2).strip('"') for p in pairs]
-    if ids and ids[0] == 0:
-        if out[0].strip().lower() not in NOT_A_CLASS:
-            return DataError(f"{path}: id 0 is '{out[0]}'; value 0 is unlabelled here: number the classes from 1 "
-                             "(id k = label value k)")
-        ids, out = ids[1:], out[1:]
+    if ids[0] == 0 and out[0].strip().lower() not in NOT_A_CLASS:
+        raise DataError(f"{path}: id 0 is '{out[0]}'; value 0 is unlabelled here: number the classes from 1 "
+                        "(id k = label value k)")
+    ids, out = (ids[1:], out[1:]) if ids[0] == 0 else (ids, out)
     if ids != list(range(1, len(ids) + 1)):
         k = next(i for i, v in enumerate(ids) if v != i + 1)
-        return DataError(f"{path}: numbered lines 'id name' with id {ids[k]} where {k + 1} was expected; expected ids "
-                         "1..N in order (label value k = class k), or one class name a line")
+        raise DataError(f"{path}: numbered lines 'id name' with id {ids[k]} where {k + 1} was expected; expected ids "
+                        "1..N in order (label value k = class k), or one class name a line")
     return out
 
 
@@ -130,10 +129,7 @@ def _read_classes_txt(root):
         names.pop()
     if not names:
         raise DataError(f"{path}: empty; expected one class name a line")
-    numbered = _numbered(names, path)
-    if isinstance(numbered, DataError):
-        raise numbered
-    names = numbered if numbered is not None else names
+    names = _numbered(names, path) or names
     seen = {}
     for k, name in enumerate(names, 1):
         if not name.strip():
@@ -599,6 +595,11 @@ def dataset_from_args(args, split="train", augment=False, out_dir=None):
     if args.data is None:
         raise DataError(f"--data is required: one of {', '.join(DATASETS)} (--data folder --data-root DIR for your "
                         "own images; --data toy-target for the generated toy task)")
+    if args.data == "cityscapes" and args.size not in (None, 256):
+        raise DataError(f"--size {args.size} does not apply to --data cityscapes: it is read at 256x512 (the official "
+                        "OASIS size); drop --size")
+    if args.n is not None and args.subset_file:
+        raise DataError(f"--n {args.n} with --subset-file {args.subset_file}: the file names the subset; give one")
     few_shot = split == "train"
     return open_dataset(args.data, args.data_root, split, augment,
                         n=args.n if few_shot else None, subset_seed=args.subset_seed,
