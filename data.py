@@ -555,6 +555,9 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
         if not path.is_file():
             raise DataError(f"--subset-file {path}: {no_file(path)} (the subset.txt of an earlier run)")
         wanted = [unicodedata.normalize("NFC", s.strip()) for s in read_lines(path, "--subset-file") if s.strip()]
+        if n is not None and n != len(wanted):  # a resumed run passes both: they agree
+            raise DataError(f"--n {n} with --subset-file {path}, which names {len(wanted)} images; drop --n (the file "
+                            "names the subset)")
         index = {unicodedata.normalize("NFC", r): i for i, r in enumerate(rel)}
         unknown = [w for w in wanted if w not in index]
         if unknown:
@@ -598,8 +601,6 @@ def dataset_from_args(args, split="train", augment=False, out_dir=None):
     if args.data == "cityscapes" and args.size not in (None, 256):
         raise DataError(f"--size {args.size} does not apply to --data cityscapes: it is read at 256x512 (the official "
                         "OASIS size); drop --size")
-    if args.n is not None and args.subset_file:
-        raise DataError(f"--n {args.n} with --subset-file {args.subset_file}: the file names the subset; give one")
     few_shot = split == "train"
     return open_dataset(args.data, args.data_root, split, augment,
                         n=args.n if few_shot else None, subset_seed=args.subset_seed,

@@ -973,6 +973,7 @@ def R3(W):
             (ns.reordered / sub).symlink_to(ns.three / sub)
     (W.root / "r3_latin1.txt").write_bytes("sky -> gr\xe4ss\n".encode("latin-1"))
     (W.root / "r3_utf16.txt").write_text("sky -> sky\n", encoding="utf-16")
+    (W.root / "r3_two.txt").write_bytes(b"\xef\xbb\xbfimages/0.png\r\nimages/1.png\r\n")  # BOM + CRLF: read as written
     dim, sd = 16, {"cls_token": torch.zeros(1, 1, 16), "pos_embed": torch.zeros(1, 17, 16), "norm.weight": torch.ones(16),
                    "patch_embed.proj.weight": torch.zeros(16, 3, 8, 8), "patch_embed.proj.bias": torch.zeros(16),
                    "norm.bias": torch.zeros(16)}  # a DINO ViT of depth 1 in the official key format
@@ -1012,8 +1013,8 @@ DATA3 = {
     "est-batch-size-renamed": (estimate_affinity.main, ESTF + ["--batch-size", "8"], ["--batch-size"]),
     "info-cityscapes-size": (data.main, ["info", "--data", "cityscapes", "--data-root", "{ok}", "--size", "64"],
                              ["--size 64 does not apply to --data cityscapes", "256x512"]),
-    "info-n-and-subset-file": (data.main, INFO + ["{ok}", "--n", "4", "--subset-file", "{root}/r3_latin1.txt"],
-                               ["--n 4 with --subset-file", "give one"]),
+    "info-n-and-subset-file": (data.main, INFO + ["{ok}", "--n", "4", "--subset-file", "{root}/r3_two.txt"],
+                               ["--n 4 with --subset-file", "r3_two.txt", "names 2 images", "drop --n"]),
     "est-missing-all-at-once": (estimate_affinity.main, ["--method", "self-supervised"],
                                 ["--source, --target, --out are required", "self-supervised needs --dino-weights",
                                  "e.g. python estimate_affinity.py"]),

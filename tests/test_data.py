@@ -478,3 +478,11 @@ def test_info_without_data_is_one_line_naming_the_toy():
     help_text = subprocess.run([sys.executable, "data.py", "info", "--help"], cwd=REPO, capture_output=True,
                                text=True).stdout
     assert "(default: train)" in help_text and "(default: 0)" in help_text and "e.g.  python data.py info" in help_text
+
+
+def test_subset_file_from_a_windows_editor_is_read_as_written(tmp_path):
+    root = _folder(tmp_path / "d", [np.ones((8, 8), np.uint8)] * 3)
+    (tmp_path / "subset.txt").write_bytes(b"\xef\xbb\xbfimages/2.png\r\nimages/0.png\r\n")
+    ds = data.open_dataset("folder", root, subset_file=tmp_path / "subset.txt", size=8)
+    assert [p.name for p, _ in ds.files] == ["2.png", "0.png"]
+    assert len(data.open_dataset("folder", root, n=2, subset_file=tmp_path / "subset.txt", size=8)) == 2  # agree
