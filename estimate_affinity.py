@@ -597,7 +597,7 @@ def main(argv=None):
         A = np.concatenate([np.zeros((len(A), 1)), A], 1) if void else data.extend_affinity(A)
     for t, row in rows.items():
         A[t - 1 + len(A) - len(target)] = row if len(A) > len(target) else row[1:]
-        if t in over:
+        if t in over and t - 1 + len(rows_table) - len(target) >= 0:  # a row of the report (not channel 0 by hand)
             marks[t - 1 + len(rows_table) - len(target)] = "overridden by hand"
     A = A.astype(np.float32)
     info["files"].extend([args.override] if args.override else [])
