@@ -71,21 +71,23 @@ def _read_tsv(name):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def read_lines(path, what):
+def read_lines(path, what=""):
     """The one reader of the toolkit's text inputs (classes.txt, mapping files, --subset-file): a UTF-8 file whose
     byte-order mark and CRLF line ends are read transparently; other text encodings are refused in one line that
-    names the file and the encoding it seems to be in. -> its lines, without line ends."""
+    names the file (after `what`, the flag that gave it) and the encoding it seems to be in. -> its lines, without
+    line ends."""
     path = Path(path)
+    what = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise DataError(f"{what} {path}: {no_file(path)}")
+        raise DataError(f"{what}: {no_file(path)}")
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{what} {path}: is UTF-16 text; expected UTF-8 (save it as UTF-8)")
+        raise DataError(f"{what}: is UTF-16 text; expected UTF-8 (save it as UTF-8)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         seems = "Latin-1 / Windows-1252" if not raw.startswith(b"\xef\xbb\xbf") else "mixed encodings"
-        raise DataError(f"{what} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}; it looks like "
+        raise DataError(f"{what}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}; it looks like "
                         f"{seems}); save it as UTF-8") from None
     return text.splitlines()  # \n, \r\n and \r alike
 
@@ -124,7 +126,7 @@ def _read_classes_txt(root):
     path = Path(root) / "classes.txt"
     if not path.is_file():
         raise DataError(f"{path}: missing; a folder dataset needs classes.txt (one class name a line, line k = PNG value k)")
-    names = read_lines(path, "classes.txt")
+    names = read_lines(path)
     while names and not names[-1].strip():
         names.pop()
     if not names:
