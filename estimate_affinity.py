@@ -406,7 +406,7 @@ def get_args(argv=None):
     t.add_argument("--synonyms", default="first", choices=["first", "mean"],
                    help="ADE20K synonym lists: first name only, or mean over all (default: first)")
     s = p.add_argument_group("supervised")
-    s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments")
+    s.add_argument("--source-ckpt", default=None, help="source OASIS run dir / .pth or finetune_oasis.py checkpoint: its discriminator segments (default: none)")
     s.add_argument("--segmenter", default=None, help="segmenter instead: deeplabv2 (coco), upernet101 (ade20k), drn105 (cityscapes) "
                    "with --segmenter-weights, or a TorchScript file (RGB in [0,1] -> logits over the source channels); "
                    "default for those three sources without --source-ckpt: the paper's, weights by name "
@@ -416,16 +416,16 @@ def get_args(argv=None):
     s.add_argument("--seg-stat", default="soft", choices=["soft", "argmax"],
                    help="average the predicted distributions, or count argmax pixels (default: soft)")
     d = p.add_argument_group("self-supervised")
-    d.add_argument("--dino-weights", default=None, help="DINO ViT file (dino_deitsmall16_pretrain.pth, ...) or name (dino_vits16|vits8|vitb16|vitb8: downloaded once)")
+    d.add_argument("--dino-weights", default=None, help="DINO ViT file (dino_deitsmall16_pretrain.pth, ...) or name (dino_vits16|vits8|vitb16|vitb8: downloaded once; default: none)")
     d.add_argument("--dino-size", type=positive_int, default=224, help="short image side fed to the ViT (default: 224)")
     d.add_argument("--source-data", default=None, help="labelled source images: dataset name or folder (default: --source)")
-    d.add_argument("--source-root", default=None, help="root of the source dataset (coco/ade20k/cityscapes)")
+    d.add_argument("--source-root", default=None, help="root of the source dataset (coco/ade20k/cityscapes; default: none)")
     d.add_argument("--source-n", type=positive_int, default=100, help="number of source images sampled for the prototypes (default: 100)")
     data.add_data_args(p, data_help="default: --target's")  # the TARGET training images
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu (default: cuda if visible)")
     p.add_argument("--batch", type=positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP)
+    p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP + " (default: auto)")
     args = p.parse_args(argv)
     if isinstance(args.weights, str):
         args.weights = parse_weights(args.weights)
