@@ -466,7 +466,7 @@ def ringing_ids(values):
     return thin if len(thin) >= 3 else []
 
 
-def check_labels(ds, what=None):
+def check_labels(ds):
     """Read every pair of a dataset once, at the start of a run (sizes, modes, label values, JPEG-damaged labels),
     so that a bad file fails here in one line rather than inside a DataLoader worker or a training step; the
     batches are not checked again (no GPU->CPU sync per step). Returns the images' sizes {(W, H): count}."""
