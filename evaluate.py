@@ -63,7 +63,7 @@ from metrics import (confusion, embed, features, folder_images, frechet_distance
 from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
-from models.piti import load_piti_generator, palette
+from models.palette import palette
 from models.segmenters import DEFAULT_SEGMENTER
 
 PROTOCOL = {  # the module docstring in short, written into results.json
@@ -182,6 +182,7 @@ def load_generator(args, dataset, device, bf16):
                         f"(piti-cat); --ckpt {path} is an OASIS model: drop {'it' if len(piti_flags) == 1 else 'them'}")
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.piti_steps
+        from models.piti import load_piti_generator  # only here: an OASIS evaluation never imports PITI
         piti = load_piti_generator(str(path), device, steps=steps, up_steps=args.piti_up_steps,
                                    ddim=bool(steps and steps.startswith("ddim")), amp=bf16)
         info.update(kind="piti-cat", steps=steps or "official (250)", up_steps=args.piti_up_steps or "official (fast27)",
