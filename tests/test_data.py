@@ -1,11 +1,13 @@
 """Dataset layouts, id conventions, preprocessing and the toy task, on tiny fixtures built here."""
 import os
-import re
-import unicodedata
 import random
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -451,6 +453,14 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(root / "images" / "0.png")  # mid grey in 16 bits
     x = data.SegDataset("folder", root, size=8)[0]["image"]
     assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-6)  # not white (1.0)
+    # a 48-bit RGB PNG (PIL writes none: its chunks by hand), mid grey too
+    rows = b"".join(b"\0" + np.full((8, 3), 32768, ">u2").tobytes() for _ in range(8))
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    (root / "images" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+                                            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    x = data.SegDataset("folder", root, size=8)[0]["image"]
+    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-6)
 
 
 def test_decompression_bomb_is_one_line(tmp_path, monkeypatch):
