@@ -499,9 +499,10 @@ def estimate_self_supervised(args, images, target, source, device):
     return prototype_affinity(t_proto, s_proto, s_present, args.temperature), t_present, desc, [weights]
 
 
-def estimate_rows(args, target, source, s_name, device):
+def estimate_rows(args, target, source, s_name, device, hand):
     """The estimate of --method (rows of `target`, summing to 1), the per-method matrices, and what the report
-    and affinity.json record: {method: encoder}, files read, {method: why skipped}, {row: note}."""
+    and affinity.json record: {method: encoder}, files read, {method: why skipped}, {row: note}. `hand`: the rows
+    of --hand (read_mapping) for --method hand."""
     encoders, files, skipped, marks, estimates, text = {}, [], {}, {}, {}, {}
     methods = ([args.method] if args.method in ESTIMATORS else
                [m for m, w in args.weights.items() if w > 0] if args.method == "combination" else [])
@@ -550,7 +551,6 @@ def estimate_rows(args, target, source, s_name, device):
         for t_i, name in enumerate(target.names):
             estimate[t_i, find_class(source, name, f"--method identity (target class of {target.dataset})")] = 1
     else:  # hand: every target class named; rows that involve channel 0 are applied later, on the extended matrix
-        hand = read_mapping(args.hand, target, source, "--hand")
         missing = [target.display[i] for i in range(len(target)) if i + 1 not in hand]
         if missing:
             raise DataError(f"{args.hand}: maps {len(hand)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
@@ -587,10 +587,10 @@ def main(argv=None):
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}"
           + (", with an estimated row for the unlabelled value 0 (--void-row)" if void else ""))
     rows_table = with_void(target) if void else target  # the estimate's rows
-    estimate, estimates, info, marks = estimate_rows(args, rows_table, source, s_name, torch.device(args.device))
+    hand = read_mapping(args.hand, target, source, "--hand") if args.method == "hand" else {}
+    estimate, estimates, info, marks = estimate_rows(args, rows_table, source, s_name, torch.device(args.device), hand)
 
     A = estimate.copy() if args.soft else harden(estimate, source)
-    hand = read_mapping(args.hand, target, source, "--hand") if args.method == "hand" else {}
     over = read_mapping(args.override, target, source, "--override") if args.override else {}
     rows = {**{t: r for t, r in hand.items() if t == 0 or r[0] > 0}, **over}  # written as given, extended matrix
     if void or any(t == 0 or row[0] > 0 for t, row in rows.items()):
@@ -605,7 +605,7 @@ def main(argv=None):
     table = lambda t: dict(dataset=t.dataset, ids=t.ids, names=t.names, display=t.display, n_channels=t.n_channels)  # noqa: E731
     meta = dict(method=args.method, hard=not args.soft, **info, source=table(source), target=table(target),
                 void_row=void, shape=list(A.shape), sha256=data.affinity_sha256(A),
-                args={**vars(args), "weights": args.weights}, marks={rows_table.display[i]: m for i, m in sorted(marks.items())},
+                args=vars(args), marks={rows_table.display[i]: m for i, m in sorted(marks.items())},
                 estimate=np.round(estimate, 6).tolist(),
                 matrices={m: np.round(np.asarray(E, np.float64), 6).tolist() for m, E in estimates.items()}
                 if len(estimates) > 1 else {})
