@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from PIL import Image, ImageOps
 
 import toy  # the toy tasks' names, folders and generation (toy.ensure)
 # bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
-from models import ArgumentParser, DataError, cli, no_file
+from models import ArgumentParser, DataError, cli, no_file, nonneg_int, positive_int
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
@@ -69,23 +71,67 @@ def _read_tsv(name):
         return list(csv.DictReader(f, delimiter="\t"))
 
 
+def read_lines(path, what=""):
+    """The one reader of the toolkit's text inputs (classes.txt, mapping files, --subset-file): a UTF-8 file whose
+    byte-order mark and CRLF line ends are read transparently; other text encodings are refused in one line that
+    names the file (after `what`, the flag that gave it) and the encoding it seems to be in. -> its lines, without
+    line ends."""
+    path = Path(path)
+    what = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise DataError(f"{what}: {no_file(path)}")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{what}: is UTF-16 text; expected UTF-8 (save it as UTF-8)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        seems = "Latin-1 / Windows-1252" if not raw.startswith(b"\xef\xbb\xbf") else "mixed encodings"
+        raise DataError(f"{what}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}; it looks like "
+                        f"{seems}); save it as UTF-8") from None
+    return text.splitlines()  # \n, \r\n and \r alike
+
+
 _WARNED = set()  # what a warning was printed for already: once per run
 NOT_A_CLASS = ("background", "unlabeled", "unlabelled", "void", "ignore", "ignored", "dontcare", "don't care", "none",
                "other", "others", "unknown")
+_ID_NAME = re.compile(r"^\s*(\d+)\s*[\t,;]\s*(.*?)\s*$")  # '1<TAB>sky', '1,sky' (CSV), '1;sky'
+_HEADER = re.compile(r"^\s*(id|value|label|index|class_?id)\s*[\t,;]\s*(name|class|class_?name|label)\s*$", re.I)
+
+
+def _numbered(names, path):
+    """classes.txt written as 'id<TAB>name' or CSV 'id,name' (a header line allowed) -> the names in id order, ids
+    1..N (an id 0 naming the unlabelled value is dropped); other numberings are refused, never read as names.
+    None: plain names."""
+    header = _HEADER.match(names[0]) is not None
+    pairs = [_ID_NAME.match(n) for n in names[header:]]
+    if not all(pairs):
+        if header:
+            raise DataError(f"{path}: has the header '{names[0].strip()}' but line "
+                            f"{2 + [bool(p) for p in pairs].index(False)} is not 'id,name'")
+        return None
+    ids, out = [int(p.group(1)) for p in pairs], [p.group(2).strip('"') for p in pairs]
+    if ids[0] == 0 and out[0].strip().lower() not in NOT_A_CLASS:
+        raise DataError(f"{path}: id 0 is '{out[0]}'; value 0 is unlabelled here: number the classes from 1 "
+                        "(id k = label value k)")
+    ids, out = (ids[1:], out[1:]) if ids[0] == 0 else (ids, out)
+    if ids != list(range(1, len(ids) + 1)):
+        k = next(i for i, v in enumerate(ids) if v != i + 1)
+        raise DataError(f"{path}: numbered lines 'id name' with id {ids[k]} where {k + 1} was expected; expected ids "
+                        "1..N in order (label value k = class k), or one class name a line")
+    return out
 
 
 def _read_classes_txt(root):
     path = Path(root) / "classes.txt"
     if not path.is_file():
         raise DataError(f"{path}: missing; a folder dataset needs classes.txt (one class name a line, line k = PNG value k)")
-    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first class name
-        names = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected one class name a line") from None
+    names = read_lines(path)
     while names and not names[-1].strip():
         names.pop()
     if not names:
         raise DataError(f"{path}: empty; expected one class name a line")
+    names = _numbered(names, path) or names
     seen = {}
     for k, name in enumerate(names, 1):
         if not name.strip():
@@ -98,7 +144,25 @@ def _read_classes_txt(root):
         _WARNED.add(path.resolve())
         print(f"warning: {path}: line 1 '{names[0].strip()}' is read as class 1 (label value 1); value 0 is "
               "unlabelled and has no line: if your labels use 0 for it, drop this line, else every class shifts by one")
-    return [n.strip() for n in names]
+    return [unicodedata.normalize("NFC", n.strip()) for n in names]
+
+
+def compare_classes(expected, given, expected_what, given_what):
+    """Refuse two class tables (ClassTables or lists of names) that differ, in one line naming the first
+    difference: the count, the order (the same names elsewhere) or a name at position k. Case is not a difference."""
+    e = [str(n) for n in getattr(expected, "names", expected)]
+    g = [str(n) for n in getattr(given, "names", given)]
+    el, gl = [n.lower() for n in e], [n.lower() for n in g]
+    if el == gl:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(el, gl)) if a != b), min(len(e), len(g)))
+    at = (f"class {k + 1} is '{e[k] if k < len(e) else '(none)'}' in {expected_what}, "
+          f"'{g[k] if k < len(g) else '(none)'}' in {given_what}")
+    if len(e) != len(g):
+        raise DataError(f"{given_what} has {len(g)} classes, {expected_what} {len(e)}: {at}")
+    if sorted(el) == sorted(gl):
+        raise DataError(f"{given_what} has the classes of {expected_what} in another order: {at}")
+    raise DataError(f"{given_what} has other classes than {expected_what}: {at}")
 
 
 def class_table(dataset, root=None):
@@ -170,7 +234,9 @@ def load_affinity(path, target, source, flag="--affinity"):
 
     Checks what a wrong file would otherwise slip through: not a plain .npy (pickled, corrupt), the shape
     against the two class tables, NaN/negative entries, rows not summing to 1, and, when estimate_affinity.py's
-    affinity.json lies beside it, the class names it was estimated for."""
+    affinity.json lies beside it, that it records this array (sha256: a stale or mismatched pair is refused) and
+    the class names it was estimated for (compare_classes names the first difference). A broken json is refused,
+    never skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{flag} {path}: {no_file(path)}; estimate_affinity.py writes affinity.npy")
@@ -198,24 +264,42 @@ def load_affinity(path, target, source, flag="--affinity"):
         name = (["unlabelled"] + list(target.display))[k] if len(A) == len(target) + 1 else target.display[k]
         raise DataError(f"{flag} {path}: row {k} ({name}) sums to {sums[k]:.4f}; expected rows summing to 1")
     meta = path.with_name("affinity.json")
-    if meta.is_file():
+    if meta.is_file():  # estimate_affinity.py's record: tied to the .npy by the array's sha256, then the classes
+        where = f"{flag} {path}: {meta.name} beside it"
         try:
-            names = json.loads(meta.read_text())
-            names = {side: names[side]["names"] for side in ("target", "source")}
-        except (ValueError, KeyError, TypeError):
-            names = None  # not estimate_affinity.py's file: nothing to compare
-        for side, table in (("target", target), ("source", source)) if names else ():
-            if [n.lower() for n in names[side]] != [n.lower() for n in table.names]:
-                raise DataError(f"{flag} {path}: {meta.name} says it was estimated for other {side} classes "
-                                f"({len(names[side])} classes, first '{names[side][0] if names[side] else ''}') than "
-                                f"{table.dataset} ({len(table)} classes, first '{table.names[0]}')")
+            info = json.loads("\n".join(read_lines(meta, flag)))
+            names = {side: list(info[side]["names"]) for side in ("target", "source")}
+            digest = info["sha256"]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not valid JSON (line {e.lineno}: {e.msg}); re-run estimate_affinity.py, or "
+                            f"move {meta.name} away to use the .npy alone") from None
+        except (KeyError, TypeError):
+            raise DataError(f"{where} lacks the class names or the array's sha256 (edited by hand, or written by an "
+                            f"older estimate_affinity.py); re-run it, or move {meta.name} away to use the .npy "
+                            "alone") from None
+        if digest != affinity_sha256(A):
+            ours = all([n.lower() for n in names[side]] == [n.lower() for n in table.names]
+                       for side, table in (("target", target), ("source", source)))
+            raise DataError(f"{where} records another array (sha256 {str(digest)[:12]}..., the .npy's "
+                            f"{affinity_sha256(A)[:12]}...): " + (
+                                "same classes, so the .npy was rewritten after its estimate (stale)" if ours else
+                                f"and other classes ({names['target'][:1]}... -> {names['source'][:1]}...), so the "
+                                "two files come from different runs (a mismatched pair)")
+                            + f"; re-run estimate_affinity.py, or move {meta.name} away to use the .npy alone")
+        for side, table in (("target", target), ("source", source)):
+            compare_classes(table, names[side], f"--{side} {table.dataset}", f"{where} ({side} classes)")
     return A.astype(np.float32), M
 
 
+def affinity_sha256(A):
+    """The sha256 that affinity.json records of its .npy's array (float32 values and shape)."""
+    A = np.ascontiguousarray(A, np.float32)
+    return hashlib.sha256(repr(A.shape).encode() + A.tobytes()).hexdigest()
+
+
 def onehot(label, n_channels):
-    """(B,H,W) long channel ids -> (B,C,H,W) float one-hot, as OASIS's preprocess_input."""
-    if label.numel() and (int(label.min()) < 0 or int(label.max()) >= n_channels):
-        raise DataError(f"label ids span {int(label.min())}..{int(label.max())}, expected 0..{n_channels - 1}")
+    """(B,H,W) long channel ids -> (B,C,H,W) float one-hot, as OASIS's preprocess_input. The ids are checked once
+    per dataset by check_labels (at a run's start), not here: no GPU->CPU sync per batch."""
     y = torch.zeros(label.shape[0], n_channels, *label.shape[1:], device=label.device)
     return y.scatter_(1, label.unsqueeze(1), 1.0)
 
@@ -225,24 +309,28 @@ def onehot(label, n_channels):
 
 
 def _pairs_by_stem(img_dir, lbl_dir, image_suffix="", label_suffix=""):
-    """Match images and labels by file stem (less the given suffixes); fail on empty folders and unpaired files."""
+    """Match images and labels by relative path less the extension (and the given suffixes), in subfolders too
+    (images/part1/a.jpg <-> labels/part1/a.png); names that differ only by Unicode normalisation (NFC / NFD, a copy
+    from a Mac) pair. Hidden files (.DS_Store, ._a.png) are skipped. Fails on empty folders and unpaired files."""
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
             raise DataError(f"{d}: no such folder")
 
     def by_key(folder, suffix, exts):
         found = {}
-        for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in exts and p.stem.endswith(suffix):
-                key = p.stem[: len(p.stem) - len(suffix)]
-                if key in found:
-                    raise DataError(f"{folder}: '{found[key].name}' and '{p.name}' share the name '{key}'; "
-                                    "expected one file per stem (which one pairs with the label?)")
-                found[key] = p
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() not in exts or not p.stem.endswith(suffix):
+                continue
+            key = unicodedata.normalize("NFC", str(rel.with_suffix(""))[: len(str(rel.with_suffix(""))) - len(suffix)])
+            if key in found:
+                raise DataError(f"{folder}: '{found[key].relative_to(folder)}' and '{rel}' share the name '{key}'; "
+                                "expected one file per name (which one pairs with the label?)")
+            found[key] = p
         return found
 
     images, labels = by_key(img_dir, image_suffix, IMAGE_EXTS), by_key(lbl_dir, label_suffix, (".png",))
-    read = f"(read: images {'/'.join(IMAGE_EXTS)}, labels .png)"
+    read = f"(read: images {'/'.join(IMAGE_EXTS)}, labels .png, in subfolders too)"
     if not images:
         raise DataError(f"{img_dir}: no images found {read}")
     missing_l = sorted(set(images) - set(labels))
@@ -322,16 +410,36 @@ def _open(path, decode=True):
             im = ImageOps.exif_transpose(im)
             im.exif_turned = orientation
         return im
+    except Image.DecompressionBombError as e:  # over twice PIL's MAX_IMAGE_PIXELS: refused before decoding
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"{path}: an image of {n.group(1) if n else 'too many'} pixels is over PIL's decompression-bomb "
+                        f"limit of {2 * Image.MAX_IMAGE_PIXELS} pixels; downscale it (the models read 256-pixel "
+                        "sides)") from None
     except OSError as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def to_rgb(image):
+    """An 8-bit RGB image: a 16-bit greyscale one (mode I;16 / I, a scientific or medical photo) is scaled from
+    0..65535 to 0..255 rather than clipped to white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(image).astype(np.float64) / 257
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+LABEL_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")  # 1-bit masks, 8-bit, palette, 16-bit: the values are ids
 
 
 def open_pair(img_path, lbl_path, decode=True):
     """(image, label) PIL images, checked: a single-channel label of the image's own size (else one line)."""
     image, label = _open(img_path, decode), _open(lbl_path, decode)
+    if label.format == "JPEG":  # a JPEG under a .png name: lossy compression invents ids along every edge
+        raise DataError(f"{lbl_path}: is JPEG data under a .png name; JPEG compression changes class ids along region "
+                        "edges: expected a losslessly saved PNG of class ids (re-export the labels, not the JPEG)")
     if label.mode in ("RGB", "RGBA", "CMYK", "LA", "PA"):
         raise DataError(f"{lbl_path}: is an {label.mode} image; expected a single-channel PNG of class ids (mode L or P)")
-    if label.mode not in ("L", "P", "I;16", "I"):
+    if label.mode not in LABEL_MODES:
         raise DataError(f"{lbl_path}: label mode {label.mode}; expected a single-channel PNG of class ids (mode L or P)")
     if image.size != label.size:
         turned = [f"{what} turned by its EXIF orientation {im.exif_turned}"
@@ -342,18 +450,49 @@ def open_pair(img_path, lbl_path, decode=True):
     return image, label
 
 
-def check_files(ds):
-    """Read every pair of a dataset once (sizes, modes, label values), so that a bad file fails here in one
-    line rather than later inside a DataLoader worker. Returns the images' sizes {(W, H): count}."""
-    sizes = {}
-    for img_path, lbl_path in ds.files:
+def ringing_ids(values):
+    """The ids of a label map that occur only as thin lines along region edges, when the map is mostly flat
+    regions: JPEG compression's signature (ringing invents in-between values at every edge). [] when not."""
+    v = np.asarray(values)
+    if min(v.shape) < 3:
+        return []
+    c, same = v[1:-1, 1:-1], np.ones((v.shape[0] - 2, v.shape[1] - 2), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            same &= v[dy:dy + c.shape[0], dx:dx + c.shape[1]] == c
+    if same.mean() < 0.5:  # texture-like maps (noise, tiny objects): nothing to tell
+        return []
+    thin = sorted(set(np.unique(v).tolist()) - set(np.unique(c[same]).tolist()))
+    return thin if len(thin) >= 3 else []
+
+
+def check_labels(ds):
+    """Read every pair of a dataset once, at the start of a run (sizes, modes, label values, JPEG-damaged labels),
+    so that a bad file fails here in one line rather than inside a DataLoader worker or a training step; the
+    batches are not checked again (no GPU->CPU sync per step). Returns the images' sizes {(W, H): count}."""
+    sizes, suspects, step = {}, [], max(1, len(ds.files) // 50)  # ringing: judged on up to ~50 evenly spaced maps
+    for k, (img_path, lbl_path) in enumerate(ds.files):
         image, label = open_pair(img_path, lbl_path, decode=False)
         sizes[image.size] = sizes.get(image.size, 0) + 1
         try:
             values = np.asarray(label)
         except OSError as e:
             raise DataError(f"{lbl_path}: unreadable image ({e})") from None
-        label_channels(values, ds.dataset, ds.n_channels, lbl_path)
+        try:
+            label_channels(values, ds.dataset, ds.n_channels, lbl_path)
+        except DataError:  # ids out of range because of JPEG ringing: say that instead
+            suspects = [(lbl_path, ringing_ids(values))] if ringing_ids(values) else []
+            if not suspects:
+                raise
+            break
+        if k % step == 0:
+            suspects.append((lbl_path, ringing_ids(values)))
+    bad = [(p, ids) for p, ids in suspects if ids]
+    if bad and 2 * len(bad) >= len(suspects):
+        p, ids = bad[0]
+        raise DataError(f"{p}: label ids {', '.join(map(str, ids[:6]))} occur only as thin lines along region edges "
+                        f"(in {len(bad)} of {len(suspects)} maps checked): the labels went through JPEG compression; "
+                        "expected losslessly saved PNGs of class ids")
     return sizes
 
 
@@ -375,8 +514,6 @@ class SegDataset(torch.utils.data.Dataset):
         if dataset == "cityscapes":
             self.size, self.load = (256, 512), (256, 512)
         else:
-            if size is not None and size < 1:
-                raise DataError(f"--size {size}: expected a positive image side in pixels")
             side = size or (64 if dataset.startswith("toy") else 256)
             load = side * 286 // 256 if augment else side
             self.size, self.load = (side, side), (load, load)
@@ -387,7 +524,7 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img_path, lbl_path = self.files[i]
         image, label = open_pair(img_path, lbl_path)
-        image = image.convert("RGB")
+        image = to_rgb(image)
         lh, lw = self.load
         image = image.resize((lw, lh), Image.BICUBIC)
         label = label.resize((lw, lh), Image.NEAREST)
@@ -410,13 +547,6 @@ def table_info(t):
     return {"dataset": t.dataset, "names": list(t.names), "n_channels": t.n_channels}
 
 
-def check_labels(ds, what):
-    """Read every label file once so that a bad id fails here, in one line, not inside a loader worker."""
-    check_files(ds)
-    if ds.size[0] % 64 or ds.size[1] % 64:
-        raise DataError(f"{what} images are {ds.size[0]}x{ds.size[1]}; OASIS's discriminator needs multiples of 64 (--size)")
-
-
 def open_dataset(dataset, root=None, split="train", augment=False, n=None, subset_seed=0, subset_file=None,
                  out_dir=None, size=None):
     """A SegDataset, optionally an n-shot subset (reproducible from the seed, or read from a file)."""
@@ -426,17 +556,18 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
         path = Path(subset_file)
         if not path.is_file():
             raise DataError(f"--subset-file {path}: {no_file(path)} (the subset.txt of an earlier run)")
-        wanted = [s.strip() for s in path.read_text().splitlines() if s.strip()]
-        index = {r: i for i, r in enumerate(rel)}
+        wanted = [unicodedata.normalize("NFC", s.strip()) for s in read_lines(path, "--subset-file") if s.strip()]
+        if n is not None and n != len(wanted):  # a resumed run passes both: they agree
+            raise DataError(f"--n {n} with --subset-file {path}, which names {len(wanted)} images; drop --n (the file "
+                            "names the subset)")
+        index = {unicodedata.normalize("NFC", r): i for i, r in enumerate(rel)}
         unknown = [w for w in wanted if w not in index]
         if unknown:
             raise DataError(f"--subset-file {path}: {len(unknown)} entries not in {ds.root} ({split}), e.g. '{unknown[0]}'")
         keep = [index[w] for w in wanted]
     elif n is not None:
-        if n > len(ds):
+        if n > len(ds):  # n >= 1: the flag's type (positive_int)
             raise DataError(f"--n {n} is larger than the {len(ds)} {split} images of {ds.root}")
-        if n < 1:
-            raise DataError(f"--n {n}: expected at least 1")
         keep = sorted(random.Random(subset_seed).sample(range(len(ds)), n))
     else:
         return ds
@@ -447,18 +578,31 @@ def open_dataset(dataset, root=None, split="train", augment=False, n=None, subse
     return ds
 
 
-def add_data_args(parser, default="toy-target"):
+def add_data_args(parser, default=None, data_help="required: no default"):
+    """The data flags every script shares. --data has no default (a script may pass one, as estimate_affinity.py's
+    None = its --target): a run on real data names it, the toy task is one explicit word away (--data toy-target);
+    dataset_from_args refuses a missing --data in one line."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=default, choices=DATASETS, help="dataset layout (toy-* are generated on first use)")
-    g.add_argument("--data-root", default=None, help="dataset folder (ADEChallengeData2016, cityscapes, cocostuff, or a folder dataset)")
-    g.add_argument("--n", type=int, default=None, help="n-shot: use a reproducible subset of n training images")
-    g.add_argument("--subset-seed", type=int, default=0, help="seed of the n-shot subset")
-    g.add_argument("--subset-file", default=None, help="reuse a subset.txt written by an earlier run")
-    g.add_argument("--size", type=int, default=None, help="image side for folder/toy data (toy default 64, folder 256)")
+    g.add_argument("--data", default=default, choices=DATASETS, metavar="{" + ",".join(DATASETS) + "}",
+                   help=f"dataset layout ({data_help}; toy-* are generated on first use, e.g. --data toy-target)")
+    g.add_argument("--data-root", default=None,
+                   help="dataset folder (ADEChallengeData2016, cityscapes, cocostuff, or a folder dataset) (default: none)")
+    g.add_argument("--n", type=positive_int, default=None,
+                   help="n-shot: use a reproducible subset of n training images (default: all)")
+    g.add_argument("--subset-seed", type=nonneg_int, default=0, help="seed of the n-shot subset (default: 0)")
+    g.add_argument("--subset-file", default=None, help="reuse a subset.txt written by an earlier run (default: none)")
+    g.add_argument("--size", type=positive_int, default=None,
+                   help="image side for folder/toy data (default: toy 64, folder 256; Cityscapes is always 256x512)")
     return g
 
 
 def dataset_from_args(args, split="train", augment=False, out_dir=None):
+    if args.data is None:
+        raise DataError(f"--data is required: one of {', '.join(DATASETS)} (--data folder --data-root DIR for your "
+                        "own images; --data toy-target for the generated toy task)")
+    if args.data == "cityscapes" and args.size not in (None, 256):
+        raise DataError(f"--size {args.size} does not apply to --data cityscapes: it is read at 256x512 (the official "
+                        "OASIS size); drop --size")
     few_shot = split == "train"
     return open_dataset(args.data, args.data_root, split, augment,
                         n=args.n if few_shot else None, subset_seed=args.subset_seed,
@@ -515,12 +659,16 @@ class Batches:
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{info}")
-    i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram")
+    i = sub.add_parser("info", help="check a dataset: counts, image size, class histogram",
+                       description="Check a dataset: pairs, image sizes, class histogram; every file is read once.",
+                       epilog="e.g.  python data.py info --data folder --data-root my_dataset\n"
+                              "      python data.py info --data toy-target   (the generated toy task)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(i)
-    i.add_argument("--split", default="train", choices=["train", "val"])
+    i.add_argument("--split", default="train", choices=["train", "val"], help="which split to check (default: train)")
     args = p.parse_args(argv)
     ds = dataset_from_args(args, args.split)
-    sizes = check_files(ds)
+    sizes = check_labels(ds)
     hist = np.zeros(ds.n_channels, np.int64)
     for k in range(len(ds)):
         hist += np.bincount(ds[k]["label"].flatten().numpy(), minlength=ds.n_channels)

@@ -341,7 +341,7 @@ def setup(args):
     R.target = R.train_ds.classes
     if len(R.train_ds) < args.batch:
         raise DataError(f"--batch {args.batch} is larger than the {len(R.train_ds)} training images (--n)")
-    data.check_labels(R.train_ds, f"--data {args.data}")
+    data.check_labels(R.train_ds)
     R.train_items = data.Seeded(R.train_ds, args.seed)
     R.data_fp = checkpoint.data_fingerprint(R.train_ds)  # a resumed run must train on the same files
     if ckpt is not None:

@@ -449,3 +449,100 @@ def test_cityscapes_unlabelled_rows_of_the_supplement(tmp_path):
     assert "| unlabelled (channel 0) | sky |" in (out / "mapping.md").read_text()
     A2, M2 = data.load_affinity(out / "affinity.npy", city, coco)  # the one loader takes the extended form
     assert torch.equal(M2, M)
+
+
+# ----------------------------------------------------------------------------------------------
+# the affinity's files agree with each other and with the class tables (issue 31 section 3)
+
+
+def test_affinity_json_is_tied_to_its_npy(tmp_path):
+    a = folder_dataset(tmp_path / "a", ["sky", "grass"])
+    b = folder_dataset(tmp_path / "b", ["sky", "grass", "sea"])
+    src = folder_dataset(tmp_path / "src", ["x", "y", "z"])
+    A, meta, out = run(tmp_path, "--source", src, "--target", a, "--method", "random")
+    target, source = data.class_table("folder", a), data.class_table("folder", src)
+    assert meta["sha256"] == data.affinity_sha256(A) and meta["target"]["names"] == ["sky", "grass"]
+    np.testing.assert_array_equal(data.load_affinity(out / "affinity.npy", target, source)[0], A)
+    good = (out / "affinity.json").read_text()
+    np.save(out / "affinity.npy", np.eye(2, 3, dtype=np.float32)[::-1].copy())  # rewritten since: stale
+    with pytest.raises(DataError, match=r"records another array .* same classes, so the \.npy was rewritten"):
+        data.load_affinity(out / "affinity.npy", target, source)
+    np.save(out / "affinity.npy", A)
+    ea.main(["--source", src, "--target", b, "--method", "random", "--out", str(tmp_path / "ob"), "--device", "cpu"])
+    (out / "affinity.json").write_text((tmp_path / "ob" / "affinity.json").read_text())  # another run's json
+    with pytest.raises(DataError, match=r"other classes .* two files come from different runs \(a mismatched pair\)"):
+        data.load_affinity(out / "affinity.npy", target, source)
+    (out / "affinity.json").write_text(good[:-20])  # broken by hand: refused, never skipped
+    with pytest.raises(DataError, match=r"affinity\.json beside it is not valid JSON \(line"):
+        data.load_affinity(out / "affinity.npy", target, source)
+    (out / "affinity.json").write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "sha256"}))
+    with pytest.raises(DataError, match="lacks the class names or the array's sha256"):
+        data.load_affinity(out / "affinity.npy", target, source)
+    (out / "affinity.json").write_text(good)
+    with pytest.raises(DataError, match=r"\(target classes\) has the classes of --target folder in another order: "
+                                        r"class 1 is 'grass' in --target folder, 'sky'"):
+        data.load_affinity(out / "affinity.npy", data.ClassTable("folder", [1, 2], ["grass", "sky"], ["grass", "sky"],
+                                                                 [1, 2], 3), source)
+
+
+def test_source_images_in_another_class_order_are_refused(tmp_path, toy):
+    torch.save(tiny_dino(), tmp_path / "dino.pth")
+    names = data.class_table("folder", toy / "source").names
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "classes.txt").write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    for sub in ("train", "val"):
+        (swapped / sub).symlink_to(toy / "source" / sub)
+    with pytest.raises(DataError, match=rf"the source images \(--source-data {swapped}\) has the classes of --source "
+                                        rf".* in another order: class 1 is '{names[0]}' in --source"):
+        run(tmp_path, "--source", str(toy / "source"), "--target", str(toy / "target"), "--size", "64", "--method",
+            "self-supervised", "--dino-weights", str(tmp_path / "dino.pth"), "--source-data", str(swapped))
+
+
+class BlueIsSky(nn.Module):
+    """A segmenter of the source classes (dontcare, sky, road): blue pixels are sky, the others road."""
+
+    def forward(self, x):
+        blue = (x[:, 2:3] > 0.5).float()  # RGB in [0, 1]
+        return torch.cat([torch.full_like(blue, -50.0), 20 * blue, 20 * (1 - blue)], 1)
+
+
+def test_cityscapes_unlabeled_gets_an_estimated_row(tmp_path):
+    """Table 5's 'unlabeled -> sky-other': on a Cityscapes layout whose labelId 0 covers the sky, the void row is
+    estimated like any class (the default for a Cityscapes target), and reaches the channel matrix."""
+    root = tmp_path / "cityscapes"
+    for i in range(2):
+        img, lab = np.full((64, 128, 3), 90, np.uint8), np.full((64, 128), 7, np.uint8)  # grey road
+        img[:32] = (20, 40, 230)  # a blue sky that Cityscapes leaves unlabeled (labelId 0)
+        lab[:32] = 0
+        for sub, arr, suffix in (("leftImg8bit", img, "leftImg8bit"), ("gtFine", lab, "gtFine_labelIds")):
+            (root / sub / "train" / "aachen").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / sub / "train" / "aachen" / f"aachen_00000{i}_000019_{suffix}.png")
+    torch.jit.script(BlueIsSky()).save(str(tmp_path / "seg.pt"))
+    src = folder_dataset(tmp_path / "src", ["sky", "road"])
+    argv = ["--source", src, "--target", "cityscapes", "--data-root", str(root), "--method", "supervised",
+            "--segmenter", str(tmp_path / "seg.pt"), "--text-encoder", "minilm"]
+    A, meta, out = run(tmp_path, *argv)
+    city, source = data.class_table("cityscapes"), data.class_table("folder", src)
+    assert A.shape == (len(city) + 1, 3) and meta["void_row"]  # rows: unlabeled + 33 classes; columns: 0, sky, road
+    assert A[0].tolist() == [0, 1, 0] and A[1 + city.ids.index(7)].tolist() == [0, 0, 1]
+    M = data.load_affinity(out / "affinity.npy", city, source)[1]
+    assert M[0].tolist() == [0, 1, 0] and M[7].tolist() == [0, 0, 1]  # channel 0 (unlabeled) -> sky
+    assert "| unlabeled | sky |" in (out / "mapping.md").read_text()
+    A, meta, _ = run(tmp_path, *argv, "--void-row", "off")  # the earlier behaviour: channel 0 -> channel 0
+    assert A.shape == (len(city), 2) and not meta["void_row"]
+    with pytest.raises(DataError, match="--void-row on with --method random"):
+        run(tmp_path, *argv[:6], "--method", "random", "--void-row", "on")
+
+
+def test_design_card_command_names_every_missing_flag_with_an_example():
+    r = subprocess.run([sys.executable, "estimate_affinity.py", "--method", "combination"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    for words in ("--source, --target, --out are required", "supervised needs --source-ckpt", "--segmenter FILE",
+                  "self-supervised needs --dino-weights", "e.g. python estimate_affinity.py --source ade20k"):
+        assert words in r.stderr, r.stderr
+    help_text = subprocess.run([sys.executable, "estimate_affinity.py", "--help"], cwd=REPO, capture_output=True,
+                               text=True).stdout
+    for words in ("(default: combination", "(default: 8)", "default: 0.05)", "(default: auto)", "--workers"):
+        assert words in " ".join(help_text.split()), words

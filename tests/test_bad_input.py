@@ -230,10 +230,10 @@ IN_PROCESS = {
     "info-corrupt-image": (data.main, INFO + ["{corrupt}"], ["1.png", "unreadable image"]),
     "info-no-images": (data.main, INFO + ["{no_images}"], ["images", "no images"]),
     "info-no-such-root": (data.main, INFO + ["{root}/nowhere"], ["nowhere", "no such folder"]),
-    "info-size-not-positive": (data.main, INFO + ["{ok}", "--size", "0"], ["--size 0"]),
+    "info-size-not-positive": (data.main, INFO + ["{ok}", "--size", "0"], ["--size", "'0'", ">= 1"]),
     "info-size-not-int": (data.main, INFO + ["{ok}", "--size", "abc"], ["--size", "abc"]),
     "info-unknown-dataset": (data.main, ["info", "--data", "imagenet"], ["--data", "imagenet"]),
-    "info-n-zero": (data.main, INFO + ["{ok}", "--n", "0"], ["--n 0"]),
+    "info-n-zero": (data.main, INFO + ["{ok}", "--n", "0"], ["--n", "'0'", ">= 1"]),
     "info-n-too-large": (data.main, INFO + ["{ok}", "--n", "100"], ["--n 100", "4"]),
     "info-subset-file-missing": (data.main, INFO + ["{ok}", "--subset-file", "{root}/nope.txt"],
                                  ["--subset-file", "nope.txt", "not found"]),
@@ -252,7 +252,7 @@ IN_PROCESS = {
                            ["--source imagenet"]),
     "est-missing-source": (estimate_affinity.main, ["--target", "ade20k", "--out", "{root}/e"], ["--source", "required"]),
     "est-temperature": (estimate_affinity.main, EST + ["--temperature", "0"], ["--temperature", "'0'", "> 0"]),
-    "est-batch-size": (estimate_affinity.main, EST + ["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
+    "est-batch-size": (estimate_affinity.main, EST + ["--batch", "0"], ["--batch", "'0'", ">= 1"]),
     "est-weights-number": (estimate_affinity.main, EST + ["--weights", "text=abc"], ["--weights", "abc"]),
     "est-weights-method": (estimate_affinity.main, EST + ["--weights", "colour=1"], ["--weights", "colour"]),
     "est-weights-none-left": (estimate_affinity.main, EST + ["--weights", "text=0"], ["--weights", "no method left"]),
@@ -265,11 +265,14 @@ IN_PROCESS = {
                                ["map_unknown.txt:1", "unicorn"]),
     "est-override-weight": (estimate_affinity.main, EST + ["--method", "random", "--override", "{root}/map_weight.txt"],
                             ["map_weight.txt:1", "lots"]),
-    "est-dino-truncated": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+    "est-dino-truncated": (estimate_affinity.main, EST + ["--method", "self-supervised", "--source-root", "{ok}",
+                                                          "--dino-weights",
                                                           "{root}/trunc.pt"], ["--dino-weights", "truncated"]),
-    "est-dino-empty": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+    "est-dino-empty": (estimate_affinity.main, EST + ["--method", "self-supervised", "--source-root", "{ok}",
+                                                          "--dino-weights",
                                                       "{root}/empty.pt"], ["--dino-weights", "empty"]),
-    "est-dino-not-dino": (estimate_affinity.main, EST + ["--method", "self-supervised", "--dino-weights",
+    "est-dino-not-dino": (estimate_affinity.main, EST + ["--method", "self-supervised", "--source-root", "{ok}",
+                                                          "--dino-weights",
                                                          "{root}/good.pt"], ["--dino-weights", "not a DINO"]),
     "est-supervised-nothing": (estimate_affinity.main, ["--source", "{three}", "--target", "{ok}", "--out", "{root}/e",
                                                         "--method", "supervised"], ["--source-ckpt"]),
@@ -936,3 +939,88 @@ def test_failed_runs_leave_no_earlier_numbers(W, tmp_path):
     one_line(lambda: estimate_affinity.main(["--source", "coco", "--target", "ade20k", "--method", "random",
                                              "--override", str(W.root / "map_weight.txt"), "--out", str(aff)]), "lots")
     assert not (aff / "affinity.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------------- round 3, data
+# real-world files (issue 31 section 4), the class tables of the affinity (section 3), flags checked by their types
+
+
+@pytest.fixture(scope="module")
+def R3(W):
+    """Round-3 inputs: text files in other encodings and numberings, JPEG-damaged labels, a source folder whose
+    classes.txt lists the classes of {three} in another order."""
+    ns = argparse.Namespace(**vars(W))
+    ns.utf16 = make_ds(W.root / "r3_utf16", n=2, classes="sky\ngrass\n".encode("utf-16"))
+    ns.gap = make_ds(W.root / "r3_gap", n=2, classes="1\tsky\n3\tgrass\n")
+    ns.csv_broken = make_ds(W.root / "r3_csv", n=2, classes="id,name\n1,sky\ngrass\n")
+    ns.zero_class = make_ds(W.root / "r3_zero", n=2, classes="0,sky\n1,grass\n")
+    ns.disguised = make_ds(W.root / "r3_disguised", n=2)
+    for i in range(2):
+        Image.open(ns.disguised / "labels" / f"{i}.png").convert("L").save(ns.disguised / "labels" / f"{i}.png",
+                                                                              format="JPEG")
+    ns.ringing = make_ds(W.root / "r3_ringing", n=2, classes="".join(f"c{k}\n" for k in range(1, 13)))
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(2):
+        lab = np.zeros((64, 64), np.uint8)
+        lab[:29], lab[(yy - 44) ** 2 + (xx - 40) ** 2 < 200] = 4, 8
+        Image.fromarray(lab).save(W.root / "r3.jpg", quality=70)
+        Image.open(W.root / "r3.jpg").save(ns.ringing / "labels" / f"{i}.png")
+    ns.reordered = W.root / "r3_reordered"
+    ns.reordered.mkdir(exist_ok=True)
+    (ns.reordered / "classes.txt").write_text("grass\nsky\nsea\n")
+    for sub in ("images", "labels"):
+        if not (ns.reordered / sub).exists():
+            (ns.reordered / sub).symlink_to(ns.three / sub)
+    (W.root / "r3_latin1.txt").write_bytes("sky -> gr\xe4ss\n".encode("latin-1"))
+    (W.root / "r3_utf16.txt").write_text("sky -> sky\n", encoding="utf-16")
+    (W.root / "r3_two.txt").write_bytes(b"\xef\xbb\xbfimages/0.png\r\nimages/1.png\r\n")  # BOM + CRLF: read as written
+    dim, sd = 16, {"cls_token": torch.zeros(1, 1, 16), "pos_embed": torch.zeros(1, 17, 16), "norm.weight": torch.ones(16),
+                   "patch_embed.proj.weight": torch.zeros(16, 3, 8, 8), "patch_embed.proj.bias": torch.zeros(16),
+                   "norm.bias": torch.zeros(16)}  # a DINO ViT of depth 1 in the official key format
+    for name, shape in (("norm1", (dim,)), ("norm2", (dim,)), ("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
+                        ("mlp.fc1", (4 * dim, dim)), ("mlp.fc2", (dim, 4 * dim))):
+        sd[f"blocks.0.{name}.weight"], sd[f"blocks.0.{name}.bias"] = torch.ones(shape), torch.zeros(shape[0])
+    torch.save(sd, W.root / "r3_dino.pth")
+    return ns
+
+
+ESTF = ["--source", "{three}", "--target", "{ok}", "--text-encoder", "minilm", "--out", "{root}/r3_est"]
+DATA3 = {
+    "info-data-missing": (data.main, ["info", "--data-root", "{ok}"], ["--data is required", "--data toy-target"]),
+    "info-classes-utf16": (data.main, INFO + ["{utf16}"], ["r3_utf16/classes.txt", "UTF-16", "UTF-8"]),
+    "info-classes-latin1-named": (data.main, INFO + ["{latin1}"], ["latin1/classes.txt", "byte 0xe4", "Latin-1"]),
+    "info-classes-numbered-gap": (data.main, INFO + ["{gap}"], ["classes.txt", "id 3 where 2 was expected"]),
+    "info-classes-csv-broken": (data.main, INFO + ["{csv_broken}"], ["classes.txt", "header 'id,name'", "line 3"]),
+    "info-classes-zero-is-a-class": (data.main, INFO + ["{zero_class}"], ["classes.txt", "id 0 is 'sky'", "from 1"]),
+    "info-jpeg-under-png-name": (data.main, INFO + ["{disguised}"], ["0.png", "JPEG data under a .png name"]),
+    "info-jpeg-ringing": (data.main, INFO + ["{ringing}"], ["0.png", "thin lines", "JPEG compression"]),
+    "info-subset-file-latin1": (data.main, INFO + ["{ok}", "--subset-file", "{root}/r3_latin1.txt"],
+                                ["--subset-file", "r3_latin1.txt", "not UTF-8", "Latin-1"]),
+    "info-subset-seed-negative": (data.main, INFO + ["{ok}", "--subset-seed", "-1"], ["--subset-seed", "'-1'", ">= 0"]),
+    "est-override-latin1": (estimate_affinity.main, ESTF + ["--method", "random", "--override", "{root}/r3_latin1.txt"],
+                            ["--override", "r3_latin1.txt", "not UTF-8", "Latin-1"]),
+    "est-hand-utf16": (estimate_affinity.main, ESTF + ["--method", "hand", "--hand", "{root}/r3_utf16.txt"],
+                       ["--hand", "r3_utf16.txt", "UTF-16"]),
+    "est-source-data-reordered": (estimate_affinity.main, ESTF + [
+        "--method", "self-supervised", "--dino-weights", "{root}/r3_dino.pth", "--source-data", "{reordered}"],
+        ["--source-data", "another order", "class 1 is 'sky' in --source", "'grass'"]),
+    "est-void-row-with-hand": (estimate_affinity.main, ESTF + ["--method", "random", "--void-row", "on"],
+                               ["--void-row on with --method random", "unlabeled -> CLASS"]),
+    "est-batch-zero": (estimate_affinity.main, ESTF + ["--batch", "0"], ["--batch", "'0'", ">= 1"]),
+    "est-workers-negative": (estimate_affinity.main, ESTF + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
+    "est-dino-size-zero": (estimate_affinity.main, ESTF + ["--dino-size", "0"], ["--dino-size", "'0'", ">= 1"]),
+    "est-source-n-zero": (estimate_affinity.main, ESTF + ["--source-n", "0"], ["--source-n", "'0'", ">= 1"]),
+    "est-batch-size-renamed": (estimate_affinity.main, ESTF + ["--batch-size", "8"], ["--batch-size"]),
+    "info-cityscapes-size": (data.main, ["info", "--data", "cityscapes", "--data-root", "{ok}", "--size", "64"],
+                             ["--size 64 does not apply to --data cityscapes", "256x512"]),
+    "info-n-and-subset-file": (data.main, INFO + ["{ok}", "--n", "4", "--subset-file", "{root}/r3_two.txt"],
+                               ["--n 4 with --subset-file", "r3_two.txt", "names 2 images", "drop --n"]),
+    "est-missing-all-at-once": (estimate_affinity.main, ["--method", "self-supervised"],
+                                ["--source, --target, --out are required", "self-supervised needs --dino-weights",
+                                 "e.g. python estimate_affinity.py"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA3))
+def test_data_round3(R3, offline, case):
+    refused_row(DATA3[case], R3)

@@ -1,9 +1,14 @@
 """Dataset layouts, id conventions, preprocessing and the toy task, on tiny fixtures built here."""
 import os
 import random
+import re
 import shutil
+import struct
 import subprocess
 import sys
+import unicodedata
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +65,25 @@ def test_affinity_to_channels_hard_matches_mapped_onehot(rng):
         data.affinity_to_channels(A, tgt, src)
 
 
-def test_onehot_rejects_out_of_range():
-    with pytest.raises(DataError, match=r"expected 0\.\.4"):
-        data.onehot(torch.tensor([[[0, 5]]]), 5)
+def _folder(root, labels, classes="sky\ngrass\n", image_mode=None):
+    """A flat folder dataset: one image per label array (names 0, 1, ...)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text(classes)
+    for i, lab in enumerate(labels):
+        _save(root / "images" / f"{i}.png", np.zeros(lab.shape + (3,), np.uint8))
+        Image.fromarray(lab).save(root / "labels" / f"{i}.png")
+    return root
+
+
+def test_check_labels_rejects_out_of_range_once_per_dataset(tmp_path, monkeypatch):
+    lab = np.zeros((8, 8), np.uint8)
+    ds = data.SegDataset("folder", _folder(tmp_path / "d", [lab, lab + 5]), size=8)
+    with pytest.raises(DataError, match=r"1.png: label value 5 outside 0\.\.2"):
+        data.check_labels(ds)
+    # the batches are not checked again: onehot reads ids without a GPU->CPU sync (no .min()/.max())
+    monkeypatch.setattr(torch.Tensor, "max", lambda *a, **k: pytest.fail("onehot synced on label.max()"))
+    assert data.onehot(torch.tensor([[[0, 1]]]), 3)[0, :, 0, 1].tolist() == [0, 1, 0]
 
 
 # ---------------------------------------------------------------- layouts and id conventions
@@ -331,3 +352,147 @@ def test_readme_step_3_example_then_info(tmp_path):
     again = run(str(REPO / "toy.py"), "example", "my_data")
     assert again.returncode == 1 and again.stderr.strip() == ("error: my_data: already holds a dataset (classes.txt); "
                                                               "choose another folder")
+
+
+# ---------------------------------------------------------------- real-world files (issue 31 section 4)
+
+def test_text_inputs_read_bom_and_crlf_and_name_other_encodings(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfsky\r\ngrass\r\n")
+    assert data.read_lines(tmp_path / "a.txt", "--x") == ["sky", "grass"]
+    (tmp_path / "b.txt").write_bytes("sky\ngr\xe4ss\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"--x .*b\.txt: not UTF-8 text \(byte 0xe4 at offset 6; it looks like Latin-1"):
+        data.read_lines(tmp_path / "b.txt", "--x")
+    (tmp_path / "c.txt").write_text("sky\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"c\.txt: is UTF-16 text; expected UTF-8"):
+        data.read_lines(tmp_path / "c.txt", "--x")
+    # a classes.txt from a Windows editor: BOM + CRLF, the names as written
+    root = _folder(tmp_path / "win", [np.ones((8, 8), np.uint8)])
+    (root / "classes.txt").write_bytes(b"\xef\xbb\xbfsky\r\ngrass\r\n")
+    assert data.class_table("folder", root).names == ["sky", "grass"]
+
+
+@pytest.mark.parametrize("text, names", [
+    ("1\tsky\n2\tgrass\n", ["sky", "grass"]),
+    ("id,name\n1,sky\n2,grass\n", ["sky", "grass"]),
+    ("0\tunlabeled\n1\tsky\n2\tgrass\n", ["sky", "grass"]),
+    ("sky\ngrass\n", ["sky", "grass"]),
+    ("1\tsky\n3\tgrass\n", "id 3 where 2 was expected"),
+    ("0,road\n1,sky\n", "id 0 is 'road'"),
+    ("id,name\n1,sky\ngrass\n", "header 'id,name' but line 3"),
+], ids=["tab", "csv-header", "zero-unlabeled", "plain", "gap", "zero-class", "csv-broken"])
+def test_numbered_classes_txt_is_parsed_or_refused(tmp_path, text, names):
+    root = _folder(tmp_path / "d", [np.ones((8, 8), np.uint8)], classes=text)
+    if isinstance(names, list):
+        assert data.class_table("folder", root).names == names  # never '1\tsky' as a name: no shift by one
+    else:
+        with pytest.raises(DataError, match="classes.txt: .*" + re.escape(names)):
+            data.class_table("folder", root)
+
+
+def test_nested_folders_pair_by_relative_path_and_unicode_forms(tmp_path):
+    root = tmp_path / "nested"
+    (root / "classes.txt").parent.mkdir()
+    (root / "classes.txt").write_text("sky\ngrass\n")
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    for part, name in (("part1", "a"), ("part2", "a"), ("part2", nfc)):
+        _save(root / "images" / part / f"{name}.jpg", np.zeros((8, 8, 3), np.uint8), "JPEG")
+    for part, name in (("part1", "a"), ("part2", "a"), ("part2", nfd)):  # the labels copied from a Mac: NFD names
+        _save(root / "labels" / part / f"{name}.png", np.ones((8, 8), np.uint8))
+    (root / "images" / ".DS_Store").write_bytes(b"\0")
+    ds = data.open_dataset("folder", root, size=8)
+    rel = sorted(str(i.relative_to(root / "images")) for i, _ in ds.files)
+    assert rel == sorted(["part1/a.jpg", "part2/a.jpg", f"part2/{nfc}.jpg"]) and len(ds) == 3
+    assert all(Path(i).parent.name == Path(l).parent.name for i, l in ds.files)  # paired within their subfolder
+    (root / "labels" / "part1" / "a.png").unlink()
+    with pytest.raises(DataError, match=r"1 image\(s\) without a label .* e\.g\. 'part1/a'"):
+        data.open_dataset("folder", root, size=8)
+
+
+def test_one_bit_and_sixteen_bit_labels_read_as_ids(tmp_path):
+    root = _folder(tmp_path / "d", [np.zeros((8, 8), np.uint8)] * 2)
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    Image.fromarray(mask).convert("1").save(root / "labels" / "0.png")  # a 1-bit mask: 1 = sky
+    Image.fromarray((mask * 2).astype(np.uint16)).save(root / "labels" / "1.png")  # 16-bit: 2 = grass
+    ds = data.SegDataset("folder", root, size=8)
+    assert Image.open(ds.files[0][1]).mode == "1"
+    data.check_labels(ds)
+    assert ds[0]["label"].unique().tolist() == [0, 1] and ds[1]["label"].unique().tolist() == [0, 2]
+
+
+def _regions(h=64, w=64):
+    """Flat regions of ids 0, 4 and 8 with a curved edge (JPEG rings along edges that cross its 8x8 blocks)."""
+    yy, xx = np.mgrid[:h, :w]
+    lab = np.zeros((h, w), np.uint8)
+    lab[: h // 2 - 3] = 4
+    lab[(yy - 44) ** 2 + (xx - 40) ** 2 < 200] = 8
+    return lab
+
+
+TWELVE = "".join(f"class{k}\n" for k in range(1, 13))
+
+
+def test_jpeg_damaged_labels_are_refused(tmp_path):
+    clean = _folder(tmp_path / "clean", [_regions()] * 3, TWELVE)
+    data.check_labels(data.SegDataset("folder", clean, size=64))  # flat regions, sharp edges: accepted
+    ringing = _folder(tmp_path / "ringing", [_regions()] * 3, TWELVE)
+    for i in range(3):  # decoded from a JPEG and saved again as PNG: ringing baked into the ids
+        path = ringing / "labels" / f"{i}.png"
+        Image.open(path).save(tmp_path / "x.jpg", quality=70)
+        Image.open(tmp_path / "x.jpg").save(path)
+    with pytest.raises(DataError, match=r"0\.png: label ids .* occur only as thin lines .* JPEG compression"):
+        data.check_labels(data.SegDataset("folder", ringing, size=64))
+    disguised = _folder(tmp_path / "disguised", [_regions()], TWELVE)
+    Image.open(disguised / "labels" / "0.png").save(disguised / "labels" / "0.png", format="JPEG")
+    with pytest.raises(DataError, match=r"0\.png: is JPEG data under a \.png name"):
+        data.check_labels(data.SegDataset("folder", disguised, size=64))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    root = _folder(tmp_path / "d", [np.ones((8, 8), np.uint8)])
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(root / "images" / "0.png")  # mid grey in 16 bits
+    x = data.SegDataset("folder", root, size=8)[0]["image"]
+    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-6)  # not white (1.0)
+    # a 48-bit RGB PNG (PIL writes none: its chunks by hand), mid grey too
+    rows = b"".join(b"\0" + np.full((8, 3), 32768, ">u2").tobytes() for _ in range(8))
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    (root / "images" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+                                            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    x = data.SegDataset("folder", root, size=8)[0]["image"]
+    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.5), atol=1e-6)
+
+
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "d", [np.ones((64, 64), np.uint8)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 2 * 1000: PIL's bomb error
+    with pytest.raises(DataError, match=r"0\.png: an image of 4096 pixels .* decompression-bomb limit of 2000"):
+        data.check_labels(data.SegDataset("folder", root, size=8))
+
+
+@pytest.mark.parametrize("given, words", [
+    (["sky", "grass", "sea"], "b has 3 classes, a 2: class 3 is '(none)' in a, 'sea' in b"),
+    (["grass", "sky"], "b has the classes of a in another order: class 1 is 'sky' in a, 'grass' in b"),
+    (["sky", "lawn"], "b has other classes than a: class 2 is 'grass' in a, 'lawn' in b"),
+])
+def test_compare_classes_names_the_first_difference(given, words):
+    data.compare_classes(["sky", "grass"], ["Sky", "grass"], "a", "b")  # case is not a difference
+    with pytest.raises(DataError, match=re.escape(words)):
+        data.compare_classes(["sky", "grass"], given, "a", "b")
+
+
+def test_info_without_data_is_one_line_naming_the_toy():
+    r = subprocess.run([sys.executable, "data.py", "info"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--data is required" in r.stderr
+    assert "--data toy-target" in r.stderr
+    help_text = subprocess.run([sys.executable, "data.py", "info", "--help"], cwd=REPO, capture_output=True,
+                               text=True).stdout
+    assert "(default: train)" in help_text and "(default: 0)" in help_text and "e.g.  python data.py info" in help_text
+
+
+def test_subset_file_from_a_windows_editor_is_read_as_written(tmp_path):
+    root = _folder(tmp_path / "d", [np.ones((8, 8), np.uint8)] * 3)
+    (tmp_path / "subset.txt").write_bytes(b"\xef\xbb\xbfimages/2.png\r\nimages/0.png\r\n")
+    ds = data.open_dataset("folder", root, subset_file=tmp_path / "subset.txt", size=8)
+    assert [p.name for p, _ in ds.files] == ["2.png", "0.png"]
+    assert len(data.open_dataset("folder", root, n=2, subset_file=tmp_path / "subset.txt", size=8)) == 2  # agree
