@@ -128,18 +128,18 @@ def test_evaluator_pool_never_overlaps_the_benchmark_images():
     # training split, hence every n-shot subset, and its validation split) are those of the task's seed
     task_seed = inspect.signature(toy.write_toy_longtail).parameters["seed"].default
     assert toy_longtail.POOL_SEED != task_seed
-    # by content: the pixels (and label maps) of a sample of the pool against every image the benchmark uses
+    # by content: the pixels of a sample of the pool against every image the benchmark uses
     root = toy.ensure("toy-lt-target")
     used = {}
     for split in ("train", "val"):
-        for img, lbl in data.open_dataset("toy-lt-target", split=split).files:
+        for img, _ in data.open_dataset("toy-lt-target", split=split).files:
             used[_sha(np.asarray(Image.open(img).convert("RGB")))] = img
     subsets = [data.open_dataset("toy-lt-target", n=n, subset_seed=s) for n in (25, 100) for s in (0, 1, 2)]
     assert all(_sha(np.asarray(Image.open(img).convert("RGB"))) in used for ds in subsets for img, _ in ds.files)
     sample = range(0, toy_longtail.POOL, 8)  # 1000 of the 8000 (the script itself checks all of them)
     hits = []
     for i in sample:
-        lab, im = toy.toy_lt_item("target", "train", i, 64, toy_longtail.POOL_SEED)
+        _, im = toy.toy_lt_item("target", "train", i, 64, toy_longtail.POOL_SEED)
         if _sha(im) in used:
             hits.append((i, used[_sha(im)]))
     assert not hits
