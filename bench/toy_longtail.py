@@ -474,7 +474,7 @@ def write_benchmarks(table, verdicts, out, protocol, evaluator):
             f"{evaluator['seconds'] / 60:.0f} min): evaluator on real validation images: mIoU {evaluator['val_miou_real']:.3f}, "
             f"tail mIoU {'n/a' if tail is None else f'{tail:.3f}'}.\n\n")
     section = "toy-longtail-v3" if protocol == "v3" else "toy-longtail"
-    what = "with the pool evaluator (third version)" if protocol == "v3" else "measured with the old evaluator"
+    what = "third version: the pool evaluator, today's defaults" if protocol == "v3" else "measured with the old evaluator"
     write_section(section, f"### Results ({what})\n\n{line}{table}\n{verdicts}\nFigure `bench/{stem}_figure.png`: the "
                   "first validation maps showing a tail class, at the smallest n and the first seed; columns label "
                   f"colours | each row | real image. Plot `bench/{stem}_plot.png`: mIoU and rare-class mIoU against n, "
