@@ -1,14 +1,23 @@
 """The long-tailed toy task (toy.py) is as designed and deterministic; its benchmark pipeline runs end to end."""
+import hashlib
+import inspect
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+from PIL import Image
 
 import data
 import toy
 from conftest import REPO
+from models import DataError
+
+sys.path.insert(0, str(REPO / "bench"))
+import toy_longtail  # noqa: E402
+import toy_segmenter  # noqa: E402
 
 
 def presence(domain, n):
@@ -87,6 +96,8 @@ def test_benchmark_pipeline_two_steps(tmp_path):
     table = (out / "table.md").read_text()
     assert "| CAT finetuned, random (hard) |" in table and "rare mIoU" in table and "Orderings" in table
     assert (out / "figure.png").stat().st_size > 0 and (out / "plot.png").stat().st_size > 0
+    evalnets = json.loads((out / "evalnets" / "evalnets.json").read_text())  # protocol v3: the separate pool
+    assert evalnets["class_balanced"] and evalnets["pool_seed"] == toy_longtail.POOL_SEED and evalnets["train_images"] == 16
     # a second run redoes only what an interruption left unfinished (a run folder without its checkpoint)
     (run / "checkpoint.pt").unlink()
     (run.parent / "eval_cat-random-hard" / "results.json").unlink()
@@ -106,3 +117,69 @@ def test_learned_affinity_checkpoint_loads():
     sd = Generator(**kw).state_dict()
     assert not any(k.startswith("fc_cat.weight") for k in sd)
     check_state_dict(Generator(**kw), sd, "cgantransfer.pt")
+
+
+def _sha(image):
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def test_evaluator_pool_never_overlaps_the_benchmark_images():
+    # by seed and index: a pool item is toy_lt_item(target, train, i, seed=POOL_SEED); the task's items (its
+    # training split, hence every n-shot subset, and its validation split) are those of the task's seed
+    task_seed = inspect.signature(toy.write_toy_longtail).parameters["seed"].default
+    assert toy_longtail.POOL_SEED != task_seed
+    # by content: the pixels of a sample of the pool against every image the benchmark uses
+    root = toy.ensure("toy-lt-target")
+    used = {}
+    for split in ("train", "val"):
+        for img, _ in data.open_dataset("toy-lt-target", split=split).files:
+            used[_sha(np.asarray(Image.open(img).convert("RGB")))] = img
+    subsets = [data.open_dataset("toy-lt-target", n=n, subset_seed=s) for n in (25, 100) for s in (0, 1, 2)]
+    assert all(_sha(np.asarray(Image.open(img).convert("RGB"))) in used for ds in subsets for img, _ in ds.files)
+    sample = range(0, toy_longtail.POOL, 8)  # 1000 of the 8000 (the script itself checks all of them)
+    hits = []
+    for i in sample:
+        _, im = toy.toy_lt_item("target", "train", i, 64, toy_longtail.POOL_SEED)
+        if _sha(im) in used:
+            hits.append((i, used[_sha(im)]))
+    assert not hits
+    # and the script's own guard refuses a pool that is the task's images (seed 0 = the task's seed)
+    _, same = toy_segmenter.lt_pool(3, task_seed)
+    with pytest.raises(DataError, match="pool item 0 has the same pixels"):
+        toy_segmenter.check_pool_disjoint(same, "folder", root, task_seed)
+    _, pool = toy_segmenter.lt_pool(3, toy_longtail.POOL_SEED)
+    toy_segmenter.check_pool_disjoint(pool, "folder", root, toy_longtail.POOL_SEED)  # passes
+
+
+def test_class_balanced_sampling_shows_the_tail_often():
+    labels, _ = toy_segmenter.lt_pool(600, toy_longtail.POOL_SEED)
+    names = list(toy.TOY_LT_TARGET)
+    tail = [names.index(n) + 1 for n, (_, p, _) in toy.TOY_LT_TARGET.items() if p < 0.10]
+    w = toy_segmenter.balanced_weights(labels, len(names) + 1)
+    shows = np.array([[k in np.unique(lab) for k in tail] for lab in labels])
+    plain, balanced = shows.mean(0), (w[:, None] * shows).sum(0) / w.sum()
+    assert (plain < 0.15).all()  # the pool is as long-tailed as the task
+    assert (balanced > 1.3 * plain).all() and balanced.min() > 0.09, (plain, balanced)  # 10-13% of the draws each
+
+
+def test_plot_on_synthetic_results(tmp_path):
+    import types
+    rows = ["finetune", "transfergan", "freezed", "cat", "free-text", "cat-text-hard", "cat-combination-soft"]
+    args = types.SimpleNamespace(rows=rows, ns=[25, 100], seeds=[0, 1, 2])
+    rng = np.random.default_rng(0)
+    res = {}
+    for k, r in enumerate(rows):
+        for n in args.ns:
+            res[r, n] = {"miou": list(0.70 + 0.01 * k + rng.normal(0, 0.01, 3)), "rare": [0.5, None, 0.55],
+                         "miou_real": [0.9] * 3, "rare_real": [0.8] * 3, "fid": [1.0] * 3}
+    res["transfergan", 25], res["transfergan", 100] = res["finetune", 25], res["finetune", 100]
+    toy_longtail.plot(res, args, tmp_path / "plot.png")
+    im = np.asarray(Image.open(tmp_path / "plot.png").convert("RGB"))
+    assert im.shape[1] == 800
+    for colour in toy_longtail.LINE_COLOURS[:3]:  # panel 1: finetune (= TransferGAN, one line), FreezeD, CAT
+        assert (im == colour).all(-1).any(), colour
+    # the axes zoom to the data (0.68..0.90 here), and the end labels never collide
+    lo, hi, step = toy_longtail._nice_range(0.68, 0.90)
+    assert 0.6 <= lo <= 0.68 and 0.90 <= hi <= 0.95 and (hi - lo) / step <= 7
+    ys = toy_longtail._spread([100, 101, 102, 103, 300], 20, 400, 13)
+    assert all(abs(a - b) >= 13 for i, a in enumerate(ys) for b in ys[i + 1:]) and min(ys) >= 20 and ys[4] == 300
