@@ -50,7 +50,7 @@ def test_table10_toy_quick_end_to_end(tmp_path):
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     redone = [line for line in r2.stdout.splitlines() if line.startswith("$ ")]
-    assert len(redone) == 1 and redone[0].startswith("$ evaluate.py") and "eval_cat-supervised-hard" in redone[0]
+    assert len(redone) == 1 and redone[0].startswith("$ python evaluate.py") and "eval_cat-supervised-hard" in redone[0]
     assert "| +CAT |" in (out / "table.md").read_text()
 
 
