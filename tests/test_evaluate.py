@@ -93,7 +93,7 @@ def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, t
     assert np.ptp(ref_real, axis=0).max() > 1e-2  # the random net does tell images apart
 
     r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o",
-            "--batch-size", 3, "--device", "cpu", "--workers", 0)
+            "--batch", 3, "--device", "cpu", "--workers", 0)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     # pytorch-fid's FID of its own features. A sqrtm of 2048x2048 takes minutes on a busy 2-core CPU, so the
@@ -295,7 +295,7 @@ def test_model_mode_on_toy_task(toy, tmp_path, capsys):
     import data
     out, cache = tmp_path / "eval", tmp_path / "cache"
     args = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", out, "--fid-features", toy["root"] / "feat.pt",
-            "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch-size", 2, "--stats-cache", cache]
+            "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch", 2, "--stats-cache", cache]
     r = run(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
@@ -372,8 +372,11 @@ def test_model_mode_bad_inputs(toy, tmp_path):
         assert "\n" not in str(e.value)
 
     src = ["--ckpt", toy["root"] / "src.pt"]
-    refused("takes 13 label channels, --data toy-target has 10", *src)
-    refused("training-free mode needs --source .* and --affinity", *src, "--source", "toy-source")
+    # a model of other classes (the toy source's 12 against the target's 9), by name: the first difference
+    refused("--data toy-target has 9 classes, --ckpt .*src.pt 12: class 2 is 'grass' in --ckpt .*, 'lawn' in --data",
+            *src)
+    refused("--data toy-target has 9 classes", *src, "--source", "toy-source")  # its own classes, by --source
+    refused("a source model; give --source", "--ckpt", toy["root"] / "toy/source", "--affinity", tmp_path / "x.npy")
     source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
     refused("nope.npy: file not found", *src, *source, "--affinity", toy["root"] / "nope.npy")
     np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
@@ -406,19 +409,22 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
          ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--affinity", tmp_path / "A.npy"]),
         ("a finetuned CAT model .*; --source, --source-root apply",
          ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--source", "toy-source", "--source-root", toy["root"]]),
-        ("--batch-size 0: expected at least 1", [*model, "--batch-size", 0]),
-        ("--batch-size -2: expected at least 1", [*model, "--batch-size", -2]),
-        ("--limit 0: expected at least 1", [*model, "--limit", 0]),
-        ("--limit -1: expected at least 1", [*model, "--limit", -1]),
-        ("--grid-rows: '-1': expected an integer >= 0", [*model, "--grid-rows", -1]),
-        ("--samples-per-map 0: expected at least 1", [*model, "--samples-per-map", 0]),
+        ("--batch: '0': expected an integer >= 1", [*model, "--batch", 0]),
+        ("--batch: '-2': expected an integer >= 1", [*model, "--batch", -2]),
+        ("--limit: '0': expected an integer >= 1", [*model, "--limit", 0]),
+        ("--limit: '-1': expected an integer >= 1", [*model, "--limit", -1]),
+        ("--grid-n: '-1': expected an integer >= 0", [*model, "--grid-n", -1]),
+        ("--samples-per-map: '0': expected an integer >= 1", [*model, "--samples-per-map", 0]),
+        ("--workers: '-1': expected an integer >= 0", [*model, "--workers", -1]),
+        ("model mode needs --data", ["--ckpt", toy["root"] / "tgt.pt"]),
+        ("--classes: the classes.txt of --labels maps", [*model, "--classes", tmp_path / "classes.txt"]),
     ]:
         with pytest.raises(DataError, match=match) as e:
             evaluate.main(list(map(str, [*args, "--out", tmp_path / "o"])))
         assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
     # the finetuned CAT checkpoint itself evaluates (the refusals above are about the extra flags only)
-    evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-rows", 0,
+    evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-n", 0,
                                  "--out", tmp_path / "cat", "--no-fid"])))
     res = json.loads((tmp_path / "cat" / "results.json").read_text())
     assert res["generator"]["kind"] == "oasis-cat" and res["n_fake"] == 2
@@ -446,7 +452,7 @@ def test_stale_real_statistics_are_not_reused(toy, tmp_path, capsys):
     shutil.copytree(toy["root"] / "toy/target", root)
     cache = tmp_path / "cache"
     flags = ["--ckpt", toy["root"] / "tgt.pt", "--data", "toy-target", "--data-root", root, "--size", 32,
-             "--workers", 0, "--fid-features", toy["root"] / "feat.pt", "--grid-rows", 0, "--batch-size", 5]
+             "--workers", 0, "--fid-features", toy["root"] / "feat.pt", "--grid-n", 0, "--batch", 5]
 
     def fid(name, cache_dir=cache):
         capsys.readouterr()
@@ -498,30 +504,31 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "eval"
     r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", out, "--limit", 2,
-            "--piti-steps", 4, "--piti-up-steps", 4, "--segmenter", toy["root"] / "seg.pt", "--no-fid")
+            "--sample-steps", 4, "--up-steps", 4, "--segmenter", toy["root"] / "seg.pt", "--no-fid", "--batch", 2)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["generator"]["kind"] == "piti-cat" and res["n_fake"] == 2 and 0 <= res["miou"] <= 1
-    # one batch: the PITI sampler gets the seed of the batch's first image, (seed 0, map 0, sample 0)
+    # each image has its own noise stream: image i of a batch of 2 is the official cascade run on map i alone,
+    # seeded by (seed 0, map i, sample 0), so the images do not depend on --batch
     ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
     gen = load_piti_generator(str(tmp_path / "run/checkpoint.pt"), "cpu", steps="4", up_steps="4", amp=False)
     label = torch.stack([ds[0]["label"], ds[1]["label"]])
-    with torch.no_grad():
-        x = gen(label, seed=int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0]))
-    png = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     for i in range(2):
+        with torch.no_grad():
+            x = gen(label[i:i + 1], seed=int(np.random.SeedSequence([0, i, 0]).generate_state(1)[0]))
+        png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
-        assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png[i]).max() <= 1
+        assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png).max() <= 1
     # one protocol for a 2:1 dataset (Cityscapes: 256x512 against PITI's square samples): evaluate.py resizes its
     # samples exactly as finetune_piti.py's validation sampler does (metrics.resize_images)
     import argparse
     import types
-    args = argparse.Namespace(ckpt=str(tmp_path / "run/checkpoint.pt"), piti_steps="4", piti_up_steps="4",
-                              affinity=None, source=None, source_root=None, which="best")
+    args = argparse.Namespace(ckpt=str(tmp_path / "run/checkpoint.pt"), sample_steps="4", up_steps="4", base=None,
+                              upsampler=None, affinity=None, source=None, source_root=None, which="best")
     wide = types.SimpleNamespace(size=(32, 64), dataset="toy-target", classes=toy["tgt"], n_channels=toy["tgt"].n_channels)
-    sample, info = evaluate.load_generator(args, wide, "cpu", False)
-    seed = int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0])
+    sample, info = evaluate.load_generator(args, wide, wide.size, "cpu", "fp32")
+    seed = int(np.random.SeedSequence([0, 1, 0]).generate_state(1)[0])
     with torch.no_grad():
-        y = sample(label, [seed])
+        y = sample(label[1:], [seed])
     assert y.shape[-2:] == (32, 64) and "resized to 32x64" in info["resize"]
     assert torch.equal(y, metrics.resize_images(x, (32, 64)))
