@@ -183,6 +183,8 @@ def get_args(argv=None):
         if unused:
             raise DataError(f"{', '.join(unused)}: not used with --labels (images from label maps alone, no metric): "
                             "drop them, or drop --labels to evaluate on --data")
+        if not Path(args.labels).is_dir():
+            raise DataError(f"--labels {args.labels}: no such folder; expected a folder of label PNGs and its classes.txt")
     elif args.classes:
         raise DataError("--classes: the classes.txt of --labels maps; model mode reads --data's classes")
     elif args.data is None:

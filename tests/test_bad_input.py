@@ -600,7 +600,8 @@ def test_exif_rotated_jpeg_is_read_upright(E):
 
 
 def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypatch):
-    """evaluate.py into a used --out and finetune --overwrite drop the earlier run's images, keep other files;
+    """evaluate.py into a used --out keeps the files it did not write (its own earlier ones, listed in its
+    manifest, go: tests/test_evaluate.py); finetune --overwrite drops the earlier run's images, keeps other files;
     evaluate.py says why mIoU is skipped, and a tiny folder FID gives one warning line of ours."""
     import metrics
     ev = tmp_path / "ev"
@@ -609,8 +610,8 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypa
         Image.new("RGB", (4, 4)).save(ev / stale)
     (ev / "images" / "mine.txt").write_text("keep")
     evaluate.main([a.format(**vars(E)) for a in EVAL[:-1]] + [str(ev), "--grid-n", "0", "--workers", "0"])
-    assert not (ev / "images" / "xyz.png").exists() and not (ev / "grid.png").exists()
-    assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 4
+    assert (ev / "images" / "xyz.png").exists() and (ev / "grid.png").exists()  # not written by evaluate.py: kept
+    assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 5
     out = capsys.readouterr().out
     assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
     run = tmp_path / "run"

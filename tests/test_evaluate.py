@@ -519,6 +519,18 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
         png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
         assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png).max() <= 1
+    # label maps alone (--labels): map i of the folder (by relative path) gets the same per-image noise stream
+    maps = label_dir(toy, tmp_path / "maps", 2)
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", "--labels", maps, "--out", tmp_path / "gen", "--workers", 0,
+            "--sample-steps", 4, "--up-steps", 4, "--batch", 3)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "gen" / "results.json").read_text())["generator"]["kind"] == "piti-cat"
+    assert Image.open(tmp_path / "gen" / "images" / "wide.png").size == (64, 32)
+    for i, (rel, lab) in enumerate(maps_in_order(maps)[:2]):
+        with torch.no_grad():
+            x = gen(lab[None], seed=int(np.random.SeedSequence([0, i, 0]).generate_state(1)[0]))
+        png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        assert np.abs(np.asarray(Image.open(tmp_path / "gen" / "images" / rel)).astype(int) - png).max() <= 1
     # one protocol for a 2:1 dataset (Cityscapes: 256x512 against PITI's square samples): evaluate.py resizes its
     # samples exactly as finetune_piti.py's validation sampler does (metrics.resize_images)
     import argparse
@@ -532,3 +544,186 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
         y = sample(label[1:], [seed])
     assert y.shape[-2:] == (32, 64) and "resized to 32x64" in info["resize"]
     assert torch.equal(y, metrics.resize_images(x, (32, 64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images from label maps alone (--labels), and what evaluate.py may write and delete
+
+
+def label_dir(toy, folder, n=None):
+    """The toy target's validation label maps in two subfolders (a/, b/), with its classes.txt; plus one map at
+    twice the width (nearest), which gets an image of its own 32x64 size."""
+    import shutil
+    labels = sorted((toy["root"] / "toy/target/val/labels").glob("*.png"))[:n]
+    for i, p in enumerate(labels):
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / "ab"[i % 2] / p.name)
+    wide = Image.open(labels[0])
+    wide.resize((64, 32), Image.NEAREST).save(folder / "wide.png")
+    shutil.copy(toy["root"] / "toy/target/classes.txt", folder / "classes.txt")
+    return folder
+
+
+def maps_in_order(folder):
+    """The maps as evaluate.py numbers them (by relative path) -> [(relative path, channel ids)]."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    return [(r, torch.from_numpy(np.asarray(Image.open(folder / r)).astype(np.int64))) for r in files]
+
+
+def test_labels_mode_oasis_models(toy, tmp_path):
+    """--labels with our OASIS checkpoints (own classes, a finetuned CAT layout), an OASIS source through --source
+    (its own classes) and training-free CAT: one image per map at the map's size, under its relative path,
+    the documented seeding, the same images whatever --batch; no metric."""
+    maps = label_dir(toy, tmp_path / "maps")
+    order = maps_in_order(maps)
+    assert [r for r, _ in order][:2] == ["a/" + order[0][0][2:], "a/" + order[1][0][2:]]
+
+    def generate(name, *model, batch=2, k=1):
+        r = run(*model, "--labels", maps, "--out", tmp_path / name, "--batch", batch, "--samples-per-map", k,
+                "--workers", 0, "--grid-n", 2)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    res = generate("tgt", "--ckpt", toy["root"] / "tgt.pt", batch=3, k=2)
+    assert res["mode"] == "labels" and res["n_maps"] == len(order) == 6 and res["n_fake"] == 12
+    assert res["classes"] == toy["tgt"].names and "fid" not in res and "miou" not in res
+    assert res["outputs"]["wide.png"] == ["images/wide_0.png", "images/wide_1.png"]
+    for i, (rel, label) in enumerate(order):
+        for k in range(2):
+            saved = np.asarray(Image.open(tmp_path / "tgt" / "images" / f"{rel[:-4]}_{k}.png"))
+            assert saved.shape[:2] == label.shape  # the map's own size (wide.png: 32x64)
+            if label.shape == (32, 32):
+                png, _ = expected_png(toy["G_tgt"], label, toy["tgt"].n_channels, i, k)
+                assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+    assert Image.open(tmp_path / "tgt" / "grid.png").size[0] == 3 * 34  # labels | 2 samples, no real column
+    one = generate("tgt1", "--ckpt", toy["root"] / "tgt.pt", batch=1, k=2)
+    for name in (n for ns in one["outputs"].values() for n in ns):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "tgt1" / name)), np.asarray(Image.open(tmp_path / "tgt" / name)))
+
+    assert generate("cat", "--ckpt", toy["root"] / "cat.pt")["generator"]["kind"] == "oasis-cat"
+    src, tgt = toy["src"], toy["tgt"]
+    pick = np.arange(len(tgt)) % len(src)  # a hard affinity: target class t -> source class pick[t]
+    np.save(tmp_path / "A.npy", np.eye(len(src), dtype=np.float32)[pick])
+    source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
+    res = generate("free", "--ckpt", toy["root"] / "src.pt", *source, "--affinity", tmp_path / "A.npy")
+    assert res["generator"]["kind"] == "oasis-training-free"
+    lut = torch.zeros(tgt.n_channels, dtype=torch.long)
+    lut[torch.tensor(tgt.channels)] = torch.tensor([src.channels[j] for j in pick])
+    for i, (rel, label) in enumerate(order[:2]):
+        png, _ = expected_png(toy["G_src"], lut[label], src.n_channels, i)
+        saved = np.asarray(Image.open(tmp_path / "free" / "images" / rel))
+        assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+
+    # the source model in its own label space (--source without --affinity): maps of the source's classes
+    src_maps = tmp_path / "src_maps"
+    src_maps.mkdir()
+    for i, p in enumerate(sorted((toy["root"] / "toy/source/val/labels").glob("*.png"))):
+        Image.open(p).save(src_maps / p.name)
+    (src_maps / "classes.txt").write_text((toy["root"] / "toy/source/classes.txt").read_text())
+    r = run("--ckpt", toy["root"] / "src.pt", *source, "--labels", src_maps, "--out", tmp_path / "own", "--workers", 0)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "own" / "results.json").read_text())
+    first = maps_in_order(src_maps)[0]
+    png, _ = expected_png(toy["G_src"], first[1], src.n_channels, 0)
+    saved = np.asarray(Image.open(tmp_path / "own" / "images" / first[0]))
+    assert res["generator"]["kind"] == "oasis" and np.abs(saved.astype(int) - png).max() <= 1
+
+
+def test_labels_mode_refusals(toy, tmp_path):
+    """Every map is checked before the first image: one line naming the file, nothing written to --out."""
+    out = tmp_path / "out"
+    tgt = ["--ckpt", toy["root"] / "tgt.pt", "--workers", 0]
+
+    def refused(folder, *match, extra=()):
+        r = run(*tgt, "--labels", folder, "--out", out, *extra)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        for m in match:
+            assert m in r.stderr, (m, r.stderr)
+        assert not out.exists()
+
+    def maps(name, n=3):
+        return label_dir(toy, tmp_path / name, n)
+
+    refused(tmp_path / "nope", "--labels", "nope", "no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "classes.txt").write_text((toy["root"] / "toy/target/classes.txt").read_text())
+    refused(empty, "no .png label maps found")
+    m = maps("rgb")
+    Image.open(m / "wide.png").convert("RGB").save(m / "b" / "colour.png")
+    refused(m, "colour.png", "mode-RGB", "palette PNG")
+    m = maps("past")
+    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(m / "a" / "ten.png")
+    refused(m, "ten.png", "value 10", "past the 9 classes", "0..9")
+    m = maps("broken")
+    (m / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    refused(m, "broken.png", "unreadable image")
+    classes = (toy["root"] / "toy/target/classes.txt").read_text().splitlines()
+    m = maps("reordered")
+    (m / "classes.txt").write_text("\n".join([classes[1], classes[0], *classes[2:]]) + "\n")
+    refused(m, "classes.txt has the classes of --ckpt", "another order", f"class 1 is '{classes[0]}'")
+    m = maps("fewer")
+    (m / "classes.txt").write_text("\n".join(classes[:-1]) + "\n")
+    refused(m, "classes.txt has 8 classes", f"class 9 is '{classes[-1]}'")
+    m = maps("noclasses")
+    (m / "classes.txt").unlink()
+    refused(m, "noclasses/classes.txt", "expected a classes.txt")
+    refused(maps("flags"), "--data, --inception: not used with --labels", extra=["--data", "toy-target", "--inception",
+                                                                              "x.pth"])
+
+
+def test_labels_mode_minimum_size(toy, tmp_path):
+    """A map smaller than the model's first feature grid is refused (a generator built for 64 px: 2x2)."""
+    from models.oasis import Generator
+    torch.manual_seed(0)
+    G = Generator(toy["tgt"].n_channels, z_dim=4, channels=2, spade_hidden=8, crop_size=64).eval()
+    torch.save(our_checkpoint(G, toy["tgt"]), tmp_path / "g64.pt")
+    m = label_dir(toy, tmp_path / "maps", 2)
+    Image.fromarray(np.ones((1, 5), np.uint8)).save(m / "a" / "strip.png")
+    r = run("--ckpt", tmp_path / "g64.pt", "--labels", m, "--out", tmp_path / "out", "--workers", 0)
+    assert r.returncode == 1 and "strip.png: 5x1 pixels, smaller than the model's minimum 2x2" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path, image_dirs):
+    """--out equal to, inside or around an input folder is refused before anything is written (the dataset's PNGs
+    survive --out <data root>; F inside O is refused and intact); a rerun removes exactly the files its earlier
+    run listed in manifest.json, never a file it did not write."""
+    import shutil
+    root = tmp_path / "target"
+    shutil.copytree(toy["root"] / "toy/target", root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    model = ["--ckpt", toy["root"] / "tgt.pt", "--data", "toy-target", "--size", 32, "--workers", 0, "--no-fid"]
+    for out, how in ((root, "is --data-root"), (root / "val", "lies inside --data-root"),
+                     (tmp_path, "contains --data-root")):
+        with pytest.raises(DataError, match=f"--out {out}: {how}"):
+            evaluate.main(list(map(str, [*model, "--data-root", root, "--out", out])))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    real, fake = image_dirs
+    folders = tmp_path / "folders"
+    shutil.copytree(real, folders / "real")
+    shutil.copytree(fake, folders / "fake")
+    kept = sorted((folders / "fake").iterdir())
+    r = run("--real-dir", folders / "real", "--fake-dir", folders / "fake", "--out", folders, "--fid-features",
+            toy["root"] / "feat.pt")
+    assert r.returncode == 1 and "contains --real-dir" in r.stderr and sorted((folders / "fake").iterdir()) == kept
+    maps = label_dir(toy, tmp_path / "maps", 2)
+    with pytest.raises(DataError, match="lies inside --labels"):
+        evaluate.main(list(map(str, ["--ckpt", toy["root"] / "tgt.pt", "--labels", maps, "--out", maps / "gen"])))
+    assert not (maps / "gen").exists()
+
+    out = tmp_path / "ev"
+    (out / "images").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(out / "images" / "mine.png")  # the user's file, in the folder evaluate.py writes
+    data = [*model, "--data-root", root, "--limit", 3, "--out", out]
+    evaluate.main(list(map(str, [*data, "--samples-per-map", 2])))
+    first = json.loads((out / "manifest.json").read_text())["files"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(["mine.png"] + [Path(f).name for f in first
+                                                                                        if f.startswith("images/")])
+    evaluate.main(list(map(str, [*data, "--grid-n", 0])))  # one sample per map now: the _0/_1 files go
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert len(names) == 4 and "mine.png" in names and not any("_1" in n for n in names)
+    assert not (out / "grid.png").exists()  # listed by the first run, not written by the second
+    res = json.loads((out / "results.json").read_text())
+    assert res["provenance"]["command"].startswith("evaluate.py --ckpt") and "torch" in res["provenance"]["versions"]
+    assert any("no segmenter given" in w for w in res["warnings"]) and res["generator"]["step"] == 0
