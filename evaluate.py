@@ -68,8 +68,9 @@ from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
 from data import add_data_args, class_table, dataset_from_args, load_affinity
 from metrics import (LabelMaps, Said, channel_names, check_out_vs_inputs, check_sizes, compare_classes, confusion,
                      describe_features, embed, fid_lines, fid_metrics, generate, grid_titles, label_maps, legend_of,
-                     load_feature_net, load_segmenter, miou_results, model_classes, oasis_sampler, piti_sampler,
-                     provenance, real_stats, record, resize_images, save_grid, score_folders, segment, to_uint8)
+                     load_feature_net, load_segmenter, miou_results, model_classes, oasis_sampler, output_names,
+                     piti_sampler, provenance, real_stats, record, resize_images, save_grid, score_folders, segment,
+                     to_uint8)
 from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
@@ -299,12 +300,6 @@ def check_classes(info, target, what):
 # Scoring
 
 
-def image_names(rel, K):
-    """images/<relative path of the map, .png>, with _k before the suffix for K > 1 samples per map."""
-    stem = Path(rel).with_suffix("").as_posix()
-    return [f"images/{stem}{f'_{k}' if K > 1 else ''}.png" for k in range(K)]
-
-
 def generate_and_score(sample, dataset, args, out, net, seg, device, amp, features_amp, names):
     """Generates every image (PNGs named by names(batch item i) -> [K relative paths], grid.png) and accumulates
     what the metrics need (real images: none for --labels maps); seg: metrics.load_segmenter's (segmenter, its
@@ -337,15 +332,13 @@ def generate_and_score(sample, dataset, args, out, net, seg, device, amp, featur
         if seg is not None:
             conf_real += confusion(segment(seg[0], seg[1](b["real"]), dataset.n_channels, amp, seg[2]),
                                    b["label"], dataset.n_channels)
-        reals = to_uint8(b["real"]) if b["real"] is not None else None
+        reals = [] if b["real"] is None else to_uint8(b["real"])  # --labels: no real column
         for i in range(min(len(b["path"]), args.grid_n - len(grid))):
             grid_labels.append(b["label"][i].cpu().numpy())
-            grid.append([colours[grid_labels[-1]]] + [t[i] for t in tiles[:4]] + ([reals[i]] if reals is not None
-                                                                                   else []))
+            grid.append([colours[grid_labels[-1]], *[t[i] for t in tiles[:4]], *reals[i:i + 1]])
     if grid:  # column titles and a legend of the classes shown
-        titles = grid_titles(min(K, 4))
-        save_grid(grid, out / "grid.png", titles if reals is not None else titles[:-1],
-                  legend_of(grid_labels, channel_names(dataset.classes), colours))
+        titles = grid_titles(min(K, 4))[:len(grid[0])]
+        save_grid(grid, out / "grid.png", titles, legend_of(grid_labels, channel_names(dataset.classes), colours))
     return (np.concatenate(fake_feats) if fake_feats else None), conf, conf_real, bool(grid)
 
 
@@ -395,9 +388,9 @@ def run(args, argv, said):
     if args.labels:
         maps = label_maps(args.labels, len(target), gen["min_hw"])[:args.limit]
         dataset = LabelMaps(maps, target, gen["size"])
-        outputs = {rel: image_names(rel, K) for _, rel, _ in maps}
+        outputs = {rel: output_names(rel, K) for _, rel, _ in maps}
     else:
-        outputs = {str(img): image_names(Path(img).name, K) for img, _ in dataset.files}
+        outputs = {str(img): output_names(Path(img).name, K) for img, _ in dataset.files}
         net = None if args.no_fid else load_feature_net(args.inception, args.fid_features, device)
         seg = load_segmenter(args.segmenter, device, args.segmenter_weights, dataset.dataset)
         if net is None:

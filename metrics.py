@@ -20,7 +20,8 @@ Public functions (stable names; the finetune scripts use the first group for ear
     frechet_distance(mu1, sigma1, mu2, sigma2, n=None, note=print) -> float (n: images per side: few-images note)
     kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
     generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0) -> yields batches
-    label_maps(folder, n_values, min_hw, what) -> the label PNGs of a folder, each checked; LabelMaps: their dataset
+    label_maps(folder, n_values, min_hw, flag) -> the label PNGs of a folder, each checked; LabelMaps: their dataset;
+        output_names(rel, K) -> the images/ paths of a map's K images
     load_segmenter(segmenter, device='cpu', weights=None, dataset=None) -> (seg, its input from [-1,1], name)
         or None: the paper's segmenters (models/segmenters.py) or a TorchScript file
     segment(seg, images, n_channels, amp='fp32', name='segmenter') -> channel ids (B,H,W)
@@ -617,6 +618,12 @@ def label_maps(folder, n_values, min_hw, flag="--labels"):
             raise DataError(f"{p}: {w}x{h} pixels, smaller than the model's minimum {mw}x{mh}")
         maps.append((p, p.relative_to(folder).as_posix(), (h, w)))
     return maps
+
+
+def output_names(rel, K):
+    """images/<relative path of the map, .png>, with _k before the suffix for K > 1 samples per map."""
+    stem = Path(rel).with_suffix("").as_posix()
+    return [f"images/{stem}{f'_{k}' if K > 1 else ''}.png" for k in range(K)]
 
 
 class LabelMaps(torch.utils.data.Dataset):

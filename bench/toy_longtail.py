@@ -137,7 +137,7 @@ def main(argv=None):
          source / "checkpoint.pt")
     src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
     eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
-                  "--segmenter", evalnets / "segmenter.pt", "--stats-cache", "", "--workers", "0", "--grid-rows", "4"] + dev
+                  "--segmenter", evalnets / "segmenter.pt", "--stats-cache", "", "--workers", "0", "--grid-n", "4"] + dev
     eval_flags += ["--limit", cfg["limit"]] if cfg["limit"] else []
     steps = cfg["steps"]
     split = ["--stage1-steps", steps * 2 // 5, "--stage2-steps", steps - steps * 2 // 5]

@@ -727,3 +727,29 @@ def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["provenance"]["command"].startswith("evaluate.py --ckpt") and "torch" in res["provenance"]["versions"]
     assert any("no segmenter given" in w for w in res["warnings"]) and res["generator"]["step"] == 0
+
+
+def test_checkpoint_classes_against_the_data(toy, tmp_path):
+    """The checkpoint's class names against --data's, by name and order: a classes.txt reordered since training is
+    refused naming the first difference; a checkpoint without names (an older run) is evaluated with a note; the
+    warnings printed (here: a folder without train/ and val/, so val = train) are recorded in results.json."""
+    import shutil
+    root = tmp_path / "target"
+    shutil.copytree(toy["root"] / "toy/target/val", root)  # images/ + labels/ without splits
+    names = toy["tgt"].names
+    (root / "classes.txt").write_text("\n".join([names[0], names[2], names[1], *names[3:]]) + "\n")
+    flags = ["--data", "folder", "--data-root", root, "--size", 32, "--workers", 0, "--no-fid", "--limit", 2]
+    r = run("--ckpt", toy["root"] / "tgt.pt", *flags, "--out", tmp_path / "o")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert f"--data folder has the classes of --ckpt {toy['root'] / 'tgt.pt'} in another order: class 2 is " \
+           f"'{names[1]}' in --ckpt" in r.stderr and not (tmp_path / "o").exists()
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    old = torch.load(toy["root"] / "tgt.pt", weights_only=True)
+    old["target"] = {k: v for k, v in old["target"].items() if k != "names"}
+    torch.save(old, tmp_path / "old.pt")
+    r = run("--ckpt", tmp_path / "old.pt", *flags, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "records no class names" in r.stdout and any("records no class names" in w for w in res["warnings"])
+    assert any(w.startswith("warning: --data-root") and "val split is the training images" in w
+               for w in res["warnings"]), res["warnings"]
