@@ -314,8 +314,6 @@ def generate_and_score(sample, dataset, args, out, net, seg, device, amp, featur
     batches = generate(sample, dataset, device, args.batch, args.seed, K, args.workers)
     for b in tqdm(batches, total=-(-len(dataset) // args.batch), desc="generating", unit="batch", leave=False,
                   disable=None):
-        if b["real"] is not None:
-            check_sizes(b["fake"][0], b["real"], args.ckpt, dataset)
         tiles = [to_uint8(x) for x in b["fake"]]
         for i in range(len(b["path"])):
             for k, name in enumerate(names(b["item"], i)):
@@ -401,6 +399,8 @@ def run(args, argv, said):
                    "a TorchScript one)" if paper else f", and the paper has none for --data {dataset.dataset} "
                    "(--segmenter FILE: a TorchScript segmenter over its channels)")
             print("note: mIoU skipped: no segmenter given" + how)
+        if gen["kind"] != "piti-cat":  # PITI's samples are resized to the data's size, as finetune_piti.py scores them
+            check_sizes(gen["size"], dataset.size, args.ckpt, dataset)
         if net is not None and len(dataset) < 2:
             raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 

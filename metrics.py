@@ -527,9 +527,9 @@ def fid_lines(metrics, toy):
             f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}" + (f" ({'; '.join(why)})" if why else "")]
 
 
-def check_sizes(fake, real, ckpt, dataset):
-    """Refuses to score generated images of one size against real images of another."""
-    (h, w), (H, W) = fake.shape[-2:], real.shape[-2:]
+def check_sizes(fake_hw, real_hw, ckpt, dataset):
+    """Refuses to score generated images of one size (H, W) against real images of another, before generating."""
+    (h, w), (H, W) = fake_hw, real_hw
     if (h, w) != (H, W):
         fix = (f"pass --size {w} to read the real images at the generator's size"
                if (dataset.dataset == "folder" or dataset.dataset.startswith("toy")) and h == w

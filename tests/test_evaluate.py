@@ -441,7 +441,7 @@ def test_generator_size_must_match_the_real_images(toy, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("error: --ckpt ") and "makes 32x32 images" in r.stderr and "are 64x64" in r.stderr
     assert "pass --size 32" in r.stderr
-    assert not list((tmp_path / "o").rglob("*.png")) and not (tmp_path / "o" / "results.json").exists()
+    assert not (tmp_path / "o").exists()  # refused before generating: nothing written
 
 
 def test_stale_real_statistics_are_not_reused(toy, tmp_path, capsys):
@@ -519,6 +519,22 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
         png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
         assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png).max() <= 1
+    # the official files moved since finetuning: --base/--upsampler give their new place (same images)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for part in ("base", "up"):
+        (tmp_path / f"{part}.pt").rename(moved / f"{part}.pt")
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", tmp_path / "ev2", "--limit", 2,
+            "--sample-steps", 4, "--up-steps", 4, "--no-fid")
+    assert r.returncode == 1 and "base.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", tmp_path / "ev2", "--limit", 2,
+            "--sample-steps", 4, "--up-steps", 4, "--no-fid", "--base", moved / "base.pt", "--upsampler", moved / "up.pt")
+    assert r.returncode == 0, r.stderr
+    for name in json.loads((tmp_path / "ev2" / "manifest.json").read_text())["files"]:
+        if name.startswith("images/"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "ev2" / name)), np.asarray(Image.open(out / name)))
+    for part in ("base", "up"):
+        (moved / f"{part}.pt").rename(tmp_path / f"{part}.pt")
     # label maps alone (--labels): map i of the folder (by relative path) gets the same per-image noise stream
     maps = label_dir(toy, tmp_path / "maps", 2)
     r = run("--ckpt", tmp_path / "run/checkpoint.pt", "--labels", maps, "--out", tmp_path / "gen", "--workers", 0,
