@@ -101,7 +101,7 @@ SCORE_FLAGS = ("inception", "fid_features", "segmenter", "segmenter_weights")
 
 def flags(args, dests):
     """The command-line spelling of the given options among `dests` that were given (not None / not False)."""
-    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) not in (None, False)]
+    return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None and getattr(args, d) is not False]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
