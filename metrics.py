@@ -9,7 +9,8 @@ Public functions (stable names; the finetune scripts use the first group for ear
     real_stats(dataset, net, cache_dir=None, device='cpu', batch_size=16, amp='fp32', workers=0)
         -> (mu, sigma, feats) of a dataset's preprocessed images, cached by file content
     oasis_sampler(G, n_channels, amp='fp32') -> sample(label, seeds) -> images in [-1, 1]
-    piti_sampler(base, upsampler, steps=None, up_steps=None, amp='fp32') -> the same for a PITI cascade
+    piti_sampler(base, up, steps=None, up_steps=None, ddim=False, amp='fp32') -> the same for a PITI cascade,
+        one noise stream per image
     image_seeds(seed, first_map, n_maps, k) -> the per-image noise seeds of `generate`
     generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, amp='fp32') -> float
     sample_grid(sample, grid, path)                                   the finetune scripts' fixed grid
@@ -28,11 +29,15 @@ Public functions (stable names; the finetune scripts use the first group for ear
     confusion(pred, label, n_channels) -> (C, C) int64;  iou(conf, channels) -> (mIoU, per-class IoU)
     to_uint8(x), save_grid(rows, path)                                PNGs and grids
     folder_images(folder, flag) -> sorted image files; image_batches(files, batch_size, device, workers=0)
-    fid_metrics, describe_features, fid_lines, check_sizes, miou_results: evaluate.py's scores and lines
+    fid_metrics, describe_features, fid_lines, check_sizes, miou_results, score_folders, model_classes:
+        evaluate.py's scores, lines and checks
+    check_out_vs_inputs, recorded_files, record, compare_classes: stand-ins until models/run.py and
+        data.compare_classes are merged (the agreed names)
     provenance(argv=None, script) -> command line, git commit, package versions (results.json); Said: the
         stdout that keeps the warning lines for it
 
-`amp` is a precision mode of models/amp.py ('bf16', 'fp16', 'fp32'; autocast on CUDA, bf16 also on the CPU).
+`amp` is a precision mode of models/amp.py ('bf16', 'fp16', 'fp32'; autocast on CUDA, bf16 also on the CPU;
+a bool, from older callers, means bf16 on CUDA only).
 """
 import copy
 import hashlib
