@@ -293,7 +293,7 @@ def piti_sampler(base, up, steps=None, up_steps=None, ddim=False, amp="fp32"):
 
 def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0):
     """Yields per batch {'label', 'real' (in [-1,1]; None for label maps alone), 'fake': [K tensors in [-1,1]],
-    'path', 'item' (the dataset's own fields)}; image k of map i uses the seed image_seeds(seed, i, ...)[k]."""
+    'path', 'item' (the dataset's own fields)}; image k of map i is seeded by (seed, i, k) (image_seeds)."""
     first = 0
     for batch in loader(dataset, batch_size, workers):
         label = batch["label"].to(device)
