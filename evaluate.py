@@ -241,8 +241,7 @@ def load_generator(args, target, hw, device, amp):
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.sample_steps
         gen = load_piti_generator(str(path), device, base=args.base, upsampler=args.upsampler, amp=amp)
-        piti = piti_sampler(gen.base, gen.upsampler, steps, args.up_steps, bool(steps and steps.startswith("ddim")),
-                            amp)
+        piti = piti_sampler(gen.base, gen.upsampler, steps, args.up_steps, str(steps).startswith("ddim"), amp)
         side = gen.upsampler.image_size
         info.update(kind="piti-cat", steps=steps or "official (250)", up_steps=args.up_steps or "official (fast27)",
                     classes=model_classes(ckpt.get("target")), size=(side, side), min_hw=(gen.base.image_size,) * 2)
@@ -261,6 +260,8 @@ def load_generator(args, target, hw, device, amp):
     else:  # an official / source model: its own classes, or training-free CAT through an affinity
         source = class_table(args.source, args.source_root)
         src = load_source(path, source.dataset, source.n_channels, args.which, parts=("EMA",), flag="--ckpt")
+        if ckpt is not None and (ckpt.get("target") or {}).get("names"):  # our source model: its classes, by name
+            compare_classes(ckpt["target"]["names"], source.names, f"--ckpt {path}", f"--source {args.source}")
         if args.affinity is None:
             G = Generator(**src["G_kwargs"])
             G.load_source(src["EMA"], path)
@@ -289,9 +290,7 @@ def check_classes(info, target, what):
                             f"has {target.n_channels}")
         print(f"note: --ckpt {info['ckpt']} records no class names (an older run): its classes are taken to be "
               f"{what}'s, in that order")
-        lut[target.channels] = target.channels
-        return lut
-    names, channels = info["classes"]
+    names, channels = info["classes"] or (target.names, target.channels)
     compare_classes(names, target.names, f"--ckpt {info['ckpt']}", what)
     lut[target.channels] = channels
     return lut

@@ -799,3 +799,26 @@ def test_help_groups_flags_by_mode_and_shows_defaults(capsys, monkeypatch):
                     "(default: val)"):
         assert default in text, default
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_source_model_classes_against_its_source_root(toy, tmp_path):
+    """Training-free mode with a source model of ours: its recorded class names against --source-root's
+    classes.txt, by name and order (a source dataset reordered since the source model was trained is refused)."""
+    import shutil
+    import data
+    root = tmp_path / "source"
+    shutil.copytree(toy["root"] / "toy/source", root)
+    (tmp_path / "run").mkdir()  # the source model's run folder (no --out may lie inside it)
+    torch.save(our_checkpoint(toy["G_src"], data.class_table("folder", root)), tmp_path / "run" / "src.pt")
+    np.save(tmp_path / "A.npy", np.full((len(toy["tgt"]), len(toy["src"])), 1 / len(toy["src"]), np.float32))
+    names = (root / "classes.txt").read_text().splitlines()
+    (root / "classes.txt").write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    flags = ["--ckpt", tmp_path / "run" / "src.pt", "--source", "folder", "--source-root", root, "--affinity",
+             tmp_path / "A.npy", *toy["data"], "--no-fid", "--limit", 2]
+    with pytest.raises(DataError, match=f"--source folder has the classes of --ckpt .* in another order: class 1 is "
+                                        f"'{names[0]}'"):
+        evaluate.main(list(map(str, [*flags, "--out", tmp_path / "o"])))
+    assert not (tmp_path / "o").exists()
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    evaluate.main(list(map(str, [*flags, "--out", tmp_path / "o"])))
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["generator"]["kind"] == "oasis-training-free"
