@@ -200,10 +200,9 @@ def get_args(argv=None):
     args.split = args.split or "val"
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
-    source_run = args.ckpt and (Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent if args.source
-                                else None)  # an official run folder, or the run folder of a source model of ours
     inputs = {"--data-root": args.data_root, "--real-dir": args.real_dir, "--fake-dir": args.fake_dir,
-              "--labels": args.labels, "--source-root": args.source_root, "the source run folder": source_run}
+              "--labels": args.labels, "--source-root": args.source_root,
+              "--ckpt": args.ckpt if args.ckpt and Path(args.ckpt).is_dir() else None}  # an official run folder
     check_out_vs_inputs(args.out, {k: v for k, v in inputs.items() if v})
     checkpoint.out_dir(args.out, keep=False)  # a file in the way, read-only: one line before any work
     if args.stats_cache and args.ckpt and not args.no_fid and not args.labels:

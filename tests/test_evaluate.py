@@ -727,11 +727,11 @@ def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path
     with pytest.raises(DataError, match="lies inside --labels"):
         evaluate.main(list(map(str, ["--ckpt", toy["root"] / "tgt.pt", "--labels", maps, "--out", maps / "gen"])))
     assert not (maps / "gen").exists()
-    source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
-    with pytest.raises(DataError, match="lies inside the source run folder"):  # a source model's own folder
-        evaluate.main(list(map(str, ["--ckpt", toy["root"] / "src.pt", *source, "--labels", maps,
-                                     "--out", toy["root"] / "gen"])))
-    assert not (toy["root"] / "gen").exists()
+    from conftest import golden_path
+    sq = golden_path("oasis", "sq")  # an official OASIS run folder: an input like any other
+    with pytest.raises(DataError, match="lies inside --ckpt"):
+        evaluate.main(list(map(str, ["--ckpt", sq, "--source", "ade20k", "--labels", maps, "--out", sq / "gen"])))
+    assert not (sq / "gen").exists()
 
     out = tmp_path / "ev"
     (out / "images").mkdir(parents=True)
