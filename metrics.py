@@ -617,7 +617,7 @@ def label_maps(folder, n_values, min_hw, flag="--labels"):
         (h, w), (mh, mw) = v.shape, min_hw
         if v.max(initial=0) > n_values:
             y, x = np.argwhere(v > n_values)[0]
-            raise DataError(f"{p}: value {int(v[y, x])} at (x={x}, y={y}) is past the {n_values} classes of "
+            raise DataError(f"{p}: value {int(v[y, x])} at (x={x}, y={y}) is outside the {n_values} classes of "
                             f"classes.txt (expected 0..{n_values}: value k = line k, 0 = unlabelled)")
         if h < mh or w < mw:
             raise DataError(f"{p}: {w}x{h} pixels, smaller than the model's minimum {mw}x{mh}")

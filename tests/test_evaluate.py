@@ -670,7 +670,10 @@ def test_labels_mode_refusals(toy, tmp_path):
     refused(m, "colour.png", "mode-RGB", "palette PNG")
     m = maps("past")
     Image.fromarray(np.full((32, 32), 10, np.uint8)).save(m / "a" / "ten.png")
-    refused(m, "ten.png", "value 10", "past the 9 classes", "0..9")
+    refused(m, "ten.png", "value 10", "outside the 9 classes", "0..9")
+    m = maps("bit")  # a 1-bit mask is a valid map of ids 0 and 1
+    Image.fromarray(np.eye(32, dtype=bool)).save(m / "b" / "mask.png")
+    assert run(*tgt, "--labels", m, "--out", tmp_path / "bit_out", "--grid-n", 0).returncode == 0
     m = maps("broken")
     (m / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     refused(m, "broken.png", "unreadable image")
