@@ -74,7 +74,7 @@ from metrics import (LabelMaps, Said, channel_names, check_out_vs_inputs, check_
 from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
 from models.oasis import Generator, check_state_dict, load_source
-from models.piti import load_piti_generator, palette
+from models.palette import palette
 from models.segmenters import DEFAULT_SEGMENTER
 
 PROTOCOL = {  # the module docstring in short, written into results.json
@@ -239,6 +239,7 @@ def load_generator(args, target, hw, device, amp):
                         f"(piti-cat); --ckpt {path} is an OASIS model: drop {'it' if len(piti_flags) == 1 else 'them'}")
     if ckpt is not None and ckpt["kind"] == "piti-cat":
         steps = args.sample_steps
+        from models.piti import load_piti_generator  # only here: an OASIS evaluation never imports PITI
         gen = load_piti_generator(str(path), device, base=args.base, upsampler=args.upsampler, amp=amp)
         piti = piti_sampler(gen.base, gen.upsampler, steps, args.up_steps, str(steps).startswith("ddim"), amp)
         side = gen.upsampler.image_size

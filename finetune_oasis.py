@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, checkpoint, cli, finite_float, int_list, nonneg_int, oasis,
-                    positive_int)
+from models import (ArgumentParser, DataError, amp, checkpoint, cli, curves, finite_float, int_list, nonneg_int,
+                    oasis, positive_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -79,7 +79,7 @@ MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckp
 def get_args(argv=None):
     """(args, given): the parsed flags with their run-dependent defaults filled in, and the flags given."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, samples/, subset.txt")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
     p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly, with the run's own flags")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (its run files are replaced)")
     p.add_argument("--init", default="source", choices=["source", "scratch"],
@@ -142,6 +142,8 @@ def get_args(argv=None):
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=positive_int, default=5, help="stop after N evaluations without a better FID")
+    g.add_argument("--tensorboard", action="store_true", help="also write log.jsonl's numbers and the sample grids as "
+                   "TensorBoard events in <out>/tensorboard (needs: pip install tensorboard); curves.png is always written")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
@@ -195,6 +197,8 @@ def get_args(argv=None):
         args.d_head = "affinity" if args.affinity not in (None, "none", "learned") else "reinit"
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
+    if args.tensorboard:  # before any file is written
+        curves.require_tensorboard()
     return args, given
 
 
@@ -385,6 +389,7 @@ def setup(args):
             checkpoint.set_rng_state(ckpt["rng"][rank], device)
         if master:
             checkpoint.truncate_log(out / "log.jsonl", R.step)
+    R.board = curves.Board(out, R.step) if args.tensorboard and master else None
 
     # Evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
     R.sample = metrics.oasis_sampler(R.EMA, R.target.n_channels, R.bf16)
@@ -423,6 +428,7 @@ def evaluate_and_save(R, s):
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
         # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
         checkpoint.append_log(R.out / "log.jsonl", entry)
+        curves.update(R.out, R.board)  # curves.png (+ TensorBoard events) from log.jsonl
         if better:
             checkpoint.save(state, R.out / "best.pt")
         checkpoint.save(state, R.out / "checkpoint.pt")

@@ -51,11 +51,12 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (DataError, amp, cli, diffusion, finite_float, nonneg_int, piti, positive_float, positive_int,
+from models import (DataError, amp, cli, curves, diffusion, finite_float, nonneg_int, piti, positive_float, positive_int,
                     unit_float)
 from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, step_seed, swapped, truncate_log)
+from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("recipe", "schedule_sampler", "base", "upsampler", "base_config", "up_config", "source", "source_root",
@@ -80,7 +81,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, samples/, subset.txt")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out (its run files are removed)")
@@ -129,6 +130,8 @@ def build_parser():
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
+    g.add_argument("--tensorboard", action="store_true", help="also write log.jsonl's numbers and the sample grids as "
+                   "TensorBoard events in <out>/tensorboard (needs: pip install tensorboard); curves.png is always written")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
@@ -139,6 +142,8 @@ def settings(argv):
     """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
     args, given = parse_with_given(build_parser(), argv)
     check_device(args.device)
+    if args.tensorboard:  # before any file is written
+        curves.require_tensorboard()
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
     if not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
@@ -203,7 +208,9 @@ def build(args, source, target, M, ckpt, device):
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
         for name in saved:
-            present[name].load_state_dict(ckpt[name], strict=False)
+            m = present[name]  # the checkpoint keeps what trains; the rest stays as the official file gave it
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
+                        f"weights of this run's PITI {name} model")
         ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
     for m in present.values():
         m.to(device)
@@ -315,6 +322,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
         state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
         state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()} if name in net.ema else state[name]
     append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+    curves.update(out, net.board)  # curves.png (+ TensorBoard events) from log.jsonl
     save(state, out / "checkpoint.pt")
     if better:
         save(state, out / "best.pt")
@@ -341,6 +349,7 @@ def main(argv=None):
 
     # models (official weights + CAT layers), evaluation
     net = build(args, source, target, M, ckpt, device)
+    net.board = curves.Board(out, net.step) if args.tensorboard and master else None  # --tensorboard's events
     sample, grid, fid = evaluation(args, net, val_ds, target.n_channels, out, device) if master else (None,) * 3
     files = {"base": args.base, "up": args.upsampler}
     info = {"init": "piti", "affinity": None if A is None else torch.from_numpy(A), "data": data_fp,

@@ -59,7 +59,7 @@ from models.amp import autocast
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
 from models.inception import INCEPTION_FILE, load_fid_inception
-from models.piti import palette
+from models.palette import palette
 
 IMAGE_EXTS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
 
@@ -420,10 +420,11 @@ def to_uint8(x):
     """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, rounded."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-def save_grid(rows, path, titles=None, legend=None):
+def save_grid(rows, path, titles=None, legend=None, key=None):
     """rows: lists of (H,W,3) uint8 tiles (label colours | samples | real); tiles of another size are
     nearest-resized to the largest one; 2-pixel white gaps. titles: one per column, written above;
-    legend: [(class name, colour)] swatches written below (models/figures.py)."""
+    legend: [(class name, colour)] swatches written below; key: texts saying what short titles stand for,
+    written below before the legend (models/figures.py)."""
     h = max(t.shape[0] for r in rows for t in r)
     w = max(t.shape[1] for r in rows for t in r)
     cols = max(len(r) for r in rows)
@@ -433,8 +434,8 @@ def save_grid(rows, path, titles=None, legend=None):
             if t.shape[:2] != (h, w):
                 t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
             grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = t
-    if titles or legend:
-        grid = figures.annotate_grid(grid, w, 2, titles, legend)
+    if titles or legend or key:
+        grid = figures.annotate_grid(grid, w, 2, titles, legend, key)
     Image.fromarray(grid).save(path)
 
 

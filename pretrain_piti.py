@@ -52,11 +52,12 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (DataError, amp, cli, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
+from models import (DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
                     unit_float)
 from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, step_seed, swapped, truncate_log)
+from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "upsampler", "base_config",
@@ -206,7 +207,9 @@ def build(args, n_channels, ckpt, device):
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
         for name in models:
-            present[name].load_state_dict(ckpt[name], strict=False)
+            m = present[name]  # the checkpoint keeps what trains; the rest stays as the GLIDE file gave it
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
+                        f"weights of this run's PITI {name} model")
         ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
     for m in present.values():
         m.to(device)
@@ -334,6 +337,7 @@ def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
         state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
         state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()}
     append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+    curves.update(out)  # curves.png from log.jsonl
     save(state, out / "checkpoint.pt")
     if better:
         save(state, out / "best.pt")

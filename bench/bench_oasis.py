@@ -4,6 +4,7 @@
     python bench/bench_oasis.py --amp fp32 --no-channels-last   # closer to the official code path
     python bench/bench_oasis.py --toy-compare            # bf16 vs fp32 losses over 200 toy steps
     python bench/bench_oasis.py --device cpu --batch 2 --steps 2 --warmup 1   # smoke check
+    python bench/bench_oasis.py --device cpu --tiny --batch 2 --steps 2 --warmup 0   # quicker: tiny widths
 
 Reference (official code, one H100): 34.5 img/s, 56 GB peak, 2.60 TFLOP per image per iteration.
 MFU is counted against the H100's dense bf16 peak (989 TFLOP/s) whatever the device.
@@ -28,6 +29,7 @@ from models import oasis  # noqa: E402
 FLOP_PER_IMAGE = 2.60e12
 PEAK = 989e12
 OFFICIAL = {"img/s": 34.5, "peak GB": 56.0}
+TINY_G, TINY_D = dict(z_dim=8, channels=4, spade_hidden=8), dict(channels=[3, 8, 8], last_width=8)
 
 
 def random_labels(batch, n_channels, size, device):
@@ -42,6 +44,9 @@ def bench_iteration(args):
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     G_kwargs, D_kwargs = oasis.oasis_config(args.dataset)
+    if getattr(args, "tiny", False):  # the CPU smoke check of bench/gpu_check.py: tiny widths, figures meaningless
+        G_kwargs.update(TINY_G)
+        D_kwargs.update(TINY_D)
     mem = torch.channels_last if cuda and not args.no_channels_last else torch.contiguous_format
     G = oasis.Generator(**G_kwargs).to(device, memory_format=mem)
     D = oasis.Discriminator(**D_kwargs).to(device, memory_format=mem)
@@ -123,6 +128,7 @@ if __name__ == "__main__":
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--toy-compare", action="store_true", help="bf16-vs-fp32 loss gap over --toy-steps toy steps")
     p.add_argument("--toy-steps", type=int, default=200)
+    p.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke check; figures meaningless)")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -34,58 +33,10 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import toy  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
-from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_step  # noqa: E402
+from pipeline import TWO_STAGE_AS_RECORDED, run_step, schedule  # noqa: E402
+from rows import ROWS, TOY_LONGTAIL_ROWS, TOY_METHODS as METHODS, TOY_PRESETS as PRESETS, toy_segmenter_cmd, estimate_cmd, evaluate_cmd, evaluate_flags, oasis_cmd  # noqa: E402
 
-PRESETS = {  # the cpu preset was sized for 2 hours on a 2-core CPU (BENCHMARKS.md)
-    "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
-                       "--d-last", "32"], batch=16, source_steps=20000, steps=2000, seg_epochs=20, seg_max=None, limit=None, extra=[],
-                source_opt=[*lr_opt("4e-4"), "--ema-decay", "0.999"], target_opt=[*lr_opt("2e-4"), "--ema-decay", "0.999"]),
-    "cpu": dict(width=SMALL, batch=8, source_steps=2000, steps=150, seg_epochs=10, seg_max=None, limit=None, extra=[],
-                source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.999"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
-    "tiny": dict(width=["--channels", "4", "--z-dim", "8", "--spade-hidden", "8", "--d-channels", "3,8,8,16,16,16,16", "--d-last", "8"],
-                 batch=2, source_steps=2, steps=2, seg_epochs=1, seg_max=16, limit=8, extra=["--bn-batches", "2", "--grid-n", "2"],
-                 source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.9"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.9"]),
-}
-METHODS = ("random", "text", "supervised", "combination")
-# row id -> (table name, job); a job is a training run (or 'free-<method>': the source model + that affinity)
-ROWS = {
-    "random-init": ("Random-init OASIS (no source model)", "scratch"),
-    "finetune": ("Finetune, random 1x1 (ablation row 1)", "finetune"),
-    "freezed": ("+ FreezeD", "freezed"),
-    "freezed-2stage": ("+ FreezeD, 2 stages", "freezed-2stage"),
-    "freezed-2stage-resid": ("+ FreezeD, 2 stages, residual (= Table 8's 'From scratch')", "freezed-2stage-resid"),
-    "cat": ("+ affinity = CAT (combination, hard)", "cat-combination-hard"),
-    "transfergan": ("TransferGAN (= the Finetune row's flags)", "finetune"),
-    "cgantransfer": ("cGANTransfer (learned softmax affinity)", "cgantransfer"),
-    **{f"free-{m}": (f"CAT training-free, {m}", f"free-{m}") for m in METHODS},
-    **{f"cat-{m}-{k}": (f"CAT finetuned, {m} ({k})", f"cat-{m}-{k}") for m in METHODS for k in ("hard", "soft")},
-}
 RARE = 0.10  # a class is rare when it is in fewer than this share of the n training images
-
-
-def schedule(tasks, jobs):
-    """Run {key: (dependency keys, fn)} with at most `jobs` at a time, each as soon as its dependencies are done,
-    in the given order otherwise. A failed step does not stop the others; its dependants are skipped, and the
-    failures are raised together at the end."""
-    pending, running, done, failed = list(tasks), {}, set(), []
-    with ThreadPoolExecutor(jobs) as ex:
-        while pending or running:
-            ready = [k for k in pending if set(tasks[k][0]) <= done][: jobs - len(running)]
-            for k in ready:
-                pending.remove(k)
-                running[ex.submit(tasks[k][1])] = k
-            if not running:
-                break  # what is left depends on a failed step
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                key = running.pop(f)
-                if f.exception() is None:
-                    done.add(key)
-                else:
-                    failed.append(str(f.exception()))
-                    print(failed[-1], flush=True)
-    if failed or pending:
-        raise RuntimeError(f"{len(failed)} step(s) failed, {len(pending)} skipped:\n" + "\n".join(failed))
 
 
 def rare_classes(n, seed):
@@ -104,7 +55,7 @@ def main(argv=None):
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="budgets (default: gpu on CUDA, else cpu)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="n-shot subset + training seeds")
     p.add_argument("--ns", type=int, nargs="+", default=[25, 100], help="numbers of target training images")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run (default all)")
+    p.add_argument("--rows", nargs="+", default=TOY_LONGTAIL_ROWS, choices=TOY_LONGTAIL_ROWS, help="rows to run (default all)")
     p.add_argument("--jobs", type=int, default=None, help="processes at a time (default: the CPU count, 2 on CUDA)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--write-benchmarks", action="store_true", help="write the results section of BENCHMARKS.md")
@@ -128,24 +79,21 @@ def main(argv=None):
 
     # 1. evaluation nets and the source model
     evalnets, source = out / "evalnets", out / "source"
-    task("evalnets", [], ["bench/toy_segmenter.py", "--data", "folder", "--data-root", toy.task_root("toy-lt-target"),
-                          "--size", "64", "--out", evalnets, "--epochs", cfg["seg_epochs"]]
-         + (["--max-train", cfg["seg_max"]] if cfg["seg_max"] else []), evalnets / "features.pt")
+    task("evalnets", [], toy_segmenter_cmd(toy.task_root("toy-lt-target"), evalnets, cfg["seg_epochs"], cfg["seg_max"]),
+         evalnets / "features.pt")
     task("source", [], ["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
                         "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
                         "--eval-every", cfg["source_steps"], *cfg["extra"], "--overwrite", "--out", source] + dev,
          source / "checkpoint.pt")
     src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
     eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
-                  "--segmenter", evalnets / "segmenter.pt", "--stats-cache", "", "--workers", "0", "--grid-n", "4"] + dev
+                  "--segmenter", evalnets / "segmenter.pt", "--workers", "0", *evaluate_flags(grid=4, stats_cache="")] + dev
     eval_flags += ["--limit", cfg["limit"]] if cfg["limit"] else []
     steps = cfg["steps"]
     split = ["--stage1-steps", steps * 2 // 5, "--stage2-steps", steps - steps * 2 // 5]
 
     # 2. affinities (only those the chosen rows need)
-    jobs_needed = {ROWS[r][1] for r in args.rows}
-    needed = {(j.split("-")[1], "hard" if j.startswith("free-") else j.split("-")[2]) for j in jobs_needed
-              if j.startswith(("free-", "cat-"))}
+    needed = {ROWS[r].affinity for r in args.rows if ROWS[r].affinity}
 
     def affinity(method, kind, n, seed):
         """(task key, affinity.npy) of an affinity; text depends on nothing, random on the seed only."""
@@ -157,9 +105,8 @@ def main(argv=None):
             d = out / f"n{n}" / f"seed{seed}" / f"aff_{method}_{kind}"
         key = str(d.relative_to(out)).replace("/", "_")
         if key not in tasks:
-            cmd = ["estimate_affinity.py", "--source", "toy-lt-source", "--target", "toy-lt-target", "--method", method,
-                   f"--{kind}", "--seed", seed, "--text-encoder", "minilm", "--weights", "text=1,supervised=1",
-                   "--out", d] + dev
+            cmd = estimate_cmd("toy-lt-source", "toy-lt-target", method, kind, d, seed,
+                               ["--text-encoder", "minilm", "--weights", "text=1,supervised=1"]) + dev
             if method in ("supervised", "combination"):
                 cmd += ["--source-ckpt", source / "checkpoint.pt", "--n", n, "--subset-seed", seed]
             task(key, ["source"] if method in ("supervised", "combination") else [], cmd, d / "affinity.npy")
@@ -174,25 +121,27 @@ def main(argv=None):
             sd = out / f"n{n}" / f"seed{seed}"
             common = ["--batch", cfg["batch"], *cfg["target_opt"], "--seed", seed, "--eval-every", steps,
                       "--data", "toy-lt-target", "--n", n, "--subset-seed", seed, *cfg["extra"]] + dev
-            for job in dict.fromkeys(ROWS[r][1] for r in args.rows):  # rows sharing a job share its run
+            jobs_rows = {}
+            for r in args.rows:  # rows sharing a job share its run
+                jobs_rows.setdefault(ROWS[r].job, ROWS[r])
+            for job, row in jobs_rows.items():
                 ev, deps = sd / f"eval_{job}", ["evalnets"]
-                if job.startswith("free-"):
-                    key, aff = affinity(job[5:], "hard", n, seed)
+                if row.train == "free":
+                    key, aff = affinity(*row.affinity, n, seed)
                     model, deps = ["--ckpt", source / "checkpoint.pt", "--source", "toy-lt-source", "--affinity", aff], deps + ["source", key]
                 else:
-                    if job == "scratch":
+                    if row.train == "scratch":
                         flags, tdeps = ["--init", "scratch", *cfg["width"]], []
-                    elif job.startswith("cat-"):
-                        key, aff = affinity(job.split("-")[1], job.split("-")[2], n, seed)
-                        flags, tdeps = [*src, "--recipe", "cat", "--affinity", aff, *TWO_STAGE_AS_RECORDED], ["source", key]
-                    else:
-                        two_stage = job in ("freezed-2stage", "freezed-2stage-resid")
-                        flags, tdeps = [*src, "--recipe", job, *(TWO_STAGE_AS_RECORDED if two_stage else [])], ["source"]
+                    else:  # the recorded toy runs' stage-2 set on the two-stage rows (bench/pipeline.py)
+                        flags, tdeps = [*src, *row.flags], ["source"]
+                        if row.affinity:
+                            key, aff = affinity(*row.affinity, n, seed)
+                            flags, tdeps = flags + ["--affinity", aff], tdeps + [key]
+                        flags += TWO_STAGE_AS_RECORDED if row.two_stage else []
                     rd = sd / f"run_{job}"
-                    task(f"n{n}_seed{seed}_run_{job}", tdeps, ["finetune_oasis.py", *flags, *split, *common, "--overwrite", "--out", rd],
-                         rd / "checkpoint.pt")
+                    task(f"n{n}_seed{seed}_run_{job}", tdeps, oasis_cmd([*flags, *split, *common], rd), rd / "checkpoint.pt")
                     model, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [f"n{n}_seed{seed}_run_{job}"]
-                task(f"n{n}_seed{seed}_eval_{job}", deps, ["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev],
+                task(f"n{n}_seed{seed}_eval_{job}", deps, evaluate_cmd(model, eval_flags, ev, seed),
                      ev / "results.json")
                 evals[n, seed, job] = ev
     try:
@@ -235,7 +184,7 @@ def gather(args, evals):
             rare = rare_classes(n, seed)
             n_rare[n].append(len(rare))
             for r in args.rows:
-                res = json.loads((evals[n, seed, ROWS[r][1]] / "results.json").read_text())
+                res = json.loads((evals[n, seed, ROWS[r].job] / "results.json").read_text())
                 cell = results.setdefault((r, n), {"fid": [], "miou": [], "rare": [], "miou_real": [], "rare_real": []})
                 cell["fid"].append(res.get("fid"))
                 cell["miou"].append(res.get("miou"))
@@ -266,7 +215,7 @@ def format_table(results, args, n_rare, preset, device, wall, cmd):
     for r in args.rows:
         cells = [c for n in args.ns for c in (cell(results[r, n]["fid"], "%.2f"), cell(results[r, n]["miou"], "%.3f"),
                                               cell(results[r, n]["rare"], "%.3f"))]
-        lines.append(f"| {ROWS[r][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROWS[r].label} | " + " | ".join(cells) + " |")
     first = args.rows[0]  # the real images score the same in every row's evaluation
     lines.append("| real target val images | " + " | ".join(
         c for n in args.ns for c in ("0", cell(results[first, n]["miou_real"], "%.3f"), cell(results[first, n]["rare_real"], "%.3f")))
@@ -319,7 +268,7 @@ def orderings(results, args):
                     d, v = verdict([None if x is None else sign * x for x in ra], [None if x is None else sign * x for x in rb])
                     tally[v] = tally.get(v, 0) + 1
                     bits.append(f"{LABEL[metric]} {fmt % (sign * d) if d is not None else 'n/a'} ({v})")
-                parts.append(f"{ROWS[a][0]} vs {ROWS[b][0]}, n = {n}: " + ", ".join(bits))
+                parts.append(f"{ROWS[a].label} vs {ROWS[b].label}, n = {n}: " + ", ".join(bits))
         total = sum(tally.values())
         summary = ("**holds**" if tally.get("holds", 0) > total / 2 else "**does not hold**" if tally.get("does not hold", 0) > total / 2
                    else "**mixed**")
@@ -350,7 +299,7 @@ def _wrap(text, width, draw, font):
 def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
     """Columns with titles: label colours | one image per row's job | real image, for the first validation maps
     that show a tail class (design probability < 0.1), at the smallest n and the first seed."""
-    from models.piti import palette
+    from models.palette import palette
     import metrics
     val = data.open_dataset("toy-lt-target", split="val")
     tail = [k for k, c in enumerate(toy.TOY_LT_TARGET.values(), 1) if c[1] < RARE]
@@ -361,8 +310,8 @@ def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
     colours = palette(val.n_channels).numpy()
     cols = [("labels", [colours[it["label"].numpy()] for it in items])]
     for r in rows:
-        ev = evals[n, seed, ROWS[r][1]] / "images"
-        cols.append((ROWS[r][0], [np.asarray(Image.open(ev / (Path(it["path"]).stem + ".png")).convert("RGB")) for it in items]))
+        ev = evals[n, seed, ROWS[r].job] / "images"
+        cols.append((ROWS[r].label, [np.asarray(Image.open(ev / (Path(it["path"]).stem + ".png")).convert("RGB")) for it in items]))
     cols.append(("real", [metrics.to_uint8(it["image"][None])[0] for it in items]))
     font, gap, title_h = _font(10), 4, 56
     canvas = Image.new("RGB", (len(cols) * (tile + gap), title_h + len(items) * (tile + gap)), "white")
@@ -378,7 +327,7 @@ def figure(rows, evals, n, seed, path, limit=None, n_maps=4, tile=64):
 
 def plot(results, args, path, w=420, h=300):
     """Two panels, mIoU and rare mIoU against n (mean over seeds), one line per row, and a legend."""
-    from models.piti import palette
+    from models.palette import palette
     colours = [tuple(int(v) for v in c) for c in palette(len(args.rows) + 2).numpy()[2:]]
     font, legend_w = _font(11), 260
     canvas = Image.new("RGB", (2 * w + legend_w, max(h, 20 + 15 * len(args.rows))), "white")
@@ -405,7 +354,7 @@ def plot(results, args, path, w=420, h=300):
     for k, row in enumerate(args.rows):
         y = 10 + k * 15
         draw.line([2 * w + 5, y + 6, 2 * w + 25, y + 6], fill=colours[k], width=3)
-        draw.text((2 * w + 30, y), ROWS[row][0], fill="black", font=font)
+        draw.text((2 * w + 30, y), ROWS[row].label, fill="black", font=font)
     canvas.save(path)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
-from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_step
+from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,10 +47,17 @@ SIZES = {
 }
 
 
-def run(cmd, log, done=None):
-    """One stage (skipped when `done` exists), its output into a log file; a failure ends the benchmark."""
+def run(cmd, log, done=None, steps=None, again=False):
+    """One stage (skipped when `done` exists; a finetune_oasis.py run, `steps` given, when `done`'s run folder
+    holds its last step; never with `again`: its inputs were made anew), its output into a log file; a failure
+    ends the benchmark. True when the stage ran."""
     try:
-        run_step(cmd, log, done)
+        if steps is None:
+            done = None if again else done
+            ran = done is None or not Path(done).exists()
+            run_step(cmd, log, done)
+            return ran
+        return run_finetune(cmd, log, Path(done).parent, steps, again=again)
     except RuntimeError as e:
         raise SystemExit(str(e))
 
@@ -80,6 +87,8 @@ def main():
     dev = ["--device", device]
     t_start = time.time()
 
+    print(f"toy transfer, preset {preset} on {device}: each stage's command, its log (progress every minute), "
+          f"its time; finished stages are skipped when run again", flush=True)
     # 1. evaluation nets (the toy data is generated on first use)
     evalnets = out / "evalnets"
     run(["bench/toy_segmenter.py", "--out", evalnets, "--epochs", args.seg_epochs or cfg["seg_epochs"]], logs / "evalnets.log",
@@ -89,9 +98,10 @@ def main():
 
     # 2. the source model
     source = out / "source"
-    run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch", cfg["batch"],
-         "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--eval-every", max(source_steps // 4, 50),
-         "--out", source] + dev, logs / "source.log", done=source / "checkpoint.pt")
+    new_source = run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
+                      cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"],
+                      "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
+                     done=source / "checkpoint.pt", steps=source_steps)  # True: everything after it is made anew
     src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt", *TWO_STAGE_AS_RECORDED]
 
     rows = {}  # row name -> list of results.json dicts (one per seed)
@@ -109,7 +119,7 @@ def main():
                      f"--{kind}", "--source-ckpt", source / "checkpoint.pt", "--n", args.n, "--subset-seed", seed,
                      "--text-encoder", "minilm", "--weights", "text=1,supervised=1",
                      "--seed", seed, "--out", d] + dev, logs / f"seed{seed}_aff_{method}_{kind}.log",
-                    done=d / "affinity.npy")
+                    done=d / "affinity.npy", again=new_source)
                 aff[method, kind] = d / "affinity.npy"
 
         # 4. the rows: (name, finetune flags or None for training-free, affinity for training-free)
@@ -133,13 +143,13 @@ def main():
             ev = sd / f"eval_{tag}"
             if flags is not None:
                 run_dir = sd / f"run_{tag}"
-                run(["finetune_oasis.py", *flags, *common, "--out", run_dir], logs / f"seed{seed}_{tag}.log",
-                    done=run_dir / "checkpoint.pt")
+                trained = run(["finetune_oasis.py", *flags, *common, "--out", run_dir], logs / f"seed{seed}_{tag}.log",
+                              done=run_dir / "checkpoint.pt", steps=steps, again=new_source)
                 model = ["--ckpt", run_dir / "checkpoint.pt"]
             else:
                 model = ["--ckpt", source / "checkpoint.pt", "--source", "toy-source", "--affinity", affinity]
             run(["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev], logs / f"seed{seed}_eval_{tag}.log",
-                done=ev / "results.json")
+                done=ev / "results.json", again=new_source or (flags is not None and trained))  # a new model: evaluated anew
             rows.setdefault(name, []).append(json.loads((ev / "results.json").read_text()))
             rows[name][-1]["_eval_dir"] = str(ev)
 
@@ -180,22 +190,35 @@ def format_table(rows, args, preset, steps, source_steps, device):
 
 
 def figure(rows, path, n_maps=4):
-    """Columns: label colours, then one generated image per method (in table order), then the real image,
-    for the first validation maps."""
+    """Columns: label colours, then one generated image per method (in table order, numbered; the key below
+    names them), then the real image, for the first validation maps; a legend of the classes shown."""
+    val, _ = validation_maps(n_maps)
+    tiles = [[np.asarray(Image.open(f).convert("RGB"))
+              for f in sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]] for rs in rows.values()]
+    save_figure([list(r) for r in zip(*tiles)], list(rows), path, n_maps)
+
+
+def validation_maps(n):
+    """(the toy target's val dataset, its first n items)."""
     sys.path.insert(0, str(REPO))
     import data
-    import metrics
-    from models.piti import palette
     val = data.open_dataset("toy-target", split="val")
-    items = [val[i] for i in range(n_maps)]
+    return val, [val[i] for i in range(n)]
+
+
+def save_figure(generated, names, path, n_maps=4):
+    """generated: per validation map, one image per method (named by `names`): the figure with column titles
+    (labels | 1..K | real), the key of the numbers and the class legend."""
+    import metrics
+    from models import figures
+    from models.palette import palette
+    val, items = validation_maps(n_maps)
     colours = palette(val.n_channels).numpy()
-    cols = [np.concatenate([colours[it["label"].numpy()] for it in items], 0)]
-    for name, rs in rows.items():
-        imgs = sorted((Path(rs[0]["_eval_dir"]) / "images").glob("*.png"))[:n_maps]
-        cols.append(np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in imgs], 0))
-    cols.append(np.concatenate([metrics.to_uint8(it["image"][None])[0] for it in items], 0))
-    gap = np.full((cols[0].shape[0], 2, 3), 255, np.uint8)
-    Image.fromarray(np.concatenate([c for col in cols for c in (col, gap)][:-1], 1)).save(path)
+    labels = [it["label"].numpy() for it in items]
+    rows = [[colours[lab], *gen, metrics.to_uint8(it["image"][None])[0]] for lab, gen, it in zip(labels, generated, items)]
+    metrics.save_grid(rows, path, ["labels", *map(str, range(1, len(names) + 1)), "real"],
+                      figures.legend_of(labels, figures.channel_names(val.classes), colours),
+                      [f"{k}: {name}" for k, name in enumerate(names, 1)])
 
 
 def write_benchmarks(table, figure_path, names):
@@ -203,7 +226,7 @@ def write_benchmarks(table, figure_path, names):
     bench/toy_transfer.png."""
     shutil.copyfile(figure_path, REPO / "bench" / "toy_transfer.png")
     legend = ("Figure `bench/toy_transfer.png` (seed 0, first 4 validation maps), columns: label colours | "
-              + " | ".join(names) + " | real image.\n")
+              + " | ".join(f"{k}: {name}" for k, name in enumerate(names, 1)) + " | real image.\n")
     write_section("toy-transfer", f"## Toy transfer benchmark ({time.strftime('%Y-%m-%d')})\n\n{table}\n{legend}")
 
 

@@ -131,7 +131,7 @@ def prepare_out(out, resume, overwrite, flag="--out"):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{flag} {out}: folder is not empty; continue the run with --resume, start over with "
                         "--overwrite, or choose another folder")
-    old = ("checkpoint.pt", "best.pt", "log.jsonl", "subset.txt", "samples/*.png") if overwrite else ()
+    old = ("checkpoint.pt", "best.pt", "log.jsonl", "curves.png", "subset.txt", "samples/*.png") if overwrite else ()
     return out_dir(out, flag, replaces=old)
 
 
@@ -232,20 +232,29 @@ def parse_with_given(parser, argv=None):
     return args, {k for k, v in vars(probe).items() if v is not unset}
 
 
+def read_log(path):
+    """log.jsonl's entries (dicts), in order; [] when there is none. Only the last line may be torn (a run killed
+    while writing it): it is left out; a bad line before it is one DataError line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    entries = []
+    for k, ln in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(ln))
+        except ValueError:
+            if k < len(lines):
+                raise DataError(f"{path}: line {k} is not JSON; expected one JSON object a line") from None
+    return entries
+
+
 def truncate_log(path, step):
     """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run restarts from)."""
     path = Path(path)
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    entries = []
-    for k, ln in enumerate(lines, 1):
-        try:
-            entries.append((ln, json.loads(ln)))
-        except ValueError:
-            if k < len(lines):  # only the last line can be torn (a run killed while writing it)
-                raise DataError(f"{path}: line {k} is not JSON; expected one JSON object a line") from None
-    keep = [ln for ln, e in entries if e.get("step", 0) <= step]
+    keep = [json.dumps(e) for e in read_log(path) if e.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -355,11 +364,3 @@ def broadcast_stop(stop, device):
     dist.broadcast(flag, 0)
     return bool(flag.item())
 
-
-def key_diff(own, sd, optional=()):
-    """(missing, unexpected, wrong-shape) keys of a state dict `sd` against `own` (the model's state dict);
-    keys of `own` ending in one of `optional` may be absent. Each loader words its own one-line error."""
-    missing = [k for k in own if k not in sd and not k.endswith(tuple(optional))]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    return missing, unexpected, wrong

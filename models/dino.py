@@ -1,14 +1,13 @@
 """DINO's ViT backbone (facebookresearch/dino) with its key names, loading the released backbone files
 (dino_deitsmall16_pretrain.pth and its S/8, B/16, B/8 siblings, or a full checkpoint's teacher) unchanged."""
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError, amp, weights
-from models.checkpoint import load
+from models.state_dict import load_strict, read_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -67,23 +66,27 @@ def load_dino(path):
         raise DataError("the self-supervised method needs --dino-weights (a DINO ViT file such as "
                         f"dino_deitsmall16_pretrain.pth, or a name: {', '.join(weights.names('--dino-weights'))})")
     path = weights.resolve(path, "--dino-weights")
-    if not os.path.isfile(path):
-        raise DataError(f"--dino-weights {path}: file not found; get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) "
-             f"from the facebookresearch/dino release, or give a name ({', '.join(weights.names('--dino-weights'))})")
-    sd = load(path, "--dino-weights")
-    sd = sd.get("teacher", sd) if isinstance(sd, dict) else {}
-    # full checkpoints prefix 'module.' and 'backbone.' and add a projection head, as DINO's load_pretrained_weights strips
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    sd = read_state_dict(path, "--dino-weights", "a DINO ViT state dict", unwrap=_backbone,
+                         fix="get dino_deitsmall16_pretrain.pth (ViT-S/16; also S/8, B/16, B/8) from the "
+                             f"facebookresearch/dino release, or give a name ({', '.join(weights.names('--dino-weights'))})")
     if not all(k in sd for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")):
         raise DataError(f"--dino-weights {path}: not a DINO ViT state dict (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     vit = ViT(sd["cls_token"].shape[-1], depth, sd["patch_embed.proj.weight"].shape[-1], sd["pos_embed"].shape[1])
-    try:
-        vit.load_state_dict(sd)
-    except RuntimeError as e:
-        raise DataError(f"--dino-weights {path}: does not match a DINO ViT ({' '.join(str(e).split())[:200]})")
+    load_strict(vit, sd, f"--dino-weights {path}", f"a DINO ViT of width {vit.kwargs['dim']} and depth {depth}")
     return vit.eval()
+
+
+def _backbone(obj):
+    """A DINO file's backbone: a full checkpoint's teacher, without the 'module.' / 'backbone.' prefixes and the
+    projection head (as DINO's load_pretrained_weights strips them); anything else as it is."""
+    if not isinstance(obj, dict):
+        return obj
+    sd = obj.get("teacher", obj)
+    if not isinstance(sd, dict):
+        return sd
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
 @torch.no_grad()

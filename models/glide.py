@@ -14,12 +14,11 @@ trained from GLIDE (openai/glide-text2im), and this module builds the model that
 The training loss and the timestep samplers are in models/diffusion.py. Checked against the official code's
 GLIDE loading and training step in tests/test_piti_glide.py.
 """
-from pathlib import Path
 
 import torch
 
 from models import DataError, piti
-from models.checkpoint import key_diff, torch_load
+from models.state_dict import load_strict, read_state_dict
 
 
 class CheckpointError(DataError):
@@ -38,15 +37,10 @@ def glide_decoder_state(sd):
 
 def read_flat(path, what, fix):
     """A flat {name: tensor} file, weights_only; CheckpointError otherwise."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: {what} not found; {fix}")
     try:
-        sd = torch_load(path)  # a truncated, empty, pickled or foreign file: one line saying which
+        return read_state_dict(path, None, f"a flat state dict of tensors ({what})", fix=fix)
     except DataError as e:
-        raise CheckpointError(f"{e}; {fix}") from None
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a flat state dict of tensors ({what}); {fix}")
-    return sd
+        raise CheckpointError(str(e)) from None
 
 
 GLIDE_FIX = "pass GLIDE's base.pt (base) or upsample.pt (upsampler) from openai/glide-text2im"
@@ -58,7 +52,7 @@ def load_glide_decoder(model, path_or_sd, path=None):
     sd = read_flat(path_or_sd, "GLIDE checkpoint", GLIDE_FIX) if isinstance(path_or_sd, str) else path_or_sd
     if any(k.startswith(("encoder.", "decoder.")) for k in sd):
         raise CheckpointError(f"{path}: is a PITI checkpoint (encoder./decoder. keys), not a GLIDE one; "
-                              f"start from it with --init piti --base/--upsampler")
+                              f"use it as finetune_piti.py --base/--upsampler")
     kept = glide_decoder_state(sd)
     dropped = sorted(k for k in sd if k not in kept)
     sd = kept
@@ -68,16 +62,12 @@ def load_glide_decoder(model, path_or_sd, path=None):
         found = "upsample.pt (an upsampler)" if first.shape[1] == 6 else "base.pt (a base model)"
         raise CheckpointError(f"{path}: is GLIDE's {found}; expected the {'upsampler' if model.super_res else 'base'} "
                               f"file ({GLIDE_FIX})")
-    own = model.decoder.state_dict()
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or extra or wrong:
-        detail = f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" if wrong and (k := wrong[0]) else ""
-        raise CheckpointError(f"{path}: GLIDE weights do not fit this decoder configuration: {len(missing)} keys missing "
-                              f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} of "
-                              f"another shape {detail}; check --base-config/--up-config against the GLIDE file")
-    model.decoder.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    try:
+        load_strict(model.decoder, {k: v.float() for k, v in sd.items()}, path,
+                    "GLIDE weights for this decoder configuration",
+                    hint="check --base-config/--up-config against the GLIDE file")
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
     return dropped
 
 
@@ -98,12 +88,11 @@ def load_encoder(model, path):
     sd = read_flat(path, "encoder file", "pass a stage-1 encoder file or a PITI base/upsampler file (e.g. <out>/base.pt)")
     if any(k.startswith("encoder.") for k in sd):
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    missing, extra, wrong = key_diff(model.encoder.state_dict(), sd)
-    if missing or extra or wrong:
-        raise CheckpointError(f"{path}: not an encoder of this configuration: {len(missing)} keys missing "
-                              f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} of another "
-                              f"shape (e.g. {wrong[:1]}); pass the encoder of a run with the same --base-config/--up-config")
-    model.encoder.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    try:
+        load_strict(model.encoder, {k: v.float() for k, v in sd.items()}, path, "an encoder of this configuration",
+                    hint="pass the encoder of a run with the same --base-config/--up-config")
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def glide_model(glide_path, super_res=False, config=None, encoder=None, seed=0):

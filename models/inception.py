@@ -4,14 +4,11 @@
     load_fid_inception(path, flag='--inception') -> FIDInception with the file's weights, eval mode
     FIDInception()(x): (B,3,H,W) in [0,1] -> (B,2048) pool3 features
 """
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DataError
-from models.checkpoint import key_diff, torch_load
+from models.state_dict import load_strict, read_state_dict
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HELP = (f"{INCEPTION_FILE}: get it from the 'fid_weights' release of mseitzer/pytorch-fid on GitHub "
@@ -161,18 +158,8 @@ def load_fid_inception(path, flag="--inception"):
     """The FID Inception with the weights of `path` (the pytorch-fid file), in eval mode on the CPU.
 
     Files without BatchNorm's num_batches_tracked counters load too. Every failure is one DataError line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{flag} {path}: file not found; FID needs {INCEPTION_HELP}")
-    sd = torch_load(path, flag)  # one line: truncated, empty, pickled, not a torch file
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{flag} {path}: holds a {type(sd).__name__}, expected the state dict {INCEPTION_FILE}")
+    sd = read_state_dict(path, flag, f"the FID Inception weights ({INCEPTION_FILE})", fix=f"FID needs {INCEPTION_HELP}")
     net = FIDInception()
-    own = net.state_dict()
-    missing, unexpected, shapes = key_diff(own, sd, optional=("num_batches_tracked",))  # optional in old files
-    if missing or unexpected or shapes:
-        raise DataError(f"{flag} {path}: not the FID Inception weights ({len(missing)} keys missing, "
-                        f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. "
-                        f"{(missing + unexpected + shapes)[0]}); expected {INCEPTION_FILE}")
-    net.load_state_dict(sd)  # BatchNorm fills in a missing num_batches_tracked itself
+    load_strict(net, sd, f"{flag} {path}", "the FID Inception weights", optional=("num_batches_tracked",),
+                hint=f"expected {INCEPTION_FILE}")  # files without BatchNorm's counters keep the module's
     return net.eval()

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError, checkpoint
+from models.state_dict import load_strict, read_state_dict
 
 
 def _fp32(device):
@@ -391,10 +392,8 @@ class Generator(nn.Module):
     def load_source(self, sd, path='<state dict>', name=None):
         """Load an official (source) generator state dict. Every source key must be present with its
         shape; only the CAT layers may be missing (they keep their init / set_affinity values)."""
-        cat_keys = {f'{n}.{k}' for n, m in self.cat_modules() for k in m.state_dict()}
-        own = {k: v for k, v in self.state_dict().items() if k not in cat_keys}
-        _check_keys(self, own, sd, path, name)
-        self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k in cat_keys}, **sd})
+        check_state_dict(self, sd, path, name, optional=[f'{n}.{k}' for n, m in self.cat_modules()
+                                                         for k in m.state_dict()])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,22 +617,15 @@ def load_official(path, part='EMA', which='best'):
     <dir>/{which}_{part}.pth) or a single .pth. A finetuned CAT checkpoint (our dict) gives its `part`."""
     p = Path(path)
     if p.is_dir():
-        tries = [p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth']
-        found = [t for t in tries if t.is_file()]
+        found = [t for t in (p / 'models' / f'{which}_{part}.pth', p / f'{which}_{part}.pth') if t.is_file()]
         if not found:
             have = sorted(f.name for d in (p, p / 'models') if d.is_dir() for f in d.glob('*.pth'))
             raise DataError(f'{p}: no {which}_{part}.pth in it or in {p / "models"} (found: '
                              f'{", ".join(have) or "no .pth files"}); {_WHERE}')
         p = found[0]
-    elif not p.is_file():
-        raise DataError(f'{p}: file not found; {_WHERE}')
-    sd = checkpoint.torch_load(p)  # pickle / zip errors: one line (truncated, pickled, not a torch file)
-    if isinstance(sd, dict) and isinstance(sd.get('kind'), str) and part in sd:
-        sd = sd[part]
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f'{p}: not an OASIS state dict (expected a dict of tensors as saved by the official '
-                         f'save_networks)')
-    return sd
+    return read_state_dict(p, None, 'an OASIS state dict (a dict of tensors, as the official save_networks writes)',
+                           unwrap=lambda sd: sd[part] if isinstance(sd, dict) and isinstance(sd.get('kind'), str)
+                           and part in sd else sd, fix=_WHERE)  # a CAT checkpoint of ours gives its `part`
 
 
 def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EMA', 'D'), flag='--source-ckpt'):
@@ -647,9 +639,8 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     if not p.exists():
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
-        obj = checkpoint.torch_load(p, flag, mmap=True)
-        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth (a state dict), its run folder, or a '
-                                'checkpoint.pt of finetune_oasis.py')
+        obj = checkpoint.torch_load(p, flag, mmap=True)  # one line: truncated, empty, pickled, not a torch file
+        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth, its run folder or a checkpoint.pt of ours')
         if isinstance(obj.get('kind'), str):  # a checkpoint of ours
             if obj['kind'] != 'oasis-cat':
                 what = 'finetune_piti.py' if obj['kind'] == 'piti-cat' else f"'{obj['kind']}'"
@@ -678,55 +669,32 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     return {'G_kwargs': G_kwargs, 'D_kwargs': D_kwargs, **sds}
 
 
-def _explain(model, sd, path, name):
-    """One line saying why `sd` does not fit `model` (label channels, widths), or None."""
-    want = name or 'the model'
-    if isinstance(model, Generator):
-        if 'layer_up_last.weight' in sd:
-            return f'{path}: is a discriminator state dict, expected a generator (G or EMA)'
-        if 'fc.weight' not in sd:
-            return f'{path}: not an OASIS generator state dict (no fc.weight)'
-        zd = model.z_dim
-        got_nc, exp_nc = sd['fc.weight'].shape[1] - zd, model.semantic_nc
-        if got_nc < 1:  # the noise width differs too: say what the input holds rather than a negative count
-            return (f'{path}: takes {sd["fc.weight"].shape[1]} input channels (z_dim + label channels), '
-                    f'{want} expects {zd} + {exp_nc}')
-        if got_nc != exp_nc:
-            return f'{path}: has {got_nc} label channels, {want} expects {exp_nc}'
-        got_w, exp_w = sd['fc.weight'].shape[0], model.fc.weight.shape[0]
-        if got_w != exp_w:
-            return f'{path}: has channels_G={got_w // 16}, {want} expects {exp_w // 16}'
-    else:
-        if 'fc.weight' in sd:
-            return f'{path}: is a generator state dict, expected a discriminator (D)'
-        if 'layer_up_last.weight' not in sd:
-            return f'{path}: not an OASIS discriminator state dict (no layer_up_last.weight)'
-        got_nc, exp_nc = sd['layer_up_last.weight'].shape[0] - 1, model.kwargs['semantic_nc']
-        if got_nc != exp_nc:
-            return f'{path}: has {got_nc} label channels, {want} expects {exp_nc}'
-    return None
+def _explain(model, sd, name):
+    """Why `sd` does not fit `model` in OASIS terms (its kind, label channels, widths), or None."""
+    want, gen = name or 'the model', isinstance(model, Generator)
+    if ('layer_up_last.weight' if gen else 'fc.weight') in sd:
+        return f"is a {'discriminator' if gen else 'generator'} state dict, expected a " + (
+            'generator (G or EMA)' if gen else 'discriminator (D)')
+    first = sd.get('fc.weight' if gen else 'layer_up_last.weight')
+    if first is None or first.dim() < 2:
+        return None
+    zd = model.z_dim if gen else 1  # the generator's input: z + label channels; D's output: fake + classes
+    got_nc, exp_nc = first.shape[1 if gen else 0] - zd, model.semantic_nc if gen else model.kwargs['semantic_nc']
+    if gen and got_nc < 1:  # the noise width differs too: say what the input holds rather than a negative count
+        return f'takes {first.shape[1]} input channels (z_dim + label channels), {want} expects {zd} + {exp_nc}'
+    if got_nc != exp_nc:
+        return f'has {got_nc} label channels, {want} expects {exp_nc}'
+    if gen and first.shape[0] != model.fc.weight.shape[0]:
+        return f'has channels_G={first.shape[0] // 16}, {want} expects {model.fc.weight.shape[0] // 16}'
 
 
-def _check_keys(model, own, sd, path, name):
-    """Raise DataError with one line unless `sd` has exactly the keys and shapes of `own`."""
-    msg = _explain(model, sd, path, name)
-    if msg is None:
-        missing, extra, shapes = checkpoint.key_diff(own, sd)
-        if missing or extra or shapes:
-            parts = []
-            for what, keys in (('missing', missing), ('unexpected', extra), ('wrong shape', shapes)):
-                if keys:
-                    parts.append(f'{len(keys)} {what} keys (e.g. {keys[0]})')
-            msg = f'{path}: does not match {name or "the model"}: ' + ', '.join(parts)
-    if msg is not None:
-        raise DataError(msg)
-
-
-def check_state_dict(model, sd, path='<state dict>', name=None):
-    """Load `sd` into `model` strictly; a mismatch raises DataError with one line, e.g.
-    "x.pth: has 151 label channels, --source cityscapes expects 35". `name` words the model."""
-    own = model.state_dict()
-    if isinstance(model, Generator) and model.cat_nc is not None and not any(k.startswith('fc_cat.') for k in sd):
+def check_state_dict(model, sd, path='<state dict>', name=None, optional=()):
+    """Load `sd` into `model` strictly; a mismatch raises DataError with one line, e.g. "x.pth: not an OASIS
+    generator for --source cityscapes: 1 key of another shape (fc.weight ...); has 151 label channels,
+    --source cityscapes expects 35". `name` words the model; `optional`: keys `sd` may lack (G.load_source's
+    CAT layers, which then keep their values)."""
+    gen = isinstance(model, Generator)
+    if gen and model.cat_nc is not None and not optional and not any(k.startswith('fc_cat.') for k in sd):
         raise DataError(f'{path}: is a source (non-CAT) generator state dict; load it with G.load_source')
-    _check_keys(model, own, sd, path, name)
-    model.load_state_dict(sd)
+    what = f"an OASIS {'generator' if gen else 'discriminator'} {f'for {name}' if name else 'of this configuration'}"
+    load_strict(model, sd, path, what, optional, hint=lambda sd: _explain(model, sd, name))

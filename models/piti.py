@@ -17,17 +17,16 @@ The diffusion schedules, the training loss and the samplers are in `models/diffu
 import inspect
 import json
 import math
-import os
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import load, torch_load
+from models.checkpoint import load
 from models.diffusion import cascade
+from models.palette import palette
+from models.state_dict import load_strict, read_state_dict
 
 # ----------------------------------------------------------------------------------------------
 # The released configurations (base_mask.pt, upsample_mask.pt), as our constructor arguments.
@@ -82,26 +81,8 @@ def config_overrides(text, flag):
 
 
 # ----------------------------------------------------------------------------------------------
-# Label map -> conditioning image `ref`: the official palette rendering, resized to the encoder's side
-
-
-@lru_cache(maxsize=None)
-def palette(n_channels):
-    """(n_channels, 3) uint8: channel c gets pix2pixHD's colour of c (COCO: id + 1); channel 0 is black.
-
-    For COCO channels this is the official `Colorize(182)` of id = c - 1, with unlabeled (255) black.
-    """
-    rgb = np.zeros((n_channels, 3), dtype=np.uint8)
-    for c in range(1, n_channels):
-        r = g = b = 0
-        v = c
-        for j in range(7):  # bit-interleave: bit 0 -> red, bit 1 -> green, bit 2 -> blue, MSB first
-            r |= (v & 1) << (7 - j)
-            g |= ((v >> 1) & 1) << (7 - j)
-            b |= ((v >> 2) & 1) << (7 - j)
-            v >>= 3
-        rgb[c] = (r, g, b)
-    return torch.from_numpy(rgb)
+# Label map -> conditioning image `ref`: the official palette rendering (models/palette.py), resized to the
+# encoder's side
 
 
 def resize_nearest(label, size):
@@ -477,22 +458,14 @@ def load_official(path, super_res=False, device="cpu", config=None):
     kw = {**(UP_KWARGS if super_res else BASE_KWARGS), **(config or {})}
     if bool(kw["super_res"]) != super_res:
         raise ValueError(f"config says super_res={kw['super_res']}, loading the {'upsampler' if super_res else 'base'}")
-    sd = read_state_dict(path, "upsampler" if super_res else "base")
+    sd = read_state_dict(path, None, "a flat state dict of tensors (an official PITI file)",
+                         fix=f"the PITI {'upsampler' if super_res else 'base'} checkpoint: get the released files "
+                             "from the PITI README (github.com/PITI-Synthesis/PITI, 'Pretrained Models': "
+                             "base_mask.pt / upsample_mask.pt)")
     with torch.device("meta"):
         model = PITI(**kw)
     load_official_state(model, sd, path)
     return model.to(device).eval()
-
-
-def read_state_dict(path, what):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: PITI {what} checkpoint not found; get the released files from the PITI README "
-                         f"(github.com/PITI-Synthesis/PITI, 'Pretrained Models': base_mask.pt / upsample_mask.pt)")
-    sd = torch_load(path)  # one line: truncated, empty, pickled, not a torch file
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{path}: expected a flat state dict of tensors (an official PITI file), found "
-                         f"{type(sd).__name__} with keys {list(sd)[:4] if isinstance(sd, dict) else ''}")
-    return sd
 
 
 def load_official_state(model, sd, path="state dict"):
@@ -502,20 +475,12 @@ def load_official_state(model, sd, path="state dict"):
         found = "an upsampler" if first.shape[1] == 6 else "a base"
         want = "upsampler" if model.super_res else "base"
         raise DataError(f"{path}: is {found} checkpoint ({first.shape[1]} UNet input channels); expected the {want}")
-    own, want = model.state_dict(), model.official_keys()
-    missing = [k for k in want if k not in sd]
-    wanted = set(want)
-    extra = [k for k in sd if k not in wanted]
-    if missing or extra:
-        hint = " (an encoder-only stage-1 file?)" if any(k.startswith("cnn.") for k in sd) else ""
-        raise DataError(f"{path}: not a PITI checkpoint of this configuration{hint}: {len(missing)} keys missing "
-                         f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
-    for k in want:
-        if sd[k].shape != own[k].shape:
-            raise DataError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)} "
-                             f"for this configuration")
     on_meta = model.encoder.cls_token.is_meta
-    model.load_state_dict({k: sd[k].float() for k in want}, strict=False, assign=on_meta)
+    official = set(model.official_keys())
+    load_strict(model, {k: v.float() for k, v in sd.items()}, path, "a PITI checkpoint of this configuration",
+                optional=[k for k in model.state_dict() if k not in official],  # the CAT layers: set below
+                hint="an encoder-only stage-1 file?" if any(k.startswith("cnn.") for k in sd) else None,
+                assign=on_meta)
     if on_meta:  # the loaded tensors replaced the official parameters; give the CAT ones real storage
         for name in ("cat_map", "prompts"):
             p = getattr(model, name)
@@ -543,10 +508,8 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
                             f"space (e.g. the upsampler.pt of a pretrain_piti.py --glide-up-ckpt run)")
         model = load_official(path, super_res=sr, config=ckpt[f"{part}_kwargs"])
         trained = ckpt.get(f"{part}_ema" if ema else part, {})
-        unknown = [k for k in trained if k not in model.state_dict()]
-        if unknown:
-            raise DataError(f"checkpoint {part} weights do not fit {path}: unknown keys {unknown[:3]}")
-        model.load_state_dict(trained, strict=False)
+        load_strict(model, {**model.state_dict(), **trained}, f"the checkpoint's {part} weights",
+                    f"weights of the PITI {'upsampler' if sr else 'base'} model built from {path}")
         model.to(device).eval()
         if torch.device(device).type == "cuda":
             model.to(memory_format=torch.channels_last)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import torch_load
+from models.state_dict import load_strict, mismatch, read_state_dict
 
 NEG = -1e4  # logit of channels the segmenter has no class for (finite: softmax and bf16 stay finite)
 
@@ -360,24 +360,19 @@ def _looks_like(sd):
     return None
 
 
-def read_state_dict(path):
-    """A plain {key: tensor} dict from a .pth file (weights_only); unwraps {'state_dict': ...} and 'module.'."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; give the official weight file's path")
-    sd = torch_load(path)  # one line: truncated (fetch it again), empty, pickled, not a torch file
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DataError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+def _unwrap(obj):
+    """An official file's state dict: inside {'state_dict': ...} (DRN, DeepLab), without DataParallel's 'module.'."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
 
 
-def _summary(keys, n=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+def read_weights(path):
+    """A plain {key: tensor} dict from an official .pth file (weights_only), unwrapped; one DataError line else."""
+    return read_state_dict(path, None, "a state dict of tensors", unwrap=_unwrap,
+                           fix="give the official weight file's path")
 
 
 # Bookkeeping buffers that some files carry and others not, never used at inference: BatchNorm's step counter
@@ -385,31 +380,15 @@ def _summary(keys, n=3):
 OPTIONAL = ("num_batches_tracked", "_tmp_running_mean", "_tmp_running_var", "_running_iter")
 
 
-def _required(sd):
-    return {k: v for k, v in sd.items() if not k.endswith(OPTIONAL)}
-
-
-def check_keys(module, sd, path, what):
-    """ValueError (one line) unless `sd` has exactly `module`'s keys, up to the OPTIONAL bookkeeping buffers."""
-    own, sd = _required(module.state_dict()), _required(sd)
-    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-    if missing or unexpected:
-        guess = _looks_like(sd)
-        hint = f"; this looks like {guess}, not {what}" if guess else ""
-        parts = ([f"{len(missing)} keys missing ({_summary(missing)})"] if missing else []) + \
-                ([f"{len(unexpected)} unexpected ({_summary(unexpected)})"] if unexpected else [])
-        raise DataError(f"{path}: not the {what} weights: {', '.join(parts)}{hint}")
-
-
 def check_and_load(module, sd, path, what):
-    """Load `sd` into `module` strictly (keys, then shapes); a mismatch raises ValueError with one line."""
-    check_keys(module, sd, path, what)
-    own, sd = _required(module.state_dict()), _required(sd)
-    for k, v in own.items():
-        if sd[k].shape != v.shape:
-            raise DataError(f"{path}: {k} has shape {tuple(sd[k].shape)}, {what} expects {tuple(v.shape)} "
-                             "(another class count or variant?)")
-    module.load_state_dict(sd, strict=False)
+    """Load `sd` into `module` strictly, up to the OPTIONAL bookkeeping buffers; a mismatch raises DataError
+    with one line, saying which known network the file looks like when it is another one."""
+    def hint(sd):
+        guess = _looks_like(sd)
+        if guess and guess != _looks_like(module.state_dict()):
+            return f"this looks like {guess}, not {what}"
+        return "another class count or variant?"
+    load_strict(module, sd, path, f"the {what} weights", optional=OPTIONAL, hint=hint)
 
 
 def build_segmenter(name, weight_paths, device="cpu"):
@@ -427,16 +406,17 @@ def build_segmenter(name, weight_paths, device="cpu"):
         raise DataError(f"{name}: got {len(paths)} weight file(s), expected {need}: {_FILE_HINT[name]}")
     seg = builders[name]()
     if name == "upernet101":
-        enc, dec = (read_state_dict(p) for p in paths)
+        enc, dec = (read_weights(p) for p in paths)
         if _looks_like(enc) == "the UperNet decoder" and _looks_like(dec) == "the UperNet (CSAIL ResNet) encoder":
             raise DataError(f"{paths[0]}, {paths[1]}: encoder and decoder swapped; give the encoder file first")
         what = "UperNet-101 encoder (CSAIL ResNet-101)", "UperNet-101 decoder (ADE20K, 150 classes)"
-        check_keys(seg.net.encoder, enc, paths[0], what[0])  # both key sets before any shape
-        check_keys(seg.net.decoder, dec, paths[1], what[1])
+        for module, sd, path, w in zip((seg.net.encoder, seg.net.decoder), (enc, dec), paths, what):
+            if any(mismatch(module.state_dict(), sd, OPTIONAL)[:2]):  # both key sets before any shape
+                check_and_load(module, sd, path, w)  # raises, naming the keys
         check_and_load(seg.net.encoder, enc, paths[0], what[0])
         check_and_load(seg.net.decoder, dec, paths[1], what[1])
     else:
-        check_and_load(seg.net, read_state_dict(paths[0]), paths[0], NAMES[name])
+        check_and_load(seg.net, read_weights(paths[0]), paths[0], NAMES[name])
     return seg.to(device).eval()
 
 

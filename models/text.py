@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models import DataError, weights
-from models.checkpoint import load
+from models.state_dict import read_state_dict
 
 
 def load_clip(path, device):
@@ -35,7 +35,7 @@ def load_clip(path, device):
             warnings.simplefilter("ignore", FutureWarning)
             sd = torch.jit.load(path, map_location="cpu").state_dict()
     else:
-        sd = load(path, "--clip-weights")
+        sd = read_state_dict(path, "--clip-weights", "a CLIP checkpoint (the OpenAI release's state dict of tensors)")
     try:
         model = clip.model.build_model(dict(sd))
     except (KeyError, AttributeError, TypeError) as e:

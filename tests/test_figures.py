@@ -20,6 +20,7 @@ def test_affinity_figure_labels_every_row_at_ade20k_x_coco():
     T, S = len(target), len(source)
     rng = np.random.default_rng(0)
     est = rng.dirichlet(np.full(S, 0.05), size=T)
+    est[5] = 1 / S  # a row with no clear match: flagged as weak
     A = np.eye(S)[est.argmax(1)]
     A[3] = np.eye(S)[(est[3].argmax() + 1) % S]  # an overridden row: its final choice is not the top-1
     img = figures.affinity_figure(est, A, target.display, source.display, "title", "target: ade20k", "source: coco")
@@ -27,15 +28,33 @@ def test_affinity_figure_labels_every_row_at_ade20k_x_coco():
     assert (T, S) == (150, 182) and h > 17 * T and h > w and 900 < w < 1600
     a = np.asarray(img)
     red = (a[..., 0] > 150) & (a[..., 1] < 60) & (a[..., 2] < 60)
-    f = figures.font(13)  # the layout: names | 4-px columns | 14 px | top-3 text; rows of 17 px from y = 86
-    text_x = 8 + max(figures.text_width(f, n) for n in target.display) + 10 + 4 * S + 14
-    top = 86
+    orange = (np.abs(a.astype(int) - figures.WEAK).max(-1) < 40)
+    weak = set(np.nonzero(est.max(1) < 0.5 * np.median(est.max(1)))[0])  # top-1 below half the median row's
+    assert 5 in weak and len(weak) < 10
+    L = img.info["layout"]  # names | 4-px columns | 14 px | top-3 text; rows of 17 px from L["top"]
+    top, text_x = L["top"], L["text_x"]
+    assert L["cw"] == 4 and text_x == L["left"] + 4 * S + 14
     for t in range(T):  # every row: a name on the left and its top-3 text on the right (final choice in red)
         band = slice(top + 17 * t + 1, top + 17 * t + 16)
         assert ink(a[band, : w // 8]).sum() > 20, t
         assert ink(a[band, text_x:]).sum() > 60 and red[band, text_x:].any(), t
+        assert orange[band, :L["left"]].any() == (t in weak), t  # the weak rows' mark and name, and only there
     assert red[top: top + 17 * T, w // 8: text_x].sum() > 4 * T  # the chosen cells framed in red
-    assert ink(a[top + 17 * T:]).sum() > 200  # the colour scale and its ticks
+    # the colour scale near the top (under the titles), nothing below the last row
+    assert ink(a[L["scale_y"]: L["scale_y"] + 14, 80:320]).sum() > 1000 and L["scale_y"] < 100
+    assert h - (top + 17 * T) < 20
+    # a readable subset of the columns named: at least one name per 12 px, the columns rows chose among them
+    named = L["named"]
+    assert 40 <= len(named) < S and min(np.diff(named)) * 4 >= 12
+    assert set(named) & set(est.argmax(1)) and ink(a[top - 60: top - 8, L["left"]: text_x - 14]).sum() > 2000
+
+
+def test_column_labels_prefer_chosen_columns_and_never_overlap():
+    picked = figures.column_labels(100, 4, [11, 10, 50, 52])
+    assert 11 in picked and 10 not in picked and 50 in picked and 52 not in picked  # first come, first named
+    assert all(b - a >= 3 for a, b in zip(picked, picked[1:]))  # 3 columns x 4 px >= 12 px apart
+    assert len(picked) >= 100 // 3 - 1
+    assert figures.column_labels(10, 12, []) == list(range(10))  # wide columns: every one
 
 
 def test_small_table_names_its_columns(tmp_path):

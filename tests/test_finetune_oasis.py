@@ -116,6 +116,8 @@ def test_cat_end_to_end(source, cat_run):
     assert sorted(fids) == [3, 6] and all(np.isfinite(list(fids.values())))
     best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert best["best_fid"] == min(fids.values()) and best["step"] == min(fids, key=fids.get)
+    with Image.open(tmp_path / "curves.png") as im:  # the training curves, redrawn at every evaluation
+        assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] > 400
     # neither stage trains the layers outside the SPADE modules (fc, conv_img, the blocks' main convs); stage 2
     # moved the SPADE modules' shared convs
     src = torch.load(source[0], map_location="cpu", weights_only=True)

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 from models import DataError
@@ -91,6 +92,8 @@ def test_finetune_resume_and_generator(files, tmp_path):
     for s in (0, 2, 4):
         assert (tmp_path / "full" / "samples" / f"{s:06d}.png").is_file()
     assert not (tmp_path / "full" / "best.pt").exists()  # no FID, no best
+    with Image.open(tmp_path / "full" / "curves.png") as im:  # the training curves, redrawn at every evaluation
+        assert im.format == "PNG" and im.size[0] >= 800
     ca = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     cb = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
     assert ca["kind"] == "piti-cat" and ca["step"] == 4 and cb["step"] == 4

@@ -8,7 +8,8 @@ import torch
 
 import data
 from models.diffusion import sample
-from models.piti import PITI, load_official, load_official_state, official_kwargs, palette
+from models.palette import palette
+from models.piti import PITI, load_official, load_official_state, official_kwargs
 from conftest import golden_path
 from models import DataError
 

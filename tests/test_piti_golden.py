@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from models.diffusion import Diffusion, quantize, sample
-from models.piti import PITI, load_official_state, official_kwargs, palette, resize_nearest, timestep_embedding
+from models.palette import palette
+from models.piti import PITI, load_official_state, official_kwargs, resize_nearest, timestep_embedding
 from conftest import GOLDEN, golden_path
 
 FWD, STEP = 2e-5, 1e-6

@@ -168,7 +168,9 @@ def test_wrong_file_gives_one_line(wrong_files, name, paths, match):
 def test_wrong_class_count_names_the_shape(tmp_path):
     sd = {k: recipe(k, s) for k, s in [("seg.weight", (21, 512, 1, 1)), ("seg.bias", (21,))]}  # a 21-class head
     head = torch.nn.ModuleDict({"seg": torch.nn.Conv2d(512, 19, 1)})
-    with pytest.raises(ValueError, match=r"x.pth: seg.weight has shape \(21, 512, 1, 1\), DRN-D-105 expects"):
+    with pytest.raises(ValueError, match=r"x.pth: not the DRN-D-105 weights: 2 keys of another shape \(seg.weight has "
+                                         r"shape \(21, 512, 1, 1\), expected \(19, 512, 1, 1\), \+1 more\); "
+                                         r"another class count or variant\?"):
         S.check_and_load(head, {"seg.weight": sd["seg.weight"], "seg.bias": sd["seg.bias"]}, "x.pth", "DRN-D-105")
 
 
