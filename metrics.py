@@ -6,28 +6,42 @@ docstring and in every results.json. Every bad input raises models.DataError (on
 Public functions (stable names; the finetune scripts use the first group for early stopping):
     load_feature_net(inception=None, fid_features=None, device='cpu') -> net ((B,3,H,W) in [0,1] -> (B,D));
         net.tag names the network and its file's digest, net.toy is True for a TorchScript feature net
-    real_stats(dataset, net, cache_dir=None, device='cpu', batch_size=16, bf16=False, workers=0)
+    real_stats(dataset, net, cache_dir=None, device='cpu', batch_size=16, amp='fp32', workers=0)
         -> (mu, sigma, feats) of a dataset's preprocessed images, cached by file content
-    oasis_sampler(G, n_channels, bf16=False) -> sample(label, seeds) -> images in [-1, 1]
+    oasis_sampler(G, n_channels, amp='fp32') -> sample(label, seeds) -> images in [-1, 1]
+    piti_sampler(base, up, steps=None, up_steps=None, ddim=False, amp='fp32') -> the same for a PITI cascade,
+        one noise stream per image
     image_seeds(seed, first_map, n_maps, k) -> the per-image noise seeds of `generate`
-    generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False) -> float
+    generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, amp='fp32') -> float
     sample_grid(sample, grid, path)                                   the finetune scripts' fixed grid
 
-    embed(net, images, bf16=False) -> float64 array (B, D)           one batch
-    features(net, batches, bf16=False) -> float64 array (N, D)       an iterable of batches
+    embed(net, images, amp='fp32') -> float64 array (B, D)           one batch
+    features(net, batches, amp='fp32') -> float64 array (N, D)       an iterable of batches
     stats(feats) -> (mu, sigma)
     frechet_distance(mu1, sigma1, mu2, sigma2, n=None, note=print) -> float (n: images per side: few-images note)
     kid(feats1, feats2, n_subsets=100, subset_size=1000, seed=0) -> (mean, std)
     generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0) -> yields batches
+    label_maps(folder, n_values, min_hw, flag) -> the label PNGs of a folder, each checked; LabelMaps: their dataset;
+        output_names(rel, K) -> the images/ paths of a map's K images
     load_segmenter(segmenter, device='cpu', weights=None, dataset=None) -> (seg, its input from [-1,1], name)
         or None: the paper's segmenters (models/segmenters.py) or a TorchScript file
-    segment(seg, images, n_channels, bf16=False, name='segmenter') -> channel ids (B,H,W)
+    segment(seg, images, n_channels, amp='fp32', name='segmenter') -> channel ids (B,H,W)
     confusion(pred, label, n_channels) -> (C, C) int64;  iou(conf, channels) -> (mIoU, per-class IoU)
     to_uint8(x), save_grid(rows, path)                                PNGs and grids
     folder_images(folder, flag) -> sorted image files; image_batches(files, batch_size, device, workers=0)
+    fid_metrics, describe_features, fid_lines, check_sizes, miou_results, score_folders, model_classes:
+        evaluate.py's scores, lines and checks
+    check_out_vs_inputs, recorded_files, record, compare_classes: stand-ins until models/run.py and
+        data.compare_classes are merged (the agreed names)
+    provenance(argv=None, script) -> command line, git commit, package versions (results.json); Said: the
+        stdout that keeps the warning lines for it
+
+`amp` is a precision mode of models/amp.py ('bf16', 'fp16', 'fp32'; autocast on CUDA, bf16 also on the CPU;
+a bool, from older callers, means bf16 on CUDA only).
 """
 import copy
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -39,8 +53,9 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
-from data import onehot
-from models import DataError, amp, figures, no_file, segmenters
+from data import class_table, onehot
+from models import DataError, diffusion, figures, no_file, segmenters
+from models.amp import autocast
 from models.figures import channel_names, legend_of
 from models.weights import fetch as fetch_weights, resolve as resolve_weights
 from models.inception import INCEPTION_FILE, load_fid_inception
@@ -100,6 +115,7 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
         except Exception as e:
             raise DataError(f"--fid-features {path}: not a TorchScript file ({type(e).__name__})")
         net = ScriptedFeatures(scripted, f"features-{path.stem}-{file_digest(path)}")
+        net.path = str(path)
     net.requires_grad_(False)
     net = net.to(device).eval()
     if torch.device(device).type == "cuda":
@@ -108,9 +124,9 @@ def load_feature_net(inception=None, fid_features=None, device="cpu"):
 
 
 @torch.no_grad()
-def embed(net, images, bf16=False):
+def embed(net, images, amp="fp32"):
     """Features of one batch (B,3,H,W) in [0,1] as a float64 array (B, D)."""
-    with amp.autocast(images.device, bf16):  # a bool: bf16 on CUDA; or a mode from models.amp
+    with autocast(images.device, amp):
         f = net(images)
     if f.ndim != 2 or f.shape[0] != images.shape[0]:
         raise DataError(f"feature net {getattr(net, 'tag', '')}: returned shape {tuple(f.shape)}, "
@@ -118,9 +134,9 @@ def embed(net, images, bf16=False):
     return f.double().cpu().numpy()
 
 
-def features(net, batches, bf16=False):
+def features(net, batches, amp="fp32"):
     """Features of an iterable of batches in [0,1], stacked: float64 (N, D)."""
-    parts = [embed(net, x, bf16) for x in batches]
+    parts = [embed(net, x, amp) for x in batches]
     return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
@@ -190,11 +206,11 @@ def loader(dataset, batch_size, workers=0):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def stats_key(dataset, net, bf16=False):
+def stats_key(dataset, net, amp="fp32"):
     """Digest of what the real statistics depend on: every image and label file (path, size, mtime_ns),
-    the preprocessing (output and load size, augmentation) and the network (tag, bf16)."""
+    the preprocessing (output and load size, augmentation) and the network (tag, precision)."""
     h = hashlib.sha1(f"{dataset.size} {getattr(dataset, 'load', None)} {getattr(dataset, 'augment', False)} "
-                     f"{net.tag} {bool(bf16)}\n".encode())
+                     f"{net.tag} {amp}\n".encode())
     for pair in dataset.files:
         for f in pair:
             st = os.stat(f)
@@ -202,21 +218,21 @@ def stats_key(dataset, net, bf16=False):
     return h.hexdigest()[:10]
 
 
-def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, bf16=False, workers=0):
+def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, amp="fp32", workers=0):
     """(mu, sigma, feats) of a dataset's preprocessed images ((x+1)/2, not quantised, as OASIS).
 
     Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16]-<N>-<stats_key>.npz: replacing an image
     or a label file (even under the same name) changes the key, so stale statistics are never reused.
     """
     h, w = dataset.size
-    name = (f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{'-bf16' if bf16 else ''}-{len(dataset)}-"
-            f"{stats_key(dataset, net, bf16)}.npz")
+    low = "" if amp in ("fp32", False, None) else f"-{'bf16' if amp is True else amp}"
+    name = f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{low}-{len(dataset)}-{stats_key(dataset, net, amp)}.npz"
     path = Path(cache_dir) / name if cache_dir else None
     if path is not None and path.is_file():
         print(f"real statistics: cached {path}")
         z = np.load(path)
         return z["mu"], z["sigma"], z["feats"].astype(np.float64)
-    feats = features(net, ((b["image"].to(device) + 1) / 2 for b in loader(dataset, batch_size, workers)), bf16)
+    feats = features(net, ((b["image"].to(device) + 1) / 2 for b in loader(dataset, batch_size, workers)), amp)
     mu, sigma = stats(feats)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +251,7 @@ def image_seeds(seed, first_map, n_maps, k):
     return [int(np.random.SeedSequence([seed, first_map + i, k]).generate_state(1)[0]) for i in range(n_maps)]
 
 
-def oasis_sampler(G, n_channels, bf16=False):
+def oasis_sampler(G, n_channels, amp="fp32"):
     """sample(label (B,H,W) channel ids, seeds) -> images in [-1,1] from an OASIS Generator, in eval mode."""
     z_dim = G.kwargs["z_dim"]
 
@@ -244,7 +260,7 @@ def oasis_sampler(G, n_channels, bf16=False):
         z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
         was_training = G.training
         G.eval()
-        with amp.autocast(label.device, bf16):
+        with autocast(label.device, amp):
             x = G(onehot(label, n_channels), z.to(label.device))
         G.train(was_training)
         return x.float()
@@ -252,25 +268,50 @@ def oasis_sampler(G, n_channels, bf16=False):
     return sample
 
 
+def piti_sampler(base, up, steps=None, up_steps=None, ddim=False, amp="fp32"):
+    """sample(label (B,H,W) channel ids, seeds) -> (B,3,S,S) images in [-1,1] from a PITI base + upsampler
+    (models/diffusion.cascade's steps), with one noise stream per image: image i's initial and step noises
+    come from its own generator seeded by seeds[i], so an image does not depend on the batch it is in."""
+
+    class Noise:  # step k's noise (noises[k] in diffusion.sample): one draw per image from its own stream
+        def __init__(self, gens, side, device):
+            self.gens, self.shape, self.device = gens, (3, side, side), device
+
+        def __getitem__(self, k, scale=1.0):
+            return torch.stack([torch.randn(self.shape, generator=g, device=self.device) for g in self.gens]) * scale
+
+    @torch.no_grad()
+    def sample(label, seeds):
+        gens = [torch.Generator(label.device).manual_seed(int(s)) for s in seeds]
+        lo, hi = Noise(gens, base.image_size, label.device), Noise(gens, up.image_size, label.device)
+        low = diffusion.sample(base, base.ref(label), steps=steps, x_T=lo[0], noises=lo, ddim=ddim, amp=amp)
+        return diffusion.sample(up, up.ref(label), steps=up_steps, low_res=diffusion.quantize(low),
+                                x_T=hi.__getitem__(0, diffusion.UP_TEMP), noises=hi, amp=amp).float()
+
+    return sample
+
+
 def generate(sample, dataset, device, batch_size=8, seed=0, samples_per_map=1, workers=0):
-    """Yields per batch {'label', 'real' (in [-1,1]), 'fake': [K tensors in [-1,1]], 'path'}."""
+    """Yields per batch {'label', 'real' (in [-1,1]; None for label maps alone), 'fake': [K tensors in [-1,1]],
+    'path', 'item' (the dataset's own fields)}; image k of map i is seeded by (seed, i, k) (image_seeds)."""
     first = 0
     for batch in loader(dataset, batch_size, workers):
         label = batch["label"].to(device)
         fake = [sample(label, image_seeds(seed, first, len(label), k)) for k in range(samples_per_map)]
-        yield {"label": label, "real": batch["image"].to(device), "fake": fake, "path": batch["path"]}
+        real = batch["image"].to(device) if "image" in batch else None
+        yield {"label": label, "real": real, "fake": fake, "path": batch["path"], "item": batch}
         first += len(label)
 
 
-def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, bf16=False):
+def generator_fid(sample, dataset, net, real, device, batch_size=8, seed=0, amp="fp32"):
     """FID of a sampler on a dataset's label maps against real (mu, sigma), e.g. for early stopping."""
     batches = ((b["fake"][0] + 1) / 2 for b in generate(sample, dataset, device, batch_size, seed))
-    feats = features(net, batches, bf16)
+    feats = features(net, batches, amp)
     mu, sigma = stats(feats)
     return frechet_distance(mu, sigma, real[0], real[1], n=len(feats))
 
 
-def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, device, batch_size, seed, bf16=False):
+def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, device, batch_size, seed, amp="fp32"):
     """fid() -> FID of a sampler on the first `fid_n` validation maps (all with None), for the finetuning
     scripts' early stopping; None without a feature network. The real statistics are computed once (cached)."""
     if not (inception or fid_features):
@@ -278,8 +319,8 @@ def validation_fid(sample, val_ds, inception, fid_features, fid_n, cache_dir, de
     net = load_feature_net(inception, fid_features, device)
     fid_ds = copy.copy(val_ds)
     fid_ds.files = val_ds.files[:fid_n]
-    real = real_stats(fid_ds, net, cache_dir=cache_dir, device=device, bf16=bf16)[:2]
-    return lambda: generator_fid(sample, fid_ds, net, real, device, batch_size, seed, bf16)
+    real = real_stats(fid_ds, net, cache_dir=cache_dir, device=device, amp=amp)[:2]
+    return lambda: generator_fid(sample, fid_ds, net, real, device, batch_size, seed, amp)
 
 
 def fixed_grid(val_ds, n, seeds, device):
@@ -333,9 +374,9 @@ def jit_segmenter(path, device):
 
 
 @torch.no_grad()
-def segment(seg, images, n_channels, bf16=False, name="segmenter"):
+def segment(seg, images, n_channels, amp="fp32", name="segmenter"):
     """Predicted channel ids (B,H,W) at the images' resolution; channel 0 (dontcare) is never predicted."""
-    with amp.autocast(images.device, bf16):
+    with autocast(images.device, amp):
         logits = seg(images)
     logits = logits.float()
     if logits.ndim != 4 or logits.shape[1] != n_channels:
@@ -459,3 +500,243 @@ class ImageFiles(torch.utils.data.Dataset):
 def image_batches(files, batch_size, device, workers=0):
     for x in loader(ImageFiles(files), batch_size, workers):
         yield x.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores as evaluate.py reports them
+
+
+def fid_metrics(real_feats, fake_feats, real=None, notes=None):
+    """FID (from real (mu, sigma) when given) and KID of two feature sets; a few-images warning goes to `notes`."""
+    mu_r, sigma_r = real if real is not None else stats(real_feats)
+    mu_f, sigma_f = stats(fake_feats)
+    kid_mean, kid_std = kid(real_feats, fake_feats)
+    fid = frechet_distance(mu_f, sigma_f, mu_r, sigma_r, n=min(len(real_feats), len(fake_feats)),
+                           note=print if notes is None else notes.append)
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+def describe_features(net):
+    """What the FID of `net` is, for results.json."""
+    if net.toy:
+        return (f"toy-domain FID on the TorchScript feature net {net.path}: "
+                "not comparable to Inception FID")
+    return f"Inception FID ({INCEPTION_FILE}, 2048-d pool3, as pytorch-fid 0.3.0)"
+
+
+def fid_lines(metrics, toy):
+    """The printed FID and KID. KID is an unbiased estimate, so it can be slightly below 0 when the two sets are
+    close or few, and its +- is the spread over random subsets: 0 when every subset holds all images (N <= 1000)."""
+    why = [w for w, c in (("unbiased estimate: can be below 0", metrics["kid_mean"] < 0),
+                          ("one subset of all images: no spread", metrics["kid_std"] == 0)) if c]
+    return [f"fid {metrics['fid']:.4f}" + (" (toy-domain features)" if toy else ""),
+            f"kid {metrics['kid_mean']:.6f} +- {metrics['kid_std']:.6f}" + (f" ({'; '.join(why)})" if why else "")]
+
+
+def check_sizes(fake_hw, real_hw, ckpt, dataset):
+    """Refuses to score generated images of one size (H, W) against real images of another, before generating."""
+    (h, w), (H, W) = fake_hw, real_hw
+    if (h, w) != (H, W):
+        fix = (f"pass --size {w} to read the real images at the generator's size"
+               if (dataset.dataset == "folder" or dataset.dataset.startswith("toy")) and h == w
+               else "evaluate it on data of its own resolution")
+        raise DataError(f"--ckpt {ckpt}: the generator makes {h}x{w} images, --data {dataset.dataset} "
+                        f"({dataset.split}) images are {H}x{W} here; {fix}, so that FID and mIoU compare one size")
+
+
+def score_folders(real_dir, fake_dir, inception=None, fid_features=None, device="cpu", batch_size=16, workers=0,
+                  amp="fp32"):
+    """evaluate.py's folder mode: FID and KID of two folders of images, as pytorch-fid reads them
+    -> (results, printed lines)."""
+    real_files, fake_files = folder_images(real_dir, "--real-dir"), folder_images(fake_dir, "--fake-dir")
+    net = load_feature_net(inception, fid_features, device)
+    real_feats = features(net, image_batches(real_files, batch_size, device, workers), amp)
+    fake_feats = features(net, image_batches(fake_files, batch_size, device, workers), amp)
+    notes = []
+    metrics = fid_metrics(real_feats, fake_feats, notes=notes)
+    results = {"mode": "folder", **metrics, "n_real": len(real_files), "n_fake": len(fake_files),
+               "fid_features": describe_features(net), "toy_domain_fid": net.toy}
+    return results, fid_lines(metrics, False) + notes
+
+
+def model_classes(info):
+    """(names, channels) of the classes a checkpoint's target table records (None: an older one without names)."""
+    names = (info or {}).get("names")
+    if not names:
+        return None
+    known = info.get("dataset") in ("coco", "ade20k", "cityscapes")
+    return list(names), class_table(info["dataset"]).channels if known else list(range(1, len(names) + 1))
+
+
+def miou_results(conf, conf_real, dataset, seg):
+    """mIoU of the generated and of the real images over the dataset's scored classes -> (results, lines)."""
+    scored = dataset.classes.eval_channels
+    names = [n for n, c in zip(dataset.classes.names, dataset.classes.channels) if c in scored]  # unique names
+    miou, per = iou(conf, scored)
+    miou_real, per_real = iou(conf_real, scored)
+    results = dict(miou=miou, miou_real=miou_real, segmenter=seg[2], per_class_iou=dict(zip(names, per)),
+                   per_class_iou_real=dict(zip(names, per_real)))
+    return results, [f"miou {miou:.4f}" if miou is not None else "miou undefined (no labelled pixels)",
+                     f"miou_real {miou_real:.4f}" if miou_real is not None else "miou_real undefined"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Label maps alone (evaluate.py --labels)
+
+LABEL_MODES = ("1", "L", "P", "I;16", "I")  # single-channel class ids (P: read by its palette indices)
+
+
+def _label_values(path):
+    """A label PNG's class ids as an int64 array (H, W), or one DataError line saying what the file is."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in LABEL_MODES:
+                how = ("convert the colours to class ids (one value per class, value k = line k of classes.txt), "
+                       "or save it as a palette PNG (mode P), whose indices are read as the ids"
+                       if im.mode in ("RGB", "RGBA") else "expected a single-channel PNG of class ids")
+                raise DataError(f"{path}: a mode-{im.mode} image, not a map of class ids; {how}")
+            return np.asarray(im).astype(np.int64)
+    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def label_maps(folder, n_values, min_hw, flag="--labels"):
+    """The label PNGs under `folder` (flat or in subfolders, by relative path), every one read and checked before
+    anything is generated: a readable single-channel map of ids (modes 1, L, P, I;16, I) with values 0..n_values
+    (the classes.txt convention: value k = line k, 0 = unlabelled), at least min_hw (H, W) in size.
+    -> [(path, relative path, (H, W))]; one DataError line naming the first bad file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: no such folder; expected a folder of label PNGs and its classes.txt")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() == ".png" and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise DataError(f"{flag} {folder}: no .png label maps found (flat or in subfolders)")
+    maps = []
+    for p in files:
+        v = _label_values(p)
+        (h, w), (mh, mw) = v.shape, min_hw
+        if v.max(initial=0) > n_values:
+            y, x = np.argwhere(v > n_values)[0]
+            raise DataError(f"{p}: value {int(v[y, x])} at (x={x}, y={y}) is outside the {n_values} classes of "
+                            f"classes.txt (expected 0..{n_values}: value k = line k, 0 = unlabelled)")
+        if h < mh or w < mw:
+            raise DataError(f"{p}: {w}x{h} pixels, smaller than the model's minimum {mw}x{mh}")
+        maps.append((p, p.relative_to(folder).as_posix(), (h, w)))
+    return maps
+
+
+def output_names(rel, K):
+    """images/<relative path of the map, .png>, with _k before the suffix for K > 1 samples per map."""
+    stem = Path(rel).with_suffix("").as_posix()
+    return [f"images/{stem}{f'_{k}' if K > 1 else ''}.png" for k in range(K)]
+
+
+class LabelMaps(torch.utils.data.Dataset):
+    """Checked label maps (label_maps) as model input: item i -> {'label': channel ids (H,W) (the folder
+    convention: PNG value k = channel k), nearest-resized (PIL, as the datasets) to the model's size `hw`,
+    'path': the map's relative path, 'hw': its own (H, W)}; `classes` is the maps' class table."""
+
+    def __init__(self, maps, classes, hw):
+        self.maps, self.classes, self.n_channels, self.hw = maps, classes, classes.n_channels, tuple(hw)
+
+    def __len__(self):
+        return len(self.maps)
+
+    def __getitem__(self, i):
+        path, rel, hw = self.maps[i]
+        ids = Image.fromarray(_label_values(path).astype(np.int32))
+        ids = np.asarray(ids.resize(self.hw[::-1], Image.NEAREST)).astype(np.int64)
+        return {"label": torch.from_numpy(ids), "path": rel, "hw": torch.tensor(hw)}
+
+
+def provenance(argv=None, script="evaluate.py"):
+    """What a results.json needs to be traced back: the command line, the git commit (in a checkout; a dirty
+    tree says so), the versions of python and of the packages the numbers depend on."""
+    import platform
+    import subprocess
+    import sys
+    import PIL
+    import scipy
+    repo = Path(__file__).resolve().parent
+    commit = None
+    if (repo / ".git").exists():
+        try:
+            git = ["git", "-C", str(repo)]
+            commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
+            commit = (commit + (" (with uncommitted changes)" if dirty else "")) if commit else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    argv = sys.argv if argv is None else [script, *argv]
+    return {"command": " ".join(map(str, argv)), "git_commit": commit,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                         "scipy": scipy.__version__, "pillow": PIL.__version__}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Until models/run.py (check_out_vs_inputs, recorded_files, record) and data.compare_classes are merged: small
+# versions of the agreed names, for evaluate.py
+
+MANIFEST = "manifest.json"  # what a script wrote into --out: a rerun removes these files and no others
+
+
+def check_out_vs_inputs(out, inputs):
+    """One DataError line if --out equals, contains or lies inside an input folder ({flag: path})."""
+    o = Path(out).resolve()
+    for flag, path in inputs.items():
+        i = Path(path).resolve()
+        how = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
+        if how:
+            raise DataError(f"--out {out}: {how} {flag} {path}; outputs are never written into an input "
+                            "folder: choose a folder apart from the inputs")
+
+
+def recorded_files(out):
+    """The files an earlier run recorded in out/manifest.json (relative paths inside out only)."""
+    try:
+        names = json.loads((Path(out) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()]
+
+
+def record(out, names, script="evaluate.py"):
+    """Remove the files of the earlier run's manifest, then record the files this run will write."""
+    out = Path(out)
+    for name in recorded_files(out):
+        if (out / name).is_file():
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"script": script, "files": [MANIFEST, *names]}, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def compare_classes(expected, given, expected_what, given_what):
+    """One line naming the first difference of two lists of class names (data.compare_classes once merged)."""
+    e, g = [str(n) for n in expected], [str(n) for n in given]
+    if [n.lower() for n in e] == [n.lower() for n in g]:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(e, g)) if a.lower() != b.lower()), min(len(e), len(g)))
+    at = f"class {k + 1} is '{e[k] if k < len(e) else '(none)'}' in {expected_what}, " \
+         f"'{g[k] if k < len(g) else '(none)'}' in {given_what}"
+    why = (f"has {len(g)} classes, {expected_what} {len(e)}" if len(e) != len(g) else "has the classes of "
+           f"{expected_what} in another order" if sorted(map(str.lower, e)) == sorted(map(str.lower, g)) else
+           f"has other classes than {expected_what}")
+    raise DataError(f"{given_what} {why}: {at}")
+
+
+class Said:
+    """stdout that also keeps the 'warning...' and note lines printed during a run, for results.json."""
+
+    def __init__(self, stream):
+        self.stream, self.lines = stream, []
+
+    def write(self, text):
+        self.lines += [ln for ln in text.splitlines() if ln.startswith(("warning", "note"))]
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()

@@ -96,7 +96,8 @@ images = F.interpolate(images, size=(args.size, args.size), mode="bicubic", alig
 rates = {
     "pytorch-fid fp32": throughput(lambda x: ref(x)[0].flatten(1).cpu().numpy(), images, args.batch_size),
     "ours fp32": throughput(lambda x: ev.embed(ours, x), images, args.batch_size),
-    "ours bf16": throughput(lambda x: ev.embed(ours, x, bf16=True), images, args.ours_batch),
+    "ours bf16": throughput(lambda x: ev.embed(ours, x, "bf16" if device.type == "cuda" else "fp32"), images,
+                            args.ours_batch),
 }
 dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 print(f"device {dev_name}, {args.n} images {args.size}x{args.size}")
@@ -119,8 +120,9 @@ def toy_batches(ds):
 if args.fid_images < 2:
     sys.exit(0)
 fids = {}
-for bf16 in (False, True):
-    fr, ft = ev.features(ours, toy_batches(source), bf16), ev.features(ours, toy_batches(target), bf16)
+for bf16 in (False, True):  # evaluate.py --bf16-features: bf16 autocast on CUDA only
+    amp = "bf16" if bf16 and device.type == "cuda" else "fp32"
+    fr, ft = ev.features(ours, toy_batches(source), amp), ev.features(ours, toy_batches(target), amp)
     fids[bf16] = ev.frechet_distance(*ev.stats(fr), *ev.stats(ft))
 change = abs(fids[True] - fids[False]) / abs(fids[False])
 note = "" if args.inception else "  (random weights: not meaningful)"

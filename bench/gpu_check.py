@@ -104,8 +104,8 @@ def evaluate_cmd(c, out, ckpt, dataset, root, segmenter, weights, inception=None
     """evaluate.py in model mode on the validation maps; FID + KID only with `inception` (at least 2 images)."""
     fid = ["--inception", inception] if inception else ["--no-fid"]
     return (["evaluate.py", "--ckpt", ckpt, "--data", dataset, "--data-root", root, "--split", "val", "--out", out,
-             "--limit", c.eval_images if inception or not c.tiny else 1, "--batch-size", c.eval_batch,
-             "--workers", "0", "--grid-rows", "0",
+             "--limit", c.eval_images if inception or not c.tiny else 1, "--batch", c.eval_batch,
+             "--workers", "0", "--grid-n", "0",
              "--stats-cache", "", "--device", c.device, "--amp", "auto", "--segmenter", segmenter,
              "--segmenter-weights", *weights] + fid)
 

@@ -223,7 +223,7 @@ def evaluate_cmd(model, flags, out, seed=0):
 
 def evaluate_flags(batch=None, grid=None, stats_cache=None):
     """evaluate.py's batch, grid and statistics-cache flags (the names of its flags in one place)."""
-    return ([*(["--batch-size", batch] if batch is not None else []), *(["--grid-rows", grid] if grid is not None else []),
+    return ([*(["--batch", batch] if batch is not None else []), *(["--grid-n", grid] if grid is not None else []),
              *(["--stats-cache", stats_cache] if stats_cache is not None else [])])
 
 

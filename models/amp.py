@@ -1,8 +1,8 @@
 """Mixed precision on any device, one decision for every script (--amp auto|bf16|fp16|fp32):
 
     pick(device, requested, capability=None) -> 'bf16' | 'fp16' | 'fp32'
-    autocast(device, mode)                   -> the autocast context of that mode (nothing for fp32)
-    grad_scaler(device, mode)                -> a torch.amp.GradScaler, enabled for fp16 only
+    autocast(device, amp)                    -> the autocast context of that mode (nothing for fp32)
+    grad_scaler(device, amp)                 -> a torch.amp.GradScaler, enabled for fp16 only
     backward_step(loss, opt, scaler)         -> backward + optimizer step through that scaler
     restore(scalers, states)                 -> a resumed run's fp16 loss scales (enabled scalers only)
 
@@ -10,6 +10,9 @@ auto: bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100,
 fp16 with a GradScaler on older ones (V100 7.0, T4 7.5), fp32 on the CPU. bf16 on the CPU (autocast's
 CPU bf16 kernels) runs only when asked for (--amp bf16): it is slower than fp32 on many CPUs and changes
 the numbers. fp16 is CUDA-only. The capability is read from the device unless passed in (tests).
+
+One name for the mode everywhere: a parameter or field holding 'bf16' | 'fp16' | 'fp32' is called `amp`
+(what --amp resolves to), never `bf16`, `precision`, `mode` or `enabled`.
 """
 from contextlib import nullcontext
 
@@ -42,22 +45,23 @@ def pick(device, requested="auto", capability=None):
     return requested
 
 
-def dtype(mode):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+def dtype(amp):
+    """The autocast dtype of a picked mode: bfloat16, float16, or None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
-def autocast(device, mode):
-    """autocast(device type, bf16/fp16) for a picked mode; a no-op context for fp32. A bool `mode` (the older
-    `bf16=` flags of the samplers) means bf16 on CUDA only when True."""
+def autocast(device, amp):
+    """autocast(device type, bf16/fp16) for a picked mode `amp`; a no-op context for fp32. A bool (the older
+    samplers' `amp=True` in models/diffusion.py) means bf16 on CUDA only when True."""
     device = torch.device(device)
-    if isinstance(mode, bool) or mode is None:
-        mode = "bf16" if mode and device.type == "cuda" else "fp32"
-    return torch.autocast(device.type, dtype=dtype(mode)) if dtype(mode) is not None else nullcontext()
+    if isinstance(amp, bool) or amp is None:
+        amp = "bf16" if amp and device.type == "cuda" else "fp32"
+    return torch.autocast(device.type, dtype=dtype(amp)) if dtype(amp) is not None else nullcontext()
 
 
-def grad_scaler(device, mode):
+def grad_scaler(device, amp):
     """Loss scaling for fp16 (scale(loss).backward(); step(opt); update()); a pass-through otherwise."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=mode == "fp16")
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
 
 
 def backward_step(loss, opt, scaler):

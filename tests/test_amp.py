@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO
 from models import DataError, amp, oasis
@@ -132,3 +133,34 @@ def test_finetune_piti_bf16_on_cpu(files, tmp_path):  # noqa: F811
     lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in lines if "loss" in e] == [1, 2] and all(np.isfinite(e["loss"]) for e in lines if "loss" in e)
     assert ckpt["scaler"] == {}  # no loss scaling outside fp16
+
+
+def test_evaluate_generates_under_the_picked_mode(tmp_path):
+    """evaluate.py runs the generator under the autocast --amp resolves to (CPU bf16 here stands for a GPU's bf16
+    or fp16: the same code path, models.amp.autocast with the picked mode), and results.json says which."""
+    import evaluate
+    from data import onehot
+    from metrics import image_seeds
+    names = ["sky", "grass"]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "classes.txt").write_text("\n".join(names) + "\n")
+    label = np.zeros((32, 32), np.uint8)
+    label[16:], label[:, :8] = 1, 2
+    Image.fromarray(label).save(maps / "m.png")
+    torch.manual_seed(0)
+    G = oasis.Generator(3, z_dim=4, channels=2, spade_hidden=8, crop_size=32).eval()
+    info = {"dataset": "folder", "names": names, "n_channels": 3}
+    torch.save({"kind": "oasis-cat", "step": 7, "args": {}, "affinity": None, "source": info, "target": info,
+                "G_kwargs": G.kwargs, "EMA": G.state_dict(), "D_kwargs": {}, "D": {}}, tmp_path / "g.pt")
+    z = torch.randn(4, generator=torch.Generator().manual_seed(image_seeds(0, 0, 1, 0)[0]))[None]
+    for mode in ("fp32", "bf16"):
+        evaluate.main([str(a) for a in ("--ckpt", tmp_path / "g.pt", "--labels", maps, "--out", tmp_path / mode,
+                                        "--amp", mode, "--device", "cpu", "--workers", 0, "--grid-n", 0)])
+        res = json.loads((tmp_path / mode / "results.json").read_text())
+        assert res["precision"]["generator and segmenter"] == {"fp32": "fp32", "bf16": "bf16 autocast"}[mode]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            x = G(onehot(torch.from_numpy(label.astype(np.int64))[None], 3), z).float()
+        png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        saved = np.asarray(Image.open(tmp_path / mode / "images" / "m.png"))
+        assert np.abs(saved.astype(int) - png).max() <= 1 and res["generator"]["step"] == 7

@@ -330,10 +330,10 @@ IN_PROCESS = {
     "ev-ckpt-pickled": (evaluate.main, ["--ckpt", "{root}/pickled.pt"] + EVAL[2:], ["--ckpt", "pickled"]),
     "ev-ckpt-empty": (evaluate.main, ["--ckpt", "{root}/empty.pt"] + EVAL[2:], ["--ckpt", "empty.pt", "empty"]),
     "ev-ckpt-text": (evaluate.main, ["--ckpt", "{root}/text.pt"] + EVAL[2:], ["--ckpt", "text.pt", "not a torch file"]),
-    "ev-samples-per-map": (evaluate.main, EVAL + ["--samples-per-map", "0"], ["--samples-per-map 0"]),
+    "ev-samples-per-map": (evaluate.main, EVAL + ["--samples-per-map", "0"], ["--samples-per-map", "'0'", ">= 1"]),
     "ev-n-on-val": (evaluate.main, EVAL + ["--n", "2"], ["--n 2", "--limit"]),
     "ev-bad-split": (evaluate.main, EVAL + ["--split", "test"], ["--split", "test"]),
-    "ev-other-classes": (evaluate.main, EVAL[:5] + ["{three}"] + EVAL[6:], ["--ckpt", "3 label channels", "4"]),
+    "ev-other-classes": (evaluate.main, EVAL[:5] + ["{three}"] + EVAL[6:], ["--ckpt", "--data folder has 3 classes", "2", "'sea'"]),
     "ev-affinity-without-source": (evaluate.main, EVAL + ["--affinity", "{root}/aff_rows.npy"], ["--ckpt"]),
     "ev-segmenter-without-weights": (evaluate.main, EVAL + ["--segmenter", "deeplabv2"],
                                      ["--segmenter deeplabv2", "--segmenter-weights"]),
@@ -504,19 +504,33 @@ def test_estimate_full_disk_leaves_no_affinity(W, offline, monkeypatch):
 # evaluate.py and data.py, round 2 ({names} also from the fixture E below)
 EVAL_FID = [a for a in EVAL if a != "--no-fid"] + ["--fid-features", "{root}/feat.pt"]
 EVAL2 = {
-    "ev-piti-steps-oasis": (evaluate.main, EVAL + ["--piti-steps", "ddim50"],
-                            ["--piti-steps applies to PITI checkpoints"]),
-    "ev-piti-up-steps-oasis": (evaluate.main, EVAL + ["--piti-up-steps", "fast27"], ["--piti-up-steps", "PITI"]),
-    "ev-piti-steps-ddimabc": (evaluate.main, EVAL + ["--piti-steps", "ddimabc"],
-                              ["--piti-steps 'ddimabc'", "100", "ddim50", "10,10,3,2,2", "fast27"]),
-    "ev-piti-steps-abc": (evaluate.main, EVAL + ["--piti-steps", "abc"], ["--piti-steps 'abc'", "ddim50"]),
-    "ev-piti-steps-too-many": (evaluate.main, EVAL + ["--piti-steps", "2000"],
-                               ["--piti-steps '2000'", "cannot take 2000 steps from a section of 1000"]),
-    "ev-piti-up-steps-zero": (evaluate.main, EVAL + ["--piti-up-steps", "0"],
-                              ["--piti-up-steps '0'", "fast27"]),
-    "ev-piti-steps-ddim300": (evaluate.main, EVAL + ["--piti-steps", "ddim300"],
-                            ["--piti-steps 'ddim300'", "no integer stride gives 300 steps out of 1000", "ddim50"]),
-    "ev-grid-rows-negative": (evaluate.main, EVAL + ["--grid-rows", "-1"], ["--grid-rows", "'-1'", ">= 0"]),
+    "ev-piti-steps-oasis": (evaluate.main, EVAL + ["--sample-steps", "ddim50"],
+                            ["--sample-steps applies to PITI checkpoints"]),
+    "ev-piti-up-steps-oasis": (evaluate.main, EVAL + ["--up-steps", "fast27"], ["--up-steps", "PITI"]),
+    "ev-piti-steps-ddimabc": (evaluate.main, EVAL + ["--sample-steps", "ddimabc"],
+                              ["--sample-steps 'ddimabc'", "100", "ddim50", "10,10,3,2,2", "fast27"]),
+    "ev-piti-steps-abc": (evaluate.main, EVAL + ["--sample-steps", "abc"], ["--sample-steps 'abc'", "ddim50"]),
+    "ev-piti-steps-too-many": (evaluate.main, EVAL + ["--sample-steps", "2000"],
+                               ["--sample-steps '2000'", "cannot take 2000 steps from a section of 1000"]),
+    "ev-piti-up-steps-zero": (evaluate.main, EVAL + ["--up-steps", "0"],
+                              ["--up-steps '0'", "fast27"]),
+    "ev-piti-steps-ddim300": (evaluate.main, EVAL + ["--sample-steps", "ddim300"],
+                            ["--sample-steps 'ddim300'", "no integer stride gives 300 steps out of 1000", "ddim50"]),
+    "ev-grid-n-negative": (evaluate.main, EVAL + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 0"]),
+    "ev-no-data": (evaluate.main, ["--ckpt", "{ckpt}", "--no-fid", "--out", "{root}/ev"],
+                   ["model mode needs --data", "--data toy-target", "--labels"]),
+    "ev-labels-with-data": (evaluate.main, EVAL + ["--labels", "{ok}/labels"], ["--data", "not used with --labels"]),
+    "ev-labels-missing": (evaluate.main, ["--ckpt", "{ckpt}", "--labels", "{root}/nope", "--out", "{root}/ev"],
+                          ["--labels", "nope", "no such folder"]),
+    "ev-labels-classes-elsewhere": (evaluate.main, ["--ckpt", "{ckpt}", "--labels", "{ok}/labels", "--classes",
+                                                    "{ok}/classes.csv", "--out", "{root}/ev"],
+                                    ["--classes", "classes.csv", "expected a classes.txt file"]),
+    "ev-out-is-data-root": (evaluate.main, EVAL[:-1] + ["{ok}"], ["--out", "is --data-root"]),
+    "ev-out-inside-labels": (evaluate.main, ["--ckpt", "{ckpt}", "--labels", "{ok}/labels", "--out",
+                                             "{ok}/labels/gen"], ["--out", "lies inside --labels"]),
+    "ev-sample-steps-folder-mode": (evaluate.main, ["--real-dir", "{ok}/images", "--fake-dir", "{ok}/images",
+                                                    "--sample-steps", "50", "--out", "{root}/ev"],
+                                    ["--sample-steps", "not used in folder mode"]),
     "ev-stats-cache-is-file": (evaluate.main, EVAL_FID + ["--stats-cache", "{root}/a_file"],
                                ["--stats-cache", "a_file", "is a file, expected a folder"]),
     "ev-inception-folder": (evaluate.main, [a for a in EVAL if a != "--no-fid"] + ["--inception", "{root}"],
@@ -603,7 +617,8 @@ def test_exif_rotated_jpeg_is_read_upright(E):
 
 
 def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypatch):
-    """evaluate.py into a used --out and finetune --overwrite drop the earlier run's images, keep other files;
+    """evaluate.py into a used --out keeps the files it did not write (its own earlier ones, listed in its
+    manifest, go: tests/test_evaluate.py); finetune --overwrite drops the earlier run's images, keeps other files;
     evaluate.py says why mIoU is skipped, and a tiny folder FID gives one warning line of ours."""
     import metrics
     ev = tmp_path / "ev"
@@ -611,9 +626,9 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypa
         (ev / stale).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(ev / stale)
     (ev / "images" / "mine.txt").write_text("keep")
-    evaluate.main([a.format(**vars(E)) for a in EVAL[:-1]] + [str(ev), "--grid-rows", "0", "--workers", "0"])
-    assert not (ev / "images" / "xyz.png").exists() and not (ev / "grid.png").exists()
-    assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 4
+    evaluate.main([a.format(**vars(E)) for a in EVAL[:-1]] + [str(ev), "--grid-n", "0", "--workers", "0"])
+    assert (ev / "images" / "xyz.png").exists() and (ev / "grid.png").exists()  # not written by evaluate.py: kept
+    assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 5
     out = capsys.readouterr().out
     assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
     run = tmp_path / "run"
@@ -660,7 +675,7 @@ COMMON2 = {
     **{f"{k}-seed-negative": (m, a + ["--seed", "-1"], ["--seed", "'-1'", ">= 0"]) for k, (m, a) in SCRIPTS2.items()},
     "toy-seed-negative": (toy.main, ["write", "--seed", "-1", "--out", "{root}/c2_toy"], ["--seed", "'-1'", ">= 0"]),
     "ft-workers-negative": (finetune_oasis.main, FT2 + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
-    "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers -1", "at least 0"]),
+    "ev-workers-negative": (evaluate.main, EVAL + ["--workers", "-1"], ["--workers", "'-1'", ">= 0"]),
     "ft-channels-zero": (finetune_oasis.main, FT2 + ["--channels", "0"], ["--channels", "'0'", ">= 1"]),
     "ft-d-last-zero": (finetune_oasis.main, FT2 + ["--d-last", "0"], ["--d-last", "'0'", ">= 1"]),
     "ft-d-channels-not-rgb": (finetune_oasis.main, FT2 + ["--d-channels", "4,8,8"], ["--d-channels 4,8,8", "3 (RGB)"]),

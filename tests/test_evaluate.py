@@ -93,7 +93,7 @@ def test_features_and_folder_fid_equal_pytorch_fid(inception_file, image_dirs, t
     assert np.ptp(ref_real, axis=0).max() > 1e-2  # the random net does tell images apart
 
     r = run("--real-dir", real_dir, "--fake-dir", fake_dir, "--inception", inception_file, "--out", tmp_path / "o",
-            "--batch-size", 3, "--device", "cpu", "--workers", 0)
+            "--batch", 3, "--device", "cpu", "--workers", 0)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     # pytorch-fid's FID of its own features. A sqrtm of 2048x2048 takes minutes on a busy 2-core CPU, so the
@@ -295,7 +295,7 @@ def test_model_mode_on_toy_task(toy, tmp_path, capsys):
     import data
     out, cache = tmp_path / "eval", tmp_path / "cache"
     args = ["--ckpt", toy["root"] / "tgt.pt", *toy["data"], "--out", out, "--fid-features", toy["root"] / "feat.pt",
-            "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch-size", 2, "--stats-cache", cache]
+            "--segmenter", toy["root"] / "seg.pt", "--samples-per-map", 2, "--batch", 2, "--stats-cache", cache]
     r = run(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
@@ -372,8 +372,11 @@ def test_model_mode_bad_inputs(toy, tmp_path):
         assert "\n" not in str(e.value)
 
     src = ["--ckpt", toy["root"] / "src.pt"]
-    refused("takes 13 label channels, --data toy-target has 10", *src)
-    refused("training-free mode needs --source .* and --affinity", *src, "--source", "toy-source")
+    # a model of other classes (the toy source's 12 against the target's 9), by name: the first difference
+    refused("--data toy-target has 9 classes, --ckpt .*src.pt 12: class 2 is 'grass' in --ckpt .*, 'lawn' in --data",
+            *src)
+    refused("--data toy-target has 9 classes", *src, "--source", "toy-source")  # its own classes, by --source
+    refused("a source model; give --source", "--ckpt", toy["root"] / "toy/source", "--affinity", tmp_path / "x.npy")
     source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
     refused("nope.npy: file not found", *src, *source, "--affinity", toy["root"] / "nope.npy")
     np.save(tmp_path / "half.npy", np.full((len(toy["tgt"]), len(toy["src"])), 0.5 / len(toy["src"]), np.float32))
@@ -406,19 +409,22 @@ def test_ignored_flags_are_refused(toy, tmp_path, image_dirs):
          ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--affinity", tmp_path / "A.npy"]),
         ("a finetuned CAT model .*; --source, --source-root apply",
          ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--source", "toy-source", "--source-root", toy["root"]]),
-        ("--batch-size 0: expected at least 1", [*model, "--batch-size", 0]),
-        ("--batch-size -2: expected at least 1", [*model, "--batch-size", -2]),
-        ("--limit 0: expected at least 1", [*model, "--limit", 0]),
-        ("--limit -1: expected at least 1", [*model, "--limit", -1]),
-        ("--grid-rows: '-1': expected an integer >= 0", [*model, "--grid-rows", -1]),
-        ("--samples-per-map 0: expected at least 1", [*model, "--samples-per-map", 0]),
+        ("--batch: '0': expected an integer >= 1", [*model, "--batch", 0]),
+        ("--batch: '-2': expected an integer >= 1", [*model, "--batch", -2]),
+        ("--limit: '0': expected an integer >= 1", [*model, "--limit", 0]),
+        ("--limit: '-1': expected an integer >= 1", [*model, "--limit", -1]),
+        ("--grid-n: '-1': expected an integer >= 0", [*model, "--grid-n", -1]),
+        ("--samples-per-map: '0': expected an integer >= 1", [*model, "--samples-per-map", 0]),
+        ("--workers: '-1': expected an integer >= 0", [*model, "--workers", -1]),
+        ("model mode needs --data", ["--ckpt", toy["root"] / "tgt.pt"]),
+        ("--classes: the classes.txt of --labels maps", [*model, "--classes", tmp_path / "classes.txt"]),
     ]:
         with pytest.raises(DataError, match=match) as e:
             evaluate.main(list(map(str, [*args, "--out", tmp_path / "o"])))
         assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
     # the finetuned CAT checkpoint itself evaluates (the refusals above are about the extra flags only)
-    evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-rows", 0,
+    evaluate.main(list(map(str, ["--ckpt", toy["root"] / "cat.pt", *toy["data"], "--limit", 2, "--grid-n", 0,
                                  "--out", tmp_path / "cat", "--no-fid"])))
     res = json.loads((tmp_path / "cat" / "results.json").read_text())
     assert res["generator"]["kind"] == "oasis-cat" and res["n_fake"] == 2
@@ -435,7 +441,7 @@ def test_generator_size_must_match_the_real_images(toy, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("error: --ckpt ") and "makes 32x32 images" in r.stderr and "are 64x64" in r.stderr
     assert "pass --size 32" in r.stderr
-    assert not list((tmp_path / "o").rglob("*.png")) and not (tmp_path / "o" / "results.json").exists()
+    assert not (tmp_path / "o").exists()  # refused before generating: nothing written
 
 
 def test_stale_real_statistics_are_not_reused(toy, tmp_path, capsys):
@@ -446,7 +452,7 @@ def test_stale_real_statistics_are_not_reused(toy, tmp_path, capsys):
     shutil.copytree(toy["root"] / "toy/target", root)
     cache = tmp_path / "cache"
     flags = ["--ckpt", toy["root"] / "tgt.pt", "--data", "toy-target", "--data-root", root, "--size", 32,
-             "--workers", 0, "--fid-features", toy["root"] / "feat.pt", "--grid-rows", 0, "--batch-size", 5]
+             "--workers", 0, "--fid-features", toy["root"] / "feat.pt", "--grid-n", 0, "--batch", 5]
 
     def fid(name, cache_dir=cache):
         capsys.readouterr()
@@ -498,30 +504,328 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "eval"
     r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", out, "--limit", 2,
-            "--piti-steps", 4, "--piti-up-steps", 4, "--segmenter", toy["root"] / "seg.pt", "--no-fid")
+            "--sample-steps", 4, "--up-steps", 4, "--segmenter", toy["root"] / "seg.pt", "--no-fid", "--batch", 2)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["generator"]["kind"] == "piti-cat" and res["n_fake"] == 2 and 0 <= res["miou"] <= 1
-    # one batch: the PITI sampler gets the seed of the batch's first image, (seed 0, map 0, sample 0)
+    # each image has its own noise stream: image i of a batch of 2 is the official cascade run on map i alone,
+    # seeded by (seed 0, map i, sample 0), so the images do not depend on --batch
     ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
     gen = load_piti_generator(str(tmp_path / "run/checkpoint.pt"), "cpu", steps="4", up_steps="4", amp=False)
     label = torch.stack([ds[0]["label"], ds[1]["label"]])
-    with torch.no_grad():
-        x = gen(label, seed=int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0]))
-    png = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     for i in range(2):
+        with torch.no_grad():
+            x = gen(label[i:i + 1], seed=int(np.random.SeedSequence([0, i, 0]).generate_state(1)[0]))
+        png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         saved = np.asarray(Image.open(out / "images" / f"{Path(ds[i]['path']).stem}.png"))
-        assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png[i]).max() <= 1
+        assert saved.shape == (32, 32, 3) and np.abs(saved.astype(int) - png).max() <= 1
+    # the official files moved since finetuning: --base/--upsampler give their new place (same images)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for part in ("base", "up"):
+        (tmp_path / f"{part}.pt").rename(moved / f"{part}.pt")
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", tmp_path / "ev2", "--limit", 2,
+            "--sample-steps", 4, "--up-steps", 4, "--no-fid")
+    assert r.returncode == 1 and "base.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", tmp_path / "ev2", "--limit", 2,
+            "--sample-steps", 4, "--up-steps", 4, "--no-fid", "--base", moved / "base.pt", "--upsampler", moved / "up.pt")
+    assert r.returncode == 0, r.stderr
+    for name in json.loads((tmp_path / "ev2" / "manifest.json").read_text())["files"]:
+        if name.startswith("images/"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "ev2" / name)), np.asarray(Image.open(out / name)))
+    for part in ("base", "up"):
+        (moved / f"{part}.pt").rename(tmp_path / f"{part}.pt")
+    # label maps alone (--labels): map i of the folder (by relative path) gets the same per-image noise stream
+    maps = label_dir(toy, tmp_path / "maps", 2)
+    r = run("--ckpt", tmp_path / "run/checkpoint.pt", "--labels", maps, "--out", tmp_path / "gen", "--workers", 0,
+            "--sample-steps", 4, "--up-steps", 4, "--batch", 3)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "gen" / "results.json").read_text())["generator"]["kind"] == "piti-cat"
+    assert Image.open(tmp_path / "gen" / "images" / "wide.png").size == (64, 32)
+    for i, (rel, lab) in enumerate(maps_in_order(maps)[:2]):
+        with torch.no_grad():
+            x = gen(lab[None], seed=int(np.random.SeedSequence([0, i, 0]).generate_state(1)[0]))
+        png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        assert np.abs(np.asarray(Image.open(tmp_path / "gen" / "images" / rel)).astype(int) - png).max() <= 1
     # one protocol for a 2:1 dataset (Cityscapes: 256x512 against PITI's square samples): evaluate.py resizes its
     # samples exactly as finetune_piti.py's validation sampler does (metrics.resize_images)
     import argparse
     import types
-    args = argparse.Namespace(ckpt=str(tmp_path / "run/checkpoint.pt"), piti_steps="4", piti_up_steps="4",
-                              affinity=None, source=None, source_root=None, which="best")
+    args = argparse.Namespace(ckpt=str(tmp_path / "run/checkpoint.pt"), sample_steps="4", up_steps="4", base=None,
+                              upsampler=None, affinity=None, source=None, source_root=None, which="best")
     wide = types.SimpleNamespace(size=(32, 64), dataset="toy-target", classes=toy["tgt"], n_channels=toy["tgt"].n_channels)
-    sample, info = evaluate.load_generator(args, wide, "cpu", False)
-    seed = int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0])
+    sample, info = evaluate.load_generator(args, wide, wide.size, "cpu", "fp32")
+    seed = int(np.random.SeedSequence([0, 1, 0]).generate_state(1)[0])
     with torch.no_grad():
-        y = sample(label, [seed])
+        y = sample(label[1:], [seed])
     assert y.shape[-2:] == (32, 64) and "resized to 32x64" in info["resize"]
     assert torch.equal(y, metrics.resize_images(x, (32, 64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images from label maps alone (--labels), and what evaluate.py may write and delete
+
+
+def label_dir(toy, folder, n=None):
+    """The toy target's validation label maps in two subfolders (a/, b/), with its classes.txt; plus one map at
+    twice the width (nearest), which gets an image of its own 32x64 size."""
+    import shutil
+    labels = sorted((toy["root"] / "toy/target/val/labels").glob("*.png"))[:n]
+    for i, p in enumerate(labels):
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / "ab"[i % 2] / p.name)
+    wide = Image.open(labels[0])
+    wide.resize((64, 32), Image.NEAREST).save(folder / "wide.png")
+    shutil.copy(toy["root"] / "toy/target/classes.txt", folder / "classes.txt")
+    return folder
+
+
+def maps_in_order(folder):
+    """The maps as evaluate.py numbers them (by relative path) -> [(relative path, channel ids)]."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    return [(r, torch.from_numpy(np.asarray(Image.open(folder / r)).astype(np.int64))) for r in files]
+
+
+def test_labels_mode_oasis_models(toy, tmp_path):
+    """--labels with our OASIS checkpoints (own classes, a finetuned CAT layout), an OASIS source through --source
+    (its own classes) and training-free CAT: one image per map at the map's size, under its relative path,
+    the documented seeding, the same images whatever --batch; no metric."""
+    maps = label_dir(toy, tmp_path / "maps")
+    order = maps_in_order(maps)
+    assert [r for r, _ in order][:2] == ["a/" + order[0][0][2:], "a/" + order[1][0][2:]]
+
+    def generate(name, *model, batch=2, k=1):
+        r = run(*model, "--labels", maps, "--out", tmp_path / name, "--batch", batch, "--samples-per-map", k,
+                "--workers", 0, "--grid-n", 2)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    res = generate("tgt", "--ckpt", toy["root"] / "tgt.pt", batch=3, k=2)
+    assert res["mode"] == "labels" and res["n_maps"] == len(order) == 6 and res["n_fake"] == 12
+    assert res["classes"] == toy["tgt"].names and "fid" not in res and "miou" not in res
+    assert res["outputs"]["wide.png"] == ["images/wide_0.png", "images/wide_1.png"]
+    for i, (rel, label) in enumerate(order):
+        for k in range(2):
+            saved = np.asarray(Image.open(tmp_path / "tgt" / "images" / f"{rel[:-4]}_{k}.png"))
+            assert saved.shape[:2] == label.shape  # the map's own size (wide.png: 32x64)
+            if label.shape == (32, 32):
+                png, _ = expected_png(toy["G_tgt"], label, toy["tgt"].n_channels, i, k)
+                assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+    assert Image.open(tmp_path / "tgt" / "grid.png").size[0] == 3 * 34  # labels | 2 samples, no real column
+    one = generate("tgt1", "--ckpt", toy["root"] / "tgt.pt", batch=1, k=2)
+    for name in (n for ns in one["outputs"].values() for n in ns):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "tgt1" / name)), np.asarray(Image.open(tmp_path / "tgt" / name)))
+
+    assert generate("cat", "--ckpt", toy["root"] / "cat.pt")["generator"]["kind"] == "oasis-cat"
+    src, tgt = toy["src"], toy["tgt"]
+    pick = np.arange(len(tgt)) % len(src)  # a hard affinity: target class t -> source class pick[t]
+    np.save(tmp_path / "A.npy", np.eye(len(src), dtype=np.float32)[pick])
+    source = ["--source", "toy-source", "--source-root", toy["root"] / "toy/source"]
+    res = generate("free", "--ckpt", toy["root"] / "src.pt", *source, "--affinity", tmp_path / "A.npy")
+    assert res["generator"]["kind"] == "oasis-training-free"
+    lut = torch.zeros(tgt.n_channels, dtype=torch.long)
+    lut[torch.tensor(tgt.channels)] = torch.tensor([src.channels[j] for j in pick])
+    for i, (rel, label) in enumerate(order[:2]):
+        png, _ = expected_png(toy["G_src"], lut[label], src.n_channels, i)
+        saved = np.asarray(Image.open(tmp_path / "free" / "images" / rel))
+        assert np.abs(saved.astype(int) - png).max() <= 1 and (saved == png).mean() > 0.99
+
+    # the source model in its own label space (--source without --affinity): maps of the source's classes
+    src_maps = tmp_path / "src_maps"
+    src_maps.mkdir()
+    for i, p in enumerate(sorted((toy["root"] / "toy/source/val/labels").glob("*.png"))):
+        Image.open(p).save(src_maps / p.name)
+    (src_maps / "classes.txt").write_text((toy["root"] / "toy/source/classes.txt").read_text())
+    r = run("--ckpt", toy["root"] / "src.pt", *source, "--labels", src_maps, "--out", tmp_path / "own", "--workers", 0)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "own" / "results.json").read_text())
+    first = maps_in_order(src_maps)[0]
+    png, _ = expected_png(toy["G_src"], first[1], src.n_channels, 0)
+    saved = np.asarray(Image.open(tmp_path / "own" / "images" / first[0]))
+    assert res["generator"]["kind"] == "oasis" and np.abs(saved.astype(int) - png).max() <= 1
+
+
+def test_labels_mode_refusals(toy, tmp_path):
+    """Every map is checked before the first image: one line naming the file, nothing written to --out."""
+    out = tmp_path / "out"
+    tgt = ["--ckpt", toy["root"] / "tgt.pt", "--workers", 0]
+
+    def refused(folder, *match, extra=()):  # in-process (fast); the command line's one line: the RGB case below
+        with pytest.raises(DataError) as e:
+            evaluate.main(list(map(str, [*tgt, "--labels", folder, "--out", out, *extra])))
+        for m in match:
+            assert m in str(e.value), (m, str(e.value))
+        assert "\n" not in str(e.value) and not out.exists()
+
+    def maps(name, n=3):
+        return label_dir(toy, tmp_path / name, n)
+
+    refused(tmp_path / "nope", "--labels", "nope", "no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "classes.txt").write_text((toy["root"] / "toy/target/classes.txt").read_text())
+    refused(empty, "no .png label maps found")
+    m = maps("rgb")
+    Image.open(m / "wide.png").convert("RGB").save(m / "b" / "colour.png")
+    refused(m, "colour.png", "mode-RGB", "palette PNG")
+    r = run(*tgt, "--labels", m, "--out", out)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "colour.png" in r.stderr and "Traceback" not in r.stderr and not out.exists()
+    m = maps("past")
+    Image.fromarray(np.full((32, 32), 10, np.uint8)).save(m / "a" / "ten.png")
+    refused(m, "ten.png", "value 10", "outside the 9 classes", "0..9")
+    m = maps("bit")  # a 1-bit mask is a valid map of ids 0 and 1
+    Image.fromarray(np.eye(32, dtype=bool)).save(m / "b" / "mask.png")
+    evaluate.main(list(map(str, [*tgt, "--labels", m, "--out", tmp_path / "bit_out", "--grid-n", 0])))
+    assert (tmp_path / "bit_out" / "images" / "b" / "mask.png").is_file()
+    m = maps("broken")
+    (m / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    refused(m, "broken.png", "unreadable image")
+    classes = (toy["root"] / "toy/target/classes.txt").read_text().splitlines()
+    m = maps("reordered")
+    (m / "classes.txt").write_text("\n".join([classes[1], classes[0], *classes[2:]]) + "\n")
+    refused(m, "classes.txt has the classes of --ckpt", "another order", f"class 1 is '{classes[0]}'")
+    m = maps("fewer")
+    (m / "classes.txt").write_text("\n".join(classes[:-1]) + "\n")
+    refused(m, "classes.txt has 8 classes", f"class 9 is '{classes[-1]}'")
+    m = maps("noclasses")
+    (m / "classes.txt").unlink()
+    refused(m, "noclasses/classes.txt", "expected a classes.txt")
+    refused(maps("flags"), "--data, --inception: not used with --labels", extra=["--data", "toy-target", "--inception",
+                                                                              "x.pth"])
+
+
+def test_labels_mode_minimum_size(toy, tmp_path):
+    """A map smaller than the model's first feature grid is refused (a generator built for 64 px: 2x2)."""
+    from models.oasis import Generator
+    torch.manual_seed(0)
+    G = Generator(toy["tgt"].n_channels, z_dim=4, channels=2, spade_hidden=8, crop_size=64).eval()
+    torch.save(our_checkpoint(G, toy["tgt"]), tmp_path / "g64.pt")
+    m = label_dir(toy, tmp_path / "maps", 2)
+    Image.fromarray(np.ones((1, 5), np.uint8)).save(m / "a" / "strip.png")
+    r = run("--ckpt", tmp_path / "g64.pt", "--labels", m, "--out", tmp_path / "out", "--workers", 0)
+    assert r.returncode == 1 and "strip.png: 5x1 pixels, smaller than the model's minimum 2x2" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path, image_dirs):
+    """--out equal to, inside or around an input folder is refused before anything is written (the dataset's PNGs
+    survive --out <data root>; F inside O is refused and intact); a rerun removes exactly the files its earlier
+    run listed in manifest.json, never a file it did not write."""
+    import shutil
+    root = tmp_path / "target"
+    shutil.copytree(toy["root"] / "toy/target", root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    model = ["--ckpt", toy["root"] / "tgt.pt", "--data", "toy-target", "--size", 32, "--workers", 0, "--no-fid"]
+    for out, how in ((root, "is --data-root"), (root / "val", "lies inside --data-root"),
+                     (tmp_path, "contains --data-root")):
+        with pytest.raises(DataError, match=f"--out {out}: {how}"):
+            evaluate.main(list(map(str, [*model, "--data-root", root, "--out", out])))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    real, fake = image_dirs
+    folders = tmp_path / "folders"
+    shutil.copytree(real, folders / "real")
+    shutil.copytree(fake, folders / "fake")
+    kept = sorted((folders / "fake").iterdir())
+    r = run("--real-dir", folders / "real", "--fake-dir", folders / "fake", "--out", folders, "--fid-features",
+            toy["root"] / "feat.pt")
+    assert r.returncode == 1 and "contains --real-dir" in r.stderr and sorted((folders / "fake").iterdir()) == kept
+    maps = label_dir(toy, tmp_path / "maps", 2)
+    with pytest.raises(DataError, match="lies inside --labels"):
+        evaluate.main(list(map(str, ["--ckpt", toy["root"] / "tgt.pt", "--labels", maps, "--out", maps / "gen"])))
+    assert not (maps / "gen").exists()
+    from conftest import golden_path
+    sq = golden_path("oasis", "sq")  # an official OASIS run folder: an input like any other
+    with pytest.raises(DataError, match="lies inside --ckpt"):
+        evaluate.main(list(map(str, ["--ckpt", sq, "--source", "ade20k", "--labels", maps, "--out", sq / "gen"])))
+    assert not (sq / "gen").exists()
+
+    out = tmp_path / "ev"
+    (out / "images").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(out / "images" / "mine.png")  # the user's file, in the folder evaluate.py writes
+    data = [*model, "--data-root", root, "--limit", 3, "--out", out]
+    evaluate.main(list(map(str, [*data, "--samples-per-map", 2])))
+    first = json.loads((out / "manifest.json").read_text())["files"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(["mine.png"] + [Path(f).name for f in first
+                                                                                        if f.startswith("images/")])
+    evaluate.main(list(map(str, [*data, "--grid-n", 0])))  # one sample per map now: the _0/_1 files go
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert len(names) == 4 and "mine.png" in names and not any("_1" in n for n in names)
+    assert not (out / "grid.png").exists()  # listed by the first run, not written by the second
+    res = json.loads((out / "results.json").read_text())
+    assert res["provenance"]["command"].startswith("evaluate.py --ckpt") and "torch" in res["provenance"]["versions"]
+    assert any("no segmenter given" in w for w in res["warnings"]) and res["generator"]["step"] == 0
+
+
+def test_checkpoint_classes_against_the_data(toy, tmp_path):
+    """The checkpoint's class names against --data's, by name and order: a classes.txt reordered since training is
+    refused naming the first difference; a checkpoint without names (an older run) is evaluated with a note; the
+    warnings printed (here: a folder without train/ and val/, so val = train) are recorded in results.json."""
+    import shutil
+    root = tmp_path / "target"
+    shutil.copytree(toy["root"] / "toy/target/val", root)  # images/ + labels/ without splits
+    names = toy["tgt"].names
+    (root / "classes.txt").write_text("\n".join([names[0], names[2], names[1], *names[3:]]) + "\n")
+    flags = ["--data", "folder", "--data-root", root, "--size", 32, "--workers", 0, "--no-fid", "--limit", 2]
+    r = run("--ckpt", toy["root"] / "tgt.pt", *flags, "--out", tmp_path / "o")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert f"--data folder has the classes of --ckpt {toy['root'] / 'tgt.pt'} in another order: class 2 is " \
+           f"'{names[1]}' in --ckpt" in r.stderr and not (tmp_path / "o").exists()
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    old = torch.load(toy["root"] / "tgt.pt", weights_only=True)
+    old["target"] = {k: v for k, v in old["target"].items() if k != "names"}
+    torch.save(old, tmp_path / "old.pt")
+    r = run("--ckpt", tmp_path / "old.pt", *flags, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "records no class names" in r.stdout and any("records no class names" in w for w in res["warnings"])
+    assert any(w.startswith("warning: --data-root") and "val split is the training images" in w
+               for w in res["warnings"]), res["warnings"]
+
+
+def test_help_groups_flags_by_mode_and_shows_defaults(capsys, monkeypatch):
+    """--help: every flag explained, grouped by mode, every default shown; --data has none (no silent toy data)."""
+    made = []
+
+    class Recording(evaluate.ArgumentParser):  # the parser evaluate.py builds, kept for a look at its flags
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(evaluate, "ArgumentParser", Recording)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    text = capsys.readouterr().out
+    flags = [a for a in made[0]._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 30 and all(a.help for a in flags), [a.dest for a in flags if not a.help]
+    assert next(a for a in flags if a.dest == "data").default is None
+    for group in ("every mode:", "PITI checkpoints", "label maps alone (--labels)", "evaluation data (model mode",
+                  "FID and KID", "mIoU (model mode):", "two folders of images"):
+        assert group in text, group
+    for default in ("(default: 16)", "(default: 0)", "(default: 8)", "(default: auto)", "(default: best)",
+                    "(default: val)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_source_model_classes_against_its_source_root(toy, tmp_path):
+    """Training-free mode with a source model of ours: its recorded class names against --source-root's
+    classes.txt, by name and order (a source dataset reordered since the source model was trained is refused)."""
+    import shutil
+    import data
+    root = tmp_path / "source"
+    shutil.copytree(toy["root"] / "toy/source", root)
+    (tmp_path / "run").mkdir()  # the source model's run folder (no --out may lie inside it)
+    torch.save(our_checkpoint(toy["G_src"], data.class_table("folder", root)), tmp_path / "run" / "src.pt")
+    np.save(tmp_path / "A.npy", np.full((len(toy["tgt"]), len(toy["src"])), 1 / len(toy["src"]), np.float32))
+    names = (root / "classes.txt").read_text().splitlines()
+    (root / "classes.txt").write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    flags = ["--ckpt", tmp_path / "run" / "src.pt", "--source", "folder", "--source-root", root, "--affinity",
+             tmp_path / "A.npy", *toy["data"], "--no-fid", "--limit", 2]
+    with pytest.raises(DataError, match=f"--source folder has the classes of --ckpt .* in another order: class 1 is "
+                                        f"'{names[0]}'"):
+        evaluate.main(list(map(str, [*flags, "--out", tmp_path / "o"])))
+    assert not (tmp_path / "o").exists()
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    evaluate.main(list(map(str, [*flags, "--out", tmp_path / "o"])))
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["generator"]["kind"] == "oasis-training-free"

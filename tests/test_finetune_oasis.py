@@ -416,7 +416,7 @@ def test_square_source_into_cityscapes(square_source, tmp_path):
                        (["--ckpt", w / "src" / "checkpoint.pt", "--source", "folder", "--source-root", w / "src_data",
                          "--affinity", w / "A.npy"], "free")):
         evaluate.main([str(a) for a in [*model, *cs, "--no-fid", "--workers", "0", "--device", "cpu",
-                                        "--out", tmp_path / out, "--grid-rows", "1"]])
+                                        "--out", tmp_path / out, "--grid-n", "1"]])
         assert (tmp_path / out / "results.json").is_file()
         shots = sorted((tmp_path / out / "images").rglob("*.png"))
         assert shots and all(Image.open(p).size == (512, 256) for p in shots)

@@ -246,7 +246,7 @@ def test_evaluate_end_to_end_with_drn105(tmp_path):
     torch.save(recipe_state_dict(S.DRNSeg()), tmp_path / "drn-d-105_ms_cityscapes.pth")
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(repo / "evaluate.py"), "--ckpt", tmp_path / "G.pt", "--data", "cityscapes",
-                        "--data-root", tmp_path / "cs", "--workers", "0", "--grid-rows", "0", "--batch-size", "2",
+                        "--data-root", tmp_path / "cs", "--workers", "0", "--grid-n", "0", "--batch", "2",
                         "--segmenter-weights", tmp_path / "drn-d-105_ms_cityscapes.pth", "--out", tmp_path / "eval", "--no-fid"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
