@@ -65,8 +65,8 @@ from PIL import Image
 
 from models import ArgumentParser, DataError, checkpoint, cli, nonneg_int, positive_int
 from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
-from data import add_data_args, class_table, dataset_from_args, load_affinity
-from metrics import (LabelMaps, Said, channel_names, check_out_vs_inputs, check_sizes, compare_classes, confusion,
+from data import add_data_args, class_table, compare_classes, dataset_from_args, load_affinity
+from metrics import (LabelMaps, Said, channel_names, check_out_vs_inputs, check_sizes, confusion,
                      describe_features, embed, fid_lines, fid_metrics, generate, grid_titles, label_maps, legend_of,
                      load_feature_net, load_segmenter, miou_results, model_classes, oasis_sampler, output_names,
                      piti_sampler, provenance, real_stats, record, resize_images, save_grid, score_folders, segment,

@@ -676,8 +676,8 @@ def provenance(argv=None, script="evaluate.py"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Until models/run.py (check_out_vs_inputs, recorded_files, record) and data.compare_classes are merged: small
-# versions of the agreed names, for evaluate.py
+# Until models/run.py (check_out_vs_inputs, recorded_files, record) is merged: small versions of the agreed
+# names, for evaluate.py
 
 MANIFEST = "manifest.json"  # what a script wrote into --out: a rerun removes these files and no others
 
@@ -712,20 +712,6 @@ def record(out, names, script="evaluate.py"):
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"script": script, "files": [MANIFEST, *names]}, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
-
-
-def compare_classes(expected, given, expected_what, given_what):
-    """One line naming the first difference of two lists of class names (data.compare_classes once merged)."""
-    e, g = [str(n) for n in expected], [str(n) for n in given]
-    if [n.lower() for n in e] == [n.lower() for n in g]:
-        return
-    k = next((i for i, (a, b) in enumerate(zip(e, g)) if a.lower() != b.lower()), min(len(e), len(g)))
-    at = f"class {k + 1} is '{e[k] if k < len(e) else '(none)'}' in {expected_what}, " \
-         f"'{g[k] if k < len(g) else '(none)'}' in {given_what}"
-    why = (f"has {len(g)} classes, {expected_what} {len(e)}" if len(e) != len(g) else "has the classes of "
-           f"{expected_what} in another order" if sorted(map(str.lower, e)) == sorted(map(str.lower, g)) else
-           f"has other classes than {expected_what}")
-    raise DataError(f"{given_what} {why}: {at}")
 
 
 class Said:

@@ -26,9 +26,6 @@ from conftest import REPO
 
 NOTEBOOK = REPO / "colab.ipynb"
 PLACEHOLDER = "/placeholder/path"
-# flags being added on other branches: while the script's parser lacks the flag entirely, its command is skipped
-# (with the reason). Remove an entry once its branch is merged.
-PENDING = {("evaluate.py", "--labels"): "evaluate.py --labels (issue 32, being added on another branch)"}
 
 
 def load_notebook():
@@ -219,11 +216,6 @@ def test_variables_defined():
 def test_command_parses(cell, command, monkeypatch):
     tokens = shlex.split(substitute(command, literal_values(NB)))
     parser, error = parse_command(tokens, monkeypatch)
-    if error:
-        known = set(parser._option_string_actions) if parser else set()
-        for (script, flag), why in PENDING.items():
-            if tokens[1] == script and flag in tokens and flag not in known:
-                pytest.skip(f"{why}: its parser has no {flag} yet")
     assert error is None, f"colab.ipynb cell {cell}: `{command}` does not parse against {tokens[1]}: {error}"
 
 
