@@ -35,13 +35,13 @@ from PIL import Image, ImageOps
 import toy  # the toy tasks' names, folders and generation (toy.ensure)
 # bad input: one DataError line, raised here, printed by the scripts' entry points (cli)
 from models import ArgumentParser, DataError, cli, no_file, nonneg_int, positive_int
+# the affinity's arithmetic lives in models/affinity.py; load_affinity (below) is its reader
+from models.affinity import affinity_sha256, affinity_to_channels
 
 REPO = Path(__file__).resolve().parent
 CLASS_DIR = REPO / "classes"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 DATASETS = ("coco", "ade20k", "cityscapes", "folder", *toy.TASKS)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,38 +197,6 @@ def dataset_root(dataset, root=None):
     return root
 
 
-def extend_affinity(A):
-    """(T, S) -> (T+1, S+1) with the unlabelled channel 0 first, mapped to the source's unlabelled channel."""
-    E = np.zeros((A.shape[0] + 1, A.shape[1] + 1), np.float32)
-    E[0, 0], E[1:, 1:] = 1.0, A
-    return E
-
-
-def affinity_to_channels(A, target, source):
-    """(target real x source real) affinity -> (target.n_channels x source.n_channels) channel matrix.
-
-    A (T, S) matrix maps dontcare to dontcare; an extended (T+1, S+1) one (see extend_affinity) also says where
-    the unlabelled channel 0 goes and which classes go to it. A target one-hot y maps to source space as
-    einsum('bthw,ts->bshw', y, M).
-    """
-    A = torch.as_tensor(np.asarray(A), dtype=torch.float32)
-    extended = A.shape == (len(target) + 1, len(source) + 1)
-    if A.shape != (len(target), len(source)) and not extended:
-        raise DataError(
-            f"affinity has shape {tuple(A.shape)}, expected ({len(target)}, {len(source)}) = "
-            f"({target.dataset} classes, {source.dataset} classes), or one more of each with the unlabelled channel")
-    if not torch.isfinite(A).all() or (A < 0).any():
-        raise DataError("affinity has NaN, infinite or negative entries; expected non-negative rows summing to 1")
-    M = torch.zeros(target.n_channels, source.n_channels)
-    t_ch, s_ch = torch.tensor(target.channels), torch.tensor(source.channels)
-    if extended:
-        t_ch, s_ch = torch.cat([torch.zeros(1, dtype=torch.long), t_ch]), torch.cat([torch.zeros(1, dtype=torch.long), s_ch])
-    else:
-        M[0, 0] = 1.0
-    M[t_ch[:, None], s_ch[None, :]] = A
-    return M
-
-
 def load_affinity(path, target, source, flag="--affinity"):
     """The one reader of affinity.npy: -> (A (T, S) float32 array, channel-space matrix M).
 
@@ -289,12 +257,6 @@ def load_affinity(path, target, source, flag="--affinity"):
         for side, table in (("target", target), ("source", source)):
             compare_classes(table, names[side], f"--{side} {table.dataset}", f"{where} ({side} classes)")
     return A.astype(np.float32), M
-
-
-def affinity_sha256(A):
-    """The sha256 that affinity.json records of its .npy's array (float32 values and shape)."""
-    A = np.ascontiguousarray(A, np.float32)
-    return hashlib.sha256(repr(A.shape).encode() + A.tobytes()).hexdigest()
 
 
 def onehot(label, n_channels):
