@@ -295,7 +295,7 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # The paper's estimators: each returns (rows over the source classes, target rows seen in the images or None,
-# a description of its encoder, the files it read)
+# a description of its encoder, the files it read); their arithmetic is models/affinity.py's
 
 
 def estimate_text(args, target, source, device):

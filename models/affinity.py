@@ -1,7 +1,9 @@
 """The class affinity of CAT (Careil et al., CVPR 2023) as arithmetic on tensors, and its report and files.
 
-estimate_affinity.py runs the stage (flags, inputs, one estimator per method, combination); this module holds
-what the steps compute: the text method (cosine of prompt-ensembled class-name embeddings, softmax over the
+What every stage computes with an affinity: the channel-space matrix the models use (affinity_to_channels, with
+the unlabelled channel 0 by extend_affinity) and the sha256 that ties affinity.npy to affinity.json.
+estimate_affinity.py runs the estimation stage (flags, inputs, one estimator per method, combination); this
+module holds what its steps compute: the text method (cosine of prompt-ensembled class-name embeddings, softmax over the
 source classes), the supervised method's per-class accumulation of a source segmenter's predictions, the
 self-supervised method's prototype cosines (models/dino.py computes the prototypes), the paper's hard rows, the
 report (mapping.md, affinity.png) and the all-or-none write of the four outputs. Their reader is
