@@ -38,31 +38,23 @@ every target class) and affinity.png (every target row labelled beside the heatm
 written out, a colour scale): all four or none (a failed write keeps none).
 """
 import argparse
-import json
 import math
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, checkpoint, cli, figures, no_file, nonneg_int, oasis, positive_float,
+from models import (ArgumentParser, DataError, affinity, amp, checkpoint, cli, no_file, nonneg_int, positive_float,
                     positive_int, segmenters)
 from models.weights import by_hand_missing, names, resolve
-from models.dino import class_prototypes, load_dino
+from models.dino import load_dino
 from models.text import text_encoder
 
 ESTIMATORS = ("text", "supervised", "self-supervised")
-PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there is {} in the scene.", "the {} in the image.")
-# COCO-Stuff thing ids that never occur in the label maps (classes/README.md). They keep their columns (the
-# paper's own mappings use two of them), but four share a display name with a used stuff class (door, desk,
-# mirror, window): on such exact ties the hard argmax picks the class the source generator was trained on.
-COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 # the supervised method's default for a source dataset: the paper's segmenter, its weight files by name
 PAPER_SEGMENTER = {ds: (net, segmenters.WEIGHT_NAMES[net]) for ds, net in segmenters.DEFAULT_SEGMENTER.items()}
-OUTPUTS = ("mapping.md", "affinity.png", "affinity.json", "affinity.npy")  # written in this order, all or none
 EXAMPLE = {  # one copy-paste command per mode, shown with the flags it lacks
     "text": "--source coco --target ade20k --method text --out runs/aff_text",
     "supervised": "--source toy-source --target toy-target --method supervised --segmenter toy_seg.pt --out runs/aff",
@@ -86,44 +78,6 @@ def open_table(spec, flag):
         if not disp.strip():
             raise DataError(f"{flag} {spec}: class '{name}' has an empty display name")
     return dataset, root, table
-
-
-def with_void(table):
-    """The table with the unlabelled value 0 as a class of its own, first (its row is estimated like any other)."""
-    return data.ClassTable(table.dataset, [0] + table.ids, ["unlabeled"] + table.names, ["unlabeled"] + table.display,
-                           [0] + table.channels, table.n_channels)
-
-
-def channel_rows(table):
-    """Lookup channel id -> row of the table (-1 for dontcare and channels without a class)."""
-    lut = torch.full((table.n_channels,), -1, dtype=torch.long)
-    lut[torch.tensor(table.channels)] = torch.arange(len(table))
-    return lut
-
-
-# ----------------------------------------------------------------------------------------------
-# the estimators' arithmetic
-
-
-def class_names(table, synonyms):
-    """The names embedded for each class: the cleaned display name, plus ADE20K's other synonyms with 'mean'."""
-    out = []
-    for raw, disp in zip(table.names, table.display):
-        extra = [s.strip() for s in raw.split(";")[1:] if s.strip()] if synonyms == "mean" else []
-        out.append([disp] + extra)
-    return out
-
-
-def text_affinity(encode, target, source, synonyms, temperature):
-    """Softmax over source classes of the cosine between class embeddings; a class embedding is the mean
-    over its names x prompt templates (CLIP's prompt ensemble). Each distinct text is encoded once."""
-    names = class_names(target, synonyms) + class_names(source, synonyms)
-    texts = sorted({p.format(n) for ns in names for n in ns for p in PROMPTS})
-    index = {text: i for i, text in enumerate(texts)}
-    e = encode(texts)
-    emb = F.normalize(torch.stack([e[[index[p.format(n)] for n in ns for p in PROMPTS]].mean(0) for ns in names]), dim=-1)
-    cos = emb[:len(target)] @ emb[len(target):].T
-    return torch.softmax(cos / temperature, dim=1).numpy()
 
 
 def load_segmenter(args, source, source_dataset, device):
@@ -150,54 +104,8 @@ def load_segmenter(args, source, source_dataset, device):
     if path is None:
         raise DataError("--method supervised needs --source-ckpt (the source OASIS checkpoint; its discriminator "
                         "segments) or --segmenter FILE (TorchScript)")
-    which = "best"
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, d, "best_D.pth")) for d in ("models", "")):
-        which = "latest"  # runs without a best_* keep latest_*
-    src = oasis.load_source(path, source_dataset, source.n_channels, which, parts=("D",))
-    D = oasis.Discriminator(**src["D_kwargs"])
-    oasis.check_state_dict(D, src["D"], path, f"--source {source_dataset}")
-    D = D.eval().to(device)
-    # output channel 0 is "fake", k+1 is semantic channel k (OASIS's N+1 loss)
-    return (lambda x: D(x)[:, 1:]), f"OASIS discriminator ({path})", path, {k: src[k] for k in ("G_kwargs", "D_kwargs")}
-
-
-@torch.no_grad()
-def supervised_affinity(segment, dataset, target, source, stat, device, batch, mode=True, workers=0):
-    """Row t = mean predicted source distribution (or argmax histogram) over target pixels of class t."""
-    t_rows, s_cols = channel_rows(target), torch.tensor(source.channels)
-    sums, counts = torch.zeros(len(target), len(source), dtype=torch.float64), torch.zeros(len(target), dtype=torch.float64)
-    for b in torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers):
-        x, label = b["image"].to(device), b["label"]
-        with amp.autocast(device, mode):  # mode: from models.amp.pick (True: bf16 on CUDA)
-            logits = segment(x)
-        if logits.shape[1] != source.n_channels:
-            raise DataError(f"segmenter outputs {logits.shape[1]} channels, --source {source.dataset} has {source.n_channels} "
-                            "(dontcare + its classes)")
-        logits = logits.float()[:, s_cols.to(device)]  # drop dontcare, keep the real classes in table order
-        if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        p = torch.softmax(logits, 1) if stat == "soft" else F.one_hot(logits.argmax(1), len(source)).permute(0, 3, 1, 2).float()
-        rows, values = t_rows[label], p.permute(0, 2, 3, 1).cpu()
-        keep = rows >= 0  # pixels of a row of the table
-        sums.index_add_(0, rows[keep], values[keep].double())
-        counts.index_add_(0, rows[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
-    if counts.sum() == 0:
-        raise DataError(f"target images in {dataset.root}: no pixel carries a target class (labels are all dontcare)")
-    return (sums / counts.clamp(min=1)[:, None]).float().numpy(), (counts > 0).numpy()
-
-
-def prototype_affinity(t_proto, s_proto, s_present, temperature):
-    """Cosine of prototypes (DINO ViT patch features), softmax over the source classes seen in the source sample."""
-    cos = (t_proto @ s_proto.T) / temperature
-    cos[:, ~torch.as_tensor(s_present)] = -float("inf")
-    return torch.softmax(cos, dim=1).numpy()
-
-
-def harden(estimate, source):
-    """CAT's hard affinity (the paper's default): each target row becomes one-hot at its largest source class.
-    Exact ties avoid COCO-Stuff's unused thing ids, which share names with used stuff classes."""
-    unused = np.isin(source.ids, COCO_UNUSED) if source.dataset == "coco" else np.zeros(len(source), bool)
-    return np.eye(len(source))[(estimate - 1e-9 * unused).argmax(1)]
+    segment, kwargs = affinity.source_discriminator(path, source_dataset, source.n_channels, device)
+    return segment, f"OASIS discriminator ({path})", path, kwargs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,60 +165,6 @@ def read_mapping(path, target, source, flag):
                             "keep one line per target class")
         rows[k], first[k] = row / row.sum(), ln
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# report and outputs
-
-
-def report(A, estimate, target, source, meta, marks):
-    """(text of mapping.md, affinity.png image): mapping.md (final choice, top-3 of the estimate and, for a
-    combination, each method's top-1 per target class: the form of the CAT supplement's Tables 5 and 6) and
-    affinity.png (labelled heatmap + top-3 per row). `target` is the table of the estimate's rows (with
-    'unlabeled' first under --void-row); A may have one more row (channel 0 by hand) and a column 0 (the source's
-    unlabelled channel)."""
-    lines = [f"# Class affinity: {meta['args']['target']} -> {meta['args']['source']}", "",
-             f"method: {meta['method']} ({'hard' if meta['hard'] else 'soft'})" + "".join(f"; {k}: {v}" for k, v in meta["encoders"].items()),
-             *(f"skipped {m}: {why}" for m, why in meta["skipped"].items()), "",
-             "| target | → source | top-3 of the estimate (score) | " + "".join(f"{m} | " for m in meta["matrices"]) + "note |",
-             "|---|---|---|" + "---|" * len(meta["matrices"]) + "---|"]
-    # a display name shared by two source classes (COCO: door, desk, mirror, window) is shown by its raw name
-    label = [d if source.display.count(d) == 1 else n for d, n in zip(source.display, source.names)]
-    by_hand, cols = len(A) - len(target), (["unlabelled"] * (A.shape[1] - len(source))) + label
-    choice = [cols[int(r.argmax())] for r in A]
-    if by_hand:  # the unlabelled channel 0 mapped by a mapping file, without an estimated row
-        lines.append(f"| unlabelled (channel 0) | {choice[0]} | | {'| ' * len(meta['matrices'])}by hand |")
-    for t in range(len(target)):
-        scores = ", ".join(f"{label[s]} {estimate[t, s]:.2f}" for s in np.argsort(-estimate[t], kind="stable")[:3])
-        per_method = "".join(f"{label[int(np.argmax(E[t]))]} {max(E[t]):.2f} | " for E in meta["matrices"].values())
-        lines.append(f"| {target.display[t]} | {choice[t + by_hand]} | {scores} | {per_method}{marks.get(t, '')} |")
-
-    # the estimate as a tall heatmap, each row labelled with its top-3 written out (models/figures.py)
-    title = f"class affinity {meta['args']['target']} -> {meta['args']['source']}: {meta['method']}"
-    img = figures.affinity_figure(estimate, A[by_hand:, A.shape[1] - len(source):], target.display, label,
-                                  title + f" ({'hard' if meta['hard'] else 'soft'})",
-                                  f"target: {target.dataset}, {len(target)} classes",
-                                  f"source: {source.dataset}, {len(source)} classes")
-    return "\n".join(lines) + "\n", img
-
-
-def write_all(out, writers):
-    """All outputs or none: each {name: write(binary file)} goes to a temporary name in `out`, then all are moved
-    into place; a failure (a full disk) removes the temporaries and the files already moved: one DataError line."""
-    tmp, done, name = {n: os.path.join(out, f".{n}.tmp") for n in writers}, [], None
-    try:
-        for name, write in writers.items():
-            with open(tmp[name], "wb") as f:
-                write(f)
-        for name in writers:
-            os.replace(tmp[name], os.path.join(out, name))
-            done.append(name)
-    except OSError as e:
-        for path in [*tmp.values(), *(os.path.join(out, n) for n in done)]:
-            if os.path.exists(path):
-                os.remove(path)
-        raise DataError(f"--out {out}: cannot write {name} ({e.strerror or e}); none of {', '.join(writers)} "
-                        "was kept") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +295,7 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # The paper's estimators: each returns (rows over the source classes, target rows seen in the images or None,
-# a description of its encoder, the files it read)
+# a description of its encoder, the files it read); their arithmetic is models/affinity.py's
 
 
 def estimate_text(args, target, source, device):
@@ -453,7 +307,7 @@ def estimate_text(args, target, source, device):
             raise
         raise DataError(f"the default text encoder, --clip-weights clip_vitb32: {e}; "
                         "or --text-encoder minilm (bundled, offline)") from None
-    return text_affinity(encode, target, source, args.synonyms, args.temperature), None, desc, [clip] if clip else []
+    return affinity.text_affinity(encode, target, source, args.synonyms, args.temperature), None, desc, [clip] if clip else []
 
 
 def estimate_supervised(args, images, target, source, s_name, device):
@@ -461,14 +315,9 @@ def estimate_supervised(args, images, target, source, s_name, device):
     segment, desc, path, kwargs = load_segmenter(args, source, s_name, device)
     images = images()
     if kwargs is not None:  # the source discriminator: sides that are multiples of 2**blocks, its generator's height
-        step = 2 ** (len(kwargs["D_kwargs"]["channels"]) - 1)
-        if images.size[0] % step or images.size[1] % step:
-            raise DataError(f"--size {args.size}: the target images are {images.size[0]}x{images.size[1]}, the source "
-                            f"discriminator ({path}) has {step.bit_length() - 1} encoder blocks and takes sides that "
-                            f"are multiples of {step}")
-        oasis.resize_kwargs(kwargs["G_kwargs"], images.size, f"--source-ckpt {path}")
-    A, present = supervised_affinity(segment, images, target, source, args.seg_stat, device, args.batch,
-                                     amp.pick(args.device, args.amp), args.workers)
+        affinity.fit_discriminator(kwargs, images.size, path, f"--size {args.size}")
+    A, present = affinity.supervised_affinity(segment, images, target, source, args.seg_stat, device, args.batch,
+                                              amp.pick(args.device, args.amp), args.workers)
     return A, present, desc, [path]
 
 
@@ -479,9 +328,6 @@ def estimate_self_supervised(args, images, target, source, device):
     desc = f"DINO ViT dim {vit.kwargs['dim']}, depth {vit.kwargs['depth']}, patch {vit.kwargs['patch']} ({weights})"
     spec = args.source_data or args.source
     sd_name, sd_root = ("folder", spec) if os.path.isdir(spec) else (spec, args.source_root)
-    if sd_name in ("coco", "ade20k", "cityscapes") and sd_root is None:
-        raise DataError(f"--method self-supervised needs labelled {sd_name} images for the source prototypes: "
-                        "--source-root DIR")
     src = data.open_dataset(sd_name, sd_root, "train")
     data.compare_classes(source, src.classes, f"--source {args.source}",
                          f"the source images ({'--source-data ' + args.source_data if args.source_data else sd_root or spec})")
@@ -489,14 +335,9 @@ def estimate_self_supervised(args, images, target, source, device):
         src = data.open_dataset(sd_name, sd_root, "train", n=args.source_n, subset_seed=args.subset_seed)
     data.check_labels(src)
     print(f"source images for prototypes: {len(src)} from {src.root}")
-    mode = amp.pick(args.device, args.amp)
-    s_proto, s_present = class_prototypes(vit, src, source, args.dino_size, device, args.batch, mode)
-    if not s_present.any():
-        raise DataError(f"source images in {src.root}: no pixel carries a source class")
-    t_proto, t_present = class_prototypes(vit, images, target, args.dino_size, device, args.batch, mode)
-    if not t_present.any():
-        raise DataError(f"target images in {images.root}: no pixel carries a target class (labels are all dontcare)")
-    return prototype_affinity(t_proto, s_proto, s_present, args.temperature), t_present, desc, [weights]
+    A, t_present = affinity.dino_affinity(vit, src, images, source, target, args.dino_size, device, args.batch,
+                                          amp.pick(args.device, args.amp), args.temperature)
+    return A, t_present, desc, [weights]
 
 
 def estimate_rows(args, target, source, s_name, device, hand):
@@ -511,7 +352,7 @@ def estimate_rows(args, target, source, s_name, device, hand):
     def target_images():  # the target training images, opened and checked once, after the first model loaded
         if not images:
             ds = data.dataset_from_args(args, "train", False, args.out)
-            data.compare_classes(target, with_void(ds.classes) if len(target) > len(ds.classes) else ds.classes,
+            data.compare_classes(target, affinity.with_void(ds.classes) if len(target) > len(ds.classes) else ds.classes,
                                  f"--target {args.target}", f"--data {args.data} {ds.root}")
             data.check_labels(ds)
             print(f"target images: {len(ds)} from {ds.root}")
@@ -556,12 +397,7 @@ def estimate_rows(args, target, source, s_name, device, hand):
             raise DataError(f"{args.hand}: maps {len(hand)} of {len(target)} target classes; missing: {', '.join(missing[:8])}")
         estimate = np.stack([hand[i + 1][1:] + 1e-12 * (hand[i + 1][1:].sum() == 0) for i in range(len(target))])
         files.append(args.hand)
-    estimate = np.asarray(estimate, np.float64)
-    estimate = estimate / estimate.sum(1, keepdims=True)
-    if not np.isfinite(estimate).all():  # an overflow would read as a row's argmax: column 0 everywhere
-        bad = int((~np.isfinite(estimate).all(1)).sum())
-        raise DataError(f"--temperature {args.temperature} / --weights: {bad} of {len(estimate)} rows of the "
-                        f"{args.method} scores are not finite (overflow); use a temperature like 0.05 and weights like 1")
+    estimate = affinity.normalise(estimate, f"--temperature {args.temperature} / --weights", args.method)
     return estimate, estimates, dict(encoders=encoders, files=files, skipped=skipped), marks
 
 
@@ -583,36 +419,27 @@ def main(argv=None):
         raise DataError(f"--void-row on with --method {args.method}: only an estimating method has a row to give the "
                         "unlabelled value 0; map it in a mapping file ('unlabeled -> CLASS') instead")
     void = args.void_row == "on" or args.void_row == "auto" and estimating and t_name == "cityscapes"
-    checkpoint.out_dir(args.out, replaces=OUTPUTS)
+    checkpoint.out_dir(args.out, replaces=affinity.OUTPUTS)
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}"
           + (", with an estimated row for the unlabelled value 0 (--void-row)" if void else ""))
-    rows_table = with_void(target) if void else target  # the estimate's rows
+    rows_table = affinity.with_void(target) if void else target  # the estimate's rows
     hand = read_mapping(args.hand, target, source, "--hand") if args.method == "hand" else {}
     estimate, estimates, info, marks = estimate_rows(args, rows_table, source, s_name, torch.device(args.device), hand)
 
-    A = estimate.copy() if args.soft else harden(estimate, source)
+    A = estimate.copy() if args.soft else affinity.harden(estimate, source)
     over = read_mapping(args.override, target, source, "--override") if args.override else {}
     rows = {**{t: r for t, r in hand.items() if t == 0 or r[0] > 0}, **over}  # written as given, extended matrix
-    if void or any(t == 0 or row[0] > 0 for t, row in rows.items()):
-        A = np.concatenate([np.zeros((len(A), 1)), A], 1) if void else data.extend_affinity(A)
-    for t, row in rows.items():
-        A[t - 1 + len(A) - len(target)] = row if len(A) > len(target) else row[1:]
-        if t in over and t - 1 + len(rows_table) - len(target) >= 0:  # a row of the report (not channel 0 by hand)
+    A = affinity.place_rows(A, rows, len(target), void)
+    for t in over:  # the rows of the report (not channel 0 by hand) that were overridden
+        if t - 1 + len(rows_table) - len(target) >= 0:
             marks[t - 1 + len(rows_table) - len(target)] = "overridden by hand"
     A = A.astype(np.float32)
     info["files"].extend([args.override] if args.override else [])
 
-    table = lambda t: dict(dataset=t.dataset, ids=t.ids, names=t.names, display=t.display, n_channels=t.n_channels)  # noqa: E731
-    meta = dict(method=args.method, hard=not args.soft, **info, source=table(source), target=table(target),
-                void_row=void, shape=list(A.shape), sha256=data.affinity_sha256(A),
-                args=vars(args), marks={rows_table.display[i]: m for i, m in sorted(marks.items())},
-                estimate=np.round(estimate, 6).tolist(),
-                matrices={m: np.round(np.asarray(E, np.float64), 6).tolist() for m, E in estimates.items()}
-                if len(estimates) > 1 else {})
-    text, img = report(A, estimate, rows_table, source, meta, marks)
-    write_all(args.out, dict(zip(OUTPUTS, (lambda f: f.write(text.encode()), lambda f: img.save(f, format="PNG"),
-                                           lambda f: f.write(json.dumps(meta, indent=1).encode()),
-                                           lambda f: np.save(f, A)))))
+    meta = affinity.record(args.method, not args.soft, info, source, target, void, A, estimate, estimates,
+                           {rows_table.display[i]: m for i, m in sorted(marks.items())}, vars(args))
+    text, img = affinity.report(A, estimate, rows_table, source, meta, marks)
+    affinity.write_outputs(args.out, text, img, meta, A)
     print(f"wrote {args.out}/affinity.npy {A.shape}, affinity.json, mapping.md, affinity.png")
     return A
 

@@ -16,7 +16,7 @@ import data
 import estimate_affinity as ea
 import toy as toy_task
 from conftest import REPO, golden_path
-from models import DataError
+from models import DataError, affinity
 
 
 def folder_dataset(root, classes, labels=(), images=()):
@@ -194,10 +194,10 @@ def test_identical_prototypes_give_an_identity_like_matrix(tmp_path, toy):
     assert (np.diag(A) > 0.5).all() and "patch 8" in meta["encoders"]["self-supervised"]
     # the unit: equal prototypes score a cosine of 1, the maximum
     proto = F.normalize(torch.randn(5, 16), dim=1)
-    P = ea.prototype_affinity(proto, proto, np.ones(5, bool), 0.05)
+    P = affinity.prototype_affinity(proto, proto, np.ones(5, bool), 0.05)
     np.testing.assert_array_equal(P.argmax(1), np.arange(5))
     # a source class missing from the source sample can take no mass
-    P = ea.prototype_affinity(proto, proto, np.array([1, 1, 0, 1, 1], bool), 0.05)
+    P = affinity.prototype_affinity(proto, proto, np.array([1, 1, 0, 1, 1], bool), 0.05)
     assert (P[:, 2] == 0).all() and np.allclose(P.sum(1), 1)
 
 
@@ -222,8 +222,8 @@ def test_clip_text_tower_from_a_local_file(tmp_path):
     ref = clip.model.build_model(model.state_dict()).float().eval()
     def embed(names):
         with torch.no_grad():
-            e = F.normalize(ref.encode_text(clip.tokenize([p.format(n) for n in names for p in ea.PROMPTS])).float(), dim=-1)
-        return F.normalize(e.reshape(len(names), len(ea.PROMPTS), -1).mean(1), dim=-1)
+            e = F.normalize(ref.encode_text(clip.tokenize([p.format(n) for n in names for p in affinity.PROMPTS])).float(), dim=-1)
+        return F.normalize(e.reshape(len(names), len(affinity.PROMPTS), -1).mean(1), dim=-1)
     expected = torch.softmax(embed(["lawn", "sea", "boat"]) @ embed(["grass", "water", "road", "car"]).T / 0.1, 1).numpy()
     for name in ("tiny_clip.pt", "tiny_clip_jit.pt"):
         A, meta, _ = run(tmp_path, "--source", src, "--target", tgt, "--method", "text", "--soft", "--temperature", "0.1",
@@ -269,10 +269,10 @@ def test_default_text_encoder_is_clip_by_name_and_never_reaches_the_network_sile
 
 def test_class_names_clean_and_synonyms():
     ade = data.class_table("ade20k")
-    first, mean = ea.class_names(ade, "first"), ea.class_names(ade, "mean")
+    first, mean = affinity.class_names(ade, "first"), affinity.class_names(ade, "mean")
     assert first[ade.ids.index(2)] == ["building"] and mean[ade.ids.index(2)] == ["building", "edifice"]
     coco = data.class_table("coco")
-    assert ea.class_names(coco, "mean")[coco.names.index("building-other")] == ["building"]
+    assert affinity.class_names(coco, "mean")[coco.names.index("building-other")] == ["building"]
 
 
 # ----------------------------------------------------------------------------------------------
