@@ -72,7 +72,7 @@ def main():
         for load in (0, args.load):
             times = measure(args.steps, args.reps, load, tmp)
             rows.append((load, {k: statistics.median(v) for k, v in times.items()}, times))
-    print(f"\n| condition | 1 thread (median s) | 2 threads (median s) | runs |\n|---|---|---|---|")
+    print("\n| condition | 1 thread (median s) | 2 threads (median s) | runs |\n|---|---|---|---|")
     for load, med, times in rows:
         print(f"| {'idle' if load == 0 else f'{load} busy processes'} | {med[1]:.1f} | {med[2]:.1f} | "
               f"{', '.join(f'{t:.0f}' for t in times[1])} / {', '.join(f'{t:.0f}' for t in times[2])} |")
