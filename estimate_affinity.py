@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, checkpoint, cli, figures, no_file, nonneg_int, oasis,
-                    positive_float, segmenters)
+from models import (ArgumentParser, DataError, amp, cli, figures, no_file, nonneg_int, oasis,
+                    positive_float, run, segmenters)
 from models.weights import by_hand_missing, names, resolve
 from models.dino import class_prototypes, load_dino
 from models.text import text_encoder
@@ -345,7 +345,7 @@ def get_args(argv=None):
     if args.text_encoder == "minilm" and args.clip_weights:
         raise DataError(f"--clip-weights {args.clip_weights} with --text-encoder minilm: the bundled MiniLM takes no "
                         "CLIP file; drop one of the two")
-    checkpoint.check_device(args.device)
+    run.check_device(args.device)
     for flag, low in (("batch_size", 1), ("source_n", 1), ("dino_size", 16)):
         if getattr(args, flag) < low:
             raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected at least {low}")
@@ -547,7 +547,7 @@ def main(argv=None):
         if root and os.path.commonpath([out, os.path.realpath(root)]) == os.path.realpath(root):
             raise DataError(f"--out {args.out}: inside the dataset folder {flag} {root}; write the affinity "
                             "outside it")
-    checkpoint.out_dir(args.out, replaces=OUTPUTS)
+    run.out_dir(args.out, replaces=OUTPUTS)
     args.precision = amp.pick(args.device, args.amp)  # recorded with the args in affinity.json
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}")
     R = SimpleNamespace(args=args, source=source, target=target, s_name=s_name, device=torch.device(args.device),

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, amp, checkpoint, cli, nonneg_int
+from models import ArgumentParser, DataError, amp, cli, nonneg_int, run
 from data import add_data_args, class_table, dataset_from_args, load_affinity
 from metrics import (confusion, embed, features, folder_images, frechet_distance, generate, image_batches, iou, kid,
                      load_feature_net, load_segmenter, oasis_sampler, real_stats, resize_images, save_grid, segment,
@@ -128,7 +128,7 @@ def get_args(argv=None):
     p.add_argument("--bf16-features", action="store_true",
                    help="FID/KID network under bf16 autocast on CUDA (faster; see BENCHMARKS.md for its effect)")
     args = p.parse_args(argv)
-    checkpoint.check_device(args.device)
+    run.check_device(args.device)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
                                ("--samples-per-map", args.samples_per_map, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
@@ -149,7 +149,7 @@ def get_args(argv=None):
         if spec is not None:
             check_respacing(spec, flag)
     if args.stats_cache and args.ckpt and not args.no_fid:
-        checkpoint.out_dir(args.stats_cache, "--stats-cache", keep=False)  # a file in the way: one line now
+        run.out_dir(args.stats_cache, "--stats-cache", keep=False)  # a file in the way: one line now
     if args.n is not None and args.split != "train":
         raise DataError(f"--n {args.n} picks training shots; use --limit to evaluate fewer {args.split} maps")
     return args
@@ -166,7 +166,7 @@ def load_generator(args, dataset, device, bf16):
         raise DataError(f"--ckpt {path}: not found; expected a checkpoint of ours or an official OASIS run folder")
     ckpt = None
     if path.is_file():
-        obj = checkpoint.load(path, "--ckpt")  # one line: truncated, empty, pickled, not a torch file
+        obj = run.load(path, "--ckpt")  # one line: truncated, empty, pickled, not a torch file
         ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
     if ckpt is not None and ckpt["kind"] not in ("oasis-cat", "piti-cat"):
         raise DataError(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
@@ -327,7 +327,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     # a file in the way, read-only: one line before any work; an earlier run's results, grid and images go now
-    out = checkpoint.out_dir(args.out, keep=False, replaces=("results.json", "grid.png", "images/*.png"))
+    out = run.out_dir(args.out, keep=False, replaces=("results.json", "grid.png", "images/*.png"))
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{gen_amp} autocast" if gen_amp != "fp32" else "fp32",

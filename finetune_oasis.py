@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, checkpoint, cli, curves, finite_float, int_list, nonneg_int,
-                    oasis, positive_int)
+from models import (ArgumentParser, DataError, amp, cli, curves, finite_float, int_list, nonneg_int,
+                    oasis, positive_int, run)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -150,15 +150,15 @@ def get_args(argv=None):
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
-    args, given = checkpoint.parse_with_given(p, argv)
-    checkpoint.check_device(args.device)
+    args, given = run.parse_with_given(p, argv)
+    run.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
     if args.resume:  # the run's own settings, except what the command line repeats (model/data flags must agree)
-        saved = checkpoint.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
+        saved = run.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
         if "stage2_reading" not in saved and saved.get("g_train") == "spade":
             saved = {**saved, "g_train": "blocks"}  # written when 'spade' named today's 'blocks' set: keep its meaning
-        checkpoint.resume_args(args, saved, MODEL_FLAGS, given)
+        run.resume_args(args, saved, MODEL_FLAGS, given)
         args.resume = True
     else:
         for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
@@ -320,10 +320,10 @@ def bn_batches(train_items, args, step, n_channels, device, mem):
 
 def setup(args):
     """Everything a run needs, fresh or resumed, as one namespace: data, models, optimisers, sampler."""
-    ddp, rank, world, device = checkpoint.init_distributed(args)
+    ddp, rank, world, device = run.init_distributed(args)
     master, cuda = rank == 0, device.type == "cuda"
-    out = checkpoint.prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
-    ckpt = checkpoint.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
+    out = run.prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
+    ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -343,9 +343,9 @@ def setup(args):
         raise DataError(f"--batch {args.batch} is larger than the {len(R.train_ds)} training images (--n)")
     data.check_labels(R.train_ds, f"--data {args.data}")
     R.train_items = data.Seeded(R.train_ds, args.seed)
-    R.data_fp = checkpoint.data_fingerprint(R.train_ds)  # a resumed run must train on the same files
+    R.data_fp = run.data_fingerprint(R.train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
-        checkpoint.check_data(ckpt.get("data"), R.data_fp, args)
+        run.check_data(ckpt.get("data"), R.data_fp, args)
 
     # Models: a fresh run builds them, a resumed one restores every tensor
     if ckpt is None:
@@ -386,9 +386,9 @@ def setup(args):
         R.step, R.best_fid, R.bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
         amp.restore(R.scalers, ckpt.get("scalers"))  # fp16 loss scales continue where they were
         if len(ckpt["rng"]) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
-            checkpoint.set_rng_state(ckpt["rng"][rank], device)
+            run.set_rng_state(ckpt["rng"][rank], device)
         if master:
-            checkpoint.truncate_log(out / "log.jsonl", R.step)
+            run.truncate_log(out / "log.jsonl", R.step)
     R.board = curves.Board(out, R.step) if args.tensorboard and master else None
 
     # Evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
@@ -415,9 +415,9 @@ def evaluate_and_save(R, s):
             stop = R.bad_evals >= R.args.patience
     rngs = [None] * R.world
     if R.ddp:
-        dist.all_gather_object(rngs, checkpoint.rng_state(R.device))
+        dist.all_gather_object(rngs, run.rng_state(R.device))
     else:
-        rngs = [checkpoint.rng_state(R.device)]
+        rngs = [run.rng_state(R.device)]
     if R.master:
         state = {"kind": "oasis-cat", "step": s, "args": vars(R.args), "affinity": R.A, "source": R.source_info,
                  "data": R.data_fp,
@@ -427,12 +427,12 @@ def evaluate_and_save(R, s):
                  "scalers": [sc.state_dict() for sc in R.scalers],
                  "best_fid": R.best_fid, "bad_evals": R.bad_evals}
         # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
-        checkpoint.append_log(R.out / "log.jsonl", entry)
+        run.append_log(R.out / "log.jsonl", entry)
         curves.update(R.out, R.board)  # curves.png (+ TensorBoard events) from log.jsonl
         if better:
-            checkpoint.save(state, R.out / "best.pt")
-        checkpoint.save(state, R.out / "checkpoint.pt")
-    return checkpoint.broadcast_stop(stop, R.device)
+            run.save(state, R.out / "best.pt")
+        run.save(state, R.out / "checkpoint.pt")
+    return run.broadcast_stop(stop, R.device)
 
 
 def main(argv=None):
@@ -443,7 +443,7 @@ def main(argv=None):
         print(f"{args.init}: {R.target.dataset} ({len(R.train_ds)} images, {R.target.n_channels} channels) from "
               f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}, {args.precision}")
         if step == 0:  # the recipe, then the model before training (training-free CAT)
-            checkpoint.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
+            run.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
             metrics.sample_grid(R.sample, R.grid, R.out / "samples" / f"{0:06d}.png")
         else:
@@ -452,7 +452,7 @@ def main(argv=None):
     try:
         step = train(R, step, total)
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
-        raise checkpoint.interrupted("finetune_oasis.py", args, given, R.last_saved) from None
+        raise run.interrupted("finetune_oasis.py", args, given, R.last_saved) from None
     if step == 0 and total == 0:  # training-free: save the model as built
         evaluate_and_save(R, 0)
     if R.master:
@@ -493,7 +493,7 @@ def train(R, step, total):
         bar.update(1)
         bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
         if R.master and (step % args.log_every == 0 or step == total):
-            checkpoint.append_log(R.out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
+            run.append_log(R.out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
                                                         "sec": round(time.time() - t0, 3)})
         if step % args.eval_every == 0 or step == total:
             stop = evaluate_and_save(R, step)

@@ -54,7 +54,7 @@ import data
 import metrics
 from models import (DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
                     unit_float)
-from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
+from models.run import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
                                gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
                                resume_args, save, step_seed, swapped, truncate_log)
 from models.state_dict import load_strict

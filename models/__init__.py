@@ -98,5 +98,5 @@ def cli(main):
     except OSError as e:  # a path the checks above did not foresee (disk full, permissions): still one line
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{e.strerror or str(e).strip().splitlines()[-1]}")  # a loader worker's: its last line
-    except KeyboardInterrupt as e:  # a finetuning loop words where to continue from (checkpoint.interrupted)
+    except KeyboardInterrupt as e:  # a finetuning loop words where to continue from (run.interrupted)
         sys.exit(f"interrupted: {e}" if str(e) else "interrupted")

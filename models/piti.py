@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import load
+from models.run import load
 from models.diffusion import cascade
 from models.palette import palette
 from models.state_dict import load_strict, read_state_dict

@@ -29,7 +29,8 @@ import finetune_oasis
 import finetune_piti
 import pretrain_piti
 import toy
-from models import DataError, checkpoint, cli
+import models.run  # the run toolkit (`run` names a helper below)
+from models import DataError, cli
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -714,18 +715,18 @@ def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch, error, words):
     """A write that fails half-way (disk full; torch's own writer says so as a RuntimeError): one line naming
     the file and the cause, no .tmp left, the previous checkpoint intact."""
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save({"step": 1}, path)
+    models.run.save({"step": 1}, path)
 
     def full(obj, f):
         Path(f).write_bytes(b"PK\x03\x04 half")
         raise error
 
-    monkeypatch.setattr(checkpoint.torch, "save", full)
-    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
+    monkeypatch.setattr(models.run.torch, "save", full)
+    one_line(lambda: models.run.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
              "previous one is kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     monkeypatch.undo()
-    assert checkpoint.load(path)["step"] == 1
+    assert models.run.load(path)["step"] == 1
 
 
 def tiny_run(W, tmp_path, *extra):
@@ -843,16 +844,16 @@ def test_bom_is_stripped_and_info_prints_the_images_own_size(W, capsys):
                                         ("text.pt", ["not a torch file"]), ("pickled.pt", ["pickled"]),
                                         ("nope.pt", ["not found"])])
 def test_checkpoint_load_says_why(W, name, words):
-    one_line(lambda: checkpoint.load(W.root / name, "--resume"), "--resume", name, *words)
+    one_line(lambda: models.run.load(W.root / name, "--resume"), "--resume", name, *words)
 
 
 def test_truncate_log_drops_a_torn_last_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
-    checkpoint.truncate_log(log, 2)
+    models.run.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    one_line(lambda: checkpoint.truncate_log(log, 2), "log.jsonl", "line 2")
+    one_line(lambda: models.run.truncate_log(log, 2), "log.jsonl", "line 2")
 
 
 # ---------------------------------------------------------------------------------------------- kill -9, resume
@@ -897,11 +898,11 @@ def test_sigkill_then_resume_logs_every_step_once(W, tmp_path, n_shot):
 
 
 def test_out_dir_checks_without_leaving_folders(W, tmp_path):
-    assert checkpoint.out_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
+    assert models.run.out_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
-    one_line(lambda: checkpoint.out_dir(W.root / "a_file" / "sub", replaces=("results.json",)), "--out", "a_file",
+    one_line(lambda: models.run.out_dir(W.root / "a_file" / "sub", replaces=("results.json",)), "--out", "a_file",
              "cannot write")
-    assert checkpoint.out_dir(tmp_path / "c").is_dir()
+    assert models.run.out_dir(tmp_path / "c").is_dir()
 
 
 def test_cli_prints_one_line(tmp_path):

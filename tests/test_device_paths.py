@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import checkpoint
+from models import run
 from models.piti import AttentionBlock, SelfAttention, group_norm
 
 
@@ -22,13 +22,13 @@ def one_rank(tmp_path):
 
 def test_broadcast_stop_on_one_rank_group(one_rank):
     assert dist.is_initialized()
-    assert checkpoint.broadcast_stop(True, torch.device("cpu")) is True
-    assert checkpoint.broadcast_stop(False, torch.device("cpu")) is False
+    assert run.broadcast_stop(True, torch.device("cpu")) is True
+    assert run.broadcast_stop(False, torch.device("cpu")) is False
 
 
 def test_broadcast_stop_without_torchrun():
     assert not dist.is_initialized()
-    assert checkpoint.broadcast_stop(True, torch.device("cpu")) is True
+    assert run.broadcast_stop(True, torch.device("cpu")) is True
 
 
 def test_init_distributed_waits_long_enough_for_rank0_evaluation(monkeypatch, tmp_path):
@@ -43,21 +43,21 @@ def test_init_distributed_waits_long_enough_for_rank0_evaluation(monkeypatch, tm
     monkeypatch.setenv("RANK", "0")
     args = type("Args", (), {"device": "cpu", "batch": 2})()
     try:
-        ddp, rank, world, device = checkpoint.init_distributed(args)
+        ddp, rank, world, device = run.init_distributed(args)
         assert (ddp, rank, world, device) == (True, 0, 1, torch.device("cpu"))
-        assert checkpoint.broadcast_stop(True, device) is True
+        assert run.broadcast_stop(True, device) is True
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert calls == [("gloo", {"timeout": checkpoint.COLLECTIVE_TIMEOUT})]
-    assert checkpoint.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+    assert calls == [("gloo", {"timeout": run.COLLECTIVE_TIMEOUT})]
+    assert run.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
 
 
 def test_rng_state_round_trip_on_cpu():
-    s = checkpoint.rng_state(torch.device("cpu"))
+    s = run.rng_state(torch.device("cpu"))
     assert s["cuda"] is None
     want = torch.rand(3), np.random.rand(3), random.random()
-    checkpoint.set_rng_state(s, torch.device("cpu"))
+    run.set_rng_state(s, torch.device("cpu"))
     got = torch.rand(3), np.random.rand(3), random.random()
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
 
@@ -69,11 +69,11 @@ def test_rng_state_uses_the_runs_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or
                         torch.zeros(8, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device)))
-    s = checkpoint.rng_state(torch.device("cpu"))
-    checkpoint.set_rng_state({**s, "cuda": torch.zeros(8, dtype=torch.uint8)}, torch.device("cpu"))
+    s = run.rng_state(torch.device("cpu"))
+    run.set_rng_state({**s, "cuda": torch.zeros(8, dtype=torch.uint8)}, torch.device("cpu"))
     assert calls == [] and s["cuda"] is None
-    s = checkpoint.rng_state(torch.device("cuda:1"))
-    checkpoint.set_rng_state(s, torch.device("cuda:1"))
+    s = run.rng_state(torch.device("cuda:1"))
+    run.set_rng_state(s, torch.device("cuda:1"))
     assert calls == [("get", torch.device("cuda:1")), ("set", torch.device("cuda:1"))]
     assert torch.equal(s["cuda"], torch.zeros(8, dtype=torch.uint8))
 
