@@ -1,6 +1,6 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
 stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
-are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `finite_float`, `positive_float`,
+are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `seed_int`, `finite_float`, `positive_float`,
 `unit_float`), and `cli` to turn them into one line at a script's entry point."""
 import argparse
 import math
@@ -59,6 +59,17 @@ def nonneg_int(text):
     v = int(text) if str(text).lstrip("-").isdigit() else None
     if v is None or v < 0:
         raise argparse.ArgumentTypeError(f"'{text}': expected an integer >= 0")
+    return v
+
+
+SEED_RANGE = 2 ** 32  # every script's --seed: numpy, torch and Python all accept it
+
+
+def seed_int(text):
+    """argparse type: a seed, an integer in [0, 2**32) (the same range in every script)."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or not 0 <= v < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer seed in [0, 2**32)")
     return v
 
 

@@ -1,7 +1,17 @@
-"""The run convention shared by the training scripts: one plain checkpoint dict, written atomically and
-read weights-only; a run folder that is never overwritten by accident; logs that hold each step once."""
+"""The run toolkit shared by the training scripts (finetune_oasis.py, finetune_piti.py, pretrain_piti.py).
+
+- One plain checkpoint dict (with a `format` version), written atomically and read weights-only.
+- A run folder: never an input folder, locked for its one writer (fcntl.flock, released when the process
+  dies), its files listed in a manifest so that --overwrite removes exactly those and nothing else.
+- Resume: the run's own flags, the same data (fingerprint), files recorded by size and sha256; logs that
+  hold each step once.
+- Stateless randomness: a step's batch, its items' augmentations and its noise are functions of (seed, step)
+  alone (`step_seed`, `batch_keys`, `Seeded`), so a resumed run draws exactly what an uninterrupted one would.
+- torchrun: `init_distributed` (returns the device), the stop broadcast, one bucketed gradient average.
+- `Best`: keep-best and early stopping on the validation FID."""
 import argparse
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -9,6 +19,7 @@ import random
 import shlex
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +28,17 @@ import torch
 import torch.distributed as dist
 
 from models import DataError, no_file
+
+
+FORMAT = 2  # the checkpoint format this version writes and reads (1: before the format key; other PITI file records)
+
+
+def check_format(ckpt, path, flag="--resume"):
+    """One DataError line unless `ckpt` (one of our checkpoint dicts) is of FORMAT."""
+    found = ckpt.get("format", 1)
+    if found != FORMAT:
+        raise DataError(f"{flag} {path}: checkpoint format {found}; this version of the toolkit reads format {FORMAT} "
+                        f"only ({'older' if found < FORMAT else 'newer'} runs: use the version that wrote it, or train anew)")
 
 
 def save(obj, path):
@@ -38,7 +60,8 @@ def save(obj, path):
 
 
 def load(path, flag="--ckpt", kinds=None, mmap=False):
-    """A weights-only torch file; `kinds` (e.g. ('oasis-cat',)) requires one of our checkpoints of that kind.
+    """A weights-only torch file; `kinds` (e.g. ('oasis-cat',)) requires one of our checkpoints of that kind,
+    in this version's FORMAT.
 
     Every failure is one DataError line naming the flag and the file: missing, empty, truncated, not a torch
     file, pickled objects."""
@@ -52,6 +75,7 @@ def load(path, flag="--ckpt", kinds=None, mmap=False):
         if kind not in kinds:
             raise DataError(f"{flag} {path}: is {'a ' + repr(kind) if kind else 'not a'} checkpoint of this toolkit; "
                             f"expected kind {' or '.join(repr(k) for k in kinds)}")
+        check_format(obj, path, flag)
     return obj
 
 
@@ -119,20 +143,153 @@ def out_dir(path, flag="--out", keep=True, replaces=()):
     return path
 
 
-def prepare_out(out, resume, overwrite, flag="--out"):
-    """The run folder: --resume needs <out>/checkpoint.pt; a fresh run refuses a non-empty folder unless --overwrite."""
+def prepare_out(out, resume, overwrite, inputs, flag="--out"):
+    """The run folder, checked and locked before anything is written: never an input folder (`inputs`:
+    {flag: path}, see check_out_vs_inputs); --resume needs <out>/checkpoint.pt; a fresh run refuses a non-empty
+    folder unless --overwrite, which removes the files the earlier run recorded in its manifest (and nothing
+    else). The lock is held until the process ends."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{flag} {out}: is a file, expected a folder for the run")
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise DataError(f"--resume: {out / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start)")
-        return out
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if resume and overwrite:
+        raise DataError("--resume continues the run in --out, --overwrite starts it over: give one of the two")
+    check_out_vs_inputs(out, inputs, flag)
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise DataError(f"--resume: {out / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start)")
+    if not resume and not overwrite and out.is_dir() and any(f.name != LOCK for f in out.iterdir()):
         raise DataError(f"{flag} {out}: folder is not empty; continue the run with --resume, start over with "
                         "--overwrite, or choose another folder")
-    old = ("checkpoint.pt", "best.pt", "log.jsonl", "curves.png", "subset.txt", "samples/*.png") if overwrite else ()
-    return out_dir(out, flag, replaces=old)
+    lock(out_dir(out, flag), flag)
+    if overwrite:
+        kept = remove_recorded(out)
+        if kept:
+            print(f"note: {flag} {out}: kept {len(kept)} file(s) no run of this toolkit recorded writing, e.g. "
+                  f"{kept[0]} (--overwrite removes only a run's own files)")
+    return out
+
+
+def check_out_vs_inputs(out, inputs, flag="--out"):
+    """One DataError line when the output folder `out` equals, contains or lies inside an input folder, or is
+    the folder of an input file: a run never writes into (or deletes from) what it reads. `inputs`: {flag: path}
+    (None values skipped); a folder input is compared as a folder, a file input by the folder it lies in."""
+    o = Path(os.path.abspath(out)).resolve()
+    for name, path in inputs.items():
+        if path is None or not Path(path).exists():  # not a file or folder (a name, 'none'): nothing to write into
+            continue
+        p = Path(os.path.abspath(path)).resolve()
+        if p.is_dir():
+            how = ("is" if o == p else "lies inside" if p in o.parents else "contains" if o in p.parents else None)
+        else:
+            how = "is the folder of" if o == p.parent else "contains" if o in p.parents else None
+        if how:
+            raise DataError(f"{flag} {out}: {how} {name} {path}; a run never writes into its inputs: choose an "
+                            f"{flag} outside it")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per run folder, and a manifest of what the run wrote
+
+LOCK, MANIFEST = ".lock", "manifest.txt"
+_HELD = {}  # run folder -> open lock file: the lock lives as long as this process
+
+
+def lock(out, flag="--out"):
+    """Take the run folder's lock (an exclusive fcntl.flock on <out>/.lock, which the OS releases when the
+    process ends, even on kill -9): a second writer gets one DataError line naming the PID that holds it."""
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    f = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise DataError(f"{flag} {out}: another process (PID {pid}) is writing this run folder; wait until it "
+                        "ends (or stop it), or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
+
+
+def record(out, paths):
+    """Add files this run wrote (paths inside `out`; a folder stands for the files in it now, all written by
+    the run; paths not there are skipped) to <out>/manifest.txt, the list --overwrite (and evaluate.py's rerun)
+    may remove."""
+    out = Path(out)
+    have = recorded_files(out)
+    new = []
+    for p in paths:
+        p = out / p if not Path(p).is_absolute() else Path(p)
+        for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.is_file() else []):
+            rel = os.path.relpath(f, out)
+            if rel not in have and not rel.startswith(".."):
+                have.append(rel)
+                new.append(rel)
+    if new:
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in have))
+        os.replace(tmp, out / MANIFEST)
+
+
+def recorded_files(out):
+    """The relative paths <out>/manifest.txt lists ([] without one)."""
+    path = Path(out) / MANIFEST
+    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def remove_recorded(out):
+    """Remove the files an earlier run recorded in <out>/manifest.txt (and the folders they leave empty), then
+    the manifest; -> the files left that no run recorded (kept)."""
+    out = Path(out)
+    for rel in recorded_files(out):
+        f = out / rel
+        if f.is_file() and out in f.resolve().parents:
+            f.unlink()
+            for d in f.parents:
+                if d == out or any(d.iterdir()):
+                    break
+                d.rmdir()
+    (out / MANIFEST).unlink(missing_ok=True)
+    return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != LOCK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files a checkpoint depends on (PITI's official base/upsampler): recorded by content, found again when moved
+
+
+def file_record(path):
+    """{"path": as given, "size", "sha256"} of an input file a checkpoint depends on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return {"path": str(path), "size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def find_recorded_file(record, override=None, flag="--base", near=()):
+    """The file a checkpoint recorded (file_record's dict): `override` (a flag's value) when given, else the
+    recorded path as given, else the same name under one of the folders `near` (e.g. the run folder). Its size
+    and sha256 must match the record (a moved file is fine, another one is not); one DataError line otherwise."""
+    if override is not None:
+        candidates = [Path(override)]
+        if not candidates[0].is_file():
+            raise DataError(f"{flag} {override}: {no_file(override)}")
+    else:
+        rel = Path(record["path"])
+        candidates = [rel] + [Path(d) / rel for d in near if not rel.is_absolute()] + [Path(d) / rel.name for d in near]
+    for c in candidates:
+        if c.is_file():
+            if os.path.getsize(c) != record["size"] or file_record(c)["sha256"] != record["sha256"]:
+                raise DataError(f"{flag} {c}: not the file the run used ({record['path']}, {record['size']} bytes, "
+                                f"sha256 {record['sha256'][:12]}...); pass that file with {flag}")
+            return c
+    raise DataError(f"{flag}: the run's file {record['path']} is not there (moved?); pass it with {flag} FILE "
+                    f"(its sha256 {record['sha256'][:12]}... is checked)")
 
 
 def check_device(name, flag="--device"):
@@ -165,12 +322,8 @@ def data_fingerprint(ds):
 
 
 def check_data(saved, now, args):
-    """Refuse (one line) to resume on other training files than the run's; a checkpoint from before the
-    fingerprint gets a one-line note."""
-    if saved is None:
-        print(f"note: {Path(args.out) / 'checkpoint.pt'} records no fingerprint of its training files (an older "
-              "run); resuming without checking that --data-root still holds the same files")
-        return
+    """Refuse (one line) to resume on other training files than the run's. The files are compared by their
+    fingerprint, not by the spelling of --data-root: a dataset moved to another folder resumes."""
     if saved == now:
         return
     a, b = saved["pairs"], now["pairs"]
@@ -180,6 +333,18 @@ def check_data(saved, now, args):
     raise DataError(f"{where}: the training files changed since the run in {args.out} "
                     f"was saved ({what}); resuming would train on other data. Start over with --overwrite, or "
                     "use a new --out")
+
+
+def check_data_flags(args, train_ds):
+    """Data flags that would be ignored or silently bent, refused in one line: --size for Cityscapes (its size is
+    fixed), an --n that the --subset-file does not give, a --batch larger than the training set."""
+    if args.size is not None and args.data == "cityscapes":
+        raise DataError(f"--size {args.size}: --data cityscapes has its fixed size 256x512; drop --size")
+    if args.n is not None and len(train_ds) != args.n:
+        raise DataError(f"--n {args.n}: --subset-file {args.subset_file} lists {len(train_ds)} images; give the "
+                        "same number or drop --n")
+    if len(train_ds) < args.batch:
+        raise DataError(f"--batch {args.batch} is larger than the {len(train_ds)} training images (--n)")
 
 
 def resume_command(script, args, given):
@@ -207,15 +372,29 @@ def interrupted(script, args, given, step):
 MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile", "amp", "precision")
 
 
+# path flags: compared as normalised absolute paths on --resume; MOVABLE ones may name another place, checked
+# by content (--data-root by the data fingerprint, PITI's --base/--upsampler by sha256)
+PATH_FLAGS = ("data_root", "source_root", "source_ckpt", "source_d", "affinity", "subset_file", "base", "upsampler",
+              "glide_ckpt", "glide_up_ckpt", "encoder")
+MOVABLE = ("data_root", "base", "upsampler")
+
+
+def same_path(a, b):
+    return a == b or (a is not None and b is not None and
+                      os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)))
+
+
 def resume_args(args, saved, model_flags, given):
     """Continue a run with its own settings: flags not given again come from `saved` (the checkpoint's args);
-    a model/data flag given with another value is refused (one line). Other flags (steps, eval cadence) may change."""
+    a model/data flag given with another value is refused (one line); paths are compared normalised, and a
+    MOVABLE one may change (its content is checked). Other flags (steps, eval cadence) may change."""
     for k, v in saved.items():
         if k in MACHINE_FLAGS or not hasattr(args, k):
             continue
         if k not in given:
             setattr(args, k, v)
-        elif k in model_flags and getattr(args, k) != v:
+        elif k in model_flags and k not in MOVABLE and not (
+                same_path(getattr(args, k), v) if k in PATH_FLAGS else getattr(args, k) == v):
             raise DataError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r}, the run in {args.out} "
                             f"used {v!r}; model and data flags cannot change on resume")
     return args
@@ -266,33 +445,115 @@ def append_log(path, entry):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stateless run mechanics of the PITI scripts (finetune_piti.py, pretrain_piti.py): batch order and per-step
-# seeds from (seed, step) alone, so a resumed run draws exactly what an uninterrupted one would; the EMA swap;
-# the global-batch order of per-rank items. Kept together: they belong to the run toolkit.
+# Stateless randomness: everything a step draws is a function of (run seed, step), so a resumed run draws
+# exactly what an uninterrupted one would, whatever the number of data-loader workers.
 
 
 def step_seed(seed, what, i):
-    """Independent seed for (run seed, what: 0 = a step's draws, 1 = an epoch's order, index)."""
+    """An independent seed for (run seed, what, index). what: 0 = a step's draws (noise, t, dropout), 1 = an
+    epoch's order, 2 = an item's augmentation, 3 = the batches of an evaluation's BN pass."""
     return int(np.random.SeedSequence([seed, what, i]).generate_state(1)[0])
 
 
-def batch_indices(step, n, batch, seed):
-    """Items of a step: consecutive slices of per-epoch permutations (stateless, so resumes are exact)."""
-    out = []
+def batch_keys(seed, step, n, batch, rank=0, world=1):
+    """This rank's items of global batch `step`, as (index, augmentation seed) keys for `Seeded`: positions
+    step*batch .. (step+1)*batch of the concatenated per-epoch permutations of the n items, items k::world of
+    it on rank k (the global batch is the same for any number of ranks)."""
+    keys, perms = [], {}
     for pos in range(step * batch, (step + 1) * batch):
         epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
-        out.append(int(perm[i]))
-    return out
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1, epoch)))
+        keys.append((int(perms[epoch][i]), step_seed(seed, 2, pos)))
+    return keys[rank::world]
 
 
-def gather(x, world):
-    """The global-batch order of a per-rank tensor of items rank::world (all ranks get it)."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.stack(parts, 1).flatten()
+class Batches(torch.utils.data.Sampler):
+    """The batch sampler of a run: batch_keys for steps start, start+1, ... (endless)."""
+
+    def __init__(self, seed, n, batch, rank=0, world=1, start=0):
+        self.seed, self.n, self.batch, self.rank, self.world, self.start = seed, n, batch, rank, world, start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield batch_keys(self.seed, step, self.n, self.batch, self.rank, self.world)
+            step += 1
+
+
+class Seeded(torch.utils.data.Dataset):
+    """A dataset read by (index, seed) keys: the item's augmentation (Python `random`, as the official
+    loaders) is seeded from its key, and the global `random` state is left as it was."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i, seed = key
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            return self.ds[i]
+        finally:
+            random.setstate(state)
+
+
+def loader(ds, seed, batch, rank, world, start, workers, device):
+    """The run's DataLoader: Seeded items in Batches' order from step `start`."""
+    return torch.utils.data.DataLoader(Seeded(ds), batch_sampler=Batches(seed, len(ds), batch, rank, world, start),
+                                       num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=workers > 0)
+
+
+def seed_step(seed, step, rank=0):
+    """Seed the global torch RNG (CPU and every GPU) for step `step` of rank `rank`: noise, dropout, LabelMix."""
+    torch.manual_seed(step_seed(seed, 0, step) + rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keep-best and early stopping
+
+
+@dataclass
+class Best:
+    """The validation FID's best value, its step and the evaluations since without a better one."""
+    patience: int
+    fid: float = None
+    step: int = None
+    bad: int = 0
+
+    def update(self, fid, step):
+        """Count an evaluation's FID; True when it is the best so far (best.pt is then written)."""
+        better = self.fid is None or fid < self.fid
+        self.fid, self.step, self.bad = (fid, step, 0) if better else (self.fid, self.step, self.bad + 1)
+        return better
+
+    @property
+    def stop(self):
+        return self.bad >= self.patience
+
+    def state(self):
+        """The checkpoint's keys for it."""
+        return {"best_fid": self.fid, "best_step": self.step, "bad_evals": self.bad}
+
+    @classmethod
+    def restore(cls, patience, ckpt):
+        return cls(patience, ckpt["best_fid"], ckpt["best_step"], ckpt["bad_evals"])
+
+
+def fid_network_changed(saved, args):
+    """A note (and True) when a resumed run measures FID with another network than the run did: best-FID
+    tracking then starts anew instead of comparing FIDs of two networks."""
+    then = (saved.get("inception"), saved.get("fid_features"))
+    now = (args.inception, args.fid_features)
+    if then == now or not any(then):
+        return False
+    print(f"note: the run measured FID with {then[0] or then[1]}, this resume with {now[0] or now[1] or 'none'}: "
+          "best-FID tracking and early stopping start anew")
+    return True
 
 
 @contextmanager
@@ -310,26 +571,26 @@ def swapped(params, ema):
                 p.copy_(raw[k])
 
 
-def rng_state(device):
-    """Every global RNG, as plain lists and tensors (weights_only loading accepts nothing else); the CUDA
-    generator is the one of `device` (a rank's cuda:N), None on CPU."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    device = torch.device(device)
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+def gather(x, world):
+    """The global-batch order of a per-rank tensor of items rank::world (all ranks get it)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, 1).flatten()
 
 
-def set_rng_state(s, device):
-    """Restore rng_state(device)'s output; its CUDA state goes to `device`'s generator (a run resumed on CPU
-    has none to restore)."""
-    device = torch.device(device)
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+def average_gradients(params, world):
+    """The global batch's gradient under torchrun: each rank's gradients (its equal share's mean) averaged over
+    the ranks in one bucketed all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
 
 
 # How long a rank waits in a collective: the other ranks wait in the stop-flag broadcast while rank 0 alone
@@ -337,19 +598,19 @@ def set_rng_state(s, device):
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-def init_distributed(args):
-    """(ddp, rank, world, device) for args.device: torchrun's environment (one process per GPU, NCCL; gloo on
-    CPU) or a single process. args.device becomes the rank's GPU; --batch must split evenly over the ranks."""
+def init_distributed(device, batch):
+    """(ddp, rank, world, device) for --device `device`: torchrun's environment (one process per GPU, NCCL;
+    gloo on CPU) or a single process. Under torchrun the device is the rank's GPU; --batch must split evenly."""
     ddp = "RANK" in os.environ
     if ddp:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if args.batch % world:
-        raise DataError(f"--batch {args.batch} must be a multiple of the {world} ranks")
-    device = torch.device(args.device)
+    if batch % world:
+        raise DataError(f"--batch {batch} must be a multiple of the {world} ranks")
+    device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, device
