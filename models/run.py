@@ -162,6 +162,11 @@ def prepare_out(out, resume, overwrite, inputs, flag="--out"):
     lock(out_dir(out, flag), flag)
     if overwrite:
         kept = remove_recorded(out)
+        foreign = [k for k in kept if Path(k).parts[0] in RUN_FILES]
+        if foreign:
+            raise DataError(f"--overwrite: {out / foreign[0]} was not recorded by a run of this toolkit (no "
+                            f"{MANIFEST} lists it) and a run would write there; remove it yourself or choose another "
+                            f"{flag}")
         if kept:
             print(f"note: {flag} {out}: kept {len(kept)} file(s) no run of this toolkit recorded writing, e.g. "
                   f"{kept[0]} (--overwrite removes only a run's own files)")
@@ -190,6 +195,9 @@ def check_out_vs_inputs(out, inputs, flag="--out"):
 # One writer per run folder, and a manifest of what the run wrote
 
 LOCK, MANIFEST = ".lock", "manifest.txt"
+# what a training run writes in its folder (files, and folders of files)
+RUN_FILES = ("checkpoint.pt", "best.pt", "log.jsonl", "curves.png", "subset.txt", "samples", "fid_cache", "tensorboard",
+             "base.pt", "upsampler.pt")
 _HELD = {}  # run folder -> open lock file: the lock lives as long as this process
 
 

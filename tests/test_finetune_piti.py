@@ -131,7 +131,14 @@ def test_bad_input_one_line(files, tmp_path):
     r = run(files, tmp_path / "d", "--steps", "0")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "folder is not empty" in r.stderr
     assert "--overwrite" in r.stderr and not (tmp_path / "d" / "checkpoint.pt").exists()
+    # --overwrite removes only what a run recorded (manifest.txt): a log.jsonl no run recorded is not replaced
     r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "log.jsonl was not recorded" in r.stderr
+    assert (tmp_path / "d" / "log.jsonl").read_text() == '{"step": 7, "loss": 1.0}\n'
+    (tmp_path / "d" / "log.jsonl").rename(tmp_path / "d" / "notes.jsonl")  # the user's own file: kept
+    r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
+    assert r.returncode == 0 and "kept 1 file" in r.stdout and (tmp_path / "d" / "notes.jsonl").is_file(), r.stderr
+    r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")  # the earlier run's own files are replaced
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == f"done: 0 steps, checkpoint {tmp_path / 'd' / 'checkpoint.pt'}"  # no FID
     assert [json.loads(s)["step"] for s in (tmp_path / "d" / "log.jsonl").read_text().splitlines()] == [0]
