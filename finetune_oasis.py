@@ -321,6 +321,7 @@ def main(argv=None):
     args, given = get_args(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)
     master, cuda = rank == 0, device.type == "cuda"
+    run.check_data_flags(args)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs(args)) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)

@@ -239,6 +239,7 @@ def main(argv=None):
     args, given = settings(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
+    run.check_data_flags(args)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs(args)) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args

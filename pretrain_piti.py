@@ -40,7 +40,6 @@ import argparse
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -182,9 +181,9 @@ def trainable(model, mode):
     return dict(model.named_parameters())
 
 
-def build(args, n_channels, ckpt, device):
-    """The models (decoders from the GLIDE files, in --data's label space), what trains, its EMA, optimiser and
-    timestep samplers (restored from `ckpt`)."""
+def build_models(args, n_channels):
+    """(base, up): the GLIDE decoders in --data's label space (fresh encoders, or --encoder), or an upsampler
+    of this label space that is not trained (--upsampler); None where the run has none."""
     own = {"source_channels": n_channels}
     base = up = None
     if args.glide_ckpt:
@@ -194,56 +193,24 @@ def build(args, n_channels, ckpt, device):
         up = glide.glide_model(args.glide_up_ckpt, True, {**args.up_config, **own}, seed=args.seed + 1)
     elif args.upsampler:  # not trained: it upsamples the base's grids and FID samples
         up = piti.load_official(args.upsampler, super_res=True, config={**piti.UP_KWARGS, **args.up_config, **own})
-    models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}
-    present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
-    params = {name: trainable(m, args.train) for name, m in models.items()}
-    for name, m in models.items():
-        m.requires_grad_(False)
-        for p in params[name].values():
-            p.requires_grad_(True)
-    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
-    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
-    if ckpt is not None:
-        for name in models:
-            m = present[name]  # the checkpoint keeps what trains; the rest stays as the GLIDE file gave it
-            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
-                        f"weights of this run's PITI {name} model")
-        ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
-    for m in present.values():
-        m.to(device)
-        if device.type == "cuda":
-            m.to(memory_format=torch.channels_last)
-    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
-    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
-    amp.restore([scaler], [ckpt["scaler"] if ckpt else None])
-    diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
-    samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
-    for name, state in (ckpt["timestep_samplers"] if ckpt else {}).items():
-        samplers[name].load_state_dict(state)
-    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
-    return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, ema=ema,
-                           opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
-                           step=ckpt["step"] if ckpt else 0)
+    return base, up
 
 
-def train_step(net, args, batch, s, device, rank=0, world=1):
-    """One optimisation step on this rank's share of the global batch (t, noise, dropout from (--seed, s)) and
-    the EMA update -> (loss, per-model loss terms); the gradients are averaged over the ranks."""
-    gen = torch.Generator().manual_seed(run.step_seed(args.seed, 0, s))  # t, noise, condition dropout
+def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side, device, rank, world):
+    """One optimisation step of the models that train on this rank's share of the global batch (t, noise and
+    condition dropout from (--seed, s)) -> (loss, per-model loss terms); gradients averaged over the ranks, EMA
+    updated. (finetune_piti.py's step, repeated on purpose: each script reads alone.)"""
+    gen = torch.Generator().manual_seed(run.step_seed(args.seed, 0, s))  # t, noise, dropout of the global batch
     run.seed_step(args.seed, s, rank)  # UNet dropout
     image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
     logs, total = {}, 0.0
-    for name, m in net.models.items():
+    for name, m in models.items():
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
-        terms = diffusion.training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                        net.low_side if name == "up" else None, amp=args.precision,
-                                        sampler=net.samplers[name], gen=gen, part=(rank, world))
-        net.samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
+        terms = diffusion.training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
+                                        low_side if name == "up" else None, amp=args.precision,
+                                        sampler=samplers[name], gen=gen, part=(rank, world))
+        samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
         logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
     loss = total.detach().clone()
@@ -254,85 +221,23 @@ def train_step(net, args, batch, s, device, rank=0, world=1):
     if not np.isfinite(loss):
         raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
                         "(lower --lr?)")
-    net.opt.zero_grad(set_to_none=True)
-    net.scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
-    run.average_gradients([p for ps in net.params.values() for p in ps.values()], world)  # one bucketed all-reduce
-    net.scaler.step(net.opt)  # skips a step whose gradients overflowed (fp16), else net.opt.step()
-    net.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
+    run.average_gradients([p for ps in params.values() for p in ps.values()], world)  # one bucketed all-reduce
+    scaler.step(opt)  # skips a step whose gradients overflowed (fp16), else opt.step()
+    scaler.update()
     with torch.no_grad():
-        for name, ps in net.params.items():
+        for name, ps in params.items():
             for k, p in ps.items():
-                net.ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+                ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
     return loss, logs
-
-
-def evaluation(args, net, val_ds, out, device):
-    """(sample, grid, fid): the EMA models' sampler, fixed val maps and seeds for grids, FID or None.
-
-    Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the 8-bit
-    low-res versions of the grid's real images."""
-    grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
-    base, up, amp, ddim = net.base, net.up, args.precision, args.sample_steps.startswith("ddim")
-
-    def sample(label, seeds):
-        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-        if base is not None and up is not None:
-            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                                  guidance=args.guidance, ddim=ddim, amp=amp)
-        elif base is not None:
-            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
-                                 ddim=ddim, amp=amp)
-        else:
-            real = grid["real"][:len(label)].to(label.device)
-            low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
-                                                   align_corners=False))
-            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
-        return metrics.resize_images(x, val_ds.size)
-
-    return sample, grid, metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n,
-                                                out / "fid_cache", device, args.batch, args.seed)
-
-
-def evaluate_and_save(s, net, best, args, out, sample, grid, fid, info, board):
-    """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID);
-    True when early stopping says stop."""
-    for m in net.present:
-        m.eval()
-    better = False
-    with ExitStack() as stack:
-        for name in net.params:
-            stack.enter_context(run.swapped(net.params[name], net.ema[name]))
-        metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
-        entry = {"step": s, "grid": f"samples/{s:06d}.png"}
-        if fid is not None:
-            entry["fid"] = fid()
-            better = best.update(entry["fid"], s)
-        for name, m in net.models.items():  # the EMA weights: a later run's --base / --upsampler
-            run.save(glide.official_state(m), out / EXPORTS[name])
-    files = {name: run.file_record(out / EXPORTS[name]) for name in net.models}  # the run's own exports
-    state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), **info,
-             "base_file": files.get("base"), "up_file": files.get("up", info["up_file"]),
-             "base_kwargs": net.base.kwargs if net.base is not None else None,
-             "up_kwargs": net.up.kwargs if net.up is not None else None,
-             "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
-             "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), **best.state()}
-    for name, ps in net.params.items():
-        state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
-        state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()}
-    run.append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
-    curves.update(out, board)  # curves.png (+ TensorBoard events) from log.jsonl
-    run.save(state, out / "checkpoint.pt")
-    if better:
-        run.save(state, out / "best.pt")
-    run.record(out, ["log.jsonl", "curves.png", entry["grid"], "subset.txt", "fid_cache", *EXPORTS.values(),
-                     "best.pt", "checkpoint.pt"])  # what --overwrite may remove
-    return best.stop
 
 
 def main(argv=None):
     args, given = settings(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
+    run.check_data_flags(args)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs(args)) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
@@ -349,43 +254,128 @@ def main(argv=None):
     if ckpt is not None:
         run.check_data(ckpt["data"], data_fp, args)
 
-    # models (GLIDE decoders), evaluation
-    net = build(args, classes.n_channels, ckpt, device)
-    best = run.Best(args.patience)
+    # models (GLIDE decoders), what trains, EMA, optimiser, timestep samplers
+    base, up = build_models(args, classes.n_channels)
+    present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
+    models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}
+    params = {name: trainable(m, args.train) for name, m in models.items()}
+    for name, m in models.items():
+        m.requires_grad_(False)
+        for p in params[name].values():
+            p.requires_grad_(True)
+    ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
+    opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
+        for name in models:  # the checkpoint keeps what trains; the rest stays as the GLIDE file gave it
+            m = present[name]
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {out / 'checkpoint.pt'} ({name})",
+                        f"weights of this run's PITI {name} model")
+        ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
+    for m in present.values():
+        m.to(device)
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
+    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
+    diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
+    samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
+    low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
+    step, best = 0, run.Best(args.patience)
+    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
+        opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+        amp.restore([scaler], [ckpt["scaler"]])
+        for name, state in ckpt["timestep_samplers"].items():
+            samplers[name].load_state_dict(state)
+        step = ckpt["step"]
         if not run.fid_network_changed(ckpt["args"], args):
             best = run.Best.restore(args.patience, ckpt)
         if master:  # a killed run may have logged steps past its last checkpoint
-            run.truncate_log(out / "log.jsonl", ckpt["step"])
-    board = None
-    sample, grid, fid = evaluation(args, net, val_ds, out, device) if master else (None,) * 3
-    table = data.table_info(classes)
-    info = {"init": "glide", "affinity": None, "data": data_fp, "source": table, "target": table,
-            "up_file": (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler else None}
+            run.truncate_log(out / "log.jsonl", step)
+    up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
 
-    def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
-        stop = evaluate_and_save(s, net, best, args, out, sample, grid, fid, info, board) if master else False
-        return run.broadcast_stop(stop, device)
+    # evaluation. Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the
+    # 8-bit low-res versions of the grid's real images.
+    grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
+
+    def sample(label, seeds):
+        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+        mode, ddim = args.precision, args.sample_steps.startswith("ddim")
+        if base is not None and up is not None:
+            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
+                                  guidance=args.guidance, ddim=ddim, amp=mode)
+        elif base is not None:
+            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
+                                 ddim=ddim, amp=mode)
+        else:
+            real = grid["real"][:len(label)].to(label.device)
+            low = diffusion.quantize(F.interpolate(real, (low_side,) * 2, mode="bicubic", antialias=True,
+                                                   align_corners=False))
+            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=mode)
+        return metrics.resize_images(x, val_ds.size)
+
+    fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
+                                 device, args.batch, args.seed) if master else None
+
+    def evaluate_and_save(s):
+        """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID) on
+        rank 0; on every rank: True when early stopping says stop."""
+        if not master:
+            return run.broadcast_stop(False, device)
+        for m in present.values():
+            m.eval()
+        better, entry = False, {"step": s, "grid": f"samples/{s:06d}.png"}
+        with ExitStack() as stack:
+            for name in params:
+                stack.enter_context(run.swapped(params[name], ema[name]))
+            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            if fid is not None:
+                entry["fid"] = fid()
+                better = best.update(entry["fid"], s)
+            for name, m in models.items():  # the EMA weights: a later run's --base / --upsampler
+                run.save(glide.official_state(m), out / EXPORTS[name])
+        files = {"up": up_file, **{name: run.file_record(out / EXPORTS[name]) for name in models}}  # its own exports
+        table = data.table_info(classes)
+        state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "glide",
+                 "affinity": None, "data": data_fp, "source": table, "target": table,
+                 "base_file": files.get("base"), "up_file": files["up"],
+                 "base_kwargs": base.kwargs if base is not None else None,
+                 "up_kwargs": up.kwargs if up is not None else None,
+                 "timestep_samplers": {name: ts.state_dict() for name, ts in samplers.items()},
+                 "opt": opt.state_dict(), "scaler": scaler.state_dict(), **best.state()}
+        for name, ps in params.items():
+            state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
+            state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()}
+        run.append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+        curves.update(out)  # curves.png from log.jsonl
+        run.save(state, out / "checkpoint.pt")
+        if better:
+            run.save(state, out / "best.pt")
+        run.record(out, ["log.jsonl", "curves.png", entry["grid"], "subset.txt", "fid_cache", *EXPORTS.values(),
+                         "best.pt", "checkpoint.pt"])  # what --overwrite may remove
+        return run.broadcast_stop(best.stop, device)
 
     # training
-    start = last = done = net.step  # `last`: the step of the last checkpoint written
-    stop = ckpt is None and save_and_stop(0)  # the model before training
+    last = done = step  # `last`: the step of the last checkpoint written
+    stop = ckpt is None and evaluate_and_save(0)  # the model before training
     if ckpt is not None and master:
-        print(f"resuming from step {start} of {args.steps} ({out / 'checkpoint.pt'})")
-    bar = tqdm(range(start, args.steps if not stop else start), initial=start, total=args.steps, desc="pretrain_piti",
+        print(f"resuming from step {step} of {args.steps} ({out / 'checkpoint.pt'})")
+    bar = tqdm(range(step, args.steps if not stop else step), initial=step, total=args.steps, desc="pretrain_piti",
                disable=not master)
-    batches = run.loader(train_ds, args.seed, args.batch, rank, world, start, args.workers, device)
+    batches = run.loader(train_ds, args.seed, args.batch, rank, world, step, args.workers, device)
     t0 = time.time()
     try:
         for s, batch in zip(bar, batches):
-            loss, logs = train_step(net, args, batch, s, device, rank, world)
+            loss, logs = diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side,
+                                        device, rank, world)
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1
             if master and (done % args.log_every == 0 or done == args.steps):
                 run.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
-                                                   "sec_per_step": (time.time() - t0) / (done - start)})
+                                                   "sec_per_step": (time.time() - t0) / (done - step)})
             if done % args.eval_every == 0 or done == args.steps:
-                stop, last = save_and_stop(done), done
+                stop, last = evaluate_and_save(done), done
                 if stop:
                     if master:
                         print(f"early stop at step {done}: no better FID in {args.patience} evaluations "

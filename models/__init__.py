@@ -69,7 +69,7 @@ def seed_int(text):
     """argparse type: a seed, an integer in [0, 2**32) (the same range in every script)."""
     v = int(text) if str(text).lstrip("-").isdigit() else None
     if v is None or not 0 <= v < SEED_RANGE:
-        raise argparse.ArgumentTypeError(f"'{text}': expected an integer seed in [0, 2**32)")
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer seed >= 0 and < 2**32")
     return v
 
 

@@ -343,16 +343,16 @@ def check_data(saved, now, args):
                     "use a new --out")
 
 
-def check_data_flags(args, train_ds):
+def check_data_flags(args, train_ds=None):
     """Data flags that would be ignored or silently bent, refused in one line: --size for Cityscapes (its size is
-    fixed), an --n that the --subset-file does not give, a --batch larger than the training set."""
+    fixed; checked before anything is written) and, once the training set is open, an --n that the
+    --subset-file does not give. (A --batch larger than the training set is fine: the batch order runs on into
+    the next epoch.)"""
     if args.size is not None and args.data == "cityscapes":
         raise DataError(f"--size {args.size}: --data cityscapes has its fixed size 256x512; drop --size")
-    if args.n is not None and len(train_ds) != args.n:
+    if train_ds is not None and args.n is not None and len(train_ds) != args.n:
         raise DataError(f"--n {args.n}: --subset-file {args.subset_file} lists {len(train_ds)} images; give the "
                         "same number or drop --n")
-    if len(train_ds) < args.batch:
-        raise DataError(f"--batch {args.batch} is larger than the {len(train_ds)} training images (--n)")
 
 
 def resume_command(script, args, given):

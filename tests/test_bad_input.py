@@ -349,8 +349,8 @@ IN_PROCESS = {
                                                             "--affinity", "none"], ["trunc.pt", "truncated"]),
     "piti-base-not-found": (finetune_piti.main, PITI[:8] + ["--out", "{root}/p", "--base", "{root}/nope.pt", "--upsampler", "{root}/trunc.pt",
                                                             "--affinity", "none"], ["nope.pt", "not found"]),
-    "piti-batch-zero": (finetune_piti.main, PITI + ["--batch", "0"], ["--batch >= 1"]),
-    "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "got 0"]),
+    "piti-batch-zero": (finetune_piti.main, PITI + ["--batch", "0"], ["--batch", "'0'", ">= 1"]),
+    "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "'0'", ">= 1"]),
     "piti-steps-not-int": (finetune_piti.main, PITI + ["--steps", "many"], ["--steps", "many"]),
     "piti-unknown-source": (finetune_piti.main, PITI + ["--source", "imagenet"], ["--source", "imagenet"]),
     "piti-init-glide-moved": (finetune_piti.main, PITI + ["--init", "glide"], ["unrecognized arguments: --init"]),
@@ -393,8 +393,8 @@ PITI2 = {
     "piti-lr-nan": (finetune_piti.main, PITI + ["--lr", "nan"], ["--lr", "'nan'", "finite"]),
     "piti-uncond-p": (finetune_piti.main, PITI + ["--uncond-p", "2"], ["--uncond-p", "'2'", "[0, 1]"]),
     "piti-grid-n-negative": (finetune_piti.main, PITI + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 1"]),
-    "piti-log-every-zero": (finetune_piti.main, PITI + ["--log-every", "0"], ["--log-every >= 1", "got 0"]),
-    "piti-patience-zero": (finetune_piti.main, PITI + ["--patience", "0"], ["--patience >= 1", "got 0"]),
+    "piti-log-every-zero": (finetune_piti.main, PITI + ["--log-every", "0"], ["--log-every", "'0'", ">= 1"]),
+    "piti-patience-zero": (finetune_piti.main, PITI + ["--patience", "0"], ["--patience", "'0'", ">= 1"]),
     "piti-fid-n-negative": (finetune_piti.main, PITI + ["--fid-n", "-3"], ["--fid-n", "'-3'", ">= 1"]),
     "piti-sample-steps-word": (finetune_piti.main, PITI + ["--sample-steps", "abc"],
                                ["--sample-steps 'abc'", "'ddimN'", "'fast27'"]),
@@ -761,8 +761,10 @@ def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys
 
 
 def ctrl_c_at_step_2(monkeypatch, script):
-    """The script's train_step raises KeyboardInterrupt (Ctrl-C) when it is called the second time."""
-    real, calls = script.train_step, []
+    """The script's training step (gan_step, diffusion_step) raises KeyboardInterrupt (Ctrl-C) when it is called
+    the second time."""
+    name = "gan_step" if hasattr(script, "gan_step") else "diffusion_step"
+    real, calls = getattr(script, name), []
 
     def step(*a, **k):
         calls.append(1)
@@ -770,7 +772,7 @@ def ctrl_c_at_step_2(monkeypatch, script):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(script, "train_step", step)
+    monkeypatch.setattr(script, name, step)
 
 
 def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
