@@ -268,7 +268,7 @@ def inputs(args):
 # One training iteration: G step, D step, EMA (the official order)
 
 
-def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, scalers):
+def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, scalers=(None, None)):
     """One official iteration; returns the two losses (detached). G, D: the modules that train (DDP and/or
     compiled wrappers); optD's parameters are D's trainable ones; scalers: (G's, D's) amp.grad_scaler."""
     G_fwd, D_fwd = (m.module if isinstance(m, DDP) else m for m in (G, D))  # forwards outside DDP's gradient sync

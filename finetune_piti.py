@@ -256,17 +256,21 @@ def main(argv=None):
     if ckpt is not None:
         run.check_data(ckpt["data"], data_fp, args)
     source = data.class_table(args.source, args.source_root)
-    A, M = (None, None) if args.affinity == "none" else data.load_affinity(args.affinity, target, source)
+    if ckpt is not None:  # the 1x1 convs come back from the checkpoint: the affinity file is not read again
+        A, M = ckpt["affinity"], None
+    else:
+        A, M = (None, None) if args.affinity == "none" else data.load_affinity(args.affinity, target, source)
+        A = None if A is None else torch.from_numpy(A)
 
     # models: the official files (a resumed run's found by their recorded sha256), what trains, EMA, optimiser
     if ckpt is None:
-        files = {"base": run.file_record(args.base), "up": run.file_record(args.upsampler)} if master else None
         base_file, up_file = args.base, args.upsampler
     else:
-        files = {"base": ckpt["base_file"], "up": ckpt["up_file"]}
-        base_file, up_file = (run.find_recorded_file(files[k], getattr(args, f) if f in given else None, "--" + f,
-                                                     near=(out,)) for k, f in (("base", "base"), ("up", "upsampler")))
-    base, up = build_models(args, source, target, M, base_file, up_file)
+        base_file, up_file = (run.find_recorded_file(ckpt[k + "_file"], getattr(args, f) if f in given else None,
+                                                     "--" + f, near=(out,)) for k, f in (("base", "base"), ("up", "upsampler")))
+    base, up = build_models(args, source, target, M, base_file, up_file)  # (checks the files)
+    files = {"base": ckpt["base_file"], "up": ckpt["up_file"]} if ckpt else (
+        {"base": run.file_record(args.base), "up": run.file_record(args.upsampler)} if master else None)
     present = {"base": base, "up": up}
     models = present if args.finetune_upsampler else {"base": base}
     params = {name: trainable(m, args.train) for name, m in models.items()}
@@ -334,7 +338,7 @@ def main(argv=None):
                 entry["fid"] = fid()
                 better = best.update(entry["fid"], s)
         state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "piti",
-                 "affinity": None if A is None else torch.from_numpy(A), "data": data_fp,
+                 "affinity": A, "data": data_fp,
                  "source": data.table_info(source), "target": data.table_info(target),
                  "base_file": files["base"], "up_file": files["up"], "base_kwargs": base.kwargs, "up_kwargs": up.kwargs,
                  "timestep_samplers": {name: ts.state_dict() for name, ts in samplers.items()},

@@ -155,7 +155,8 @@ def prepare_out(out, resume, overwrite, inputs, flag="--out"):
         raise DataError("--resume continues the run in --out, --overwrite starts it over: give one of the two")
     check_out_vs_inputs(out, inputs, flag)
     if resume and not (out / "checkpoint.pt").is_file():
-        raise DataError(f"--resume: {out / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start)")
+        raise DataError(f"--resume {out / 'checkpoint.pt'}: {no_file(out / 'checkpoint.pt')}; nothing to resume (drop "
+                        "--resume to start)")
     if not resume and not overwrite and out.is_dir() and any(f.name != LOCK for f in out.iterdir()):
         raise DataError(f"{flag} {out}: folder is not empty; continue the run with --resume, start over with "
                         "--overwrite, or choose another folder")

@@ -92,7 +92,7 @@ def W(tmp_path_factory):
     (w / "empty.pt").write_bytes(b"")
     (w / "text.pt").write_text("this is not a torch file\n")
     torch.save({"args": argparse.Namespace(x=1)}, w / "pickled.pt")
-    torch.save({"kind": "piti-cat"}, w / "piti_kind.pt")
+    torch.save({"kind": "piti-cat", "format": 2}, w / "piti_kind.pt")
     # affinities (target: sky, grass; source: three classes)
     np.save(w / "aff_shape.npy", np.full((4, 4), 1 / 4, np.float32))
     np.save(w / "aff_rows.npy", np.full((2, 3), 0.5, np.float32))
@@ -749,15 +749,26 @@ def test_resume_refuses_a_changed_dataset_and_says_its_step(W, tmp_path, capsys)
              "4 image/label pairs then, 5 now (1 added)", "--overwrite", "new --out")
 
 
-def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys):
+def test_resume_follows_the_data_not_its_spelling(W, tmp_path, capsys):
+    """Issue 31 §6: --data-root spelled with a trailing slash, or the dataset moved to another folder, resumes
+    (the fingerprint matches); another --fid-features than the run's starts best-FID tracking anew with a note;
+    a checkpoint of format 1 (from before the fingerprint) is refused naming its format."""
     args = tiny_run(W, tmp_path, "--stage2-steps", "1")
     finetune_oasis.main(args)
+    ds = args[args.index("--data-root") + 1]
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume", "--data-root", ds + "/"])
+    shutil.move(ds, tmp_path / "moved")
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "3", "--resume", "--data-root", str(tmp_path / "moved")])
+    assert "resuming from step 2 of 3" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    del ckpt["data"]
+    assert ckpt["step"] == 3 and ckpt["args"]["data_root"] == str(tmp_path / "moved")
+    assert models.run.fid_network_changed({**ckpt["args"], "fid_features": "a.pt"}, argparse.Namespace(
+        inception=None, fid_features="b.pt"))
+    assert "start anew" in capsys.readouterr().out
+    del ckpt["data"], ckpt["format"]
     torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
-    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
-    note = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
-    assert len(note) == 1 and "records no fingerprint of its training files" in note[0], note
+    one_line(lambda: finetune_oasis.main(["--out", str(tmp_path / "run"), "--resume"]), "--resume", "checkpoint.pt",
+             "checkpoint format 1", "reads format 2")
 
 
 def ctrl_c_at_step_2(monkeypatch, script):

@@ -293,3 +293,32 @@ def test_kill_9_then_resume_logs_each_step_once(files, tmp_path, n_shot):
     logged = [e["step"] for e in lines if "loss" in e]
     assert logged == list(range(1, saved + 5))
     assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == saved + 4
+
+
+def test_a_moved_run_and_moved_official_files_resume_and_evaluate(files, tmp_path):
+    """The checkpoint records the official files as given plus size and sha256: a run folder moved together with
+    (or apart from) them resumes with --base/--upsampler naming the new place, and load_piti_generator (what
+    evaluate.py --base/--upsampler use) finds them the same way; another file with the recorded name is refused."""
+    import shutil
+    here = tmp_path / "files"
+    here.mkdir()
+    for name in ("base.pt", "up.pt", "affinity.npy"):
+        shutil.copy(files / name, here / name)
+    r = run(here, tmp_path / "run", "--steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["base_file"]["path"] == str(here / "base.pt") and len(ckpt["base_file"]["sha256"]) == 64
+    assert ckpt["up_file"]["size"] == (files / "up.pt").stat().st_size
+    shutil.move(tmp_path / "run", tmp_path / "moved_run")
+    shutil.move(here, tmp_path / "moved_files")
+    r = resume(tmp_path / "moved_run", "--steps", "4")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--base" in r.stderr and "moved?" in r.stderr, r.stderr
+    new = tmp_path / "moved_files"
+    r = resume(tmp_path / "moved_run", "--steps", "4", "--base", str(new / "base.pt"), "--upsampler", str(new / "up.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(tmp_path / "moved_run")) == [1, 2, 3, 4]
+    with pytest.raises(DataError, match="not the file the run used"):
+        load_piti_generator(str(tmp_path / "moved_run" / "checkpoint.pt"), "cpu", base=str(new / "up.pt"))
+    gen = load_piti_generator(str(tmp_path / "moved_run" / "checkpoint.pt"), "cpu", steps="2", up_steps="2",
+                              base=str(new / "base.pt"), upsampler=str(new / "up.pt"))
+    assert gen(torch.zeros(1, 64, 64, dtype=torch.long), seed=1).shape == (1, 3, 32, 32)
