@@ -33,19 +33,17 @@ files (the checkpoint records their number and a hash of names and sizes). Ctrl-
 """
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import metrics
 from models import (ArgumentParser, DataError, amp, cli, curves, finite_float, int_list, nonneg_int, oasis,
-                    positive_int, run, seed_int)
+                    positive_float, positive_int, run, seed_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -71,6 +69,8 @@ SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "reci
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
                "channels", "z_dim", "spade_hidden", "d_channels", "d_last", "batch", "seed", "lambda_labelmix")
+# files and folders a run reads: never its --out (nor --data-root)
+INPUT_FLAGS = ("source_ckpt", "source_d", "source_root", "affinity", "subset_file", "inception", "fid_features")
 
 
 def get_args(argv=None):
@@ -123,9 +123,9 @@ def get_args(argv=None):
     g.add_argument("--d-last", type=positive_int, default=None, help="width of D's last decoder block (official 64)")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
-    g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
+    g.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
@@ -153,11 +153,8 @@ def get_args(argv=None):
     run.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
-    if args.resume and not args.overwrite:  # the run's own settings, except what the command line repeats
-        ckpt = Path(args.out) / "checkpoint.pt"
-        if ckpt.is_file():  # (a missing one: run.prepare_out says so)
-            run.resume_args(args, run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["args"], MODEL_FLAGS, given)
-    else:
+    # --resume: the run's own settings, except what the command line repeats (model and data flags must agree)
+    if run.resumed_args(args, given, MODEL_FLAGS, ("oasis-cat",)) is None and not args.resume:
         for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
             if k not in given:
                 setattr(args, k, v)
@@ -167,30 +164,21 @@ def get_args(argv=None):
                 raise DataError(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
     elif args.init == "scratch" and given & SOURCE_FLAGS:
         raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
-    if args.lr is None:
-        args.lr = LR_BY_TARGET.get(args.data, 1e-4)
-    if args.lr_d is None:
-        args.lr_d = OASIS_LR_D
-    for flag, lr in (("--lr", args.lr), ("--lr-d", args.lr_d)):
-        if not (math.isfinite(lr) and lr > 0):
-            raise DataError(f"{flag} {lr}: expected a positive finite learning rate")
-    if args.lambda_labelmix is None:
-        args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
+    args.lr = LR_BY_TARGET.get(args.data, 1e-4) if args.lr is None else args.lr
+    args.lr_d = OASIS_LR_D if args.lr_d is None else args.lr_d
+    args.lambda_labelmix = (5.0 if args.data == "cityscapes" else 10.0) if args.lambda_labelmix is None else args.lambda_labelmix
     if args.lambda_labelmix < 0:
         raise DataError(f"--lambda-labelmix {args.lambda_labelmix}: expected a weight >= 0 (0 turns LabelMix off)")
-    if args.init == "scratch":
-        for k, v in OASIS_WIDTHS.items():
-            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    for k, v in OASIS_WIDTHS.items() if args.init == "scratch" else ():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     d = args.d_channels
     if d is not None and (d[0] != 3 or len(d) < 3 or min(d) < 1):
         raise DataError(f"--d-channels {','.join(map(str, d))}: expected 3 (RGB) then at least two positive widths, "
                         "one per encoder block, e.g. 3,128,128,256,256,512,512")
-    if args.ema_decay is None:
-        args.ema_decay = 0.9999 if args.data in ("ade20k", "coco") else 0.999
+    args.ema_decay = (0.9999 if args.data in ("ade20k", "coco") else 0.999) if args.ema_decay is None else args.ema_decay
     if not 0 <= args.ema_decay < 1:
         raise DataError(f"--ema-decay {args.ema_decay}: expected a value in [0, 1)")
-    if args.d_head is None:
-        args.d_head = "affinity" if args.affinity not in (None, "none", "learned") else "reinit"
+    args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "reinit")
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
     if args.tensorboard:  # before any file is written
@@ -202,16 +190,13 @@ def stage_of(step, args):
     """CAT's two finetuning stages: 1 for the first --stage1-steps iterations (CAT layers + SPADE gamma/beta
     convs), then 2 (--g-train's set: the SPADE modules by default). One stage (--stages 1, and --init scratch)
     trains the full set from the start."""
-    if args.init == "scratch" or args.stages == 1:
-        return 2
-    return 1 if step < args.stage1_steps else 2
+    return 2 if args.init == "scratch" or args.stages == 1 or step >= args.stage1_steps else 1
 
 
 def stage_parameters(G, stage, args):
     """The generator parameters trained in `stage`: the paper's sets, or all of them (scratch, --g-train all)."""
-    if stage == 2 and (args.init == "scratch" or args.g_train == "all"):
-        return list(G.parameters())
-    return G.stage_parameters(stage, args.g_train)
+    everything = stage == 2 and (args.init == "scratch" or args.g_train == "all")
+    return list(G.parameters()) if everything else G.stage_parameters(stage, args.g_train)
 
 
 def ema_decay_at(step, decay):
@@ -254,14 +239,6 @@ def build_models(args, target, size):
         G.set_affinity(M)
     D.retarget(target.n_channels, M if args.d_head == "affinity" else None)
     return G, D, A, data.table_info(source)
-
-
-def inputs(args):
-    """What a run reads, by flag: its --out may be none of these folders (run.check_out_vs_inputs)."""
-    toy_root = data.toy.task_root(args.data) if args.data in data.toy.TASKS else None
-    return {"--data-root": args.data_root or toy_root, "--source-ckpt": args.source_ckpt, "--source-d": args.source_d,
-            "--source-root": args.source_root, "--affinity": args.affinity, "--subset-file": args.subset_file,
-            "--inception": args.inception, "--fid-features": args.fid_features}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +299,8 @@ def main(argv=None):
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)
     master, cuda = rank == 0, device.type == "cuda"
     run.check_data_flags(args)
-    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs(args)) if master else Path(args.out)
+    inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
+    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)
     ctx, scalers = amp.autocast(device, args.precision), [amp.grad_scaler(device, args.precision) for _ in "GD"]
@@ -371,15 +349,10 @@ def main(argv=None):
     optD = torch.optim.Adam([p for p in D.parameters() if id(p) not in frozen], lr=args.lr_d, betas=(0.0, 0.999))
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:
-        optG.load_state_dict(ckpt["optG"])
-        optD.load_state_dict(ckpt["optD"])
-        for opt, lr in ((optG, args.lr), (optD, args.lr_d)):  # the command line's rates, e.g. to continue slower
-            for group in opt.param_groups:
-                group["lr"] = lr
+        run.restore_optimizer(optG, ckpt["optG"], args.lr)
+        run.restore_optimizer(optD, ckpt["optD"], args.lr_d)
         amp.restore(scalers, ckpt["scalers"])  # fp16 loss scales continue where they were
-        step = ckpt["step"]
-        if not run.fid_network_changed(ckpt["args"], args):
-            best = run.Best.restore(args.patience, ckpt)
+        step, best = ckpt["step"], run.Best.resume(ckpt, args)
         if master:
             run.truncate_log(out / "log.jsonl", step)
     board = curves.Board(out, step) if args.tensorboard and master else None
@@ -404,9 +377,8 @@ def main(argv=None):
             entry["fid"] = fid()
             better = best.update(entry["fid"], s)
         state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "affinity": A,
-                 "source": source_info, "data": data_fp, "target": data.table_info(target),
-                 "G_kwargs": G.kwargs, "D_kwargs": D.kwargs,
-                 "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
+                 "source": source_info, "data": data_fp, "target": data.table_info(target), "G_kwargs": G.kwargs,
+                 "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
                  "optG": optG.state_dict(), "optD": optD.state_dict(), "scalers": [sc.state_dict() for sc in scalers],
                  **best.state()}
         # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
@@ -415,8 +387,7 @@ def main(argv=None):
         if better:
             run.save(state, out / "best.pt")
         run.save(state, out / "checkpoint.pt")
-        run.record(out, ["log.jsonl", "curves.png", entry["grid"], "subset.txt", "fid_cache", "tensorboard",
-                         "best.pt", "checkpoint.pt"])  # what --overwrite may remove
+        run.record(out)  # what --overwrite may remove
         return run.broadcast_stop(best.stop, device)
 
     # training
@@ -428,11 +399,11 @@ def main(argv=None):
             run.append_log(out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
             metrics.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")
-            run.record(out, ["log.jsonl", "samples/000000.png", "subset.txt"])
+            run.record(out)
         else:
             print(f"resuming from step {step} of {total} ({out / 'checkpoint.pt'})")
     last_saved = step if args.resume else None  # the step of the last checkpoint written
-    stage, t0 = None, time.time()
+    stage, stop, t0 = None, False, time.time()
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     batches = run.loader(train_ds, args.seed, args.batch, rank, world, step, args.workers, device)
     try:
@@ -446,11 +417,8 @@ def main(argv=None):
             losses = torch.stack(gan_step(G_train, D_train, G_ema, optG, optD, y, real, args.lambda_labelmix,
                                           ema_decay_at(step, args.ema_decay), ctx, scalers)).float()
             step += 1
-            if ddp:  # log the mean over ranks; a NaN anywhere stops every rank at the same step
-                dist.all_reduce(losses)
-                losses /= world
-            lg, ld = losses.tolist()
-            if not (math.isfinite(lg) and math.isfinite(ld)):
+            lg, ld = run.mean_over_ranks(losses, world).tolist()  # a NaN anywhere stops every rank at the same step
+            if not torch.isfinite(losses).all():
                 bar.close()
                 where = f"{out / 'checkpoint.pt'} (step {last_saved})" if last_saved is not None else "none saved yet"
                 raise DataError(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
@@ -461,11 +429,9 @@ def main(argv=None):
                                                    "sec": round(time.time() - t0, 3)})
             if step % args.eval_every == 0 or step == total:
                 stop, last_saved = evaluate_and_save(step), step
-                if stop:
-                    if master:
-                        print(f"early stop at step {step}: no better FID in {args.patience} evaluations")
-                    break
-            if step >= total:
+                if stop and master:
+                    print(f"early stop at step {step}: no better FID in {args.patience} evaluations")
+            if stop or step >= total:
                 break
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
         raise run.interrupted("finetune_oasis.py", args, given, last_saved) from None
@@ -475,8 +441,7 @@ def main(argv=None):
     if master:
         at = f", best FID {best.fid:.2f} at step {best.step} in {out / 'best.pt'}" if best.fid is not None else ""
         print(f"done: {out / 'checkpoint.pt'} (step {step})" + at)
-    if ddp:
-        dist.destroy_process_group()
+    run.finish(ddp)
     return G, D, G_ema
 
 

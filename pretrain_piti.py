@@ -33,7 +33,8 @@ Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-f
 draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run, taking the
 run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
 may). A non-empty --out is refused without --resume or --overwrite. The checkpoint (a 'piti-cat' one with
-init 'glide', which evaluate.py samples from) keeps the trained weights and the exported files' paths. The
+init 'glide', which evaluate.py samples from) keeps the trained weights and a record of the exported files
+(path, size, sha256: found again by name in a moved run folder). The
 last line printed names the steps trained, the checkpoint and the best FID with its step.
 """
 import argparse
@@ -43,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -57,6 +57,8 @@ from models.state_dict import load_strict
 MODEL_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "upsampler", "base_config",
                "up_config", "data", "data_root", "n", "subset_seed", "subset_file", "size", "train", "batch",
                "ema_decay", "uncond_p", "seed")
+# files and folders a run reads: never its --out (nor --data-root)
+INPUT_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "upsampler", "subset_file", "inception", "fid_features")
 
 # The official stage schedule (PITI's mask_finetune_*.sh). official_batch is the official global batch
 # (8 GPUs x 16 for the base); everything else applies unless given on the command line.
@@ -137,13 +139,10 @@ def settings(argv):
         args.workers = 4 if args.device.startswith("cuda") else 0
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    ckpt = Path(args.out) / "checkpoint.pt"
-    if args.resume and not args.overwrite and ckpt.is_file():  # (a missing one or both flags: run.prepare_out says so)
-        saved = run.load(ckpt, "--resume", kinds=("piti-cat",), mmap=True)
-        if saved.get("init") != "glide":
-            raise DataError(f"--resume {ckpt}: a CAT run, not a pretraining one; continue it with "
-                            f"finetune_piti.py --out {args.out} --resume")
-        run.resume_args(args, saved["args"], MODEL_FLAGS, given)
+    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",))  # --resume: the run's own flags
+    if saved is not None and saved.get("init") != "glide":
+        raise DataError(f"--resume {Path(args.out) / 'checkpoint.pt'}: a CAT run, not a pretraining one; continue it "
+                        f"with finetune_piti.py --out {args.out} --resume")
     elif not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
         for k, v in RECIPES[args.recipe].items() if args.recipe else ():
             if k not in ("doc", "official_batch") and k not in given:
@@ -164,14 +163,6 @@ def settings(argv):
     for flag in ("sample_steps", "up_steps"):
         diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
     return args, given
-
-
-def inputs(args):
-    """What a run reads, by flag: its --out may be none of these folders (run.check_out_vs_inputs)."""
-    toy_root = data.toy.task_root(args.data) if args.data in data.toy.TASKS else None
-    return {"--data-root": args.data_root or toy_root, "--glide-ckpt": args.glide_ckpt,
-            "--glide-up-ckpt": args.glide_up_ckpt, "--encoder": args.encoder, "--upsampler": args.upsampler,
-            "--subset-file": args.subset_file, "--inception": args.inception, "--fid-features": args.fid_features}
 
 
 def trainable(model, mode):
@@ -213,11 +204,7 @@ def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, 
         samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
         logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
-    loss = total.detach().clone()
-    if world > 1:  # the global batch's mean; a NaN anywhere stops every rank
-        dist.all_reduce(loss)
-        loss /= world
-    loss = loss.item()
+    loss = run.mean_over_ranks(total.detach().clone(), world).item()  # the global batch's; a NaN stops every rank
     if not np.isfinite(loss):
         raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
                         "(lower --lr?)")
@@ -238,7 +225,8 @@ def main(argv=None):
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
     run.check_data_flags(args)
-    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs(args)) if master else Path(args.out)
+    inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
+    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
 
@@ -282,15 +270,11 @@ def main(argv=None):
     low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
+        run.restore_optimizer(opt, ckpt["opt"], args.lr)
         amp.restore([scaler], [ckpt["scaler"]])
         for name, state in ckpt["timestep_samplers"].items():
             samplers[name].load_state_dict(state)
-        step = ckpt["step"]
-        if not run.fid_network_changed(ckpt["args"], args):
-            best = run.Best.restore(args.patience, ckpt)
+        step, best = ckpt["step"], run.Best.resume(ckpt, args)
         if master:  # a killed run may have logged steps past its last checkpoint
             run.truncate_log(out / "log.jsonl", step)
     up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
@@ -352,8 +336,7 @@ def main(argv=None):
         run.save(state, out / "checkpoint.pt")
         if better:
             run.save(state, out / "best.pt")
-        run.record(out, ["log.jsonl", "curves.png", entry["grid"], "subset.txt", "fid_cache", *EXPORTS.values(),
-                         "best.pt", "checkpoint.pt"])  # what --overwrite may remove
+        run.record(out)  # what --overwrite may remove
         return run.broadcast_stop(best.stop, device)
 
     # training
@@ -386,8 +369,7 @@ def main(argv=None):
     if master:  # the run's last line: steps trained, its checkpoint, the best FID where there is one
         at = f", best FID {best.fid:.2f} at step {best.step} ({out / 'best.pt'})" if best.fid is not None else ""
         print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{at}")
-    if ddp:
-        dist.destroy_process_group()
+    run.finish(ddp)
 
 
 if __name__ == "__main__":

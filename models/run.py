@@ -174,6 +174,12 @@ def prepare_out(out, resume, overwrite, inputs, flag="--out"):
     return out
 
 
+def flag_paths(args, names, data_root=None):
+    """{--flag: value} of a script's input flags (dests `names`), plus --data-root as `data_root` (a toy task's
+    generated folder when no --data-root is given): the `inputs` of prepare_out."""
+    return {"--data-root": args.data_root or data_root, **{"--" + k.replace("_", "-"): getattr(args, k) for k in names}}
+
+
 def check_out_vs_inputs(out, inputs, flag="--out"):
     """One DataError line when the output folder `out` equals, contains or lies inside an input folder, or is
     the folder of an input file: a run never writes into (or deletes from) what it reads. `inputs`: {flag: path}
@@ -225,10 +231,11 @@ def lock(out, flag="--out"):
     _HELD[key] = f
 
 
-def record(out, paths):
+def record(out, paths=RUN_FILES):
     """Add files this run wrote (paths inside `out`; a folder stands for the files in it now, all written by
     the run; paths not there are skipped) to <out>/manifest.txt, the list --overwrite (and evaluate.py's rerun)
-    may remove."""
+    may remove. The default, RUN_FILES, is safe for a training run: prepare_out refuses to start one where
+    any of them holds a file no run recorded."""
     out = Path(out)
     have = recorded_files(out)
     new = []
@@ -409,6 +416,18 @@ def resume_args(args, saved, model_flags, given):
     return args
 
 
+def resumed_args(args, given, model_flags, kinds):
+    """With --resume (and not --overwrite, which prepare_out refuses): the checkpoint in --out (of `kinds`,
+    read memory-mapped), whose flags complete `args` (resume_args); None otherwise, or when there is no
+    checkpoint (prepare_out says so)."""
+    path = Path(args.out) / "checkpoint.pt"
+    if not args.resume or args.overwrite or not path.is_file():
+        return None
+    ckpt = load(path, "--resume", kinds=kinds, mmap=True)
+    resume_args(args, ckpt["args"], model_flags, given)
+    return ckpt
+
+
 def parse_with_given(parser, argv=None):
     """(args, given): the parsed namespace and the dests the command line set explicitly (abbreviations included).
 
@@ -549,8 +568,11 @@ class Best:
         return {"best_fid": self.fid, "best_step": self.step, "bad_evals": self.bad}
 
     @classmethod
-    def restore(cls, patience, ckpt):
-        return cls(patience, ckpt["best_fid"], ckpt["best_step"], ckpt["bad_evals"])
+    def resume(cls, ckpt, args):
+        """The resumed run's tracker; a fresh one when it measures FID with another network (fid_network_changed)."""
+        if fid_network_changed(ckpt["args"], args):
+            return cls(args.patience)
+        return cls(args.patience, ckpt["best_fid"], ckpt["best_step"], ckpt["bad_evals"])
 
 
 def fid_network_changed(saved, args):
@@ -589,6 +611,22 @@ def gather(x, world):
     return torch.stack(parts, 1).flatten()
 
 
+def restore_optimizer(opt, state, lr):
+    """Load an optimiser's state from a checkpoint, with the command line's learning rate (e.g. to continue
+    slower)."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def mean_over_ranks(x, world):
+    """The mean of a tensor over the torchrun ranks (as is in one process): a NaN anywhere reaches every rank."""
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
 def average_gradients(params, world):
     """The global batch's gradient under torchrun: each rank's gradients (its equal share's mean) averaged over
     the ranks in one bucketed all-reduce."""
@@ -623,6 +661,12 @@ def init_distributed(device, batch):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, device
+
+
+def finish(ddp):
+    """The end of a torchrun run: its process group goes (nothing to do in one process)."""
+    if ddp:
+        dist.destroy_process_group()
 
 
 def broadcast_stop(stop, device):

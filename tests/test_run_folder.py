@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import finetune_oasis
