@@ -362,6 +362,8 @@ def main(argv=None):
     grid = metrics.fixed_grid(val_ds, args.grid_n, lambda n: metrics.image_seeds(args.seed, 0, n, 0), device)
     fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
                                  device, args.batch, args.seed, bf16) if master else None
+    if master:  # subset.txt, the FID cache: what --overwrite may remove
+        run.record(out)
 
     def evaluate_and_save(s):
         """BN pass on the EMA, grid, FID, checkpoint.pt (+ best.pt on a better FID) on rank 0; on every rank:
@@ -402,8 +404,7 @@ def main(argv=None):
             run.record(out)
         else:
             print(f"resuming from step {step} of {total} ({out / 'checkpoint.pt'})")
-    last_saved = step if args.resume else None  # the step of the last checkpoint written
-    stage, stop, t0 = None, False, time.time()
+    stage, stop, t0, last_saved = None, False, time.time(), step if args.resume else None  # last checkpoint's step
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     batches = run.loader(train_ds, args.seed, args.batch, rank, world, step, args.workers, device)
     try:

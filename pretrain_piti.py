@@ -301,6 +301,8 @@ def main(argv=None):
 
     fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
                                  device, args.batch, args.seed) if master else None
+    if master:  # subset.txt, the FID cache: what --overwrite may remove
+        run.record(out)
 
     def evaluate_and_save(s):
         """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID) on
