@@ -262,9 +262,10 @@ def remove_recorded(out):
     """Remove the files an earlier run recorded in <out>/manifest.txt (and the folders they leave empty), then
     the manifest; -> the files left that no run recorded (kept)."""
     out = Path(out)
+    root = out.resolve()
     for rel in recorded_files(out):
         f = out / rel
-        if f.is_file() and out in f.resolve().parents:
+        if f.is_file() and root in f.resolve().parents:  # never outside the run folder (a link, a '..')
             f.unlink()
             for d in f.parents:
                 if d == out or any(d.iterdir()):
@@ -425,6 +426,8 @@ def resumed_args(args, given, model_flags, kinds):
         return None
     ckpt = load(path, "--resume", kinds=kinds, mmap=True)
     resume_args(args, ckpt["args"], model_flags, given)
+    if same_path(args.subset_file, path.parent / "subset.txt"):  # the run's own subset (read again), not an input
+        args.subset_file = None
     return ckpt
 
 

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import finetune_oasis
@@ -128,3 +129,21 @@ def test_cityscapes_size_and_n_against_subset_file(tmp_path):
     refused(lambda: finetune_oasis.main(["--out", str(tmp_path / "o2"), *TINY, "--n", "2",
                                          "--subset-file", str(first / "subset.txt")]),
             "--n 2", "subset.txt", "lists 4 images")
+
+
+def test_a_relative_out_resumes_twice_and_is_overwritten(tmp_path):
+    """--out given relative to the working directory: a run resumed twice (its own subset.txt, which the
+    checkpoint's flags then name, is no input) and then started over with --overwrite, which removes its files."""
+    def script(*args):
+        r = subprocess.run([sys.executable, str(REPO / "finetune_oasis.py"), "--out", "rel", *TINY, *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    script("--stage2-steps", "1")
+    script("--stage2-steps", "2", "--resume")
+    script("--stage2-steps", "3", "--resume")
+    assert torch.load(tmp_path / "rel" / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 3
+    script("--overwrite")  # 0 steps: the model as built
+    assert torch.load(tmp_path / "rel" / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 0
+    assert not (tmp_path / "rel" / "samples" / "000003.png").exists()
