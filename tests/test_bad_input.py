@@ -92,7 +92,7 @@ def W(tmp_path_factory):
     (w / "empty.pt").write_bytes(b"")
     (w / "text.pt").write_text("this is not a torch file\n")
     torch.save({"args": argparse.Namespace(x=1)}, w / "pickled.pt")
-    torch.save({"kind": "piti-cat", "format": 2}, w / "piti_kind.pt")
+    torch.save({"kind": "piti-cat", "format": 2, "args": {}}, w / "piti_kind.pt")
     # affinities (target: sky, grass; source: three classes)
     np.save(w / "aff_shape.npy", np.full((4, 4), 1 / 4, np.float32))
     np.save(w / "aff_rows.npy", np.full((2, 3), 0.5, np.float32))
@@ -950,3 +950,30 @@ def test_failed_runs_leave_no_earlier_numbers(W, tmp_path):
     one_line(lambda: estimate_affinity.main(["--source", "coco", "--target", "ade20k", "--method", "random",
                                              "--override", str(W.root / "map_weight.txt"), "--out", str(aff)]), "lots")
     assert not (aff / "affinity.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------------- round 3 (issue 31)
+# the run folder (§1 §2) and flags that would be bent (§5), for the three training scripts
+RUN3_SCRIPTS = {"ft": (finetune_oasis.main, FT2), "piti": (finetune_piti.main, PITI), "pre": (pretrain_piti.main, PRE)}
+RUN3 = {
+    **{f"{k}-seed-2**64": (m, a + ["--seed", str(2 ** 64)], ["--seed", str(2 ** 64), "< 2**32"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-is-data-root": (m, a + ["--out", "{ok}", "--overwrite"], ["--out", "is --data-root", "never writes"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-inside-data-root": (m, a + ["--out", "{ok}/images/run"], ["--out", "lies inside --data-root"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-contains-data-root": (m, a + ["--out", "{root}"], ["--out", "contains --data-root"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-resume-and-overwrite": (m, a + ["--resume", "--overwrite"], ["--resume", "--overwrite", "one of the two"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-cityscapes-size": (m, a + ["--data", "cityscapes", "--size", "64"], ["--size 64", "cityscapes", "256x512"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN3))
+def test_run_folder_and_bent_flags_round3(W, case):
+    """Each refused in one line before anything is written: the dataset keeps exactly its files."""
+    before = sorted(p for p in W.ok.rglob("*"))
+    refused_row(RUN3[case], W)
+    assert sorted(p for p in W.ok.rglob("*")) == before
