@@ -134,7 +134,7 @@ def build_parser():
     return p
 
 
-def settings(argv):
+def get_args(argv=None):
     """(args, given): the flags, with --resume completed from the run's checkpoint."""
     args, given = run.parse_with_given(build_parser(), argv)
     run.check_device(args.device)
@@ -224,7 +224,7 @@ def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, 
 
 
 def main(argv=None):
-    args, given = settings(argv)
+    args, given = get_args(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
     run.check_data_flags(args)

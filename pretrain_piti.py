@@ -131,7 +131,7 @@ def build_parser():
     return p
 
 
-def settings(argv):
+def get_args(argv=None):
     """(args, given): the flags, with --resume completed from the run's checkpoint."""
     args, given = run.parse_with_given(build_parser(), argv)
     run.check_device(args.device)
@@ -221,7 +221,7 @@ def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, 
 
 
 def main(argv=None):
-    args, given = settings(argv)
+    args, given = get_args(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
     run.check_data_flags(args)
@@ -243,6 +243,9 @@ def main(argv=None):
         run.check_data(ckpt["data"], data_fp, args)
 
     # models (GLIDE decoders), what trains, EMA, optimiser, timestep samplers
+    if ckpt is not None and args.upsampler and not args.glide_up_ckpt:  # the run's upsampler, found by its sha256
+        args.upsampler = str(run.find_recorded_file(ckpt["up_file"], args.upsampler if "upsampler" in given else None,
+                                                    "--upsampler", near=(out,)))
     base, up = build_models(args, classes.n_channels)
     present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
     models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}

@@ -187,11 +187,11 @@ def test_paper_defaults(tmp_path):
     import finetune_piti
     base = ["--base", "b.pt", "--upsampler", "u.pt", "--affinity", "a.npy"]
     for i, (target, lr) in enumerate((("cityscapes", 7e-5), ("ade20k", 2e-4), ("coco", 2e-4), ("toy-target", 2e-4))):
-        args, _ = finetune_piti.settings(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
+        args, _ = finetune_piti.get_args(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
         assert args.lr == lr and args.prompts == 8
-    args, _ = finetune_piti.settings(base + ["--steps", "0", "--out", str(tmp_path / "free")])
+    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--out", str(tmp_path / "free")])
     assert args.prompts == 0
-    args, _ = finetune_piti.settings(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
+    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
     assert args.prompts == 4
 
 
@@ -202,14 +202,14 @@ def test_recipes_are_table_11_rows(tmp_path):
     files = ["--base", "b.pt", "--upsampler", "u.pt"]
     rows = {"finetune": ("all", 0, "none"), "fixdec": ("fixdec", 0, "none"), "fixdec-prompts": ("fixdec", 8, "none")}
     for i, (recipe, want) in enumerate(rows.items()):
-        args, _ = finetune_piti.settings(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])
+        args, _ = finetune_piti.get_args(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])
         assert (args.train, args.prompts, args.affinity) == want, recipe
-    args, _ = finetune_piti.settings(files + ["--affinity", "a.npy", "--out", str(tmp_path / "cat")])
+    args, _ = finetune_piti.get_args(files + ["--affinity", "a.npy", "--out", str(tmp_path / "cat")])
     assert (args.recipe, args.train, args.prompts, args.affinity) == ("cat", "fixdec", 8, "a.npy")
-    args, _ = finetune_piti.settings(files + ["--recipe", "fixdec", "--prompts", "3", "--out", str(tmp_path / "o")])
+    args, _ = finetune_piti.get_args(files + ["--recipe", "fixdec", "--prompts", "3", "--out", str(tmp_path / "o")])
     assert (args.train, args.prompts, args.affinity) == ("fixdec", 3, "none")
     with pytest.raises(DataError, match="--affinity is required"):
-        finetune_piti.settings(files + ["--recipe", "cat", "--out", str(tmp_path / "no_aff")])
+        finetune_piti.get_args(files + ["--recipe", "cat", "--out", str(tmp_path / "no_aff")])
 
 
 def test_torchrun_two_ranks_equal_one_process(files, tmp_path):
