@@ -614,13 +614,22 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypa
     assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 4
     out = capsys.readouterr().out
     assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
+    # finetune --overwrite removes only what its earlier run recorded (manifest.txt): an image no run recorded
+    # where the run writes is refused, not removed; the earlier run's own grids go, the user's notes stay
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(run / "samples" / "xyz.png")
-    (run / "samples" / "notes.txt").write_text("keep")
-    finetune_oasis.main(SCRATCH[:-1] + ["--data-root", str(E.ok), "--out", str(run), "--overwrite",
-                                        "--stage2-steps", "0"])
-    assert not (run / "samples" / "xyz.png").exists() and (run / "samples" / "notes.txt").exists()
+    (run / "notes.txt").write_text("keep")
+    ft = SCRATCH[:-1] + ["--data-root", str(E.ok), "--out", str(run), "--overwrite", "--stage2-steps", "0"]
+    one_line(lambda: finetune_oasis.main(ft), "--overwrite", "samples/xyz.png", "not recorded")
+    assert (run / "samples" / "xyz.png").exists()
+    (run / "samples" / "xyz.png").rename(run / "xyz.png")
+    finetune_oasis.main(ft)
+    (run / "samples" / "000000.png").rename(run / "samples" / "000007.png")  # as if from a longer earlier run
+    models.run.record(run, ["samples/000007.png"])
+    finetune_oasis.main(ft)
+    assert not (run / "samples" / "000007.png").exists() and (run / "samples" / "000000.png").exists()
+    assert (run / "notes.txt").read_text() == "keep" and (run / "xyz.png").exists()
     capsys.readouterr()
     monkeypatch.setattr(metrics, "_SAID", set())  # a fresh run: its FID note not said yet
     evaluate.main(["--real-dir", str(E.fake), "--fake-dir", str(E.ok / "images"), "--fid-features",
