@@ -20,7 +20,6 @@ models/images.py (EXIF orientation, 16-bit greyscale, label checks).
 """
 import argparse
 import csv
-import hashlib
 import json
 import os
 import random
@@ -502,51 +501,6 @@ def dataset_from_args(args, split="train", augment=False, out_dir=None):
     return open_dataset(args.data, args.data_root, split, augment,
                         n=args.n if few_shot else None, subset_seed=args.subset_seed,
                         subset_file=args.subset_file if few_shot else None, out_dir=out_dir, size=args.size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training order: every batch is a pure function of (seed, epoch, position), so a resumed run replays nothing.
-
-
-class Seeded(torch.utils.data.Dataset):
-    """Each item's augmentation (Python `random`, as the official loaders) is seeded from its key."""
-
-    def __init__(self, ds, seed):
-        self.ds, self.seed = ds, seed
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        salt, i = key
-        state = random.getstate()
-        random.seed(f"{self.seed}/{salt}/{i}")
-        item = self.ds[i]
-        random.setstate(state)
-        return item
-
-
-def epoch_batches(n_items, batch, seed, salt, rank, world):
-    """This rank's share of one shuffled epoch (drop_last, as the official train loader)."""
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(hash_seed(seed, salt))).tolist()
-    return [[(salt, i) for i in perm[k * batch:(k + 1) * batch][rank::world]] for k in range(n_items // batch)]
-
-
-def hash_seed(*parts):
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-class Batches:
-    """Endless batches from iteration `start` on: epoch e is epoch_batches(..., salt=e), as if never stopped."""
-
-    def __init__(self, n_items, batch, seed, rank, world, start):
-        self.n_items, self.batch, self.seed, self.rank, self.world, self.start = n_items, batch, seed, rank, world, start
-
-    def __iter__(self):
-        epoch, k = divmod(self.start, self.n_items // self.batch)
-        while True:
-            yield from epoch_batches(self.n_items, self.batch, self.seed, epoch, self.rank, self.world)[k:]
-            epoch, k = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------

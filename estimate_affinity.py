@@ -46,8 +46,8 @@ import torch
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, affinity, amp, checkpoint, cli, no_file, nonneg_int, positive_float,
-                    positive_int, segmenters)
+from models import (ArgumentParser, DataError, affinity, amp, cli, no_file, nonneg_int, positive_float,
+                    positive_int, run, segmenters)
 from models.weights import by_hand_missing, names, resolve
 from models.dino import load_dino
 from models.text import text_encoder
@@ -289,7 +289,7 @@ def get_args(argv=None):
     if args.text_encoder == "minilm" and args.clip_weights:
         raise DataError(f"--clip-weights {args.clip_weights} with --text-encoder minilm: the bundled MiniLM takes no "
                         "CLIP file; drop one of the two")
-    checkpoint.check_device(args.device)
+    run.check_device(args.device)
     return args
 
 
@@ -419,7 +419,7 @@ def main(argv=None):
         raise DataError(f"--void-row on with --method {args.method}: only an estimating method has a row to give the "
                         "unlabelled value 0; map it in a mapping file ('unlabeled -> CLASS') instead")
     void = args.void_row == "on" or args.void_row == "auto" and estimating and t_name == "cityscapes"
-    checkpoint.out_dir(args.out, replaces=affinity.OUTPUTS)
+    run.out_dir(args.out, replaces=affinity.OUTPUTS)
     print(f"{target.dataset} ({len(target)} classes) -> {source.dataset} ({len(source)} classes), method {args.method}"
           + (", with an estimated row for the unlabelled value 0 (--void-row)" if void else ""))
     rows_table = affinity.with_void(target) if void else target  # the estimate's rows

@@ -47,7 +47,7 @@ Protocol (also written into results.json):
 - Real statistics are cached in --stats-cache, keyed by every image and label file's path, size and
   mtime, the preprocessing and the feature network; a cache hit prints "real statistics: cached FILE".
 - Files: --out may not be, contain or lie inside an input folder; a rerun removes only the files listed
-  in the manifest of the earlier run (manifest.json), nothing else.
+  in the manifest of the earlier run (manifest.txt), nothing else.
 
 The metrics themselves live in metrics.py (FID, KID, mIoU, generation, label maps, grids), the FID Inception
 in models/inception.py.
@@ -63,13 +63,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, checkpoint, cli, nonneg_int, positive_int
+from models import ArgumentParser, DataError, cli, run, nonneg_int, positive_int
 from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
 from data import add_data_args, class_table, compare_classes, dataset_from_args, load_affinity
-from metrics import (LabelMaps, Said, channel_names, check_out_vs_inputs, check_sizes, confusion,
+from metrics import (LabelMaps, Said, channel_names, check_sizes, confusion,
                      describe_features, embed, fid_lines, fid_metrics, generate, grid_titles, label_maps, legend_of,
                      load_feature_net, load_segmenter, miou_results, model_classes, oasis_sampler, output_names,
-                     piti_sampler, provenance, real_stats, record, resize_images, save_grid, score_folders, segment,
+                     piti_sampler, provenance, real_stats, resize_images, save_grid, score_folders, segment,
                      to_uint8)
 from models.diffusion import check_respacing
 from models.inception import INCEPTION_FILE
@@ -114,7 +114,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("every mode")
-    g.add_argument("--out", required=True, help="output folder: results.json, images/, grid.png, manifest.json "
+    g.add_argument("--out", required=True, help="output folder: results.json, images/, grid.png, manifest.txt "
                    "(an earlier run's files, as its manifest lists them, are replaced; nothing else is removed)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="noise seed: image k of map i is seeded by (seed, i, k)")
     g.add_argument("--batch", type=positive_int, default=16, help="label maps (or images) per batch; the images do "
@@ -167,7 +167,7 @@ def get_args(argv=None):
     g.add_argument("--real-dir", help="the real images")
     g.add_argument("--fake-dir", help="the generated images")
     args = p.parse_args(argv)
-    checkpoint.check_device(args.device)
+    run.check_device(args.device)
     model_only = ("ckpt", *SOURCE_FLAGS, "segmenter", "segmenter_weights", "limit", "labels", "classes", "no_fid",
                   "sample_steps", "up_steps", "base", "upsampler", *DATA_FLAGS)
     if args.real_dir or args.fake_dir:
@@ -203,10 +203,10 @@ def get_args(argv=None):
     inputs = {"--data-root": args.data_root, "--real-dir": args.real_dir, "--fake-dir": args.fake_dir,
               "--labels": args.labels, "--source-root": args.source_root,
               "--ckpt": args.ckpt if args.ckpt and Path(args.ckpt).is_dir() else None}  # an official run folder
-    check_out_vs_inputs(args.out, {k: v for k, v in inputs.items() if v})
-    checkpoint.out_dir(args.out, keep=False)  # a file in the way, read-only: one line before any work
+    run.check_out_vs_inputs(args.out, inputs)
+    run.out_dir(args.out, keep=False)  # a file in the way, read-only: one line before any work
     if args.stats_cache and args.ckpt and not args.no_fid and not args.labels:
-        checkpoint.out_dir(args.stats_cache, "--stats-cache", keep=False)
+        run.out_dir(args.stats_cache, "--stats-cache", keep=False)
     return args
 
 
@@ -223,7 +223,7 @@ def load_generator(args, target, hw, device, amp):
         raise DataError(f"--ckpt {path}: not found; expected a checkpoint of ours or an official OASIS run folder")
     ckpt = None
     if path.is_file():
-        obj = checkpoint.load(path, "--ckpt")  # one line: truncated, empty, pickled, not a torch file
+        obj = run.load(path, "--ckpt")  # one line: truncated, empty, pickled, not a torch file
         ckpt = obj if isinstance(obj, dict) and "kind" in obj else None
     if ckpt is not None and ckpt["kind"] not in ("oasis-cat", "piti-cat"):
         raise DataError(f"--ckpt {path}: kind '{ckpt['kind']}', expected 'oasis-cat' or 'piti-cat'")
@@ -346,10 +346,10 @@ def generate_and_score(sample, dataset, args, out, net, seg, device, amp, featur
 def main(argv=None):
     args = get_args(argv)
     with contextlib.redirect_stdout(Said(sys.stdout)) as said:  # the warnings printed go to results.json too
-        run(args, argv, said)
+        score(args, argv, said)
 
 
-def run(args, argv, said):
+def score(args, argv, said):
     device = torch.device(args.device)
     amp = pick_amp(device, args.amp)  # the generator's and segmenter's autocast mode
     features_amp = "bf16" if device.type == "cuda" and args.bf16_features else "fp32"
@@ -364,9 +364,9 @@ def run(args, argv, said):
     if args.real_dir:  # folder mode
         scores, lines = score_folders(args.real_dir, args.fake_dir, args.inception, args.fid_features, device,
                                       args.batch, args.workers, features_amp)
-        record(out, ["results.json"])
+        run.remove_recorded(out)  # the earlier run's files, as its manifest lists them; nothing else
         return finish(out, {**scores, **results, "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}},
-                      lines, said, f"wrote {out / 'results.json'}")
+                      lines, said, f"wrote {out / 'results.json'}", ["results.json"])
 
     if args.labels:  # label maps alone: their classes.txt is the target table
         table = Path(args.classes or Path(args.labels) / "classes.txt")
@@ -376,7 +376,7 @@ def run(args, argv, said):
         target, what = class_table("folder", table.parent), str(table)
     else:
         dataset = dataset_from_args(args, args.split)
-        check_out_vs_inputs(args.out, {"--data-root": dataset.root})  # also a toy task's own folder
+        run.check_out_vs_inputs(args.out, {"--data-root": dataset.root})  # also a toy task's own folder
         dataset.files = dataset.files[:args.limit]
         target, what = dataset.classes, f"--data {dataset.dataset}"
     sample, gen = load_generator(args, target, None if args.labels else dataset.size, device, amp)
@@ -403,7 +403,8 @@ def run(args, argv, said):
         if net is not None and len(dataset) < 2:
             raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
-    record(out, [n for ns in outputs.values() for n in ns] + ["results.json", "grid.png"])
+    run.remove_recorded(out)  # the earlier run's files, as its manifest lists them; nothing else
+    written = [n for ns in outputs.values() for n in ns] + ["results.json", "grid.png"]
     sampler = lambda label, seeds: sample(lut[label], seeds)  # noqa: E731
     fake_feats, conf, conf_real, has_grid = generate_and_score(sampler, dataset, args, out, net, seg, device, amp,
                                                                features_amp, lambda item, i: outputs[item["path"][i]])
@@ -416,7 +417,7 @@ def run(args, argv, said):
     if args.labels:
         results.update(labels=str(args.labels), outputs=outputs, protocol={k: PROTOCOL[k] for k in
                                                                            ("generation", "images", "labels")})
-        return finish(out, results, [], said, done)
+        return finish(out, results, [], said, done, written)
     results.update(n_real=len(dataset), dataset={"name": dataset.dataset, "root": str(dataset.root),
                                                  "split": args.split, "size": list(dataset.size), "limit": args.limit})
     lines, notes = [], []  # notes (a few-images FID warning) after the numbers
@@ -431,17 +432,19 @@ def run(args, argv, said):
         results.update(scores)
         lines += seg_lines
     results["protocol"] = dict(PROTOCOL, segmenter=getattr(seg[0], "protocol", "TorchScript file")) if seg else PROTOCOL
-    finish(out, results, lines + notes, said, done)
+    finish(out, results, lines + notes, said, done, written)
 
 
-def finish(out, results, lines, said, done):
-    """results.json (with the warnings printed during the run), then the lines and `done` on the console."""
+def finish(out, results, lines, said, done, written):
+    """results.json (with the warnings printed during the run), the manifest of the files `written` (what a
+    rerun may remove), then the lines and `done` on the console."""
     for line in lines:
         print(line)
     results["warnings"] = list(said.lines)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out / "results.json")
+    run.record(out, written)
     print(done)
 
 

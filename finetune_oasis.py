@@ -33,22 +33,17 @@ files (the checkpoint records their number and a hash of names and sizes). Ctrl-
 """
 import argparse
 import copy
-import math
-import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, checkpoint, cli, curves, finite_float, int_list, nonneg_int,
-                    oasis, positive_int)
+from models import (ArgumentParser, DataError, amp, cli, curves, finite_float, int_list, nonneg_int, oasis,
+                    positive_float, positive_int, run, seed_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -74,6 +69,8 @@ SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "reci
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
                "channels", "z_dim", "spade_hidden", "d_channels", "d_last", "batch", "seed", "lambda_labelmix")
+# files and folders a run reads: never its --out (nor --data-root)
+INPUT_FLAGS = ("source_ckpt", "source_d", "source_root", "affinity", "subset_file", "inception", "fid_features")
 
 
 def get_args(argv=None):
@@ -81,7 +78,8 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
     p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly, with the run's own flags")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (its run files are replaced)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in --out: the files its earlier run recorded "
+                   "(manifest.txt) are removed, nothing else")
     p.add_argument("--init", default="source", choices=["source", "scratch"],
                    help="source: CAT from a pretrained model; scratch: random G/D at the target classes, all layers trained "
                         "(the paper's 'from scratch' row, and how the toy source model is pretrained)")
@@ -125,15 +123,16 @@ def get_args(argv=None):
     g.add_argument("--d-last", type=positive_int, default=None, help="width of D's last decoder block (official 64)")
     g = p.add_argument_group("optimisation (official OASIS values by default)")
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
-    g.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
+    g.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
                         "runs, 0.999 otherwise)")
     g.add_argument("--bn-batches", type=positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
-    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0, help="the run's randomness: init, batch order, augmentation, "
+                   "noise, each step's drawn from (seed, step)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=positive_int, default=500, help="BN pass + grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
@@ -150,17 +149,12 @@ def get_args(argv=None):
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
-    args, given = checkpoint.parse_with_given(p, argv)
-    checkpoint.check_device(args.device)
+    args, given = run.parse_with_given(p, argv)
+    run.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
-    if args.resume:  # the run's own settings, except what the command line repeats (model/data flags must agree)
-        saved = checkpoint.load(Path(args.out) / "checkpoint.pt", "--resume", kinds=("oasis-cat",), mmap=True)["args"]
-        if "stage2_reading" not in saved and saved.get("g_train") == "spade":
-            saved = {**saved, "g_train": "blocks"}  # written when 'spade' named today's 'blocks' set: keep its meaning
-        checkpoint.resume_args(args, saved, MODEL_FLAGS, given)
-        args.resume = True
-    else:
+    # --resume: the run's own settings, except what the command line repeats (model and data flags must agree)
+    if run.resumed_args(args, given, MODEL_FLAGS, ("oasis-cat",)) is None and not args.resume:
         for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
             if k not in given:
                 setattr(args, k, v)
@@ -170,31 +164,21 @@ def get_args(argv=None):
                 raise DataError(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
     elif args.init == "scratch" and given & SOURCE_FLAGS:
         raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
-    if args.lr is None:
-        args.lr = LR_BY_TARGET.get(args.data, 1e-4)
-    if args.lr_d is None:
-        args.lr_d = OASIS_LR_D
-    for flag, lr in (("--lr", args.lr), ("--lr-d", args.lr_d)):
-        if not (math.isfinite(lr) and lr > 0):
-            raise DataError(f"{flag} {lr}: expected a positive finite learning rate")
-    args.stage2_reading = "supplement"  # --g-train spade = the SPADE modules (a marker for resumed checkpoints)
-    if args.lambda_labelmix is None:
-        args.lambda_labelmix = 5.0 if args.data == "cityscapes" else 10.0
+    args.lr = LR_BY_TARGET.get(args.data, 1e-4) if args.lr is None else args.lr
+    args.lr_d = OASIS_LR_D if args.lr_d is None else args.lr_d
+    args.lambda_labelmix = (5.0 if args.data == "cityscapes" else 10.0) if args.lambda_labelmix is None else args.lambda_labelmix
     if args.lambda_labelmix < 0:
         raise DataError(f"--lambda-labelmix {args.lambda_labelmix}: expected a weight >= 0 (0 turns LabelMix off)")
-    if args.init == "scratch":
-        for k, v in OASIS_WIDTHS.items():
-            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    for k, v in OASIS_WIDTHS.items() if args.init == "scratch" else ():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     d = args.d_channels
     if d is not None and (d[0] != 3 or len(d) < 3 or min(d) < 1):
         raise DataError(f"--d-channels {','.join(map(str, d))}: expected 3 (RGB) then at least two positive widths, "
                         "one per encoder block, e.g. 3,128,128,256,256,512,512")
-    if args.ema_decay is None:
-        args.ema_decay = 0.9999 if args.data in ("ade20k", "coco") else 0.999
+    args.ema_decay = (0.9999 if args.data in ("ade20k", "coco") else 0.999) if args.ema_decay is None else args.ema_decay
     if not 0 <= args.ema_decay < 1:
         raise DataError(f"--ema-decay {args.ema_decay}: expected a value in [0, 1)")
-    if args.d_head is None:
-        args.d_head = "affinity" if args.affinity not in (None, "none", "learned") else "reinit"
+    args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "reinit")
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
     if args.tensorboard:  # before any file is written
@@ -206,16 +190,13 @@ def stage_of(step, args):
     """CAT's two finetuning stages: 1 for the first --stage1-steps iterations (CAT layers + SPADE gamma/beta
     convs), then 2 (--g-train's set: the SPADE modules by default). One stage (--stages 1, and --init scratch)
     trains the full set from the start."""
-    if args.init == "scratch" or args.stages == 1:
-        return 2
-    return 1 if step < args.stage1_steps else 2
+    return 2 if args.init == "scratch" or args.stages == 1 or step >= args.stage1_steps else 1
 
 
 def stage_parameters(G, stage, args):
     """The generator parameters trained in `stage`: the paper's sets, or all of them (scratch, --g-train all)."""
-    if stage == 2 and (args.init == "scratch" or args.g_train == "all"):
-        return list(G.parameters())
-    return G.stage_parameters(stage, args.g_train)
+    everything = stage == 2 and (args.init == "scratch" or args.g_train == "all")
+    return list(G.parameters()) if everything else G.stage_parameters(stage, args.g_train)
 
 
 def ema_decay_at(step, decay):
@@ -264,248 +245,205 @@ def build_models(args, target, size):
 # One training iteration: G step, D step, EMA (the official order)
 
 
-def train_step(nets, optG, optD, d_trainable, y, real, lambda_labelmix, ema_decay, ctx, scalers=(None, None)):
-    """One official iteration; returns the two losses (detached). scalers: (G's, D's) amp.grad_scaler or None.
-
-    nets: 'G', 'D' train (DDP and/or compiled wrappers); 'G_fwd', 'D_fwd' the same modules without DDP
-    (the D step's fake images, D inside the G loss); 'G_raw' the plain module the EMA follows."""
-    G, D, EMA = nets["G"], nets["D"], nets["EMA"]
+def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, scalers=(None, None)):
+    """One official iteration; returns the two losses (detached). G, D: the modules that train (DDP and/or
+    compiled wrappers); optD's parameters are D's trainable ones; scalers: (G's, D's) amp.grad_scaler."""
+    G_fwd, D_fwd = (m.module if isinstance(m, DDP) else m for m in (G, D))  # forwards outside DDP's gradient sync
+    d_trainable = [p for group in optD.param_groups for p in group["params"]]
     for p in d_trainable:  # D's gradients from the G step would be thrown away: don't compute them
         p.requires_grad_(False)
     with ctx:
         fake = G(y)
-        loss_G = oasis.generator_loss(nets["D_fwd"], fake, y)
+        loss_G = oasis.generator_loss(D_fwd, fake, y)
     optG.zero_grad(set_to_none=True)
     amp.backward_step(loss_G, optG, scalers[0])
     for p in d_trainable:
         p.requires_grad_(True)
     with ctx:
         with torch.no_grad():
-            fake = nets["G_fwd"](y)  # train mode, fresh z, as the official D step
+            fake = G_fwd(y)  # train mode, fresh z, as the official D step
         loss_D, _ = oasis.discriminator_loss(D, real, fake, y, lambda_labelmix)
     optD.zero_grad(set_to_none=True)
     amp.backward_step(loss_D, optD, scalers[1])
-    oasis.ema_update(EMA, nets["G_raw"], ema_decay)
+    oasis.ema_update(G_ema, getattr(G_fwd, "_orig_mod", G_fwd), ema_decay)  # the plain module under torch.compile
     return loss_G.detach(), loss_D.detach()
 
 
-def wrap(G, D, EMA, stage, args, ddp, device):
-    """The networks of train_step for this stage, whose generator parameters alone require grad (DDP registers
-    the parameters that require grad)."""
+def wrap(G, D, stage, args, ddp, device):
+    """(G, D) as gan_step trains them in this stage, whose generator parameters alone require grad (DDP
+    registers the parameters that require grad)."""
     ids = {id(p) for p in stage_parameters(G, stage, args)}
     for p in G.parameters():
         p.requires_grad_(id(p) in ids)
     g, d = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    nets = {"G": g, "D": d, "G_fwd": g, "D_fwd": d, "G_raw": G, "EMA": EMA}
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
-        nets["G"], nets["D"] = DDP(g, device_ids=ids), DDP(d, device_ids=ids)
-    return nets
+        g, d = DDP(g, device_ids=ids), DDP(d, device_ids=ids)
+    return g, d
 
 
-def bn_batches(train_items, args, step, n_channels, device, mem):
+def bn_batches(train_ds, args, step, n_channels, device, mem):
     """One-hot label maps for the EMA BN pass at `step`: shuffled, augmented, full batches (as the official
-    training loader), over as many epochs as --bn-batches needs."""
-    keys, epoch = [], 0
-    while len(keys) < args.bn_batches:
-        keys += data.epoch_batches(len(train_items), args.batch, args.seed, f"bn{step}.{epoch}", 0, 1)
-        epoch += 1
-    dl = torch.utils.data.DataLoader(train_items, batch_sampler=keys[:args.bn_batches], num_workers=args.workers,
-                                     generator=torch.Generator().manual_seed(step))
+    training loader), drawn from (--seed, step)."""
+    seed = run.step_seed(args.seed, 3, step)
+    keys = [run.batch_keys(seed, j, len(train_ds), args.batch) for j in range(args.bn_batches)]
+    dl = torch.utils.data.DataLoader(run.Seeded(train_ds), batch_sampler=keys, num_workers=args.workers)
     return (data.onehot(b["label"].to(device), n_channels).contiguous(memory_format=mem) for b in dl)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def setup(args):
-    """Everything a run needs, fresh or resumed, as one namespace: data, models, optimisers, sampler."""
-    ddp, rank, world, device = checkpoint.init_distributed(args)
+def main(argv=None):
+    args, given = get_args(argv)
+    ddp, rank, world, device = run.init_distributed(args.device, args.batch)
     master, cuda = rank == 0, device.type == "cuda"
-    out = checkpoint.prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
-    ckpt = checkpoint.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    run.check_data_flags(args)
+    inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
+    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
+    ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
     args.precision = amp.pick(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)
-    R = SimpleNamespace(args=args, ddp=ddp, rank=rank, world=world, device=device, master=master, out=out,
-                        ctx=amp.autocast(device, args.precision), scalers=[amp.grad_scaler(device, args.precision) for _ in "GD"],
-                        mem=torch.channels_last if cuda else torch.contiguous_format,
-                        bf16=cuda and args.precision == "bf16", step=0, best_fid=None, bad_evals=0)
+    ctx, scalers = amp.autocast(device, args.precision), [amp.grad_scaler(device, args.precision) for _ in "GD"]
+    mem, bf16 = (torch.channels_last if cuda else torch.contiguous_format), cuda and args.precision == "bf16"
 
-    # Data: a resumed n-shot run reads the subset it drew
+    # data: a resumed n-shot run reads the subset it drew
     if ckpt is not None and args.n is not None:
         args.subset_file = str(out / "subset.txt")
-    R.train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and ckpt is None else None)
+    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and ckpt is None else None)
     val_ds = data.dataset_from_args(args, "val", augment=False)
-    R.target = R.train_ds.classes
-    if len(R.train_ds) < args.batch:
-        raise DataError(f"--batch {args.batch} is larger than the {len(R.train_ds)} training images (--n)")
-    data.check_labels(R.train_ds)
-    R.train_items = data.Seeded(R.train_ds, args.seed)
-    R.data_fp = checkpoint.data_fingerprint(R.train_ds)  # a resumed run must train on the same files
+    target = train_ds.classes
+    run.check_data_flags(args, train_ds)
+    data.check_labels(train_ds)
+    data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
-        checkpoint.check_data(ckpt.get("data"), R.data_fp, args)
+        run.check_data(ckpt["data"], data_fp, args)
 
-    # Models: a fresh run builds them, a resumed one restores every tensor
+    # models: a fresh run builds them, a resumed one restores every tensor
     if ckpt is None:
-        G, D, R.A, R.source_info = build_models(args, R.target, R.train_ds.size)
-        EMA = copy.deepcopy(G)
+        torch.manual_seed(args.seed)  # the random layers' init (the same on every rank)
+        G, D, A, source_info = build_models(args, target, train_ds.size)
+        G_ema = copy.deepcopy(G)
     else:
-        G, D, EMA = (oasis.Generator(**ckpt["G_kwargs"]), oasis.Discriminator(**ckpt["D_kwargs"]),
-                     oasis.Generator(**ckpt["G_kwargs"]))
-        for m, k in ((G, "G"), (D, "D"), (EMA, "EMA")):
+        G, D, G_ema = (oasis.Generator(**ckpt["G_kwargs"]), oasis.Discriminator(**ckpt["D_kwargs"]),
+                       oasis.Generator(**ckpt["G_kwargs"]))
+        for m, k in ((G, "G"), (D, "D"), (G_ema, "EMA")):
             m.load_state_dict(ckpt[k])
-        R.A, R.source_info = ckpt["affinity"], ckpt["source"]
-    if G.output_hw != R.train_ds.size:
+        A, source_info = ckpt["affinity"], ckpt["source"]
+    if G.output_hw != train_ds.size:
         raise DataError(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
-                        f"{R.train_ds.size[0]}x{R.train_ds.size[1]} (--size)")
-    scratch = args.init == "scratch"
-    blocks = len(D.blocks_for_freeze())
-    if any(side % 2 ** blocks for side in R.train_ds.size):
+                        f"{train_ds.size[0]}x{train_ds.size[1]} (--size)")
+    scratch, blocks = args.init == "scratch", len(D.blocks_for_freeze())
+    if any(side % 2 ** blocks for side in train_ds.size):
         raise DataError(f"{'--d-channels' if scratch else '--source-ckpt'}: the discriminator has {blocks} encoder blocks "
                         f"and needs image sides that are multiples of {2 ** blocks}; --size gives "
-                        f"{R.train_ds.size[0]}x{R.train_ds.size[1]}")
+                        f"{train_ds.size[0]}x{train_ds.size[1]}")
     if not scratch and args.freeze_d > blocks:
         raise DataError(f"--freeze-d {args.freeze_d}: the discriminator has {blocks} encoder blocks; expected at most {blocks}")
     frozen = {id(p) for block in D.blocks_for_freeze()[:args.freeze_d] for p in block.parameters()} if not scratch else set()
-    R.d_trainable = [p for p in D.parameters() if id(p) not in frozen]
     for p in D.parameters():
         p.requires_grad_(id(p) not in frozen)
-    if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; EMA keeps plain BN (rank 0 runs it)
+    if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; the EMA keeps plain BN (rank 0 runs it)
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    R.G, R.D, R.EMA = (m.to(device, memory_format=R.mem) for m in (G, D, EMA))
-    R.optG = torch.optim.Adam(stage_parameters(R.G, 2, args), lr=args.lr, betas=(0.0, 0.999))
-    R.optD = torch.optim.Adam(R.d_trainable, lr=args.lr_d, betas=(0.0, 0.999))
+    G, D, G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
+    optG = torch.optim.Adam(stage_parameters(G, 2, args), lr=args.lr, betas=(0.0, 0.999))
+    optD = torch.optim.Adam([p for p in D.parameters() if id(p) not in frozen], lr=args.lr_d, betas=(0.0, 0.999))
+    step, best = 0, run.Best(args.patience)
     if ckpt is not None:
-        R.optG.load_state_dict(ckpt["optG"])
-        R.optD.load_state_dict(ckpt["optD"])
-        for opt, lr in ((R.optG, args.lr), (R.optD, args.lr_d)):  # the command line's rates, e.g. to continue slower
-            for group in opt.param_groups:
-                group["lr"] = lr
-        R.step, R.best_fid, R.bad_evals = ckpt["step"], ckpt["best_fid"], ckpt["bad_evals"]
-        amp.restore(R.scalers, ckpt.get("scalers"))  # fp16 loss scales continue where they were
-        if len(ckpt["rng"]) == world:  # another number of ranks cannot replay the same draws: keep the fresh seeds
-            checkpoint.set_rng_state(ckpt["rng"][rank], device)
+        run.restore_optimizer(optG, ckpt["optG"], args.lr)
+        run.restore_optimizer(optD, ckpt["optD"], args.lr_d)
+        amp.restore(scalers, ckpt["scalers"])  # fp16 loss scales continue where they were
+        step, best = ckpt["step"], run.Best.resume(ckpt, args)
         if master:
-            checkpoint.truncate_log(out / "log.jsonl", R.step)
-    R.board = curves.Board(out, R.step) if args.tensorboard and master else None
+            run.truncate_log(out / "log.jsonl", step)
+    board = curves.Board(out, step) if args.tensorboard and master else None
 
-    # Evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
-    R.sample = metrics.oasis_sampler(R.EMA, R.target.n_channels, R.bf16)
-    R.grid = metrics.fixed_grid(val_ds, args.grid_n, lambda n: metrics.image_seeds(args.seed, 0, n, 0), device)
-    R.fid = metrics.validation_fid(R.sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
-                                   device, args.batch, args.seed, R.bf16) if master else None
-    return R
+    # evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
+    sample = metrics.oasis_sampler(G_ema, target.n_channels, bf16)
+    grid = metrics.fixed_grid(val_ds, args.grid_n, lambda n: metrics.image_seeds(args.seed, 0, n, 0), device)
+    fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
+                                 device, args.batch, args.seed, bf16) if master else None
+    if master:  # subset.txt, the FID cache: what --overwrite may remove
+        run.record(out)
 
-
-def evaluate_and_save(R, s):
-    """BN pass on the EMA, grid, FID, checkpoint.pt (+ best.pt when the FID improved); True when early
-    stopping says stop. Every rank takes part (RNG states, the stop flag); rank 0 does the work."""
-    stop, better, entry = False, False, {"step": s, "grid": f"samples/{s:06d}.png"}
-    if R.master:
+    def evaluate_and_save(s):
+        """BN pass on the EMA, grid, FID, checkpoint.pt (+ best.pt on a better FID) on rank 0; on every rank:
+        True when early stopping says stop."""
+        if not master:
+            return run.broadcast_stop(False, device)
+        entry, better = {"step": s, "grid": f"samples/{s:06d}.png"}, False
         if s > 0:
-            with R.ctx:
-                oasis.recompute_bn_stats(R.EMA, bn_batches(R.train_items, R.args, s, R.target.n_channels, R.device, R.mem))
-        metrics.sample_grid(R.sample, R.grid, R.out / "samples" / f"{s:06d}.png")
-        if R.fid is not None:
-            entry["fid"] = R.fid()
-            better = R.best_fid is None or entry["fid"] < R.best_fid
-            R.best_fid, R.bad_evals = (entry["fid"], 0) if better else (R.best_fid, R.bad_evals + 1)
-            stop = R.bad_evals >= R.args.patience
-    rngs = [None] * R.world
-    if R.ddp:
-        dist.all_gather_object(rngs, checkpoint.rng_state(R.device))
-    else:
-        rngs = [checkpoint.rng_state(R.device)]
-    if R.master:
-        state = {"kind": "oasis-cat", "step": s, "args": vars(R.args), "affinity": R.A, "source": R.source_info,
-                 "data": R.data_fp,
-                 "target": data.table_info(R.target), "G_kwargs": R.G.kwargs, "D_kwargs": R.D.kwargs,
-                 "G": R.G.state_dict(), "D": R.D.state_dict(), "EMA": R.EMA.state_dict(),
-                 "optG": R.optG.state_dict(), "optD": R.optD.state_dict(), "rng": rngs,
-                 "scalers": [sc.state_dict() for sc in R.scalers],
-                 "best_fid": R.best_fid, "bad_evals": R.bad_evals}
+            with ctx:
+                oasis.recompute_bn_stats(G_ema, bn_batches(train_ds, args, s, target.n_channels, device, mem))
+        metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+        if fid is not None:
+            entry["fid"] = fid()
+            better = best.update(entry["fid"], s)
+        state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "affinity": A,
+                 "source": source_info, "data": data_fp, "target": data.table_info(target), "G_kwargs": G.kwargs,
+                 "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
+                 "optG": optG.state_dict(), "optD": optD.state_dict(), "scalers": [sc.state_dict() for sc in scalers],
+                 **best.state()}
         # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
-        checkpoint.append_log(R.out / "log.jsonl", entry)
-        curves.update(R.out, R.board)  # curves.png (+ TensorBoard events) from log.jsonl
+        run.append_log(out / "log.jsonl", entry)
+        curves.update(out, board)  # curves.png (+ TensorBoard events) from log.jsonl
         if better:
-            checkpoint.save(state, R.out / "best.pt")
-        checkpoint.save(state, R.out / "checkpoint.pt")
-    return checkpoint.broadcast_stop(stop, R.device)
+            run.save(state, out / "best.pt")
+        run.save(state, out / "checkpoint.pt")
+        run.record(out)  # what --overwrite may remove
+        return run.broadcast_stop(best.stop, device)
 
-
-def main(argv=None):
-    args, given = get_args(argv)
-    R = setup(args)
-    total, step = args.stage1_steps + args.stage2_steps, R.step
-    if R.master:
-        print(f"{args.init}: {R.target.dataset} ({len(R.train_ds)} images, {R.target.n_channels} channels) from "
-              f"{R.source_info['dataset']}; {total} steps, batch {args.batch} on {R.world} x {R.device}, {args.precision}")
+    # training
+    total = args.stage1_steps + args.stage2_steps
+    if master:
+        print(f"{args.init}: {target.dataset} ({len(train_ds)} images, {target.n_channels} channels) from "
+              f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}, {args.precision}")
         if step == 0:  # the recipe, then the model before training (training-free CAT)
-            checkpoint.append_log(R.out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
+            run.append_log(out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
-            metrics.sample_grid(R.sample, R.grid, R.out / "samples" / f"{0:06d}.png")
+            metrics.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")
+            run.record(out)
         else:
-            print(f"resuming from step {step} of {total} ({R.out / 'checkpoint.pt'})")
-    R.last_saved = step if args.resume else None  # the step of the last checkpoint written
+            print(f"resuming from step {step} of {total} ({out / 'checkpoint.pt'})")
+    stage, stop, t0, last_saved = None, False, time.time(), step if args.resume else None  # last checkpoint's step
+    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
+    batches = run.loader(train_ds, args.seed, args.batch, rank, world, step, args.workers, device)
     try:
-        step = train(R, step, total)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
-        raise checkpoint.interrupted("finetune_oasis.py", args, given, R.last_saved) from None
-    if step == 0 and total == 0:  # training-free: save the model as built
-        evaluate_and_save(R, 0)
-    if R.master:
-        best = f", best FID {R.best_fid:.2f} in {R.out / 'best.pt'}" if R.best_fid is not None else ""
-        print(f"done: {R.out / 'checkpoint.pt'} (step {step})" + best)
-    if R.ddp:
-        dist.destroy_process_group()
-    return R.G, R.D, R.EMA
-
-
-def train(R, step, total):
-    """The training loop from `step` to `total` (or early stopping); returns the last step."""
-    args, stage = R.args, None
-    bar = tqdm(total=total, initial=step, disable=not R.master, dynamic_ncols=True)
-    t0 = time.time()
-    # One loader for the whole run. Its own generator: a DataLoader iterator otherwise draws a seed from the
-    # global RNG, and a resumed run (which opens it after restoring that RNG) would drift from an uninterrupted one.
-    batches = data.Batches(len(R.train_ds), args.batch, args.seed, R.rank, R.world, start=step)
-    loader = torch.utils.data.DataLoader(R.train_items, batch_sampler=batches, num_workers=args.workers,
-                                         pin_memory=R.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
-    for batch in (loader if step < total else ()):
-        if stage_of(step, args) != stage:
-            stage = stage_of(step, args)
-            nets = wrap(R.G, R.D, R.EMA, stage, args, R.ddp, R.device)
-        y = data.onehot(batch["label"].to(R.device, non_blocking=True), R.target.n_channels).contiguous(memory_format=R.mem)
-        real = batch["image"].to(R.device, non_blocking=True).contiguous(memory_format=R.mem)
-        losses = torch.stack(train_step(nets, R.optG, R.optD, R.d_trainable, y, real, args.lambda_labelmix,
-                                        ema_decay_at(step, args.ema_decay), R.ctx, R.scalers)).float()
-        step += 1
-        if R.ddp:  # log the mean over ranks; a NaN anywhere stops every rank at the same step
-            dist.all_reduce(losses)
-            losses /= R.world
-        lg, ld = losses.tolist()
-        if not (math.isfinite(lg) and math.isfinite(ld)):
-            bar.close()
-            where = f"{R.out / 'checkpoint.pt'} (step {R.last_saved})" if R.last_saved is not None else "none saved yet"
-            raise DataError(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
-        bar.update(1)
-        bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
-        if R.master and (step % args.log_every == 0 or step == total):
-            checkpoint.append_log(R.out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
-                                                        "sec": round(time.time() - t0, 3)})
-        if step % args.eval_every == 0 or step == total:
-            stop = evaluate_and_save(R, step)
-            R.last_saved = step
-            if stop:
-                if R.master:
+        for batch in (batches if step < total else ()):
+            if stage_of(step, args) != stage:
+                stage = stage_of(step, args)
+                G_train, D_train = wrap(G, D, stage, args, ddp, device)
+            y = data.onehot(batch["label"].to(device, non_blocking=True), target.n_channels).contiguous(memory_format=mem)
+            real = batch["image"].to(device, non_blocking=True).contiguous(memory_format=mem)
+            run.seed_step(args.seed, step, rank)  # z, LabelMix: from (seed, step), so resumes are exact
+            losses = torch.stack(gan_step(G_train, D_train, G_ema, optG, optD, y, real, args.lambda_labelmix,
+                                          ema_decay_at(step, args.ema_decay), ctx, scalers)).float()
+            step += 1
+            lg, ld = run.mean_over_ranks(losses, world).tolist()  # a NaN anywhere stops every rank at the same step
+            if not torch.isfinite(losses).all():
+                bar.close()
+                where = f"{out / 'checkpoint.pt'} (step {last_saved})" if last_saved is not None else "none saved yet"
+                raise DataError(f"loss is not finite at step {step} (G {lg}, D {ld}); stopped. Last good checkpoint: {where}")
+            bar.update(1)
+            bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
+            if master and (step % args.log_every == 0 or step == total):
+                run.append_log(out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
+                                                   "sec": round(time.time() - t0, 3)})
+            if step % args.eval_every == 0 or step == total:
+                stop, last_saved = evaluate_and_save(step), step
+                if stop and master:
                     print(f"early stop at step {step}: no better FID in {args.patience} evaluations")
+            if stop or step >= total:
                 break
-        if step >= total:
-            break
+    except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
+        raise run.interrupted("finetune_oasis.py", args, given, last_saved) from None
     bar.close()
-    return step
+    if step == 0 and total == 0:  # training-free: save the model as built
+        evaluate_and_save(0)
+    if master:
+        at = f", best FID {best.fid:.2f} at step {best.step} in {out / 'best.pt'}" if best.fid is not None else ""
+        print(f"done: {out / 'checkpoint.pt'} (step {step})" + at)
+    run.finish(ddp)
+    return G, D, G_ema
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ Public functions (stable names; the finetune scripts use the first group for ear
     folder_images(folder, flag) -> sorted image files; image_batches(files, batch_size, device, workers=0)
     fid_metrics, describe_features, fid_lines, check_sizes, miou_results, score_folders, model_classes:
         evaluate.py's scores, lines and checks
-    check_out_vs_inputs, recorded_files, record, compare_classes: stand-ins until models/run.py and
-        data.compare_classes are merged (the agreed names)
     provenance(argv=None, script) -> command line, git commit, package versions (results.json); Said: the
         stdout that keeps the warning lines for it
 
@@ -41,7 +39,6 @@ a bool, from older callers, means bf16 on CUDA only).
 """
 import copy
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -673,45 +670,6 @@ def provenance(argv=None, script="evaluate.py"):
     return {"command": " ".join(map(str, argv)), "git_commit": commit,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                          "scipy": scipy.__version__, "pillow": PIL.__version__}}
-
-
-# ----------------------------------------------------------------------------------------------
-# Until models/run.py (check_out_vs_inputs, recorded_files, record) is merged: small versions of the agreed
-# names, for evaluate.py
-
-MANIFEST = "manifest.json"  # what a script wrote into --out: a rerun removes these files and no others
-
-
-def check_out_vs_inputs(out, inputs):
-    """One DataError line if --out equals, contains or lies inside an input folder ({flag: path})."""
-    o = Path(out).resolve()
-    for flag, path in inputs.items():
-        i = Path(path).resolve()
-        how = "is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents else None
-        if how:
-            raise DataError(f"--out {out}: {how} {flag} {path}; outputs are never written into an input "
-                            "folder: choose a folder apart from the inputs")
-
-
-def recorded_files(out):
-    """The files an earlier run recorded in out/manifest.json (relative paths inside out only)."""
-    try:
-        names = json.loads((Path(out) / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [n for n in names if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()]
-
-
-def record(out, names, script="evaluate.py"):
-    """Remove the files of the earlier run's manifest, then record the files this run will write."""
-    out = Path(out)
-    for name in recorded_files(out):
-        if (out / name).is_file():
-            (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"script": script, "files": [MANIFEST, *names]}, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
 
 
 class Said:

@@ -33,36 +33,32 @@ Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-f
 draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run, taking the
 run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
 may). A non-empty --out is refused without --resume or --overwrite. The checkpoint (a 'piti-cat' one with
-init 'glide', which evaluate.py samples from) keeps the trained weights and the exported files' paths. The
+init 'glide', which evaluate.py samples from) keeps the trained weights and a record of the exported files
+(path, size, sha256: found again by name in a moved run folder). The
 last line printed names the steps trained, the checkpoint and the best FID with its step.
 """
 import argparse
-import os
-import random
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import metrics
-from models import (DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti, positive_float, positive_int,
-                    unit_float)
-from models.checkpoint import (append_log, batch_indices, broadcast_stop, check_data, check_device, data_fingerprint,
-                               gather, init_distributed, interrupted, load, parse_with_given, prepare_out,
-                               resume_args, save, step_seed, swapped, truncate_log)
+from models import (ArgumentParser, DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti,
+                    positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
 MODEL_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "recipe", "schedule_sampler", "upsampler", "base_config",
                "up_config", "data", "data_root", "n", "subset_seed", "subset_file", "size", "train", "batch",
                "ema_decay", "uncond_p", "seed")
+# files and folders a run reads: never its --out (nor --data-root)
+INPUT_FLAGS = ("glide_ckpt", "glide_up_ckpt", "encoder", "upsampler", "subset_file", "inception", "fid_features")
 
 # The official stage schedule (PITI's mask_finetune_*.sh). official_batch is the official global batch
 # (8 GPUs x 16 for the base); everything else applies unless given on the command line.
@@ -82,19 +78,14 @@ RECIPES = {
 EXPORTS = {"base": "base.pt", "up": "upsampler.pt"}  # the trained models as official flat files
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """A bad flag is a DataError (one line from cli()), not argparse's SystemExit; --help still exits."""
-        raise DataError(f"{message} (see --help)")
-
-
 def build_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, base.pt, upsampler.pt, log.jsonl, "
                    "samples/, subset.txt")
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
-    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out (its run files are removed)")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out: the files its earlier run recorded "
+                   "(manifest.txt) are removed, nothing else")
     g = p.add_argument_group("GLIDE files and the official stage")
     g.add_argument("--glide-ckpt", help="GLIDE base.pt (openai/glide-text2im): trains the base model")
     g.add_argument("--glide-up-ckpt", help="GLIDE upsample.pt: trains the upsampler too (or alone)")
@@ -111,17 +102,17 @@ def build_parser():
     data.add_data_args(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=nonneg_int, default=5000)
-    g.add_argument("--batch", type=int, default=8)
+    g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=positive_float, default=None, help="default: the recipe's, else 7e-5 for a "
                    "Cityscapes target and 2e-4 otherwise (the paper's few-shot rates)")
     g.add_argument("--ema-decay", type=unit_float, default=0.999, help="EMA of the trained weights (official 0.9999)")
     g.add_argument("--uncond-p", type=unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
                    help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")
-    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0, help="the run's randomness: each step's draws from (seed, step)")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=500, help="grid + FID + exports + checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval-every", type=positive_int, default=500, help="grid + FID + exports + checkpoint every N steps")
+    g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=positive_int, default=4, help="validation label maps in the sample grid")
     g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
                    + diffusion.RESPACINGS)
@@ -132,20 +123,27 @@ def build_parser():
                    "once): early stopping on val FID")
     g.add_argument("--fid-features", default=None, help="TorchScript feature net (toy-domain FID) instead of Inception")
     g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
-    g.add_argument("--patience", type=int, default=5, help="stop after N evaluations without a better FID")
+    g.add_argument("--patience", type=positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
+    g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
 
 
-def settings(argv):
-    """(args, checkpoint): the flags, with --resume completed from the run's checkpoint (None for a fresh run)."""
-    args, given = parse_with_given(build_parser(), argv)
-    check_device(args.device)
+def get_args(argv=None):
+    """(args, given): the flags, with --resume completed from the run's checkpoint."""
+    args, given = run.parse_with_given(build_parser(), argv)
+    run.check_device(args.device)
+    if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
+        args.workers = 4 if args.device.startswith("cuda") else 0
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    if not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
+    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",))  # --resume: the run's own flags
+    if saved is not None and saved.get("init") != "glide":
+        raise DataError(f"--resume {Path(args.out) / 'checkpoint.pt'}: a CAT run, not a pretraining one; continue it "
+                        f"with finetune_piti.py --out {args.out} --resume")
+    elif not args.resume:  # a resumed run's recipe settings are in its checkpoint's args
         for k, v in RECIPES[args.recipe].items() if args.recipe else ():
             if k not in ("doc", "official_batch") and k not in given:
                 setattr(args, k, v)
@@ -158,23 +156,13 @@ def settings(argv):
         args.train = args.train or "all"
         if args.lr is None:
             args.lr = 7e-5 if args.data == "cityscapes" else 2e-4
-    master = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone owns the run folder
-    out = prepare_out(args.out, args.resume, args.overwrite) if master else Path(args.out)
-    ckpt = None
-    if args.resume:
-        ckpt = load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",))
-        if ckpt.get("init") != "glide":
-            raise DataError(f"--resume {out / 'checkpoint.pt'}: a CAT run, not a pretraining one; continue it with "
-                            f"finetune_piti.py --out {out} --resume")
-        resume_args(args, ckpt["args"], MODEL_FLAGS, given)
     if not args.glide_ckpt and (args.inception or args.fid_features):
         raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
-    for flag, least in (("batch", 1), ("guidance", 0), ("eval_every", 1), ("log_every", 1), ("patience", 1)):
-        if getattr(args, flag) < least:
-            raise DataError(f"--{flag.replace('_', '-')} >= {least} expected, got {getattr(args, flag)}")
+    if args.guidance < 0:
+        raise DataError(f"--guidance >= 0 expected, got {args.guidance}")
     for flag in ("sample_steps", "up_steps"):
         diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
-    return args, ckpt
+    return args, given
 
 
 def trainable(model, mode):
@@ -184,9 +172,9 @@ def trainable(model, mode):
     return dict(model.named_parameters())
 
 
-def build(args, n_channels, ckpt, device):
-    """The models (decoders from the GLIDE files, in --data's label space), what trains, its EMA, optimiser and
-    timestep samplers (restored from `ckpt`)."""
+def build_models(args, n_channels):
+    """(base, up): the GLIDE decoders in --data's label space (fresh encoders, or --encoder), or an upsampler
+    of this label space that is not trained (--upsampler); None where the run has none."""
     own = {"source_channels": n_channels}
     base = up = None
     if args.glide_ckpt:
@@ -196,8 +184,71 @@ def build(args, n_channels, ckpt, device):
         up = glide.glide_model(args.glide_up_ckpt, True, {**args.up_config, **own}, seed=args.seed + 1)
     elif args.upsampler:  # not trained: it upsamples the base's grids and FID samples
         up = piti.load_official(args.upsampler, super_res=True, config={**piti.UP_KWARGS, **args.up_config, **own})
-    models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}
+    return base, up
+
+
+def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side, device, rank, world):
+    """One optimisation step of the models that train on this rank's share of the global batch (t, noise and
+    condition dropout from (--seed, s)) -> (loss, per-model loss terms); gradients averaged over the ranks, EMA
+    updated. (finetune_piti.py's step, repeated on purpose: each script reads alone.)"""
+    gen = torch.Generator().manual_seed(run.step_seed(args.seed, 0, s))  # t, noise, dropout of the global batch
+    run.seed_step(args.seed, s, rank)  # UNet dropout
+    image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    logs, total = {}, 0.0
+    for name, m in models.items():
+        m.train()
+        # the official upsampler is never trained unconditionally (it samples without guidance)
+        terms = diffusion.training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
+                                        low_side if name == "up" else None, amp=args.precision,
+                                        sampler=samplers[name], gen=gen, part=(rank, world))
+        samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
+        total = total + terms["loss"]
+        logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
+    loss = run.mean_over_ranks(total.detach().clone(), world).item()  # the global batch's; a NaN stops every rank
+    if not np.isfinite(loss):
+        raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
+                        "(lower --lr?)")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
+    run.average_gradients([p for ps in params.values() for p in ps.values()], world)  # one bucketed all-reduce
+    scaler.step(opt)  # skips a step whose gradients overflowed (fp16), else opt.step()
+    scaler.update()
+    with torch.no_grad():
+        for name, ps in params.items():
+            for k, p in ps.items():
+                ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
+    return loss, logs
+
+
+def main(argv=None):
+    args, given = get_args(argv)
+    ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
+    master = rank == 0  # rank 0 alone owns the run folder
+    run.check_data_flags(args)
+    inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
+    out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
+    ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
+    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
+
+    # data: PITI is trained in --data's own label space (no CAT, no affinity); a resumed n-shot run reads its subset
+    if ckpt is not None and args.n is not None:
+        args.subset_file = str(out / "subset.txt")
+    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and ckpt is None else None)
+    val_ds = data.dataset_from_args(args, "val")
+    classes = train_ds.classes
+    run.check_data_flags(args, train_ds)
+    data.check_files(train_ds)  # every label file read once: a bad id fails here, in one line
+    data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
+    if ckpt is not None:
+        run.check_data(ckpt["data"], data_fp, args)
+
+    # models (GLIDE decoders), what trains, EMA, optimiser, timestep samplers
+    if ckpt is not None and args.upsampler and not args.glide_up_ckpt:  # the run's upsampler, found by its sha256
+        args.upsampler = str(run.find_recorded_file(ckpt["up_file"], args.upsampler if "upsampler" in given else None,
+                                                    "--upsampler", near=(out,)))
+    base, up = build_models(args, classes.n_channels)
     present = {name: m for name, m in (("base", base), ("up", up)) if m is not None}
+    models = {name: m for name, m in (("base", base), ("up", up if args.glide_up_ckpt else None)) if m is not None}
     params = {name: trainable(m, args.train) for name, m in models.items()}
     for name, m in models.items():
         m.requires_grad_(False)
@@ -206,9 +257,9 @@ def build(args, n_channels, ckpt, device):
     ema = {name: {k: p.detach().clone() for k, p in ps.items()} for name, ps in params.items()}
     opt = torch.optim.AdamW([p for ps in params.values() for p in ps.values()], lr=args.lr, weight_decay=0.0)
     if ckpt is not None:
-        for name in models:
-            m = present[name]  # the checkpoint keeps what trains; the rest stays as the GLIDE file gave it
-            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {Path(args.out) / 'checkpoint.pt'} ({name})",
+        for name in models:  # the checkpoint keeps what trains; the rest stays as the GLIDE file gave it
+            m = present[name]
+            load_strict(m, {**m.state_dict(), **ckpt[name]}, f"--resume {out / 'checkpoint.pt'} ({name})",
                         f"weights of this run's PITI {name} model")
         ema = {name: {k: v.clone() for k, v in ckpt[f"{name}_ema"].items()} for name in models}
     for m in present.values():
@@ -216,199 +267,114 @@ def build(args, n_channels, ckpt, device):
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
     ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
-    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
     scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
-    amp.restore([scaler], [(ckpt or {}).get("scaler")])
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
     samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
-    for name, state in (ckpt or {}).get("timestep_samplers", {}).items():
-        samplers[name].load_state_dict(state)
     low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
-    return SimpleNamespace(base=base, up=up, present=list(present.values()), models=models, params=params, ema=ema,
-                           opt=opt, scaler=scaler, diffs=diffs, samplers=samplers, low_side=low_side,
-                           step=ckpt["step"] if ckpt else 0, best_fid=ckpt["best_fid"] if ckpt else None,
-                           best_step=(ckpt or {}).get("best_step"), bad_evals=ckpt["bad_evals"] if ckpt else 0)
+    step, best = 0, run.Best(args.patience)
+    if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
+        run.restore_optimizer(opt, ckpt["opt"], args.lr)
+        amp.restore([scaler], [ckpt["scaler"]])
+        for name, state in ckpt["timestep_samplers"].items():
+            samplers[name].load_state_dict(state)
+        step, best = ckpt["step"], run.Best.resume(ckpt, args)
+        if master:  # a killed run may have logged steps past its last checkpoint
+            run.truncate_log(out / "log.jsonl", step)
+    up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
 
-
-def train_step(net, args, train_ds, n_channels, s, device, rank=0, world=1):
-    """One optimisation step (randomness from (--seed, s)) and the EMA update -> (loss, per-model loss terms).
-    Under torchrun each rank takes items rank::world of the global batch and the gradients are averaged."""
-    seed = step_seed(args.seed, 0, s)
-    gen = torch.Generator().manual_seed(seed)  # t, noise, condition dropout of the global batch
-    torch.manual_seed(seed + rank)  # UNet dropout
-    items = []
-    for k, i in enumerate(batch_indices(s, len(train_ds), args.batch, args.seed)):
-        if k % world == rank:
-            random.seed(f"{seed}/{k}")  # the dataset's crop and flip, per item of the global batch
-            items.append(train_ds[i])
-    image = torch.stack([it["image"] for it in items]).to(device)
-    label = torch.stack([it["label"] for it in items]).to(device)
-    if label.max() >= n_channels:
-        raise DataError(f"label id {int(label.max())} beyond the {n_channels} channels of --data")
-    logs, total = {}, 0.0
-    for name, m in net.models.items():
-        m.train()
-        # the official upsampler is never trained unconditionally (it samples without guidance)
-        terms = diffusion.training_loss(m, net.diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                        net.low_side if name == "up" else None, amp=args.precision,
-                                        sampler=net.samplers[name], gen=gen, part=(rank, world))
-        net.samplers[name].update(*(gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
-        total = total + terms["loss"]
-        logs.update({f"{name}_{k}": v.detach().item() for k, v in terms.items()})
-    loss = total.detach().clone()
-    if world > 1:  # the global batch's mean; a NaN anywhere stops every rank
-        dist.all_reduce(loss)
-        loss /= world
-    loss = loss.item()
-    if not np.isfinite(loss):
-        raise DataError(f"loss is {loss} at step {s}; stopping, {Path(args.out) / 'checkpoint.pt'} left as it was "
-                        "(lower --lr?)")
-    net.opt.zero_grad(set_to_none=True)
-    net.scaler.scale(total).backward()  # models/amp.py: fp16 loss scaling, or exactly total.backward()
-    if world > 1:  # the global batch's gradient: each rank's mean over its equal share, averaged
-        for p in (p for ps in net.params.values() for p in ps.values()):
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    net.scaler.step(net.opt)  # skips a step whose gradients overflowed (fp16), else net.opt.step()
-    net.scaler.update()
-    with torch.no_grad():
-        for name, ps in net.params.items():
-            for k, p in ps.items():
-                net.ema[name][k].lerp_(p.detach(), 1 - args.ema_decay)
-    return loss, logs
-
-
-def evaluation(args, net, val_ds, out, device):
-    """(sample, grid, fid): the EMA models' sampler, fixed val maps and seeds for grids, FID or None.
-
-    Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the 8-bit
-    low-res versions of the grid's real images."""
+    # evaluation. Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the
+    # 8-bit low-res versions of the grid's real images.
     grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
-    base, up, amp, ddim = net.base, net.up, args.precision, args.sample_steps.startswith("ddim")
 
     def sample(label, seeds):
         gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+        mode, ddim = args.precision, args.sample_steps.startswith("ddim")
         if base is not None and up is not None:
             x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                                  guidance=args.guidance, ddim=ddim, amp=amp)
+                                  guidance=args.guidance, ddim=ddim, amp=mode)
         elif base is not None:
             x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
-                                 ddim=ddim, amp=amp)
+                                 ddim=ddim, amp=mode)
         else:
             real = grid["real"][:len(label)].to(label.device)
-            low = diffusion.quantize(F.interpolate(real, (net.low_side,) * 2, mode="bicubic", antialias=True,
+            low = diffusion.quantize(F.interpolate(real, (low_side,) * 2, mode="bicubic", antialias=True,
                                                    align_corners=False))
-            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=amp)
+            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=mode)
         return metrics.resize_images(x, val_ds.size)
 
-    return sample, grid, metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n,
-                                                out / "fid_cache", device, args.batch, args.seed)
+    fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
+                                 device, args.batch, args.seed) if master else None
+    if master:  # subset.txt, the FID cache: what --overwrite may remove
+        run.record(out)
 
-
-def evaluate_and_save(s, net, args, out, sample, grid, fid, info):
-    """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID);
-    True when early stopping says stop."""
-    for m in net.present:
-        m.eval()
-    better = stop = False
-    with ExitStack() as stack:
-        for name in net.params:
-            stack.enter_context(swapped(net.params[name], net.ema[name]))
-        metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
-        entry = {"step": s, "grid": f"samples/{s:06d}.png"}
-        if fid is not None:
-            entry["fid"] = fid()
-            better = net.best_fid is None or entry["fid"] < net.best_fid
-            net.best_fid, net.bad_evals = (entry["fid"], 0) if better else (net.best_fid, net.bad_evals + 1)
-            net.best_step = s if better else net.best_step
-            stop = net.bad_evals >= args.patience
-        for name, m in net.models.items():  # the EMA weights: a later run's --base / --upsampler
-            save(glide.official_state(m), out / EXPORTS[name])
-    state = {"kind": "piti-cat", "step": s, "args": vars(args), **info,
-             "base_kwargs": net.base.kwargs if net.base is not None else None,
-             "up_kwargs": net.up.kwargs if net.up is not None else None,
-             "timestep_samplers": {name: ts.state_dict() for name, ts in net.samplers.items()},
-             "opt": net.opt.state_dict(), "scaler": net.scaler.state_dict(), "best_fid": net.best_fid,
-             "best_step": net.best_step, "bad_evals": net.bad_evals}
-    for name, ps in net.params.items():
-        state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
-        state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in net.ema[name].items()}
-    append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
-    curves.update(out)  # curves.png from log.jsonl
-    save(state, out / "checkpoint.pt")
-    if better:
-        save(state, out / "best.pt")
-    return stop
-
-
-def main(argv=None):
-    args, ckpt = settings(argv)
-    ddp, rank, world, device = init_distributed(args)  # torchrun: one process per GPU, rank 0 writes
-    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
-    master, out = rank == 0, Path(args.out)
-
-    # data: PITI is trained in --data's own label space (no CAT, no affinity)
-    train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and not args.resume else None)
-    val_ds = data.dataset_from_args(args, "val")
-    classes = train_ds.classes
-    data_fp = data_fingerprint(train_ds)  # a resumed run must train on the same files
-    if ckpt is not None:
-        check_data(ckpt.get("data"), data_fp, args)
-    if ckpt is not None and master:  # a killed run may have logged steps past its last checkpoint
-        truncate_log(out / "log.jsonl", ckpt["step"])
-
-    # models (GLIDE decoders), evaluation
-    net = build(args, classes.n_channels, ckpt, device)
-    sample, grid, fid = evaluation(args, net, val_ds, out, device) if master else (None,) * 3
-    files = {"base": None, "up": args.upsampler}
-    files.update({name: out / EXPORTS[name] for name in net.models})  # the run's own exports: what a sampler loads
-    table = {"dataset": classes.dataset, "names": classes.names, "n_channels": classes.n_channels}
-    info = {"init": "glide", "affinity": None, "data": data_fp, "source": table, "target": table,
-            **{f"{k}_file": os.path.abspath(v) if v else None for k, v in files.items()}}
-    def save_and_stop(s):  # rank 0 evaluates and saves; every rank learns whether early stopping says stop
-        return broadcast_stop(evaluate_and_save(s, net, args, out, sample, grid, fid, info) if master else False, device)
-
-    if ckpt is None and (save_and_stop(0) or args.steps == 0):  # the model before training
-        return finish(ddp, master, net, out, 0)
+    def evaluate_and_save(s):
+        """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID) on
+        rank 0; on every rank: True when early stopping says stop."""
+        if not master:
+            return run.broadcast_stop(False, device)
+        for m in present.values():
+            m.eval()
+        better, entry = False, {"step": s, "grid": f"samples/{s:06d}.png"}
+        with ExitStack() as stack:
+            for name in params:
+                stack.enter_context(run.swapped(params[name], ema[name]))
+            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            if fid is not None:
+                entry["fid"] = fid()
+                better = best.update(entry["fid"], s)
+            for name, m in models.items():  # the EMA weights: a later run's --base / --upsampler
+                run.save(glide.official_state(m), out / EXPORTS[name])
+        files = {"up": up_file, **{name: run.file_record(out / EXPORTS[name]) for name in models}}  # its own exports
+        table = data.table_info(classes)
+        state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "glide",
+                 "affinity": None, "data": data_fp, "source": table, "target": table,
+                 "base_file": files.get("base"), "up_file": files["up"],
+                 "base_kwargs": base.kwargs if base is not None else None,
+                 "up_kwargs": up.kwargs if up is not None else None,
+                 "timestep_samplers": {name: ts.state_dict() for name, ts in samplers.items()},
+                 "opt": opt.state_dict(), "scaler": scaler.state_dict(), **best.state()}
+        for name, ps in params.items():
+            state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
+            state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()}
+        run.append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
+        curves.update(out)  # curves.png from log.jsonl
+        run.save(state, out / "checkpoint.pt")
+        if better:
+            run.save(state, out / "best.pt")
+        run.record(out)  # what --overwrite may remove
+        return run.broadcast_stop(best.stop, device)
 
     # training
-    start = last = done = net.step  # `last`: the step of the last checkpoint written
+    last = done = step  # `last`: the step of the last checkpoint written
+    stop = ckpt is None and evaluate_and_save(0)  # the model before training
     if ckpt is not None and master:
-        print(f"resuming from step {start} of {args.steps} ({out / 'checkpoint.pt'})")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="pretrain_piti", disable=not master)
+        print(f"resuming from step {step} of {args.steps} ({out / 'checkpoint.pt'})")
+    bar = tqdm(range(step, args.steps if not stop else step), initial=step, total=args.steps, desc="pretrain_piti",
+               disable=not master)
+    batches = run.loader(train_ds, args.seed, args.batch, rank, world, step, args.workers, device)
     t0 = time.time()
     try:
-        for s in bar:
-            loss, logs = train_step(net, args, train_ds, classes.n_channels, s, device, rank, world)
+        for s, batch in zip(bar, batches):
+            loss, logs = diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side,
+                                        device, rank, world)
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1
             if master and (done % args.log_every == 0 or done == args.steps):
-                append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
-                                               "sec_per_step": (time.time() - t0) / (done - start)})
+                run.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                                                   "sec_per_step": (time.time() - t0) / (done - step)})
             if done % args.eval_every == 0 or done == args.steps:
-                stop = save_and_stop(done)
-                last = done
+                stop, last = evaluate_and_save(done), done
                 if stop:
                     if master:
                         print(f"early stop at step {done}: no better FID in {args.patience} evaluations "
-                              f"(best {net.best_fid:.2f})")
+                              f"(best {best.fid:.2f})")
                     break
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
-        raise interrupted("pretrain_piti.py", args, parse_with_given(build_parser(), argv)[1], last) from None
-    finish(ddp, master, net, out, done)
-
-
-def finish(ddp, master, net, out, steps):
-    """The run's last line (rank 0): steps trained, its checkpoint, the best FID where there is one."""
-    if master:
-        at = f" at step {net.best_step}" if net.best_step is not None else ""
-        best = f", best FID {net.best_fid:.2f}{at} ({out / 'best.pt'})" if net.best_fid is not None else ""
-        print(f"done: {steps} steps, checkpoint {out / 'checkpoint.pt'}{best}")
-    if ddp:
-        dist.destroy_process_group()
+        raise run.interrupted("pretrain_piti.py", args, given, last) from None
+    if master:  # the run's last line: steps trained, its checkpoint, the best FID where there is one
+        at = f", best FID {best.fid:.2f} at step {best.step} ({out / 'best.pt'})" if best.fid is not None else ""
+        print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{at}")
+    run.finish(ddp)
 
 
 if __name__ == "__main__":

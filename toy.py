@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models import ArgumentParser, DataError, checkpoint, cli, nonneg_int
+from models import ArgumentParser, DataError, cli, nonneg_int, run
 
 REPO = Path(__file__).resolve().parent
 TOY_ROOT = REPO / "data" / "toy"  # read at call time: tests point these at a temporary folder
@@ -444,14 +444,14 @@ def main(argv=None):
     e.add_argument("out", help="folder to create (images/, labels/, classes.txt in train/ and val/)")
     args = p.parse_args(argv)
     if args.cmd == "example":
-        write_example(checkpoint.out_dir(args.out, "example OUT"))
+        write_example(run.out_dir(args.out, "example OUT"))
         print(f"wrote an example folder dataset to {args.out}: 120 train + 40 val pairs, 64x64, "
               f"{len(TOY_TARGET)} classes (classes.txt)")
         return
     if not 16 <= args.size <= 512:
         raise DataError(f"--size {args.size}: expected 16..512")
     lt = args.task == "toy-lt"
-    out = checkpoint.out_dir(args.out or (TOY_LT_ROOT if lt else TOY_ROOT))
+    out = run.out_dir(args.out or (TOY_LT_ROOT if lt else TOY_ROOT))
     (write_toy_longtail if lt else write_toy)(out, args.size, args.seed)
     splits = TOY_LT_SPLITS if lt else TOY_SPLITS
     print(f"wrote the {args.task} task to {out}: source {splits['source']}, target {splits['target']}, {args.size}px")

@@ -55,16 +55,14 @@ def bench_iteration(args):
     optG = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.0, 0.999))
     optD = torch.optim.Adam(D.parameters(), lr=4e-4, betas=(0.0, 0.999))
     G_run, D_run = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    nets = {"G": G_run, "D": D_run, "G_fwd": G_run, "D_fwd": D_run, "G_raw": G, "EMA": EMA}
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and args.amp == "bf16" else nullcontext()
     size = (256, 512) if args.dataset == "cityscapes" else (256, 256)
     nc = G_kwargs["semantic_nc"]
     y = random_labels(args.batch, nc, size, device).contiguous(memory_format=mem)
     real = (torch.rand(args.batch, 3, *size, device=device) * 2 - 1).contiguous(memory_format=mem)
-    d_params = list(D.parameters())
 
     def step():
-        return finetune_oasis.train_step(nets, optG, optD, d_params, y, real, 10.0, 0.9999, ctx)
+        return finetune_oasis.gan_step(G_run, D_run, EMA, optG, optD, y, real, 10.0, 0.9999, ctx)
 
     for _ in range(args.warmup):
         step()

@@ -260,7 +260,7 @@ def oasis_generator_ckpt(c, dataset, path):
     torch.manual_seed(0)
     G = oasis.Generator(**G_kwargs)  # BN running statistics at their initial values: plumbing, not quality
     info = {"dataset": table.dataset, "names": table.names, "n_channels": table.n_channels}
-    torch.save({"kind": "oasis-cat", "step": 0, "args": {}, "affinity": None, "source": info, "target": info,
+    torch.save({"kind": "oasis-cat", "format": 2, "step": 0, "args": {}, "affinity": None, "source": info, "target": info,
                 "G_kwargs": G.kwargs, "EMA": G.eval().state_dict(), "D_kwargs": {}, "D": {}}, path)
     return path
 

@@ -82,8 +82,8 @@ def run_step(cmd, log, done=None, threads=None, env=None, every=60):
 def saved_step(ckpt):
     """The training step a finetune_oasis.py checkpoint.pt was saved at (read by the project's one loader)."""
     sys.path.insert(0, str(REPO))
-    from models import checkpoint
-    return int(checkpoint.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["step"])
+    from models import run
+    return int(run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["step"])
 
 
 def run_finetune(cmd, log, run_dir, steps, threads=None, again=False):

@@ -1,6 +1,6 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
 stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
-are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `finite_float`, `positive_float`,
+are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `seed_int`, `finite_float`, `positive_float`,
 `unit_float`), and `cli` to turn them into one line at a script's entry point."""
 import argparse
 import math
@@ -62,6 +62,17 @@ def nonneg_int(text):
     return v
 
 
+SEED_RANGE = 2 ** 32  # every script's --seed: numpy, torch and Python all accept it
+
+
+def seed_int(text):
+    """argparse type: a seed, an integer in [0, 2**32) (the same range in every script)."""
+    v = int(text) if str(text).lstrip("-").isdigit() else None
+    if v is None or not 0 <= v < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"'{text}': expected an integer seed >= 0 and < 2**32")
+    return v
+
+
 def finite_float(text):
     """argparse type: a finite number (not nan, not inf)."""
     try:
@@ -98,5 +109,5 @@ def cli(main):
     except OSError as e:  # a path the checks above did not foresee (disk full, permissions): still one line
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{e.strerror or str(e).strip().splitlines()[-1]}")  # a loader worker's: its last line
-    except KeyboardInterrupt as e:  # a finetuning loop words where to continue from (checkpoint.interrupted)
+    except KeyboardInterrupt as e:  # a finetuning loop words where to continue from (run.interrupted)
         sys.exit(f"interrupted: {e}" if str(e) else "interrupted")

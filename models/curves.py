@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import DataError
-from .checkpoint import read_log
+from .run import read_log
 from .figures import GREY, INK, font, text_width
 
 NOT_LOSSES = {"step", "stage", "sec", "sec_per_step", "grid", "recipe", "flags", "fid", "kid"}

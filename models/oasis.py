@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DataError, checkpoint
+from models import DataError, run
 from models.state_dict import load_strict, read_state_dict
 
 
@@ -639,8 +639,8 @@ def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EM
     if not p.exists():
         raise DataError(f'{flag} {p}: not found; {_WHERE}')
     if p.is_file():
-        obj = checkpoint.torch_load(p, flag, mmap=True)  # one line: truncated, empty, pickled, not a torch file
-        checkpoint.require_dict(obj, p, flag, 'an official OASIS .pth, its run folder or a checkpoint.pt of ours')
+        obj = run.torch_load(p, flag, mmap=True)  # one line: truncated, empty, pickled, not a torch file
+        run.require_dict(obj, p, flag, 'an official OASIS .pth, its run folder or a checkpoint.pt of ours')
         if isinstance(obj.get('kind'), str):  # a checkpoint of ours
             if obj['kind'] != 'oasis-cat':
                 what = 'finetune_piti.py' if obj['kind'] == 'piti-cat' else f"'{obj['kind']}'"

@@ -17,13 +17,14 @@ The diffusion schedules, the training loss and the samplers are in `models/diffu
 import inspect
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DataError
-from models.checkpoint import load
+from models.run import find_recorded_file, load
 from models.diffusion import cascade
 from models.palette import palette
 from models.state_dict import load_strict, read_state_dict
@@ -493,19 +494,21 @@ def load_official_state(model, sd, path="state dict"):
 # CAT checkpoints (written by finetune_piti.py)
 
 
-def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True):
+def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True, near=()):
     """A 'piti-cat' checkpoint dict -> (base, upsampler) PITI models in eval mode.
 
     The checkpoint keeps only what CAT trained (1x1 conv, prompts, encoder parts, or all with
-    --train all) plus the paths of the official files it started from; `base` / `upsampler`
-    override those paths when the files moved.
+    --train all) plus a record of the official files it started from (path as given, size, sha256);
+    `base` / `upsampler` name those files when they moved (their sha256 must match), `near` are folders
+    where they are looked for by name too (e.g. the checkpoint's own).
     """
     models = []
     for part, path, sr in (("base", base, False), ("up", upsampler, True)):
-        path = path or ckpt[f"{part}_file"]
-        if not path or not ckpt.get(f"{part}_kwargs"):  # a pretrain_piti.py run that trained one of the two
+        record, flag = ckpt[f"{part}_file"], "--upsampler" if sr else "--base"
+        if (record is None and path is None) or not ckpt.get(f"{part}_kwargs"):  # a pretrain_piti.py run that trained one of the two
             raise DataError(f"the checkpoint has no {'upsampler' if sr else 'base'} model; pass one of this label "
                             f"space (e.g. the upsampler.pt of a pretrain_piti.py --glide-up-ckpt run)")
+        path = str(find_recorded_file(record, path, flag, near)) if record is not None else path
         model = load_official(path, super_res=sr, config=ckpt[f"{part}_kwargs"])
         trained = ckpt.get(f"{part}_ema" if ema else part, {})
         load_strict(model, {**model.state_dict(), **trained}, f"the checkpoint's {part} weights",
@@ -528,7 +531,7 @@ def load_piti_generator(ckpt_path, device, upsampler=None, base=None, steps=None
     foreign file raises one DataError line naming `flag`.
     """
     ckpt = load(ckpt_path, flag, kinds=("piti-cat",))
-    base_model, up_model = load_cat_models(ckpt, device, base=base, upsampler=upsampler)
+    base_model, up_model = load_cat_models(ckpt, device, base=base, upsampler=upsampler, near=(Path(ckpt_path).parent,))
 
     def generate(label, seed=0):
         gen = torch.Generator(device).manual_seed(int(seed))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from models import DataError, no_file
-from models.checkpoint import torch_load
+from models.run import torch_load
 
 
 def read_state_dict(path, flag=None, what="a state dict of tensors", unwrap=None, fix=None):

@@ -79,7 +79,7 @@ def test_backward_step_with_loss_scaling():
 
 
 def test_oasis_train_step_under_fp16_scaling():
-    """finetune_oasis.train_step through two enabled scalers equals the unscaled step (one per network)."""
+    """finetune_oasis.gan_step through two enabled scalers equals the unscaled step (one per network)."""
     import finetune_oasis
     out = []
     for enabled in (False, True):
@@ -88,14 +88,13 @@ def test_oasis_train_step_under_fp16_scaling():
         D = oasis.Discriminator(5, channels=(3, 8, 8, 16, 16, 16, 16), last_width=8)
         EMA = oasis.Generator(**G.kwargs)
         EMA.load_state_dict(G.state_dict())
-        nets = {"G": G, "D": D, "G_fwd": G, "D_fwd": D, "G_raw": G, "EMA": EMA}
         optG, optD = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
         scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=enabled) for _ in "GD"]
         torch.manual_seed(1)
         y = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 64, 64)), 5).permute(0, 3, 1, 2).float()
         real = torch.rand(2, 3, 64, 64) * 2 - 1
-        losses = finetune_oasis.train_step(nets, optG, optD, list(D.parameters()), y, real, 10.0, 0.999,
-                                           amp.autocast("cpu", "fp32"), scalers)
+        losses = finetune_oasis.gan_step(G, D, EMA, optG, optD, y, real, 10.0, 0.999, amp.autocast("cpu", "fp32"),
+                                         scalers)
         out.append((losses, G.state_dict(), D.state_dict()))
     (la, Ga, Da), (lb, Gb, Db) = out
     assert torch.equal(torch.stack(la), torch.stack(lb))

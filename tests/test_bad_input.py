@@ -29,7 +29,8 @@ import finetune_oasis
 import finetune_piti
 import pretrain_piti
 import toy
-from models import DataError, checkpoint, cli
+import models.run  # the run toolkit (`run` names a helper below)
+from models import DataError, cli
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +92,7 @@ def W(tmp_path_factory):
     (w / "empty.pt").write_bytes(b"")
     (w / "text.pt").write_text("this is not a torch file\n")
     torch.save({"args": argparse.Namespace(x=1)}, w / "pickled.pt")
-    torch.save({"kind": "piti-cat"}, w / "piti_kind.pt")
+    torch.save({"kind": "piti-cat", "format": 2, "args": {}}, w / "piti_kind.pt")
     # affinities (target: sky, grass; source: three classes)
     np.save(w / "aff_shape.npy", np.full((4, 4), 1 / 4, np.float32))
     np.save(w / "aff_rows.npy", np.full((2, 3), 0.5, np.float32))
@@ -351,8 +352,8 @@ IN_PROCESS = {
                                                             "--affinity", "none"], ["trunc.pt", "truncated"]),
     "piti-base-not-found": (finetune_piti.main, PITI[:8] + ["--out", "{root}/p", "--base", "{root}/nope.pt", "--upsampler", "{root}/trunc.pt",
                                                             "--affinity", "none"], ["nope.pt", "not found"]),
-    "piti-batch-zero": (finetune_piti.main, PITI + ["--batch", "0"], ["--batch >= 1"]),
-    "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "got 0"]),
+    "piti-batch-zero": (finetune_piti.main, PITI + ["--batch", "0"], ["--batch", "'0'", ">= 1"]),
+    "piti-eval-every-zero": (finetune_piti.main, PITI + ["--eval-every", "0"], ["--eval-every", "'0'", ">= 1"]),
     "piti-steps-not-int": (finetune_piti.main, PITI + ["--steps", "many"], ["--steps", "many"]),
     "piti-unknown-source": (finetune_piti.main, PITI + ["--source", "imagenet"], ["--source", "imagenet"]),
     "piti-init-glide-moved": (finetune_piti.main, PITI + ["--init", "glide"], ["unrecognized arguments: --init"]),
@@ -395,8 +396,8 @@ PITI2 = {
     "piti-lr-nan": (finetune_piti.main, PITI + ["--lr", "nan"], ["--lr", "'nan'", "finite"]),
     "piti-uncond-p": (finetune_piti.main, PITI + ["--uncond-p", "2"], ["--uncond-p", "'2'", "[0, 1]"]),
     "piti-grid-n-negative": (finetune_piti.main, PITI + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 1"]),
-    "piti-log-every-zero": (finetune_piti.main, PITI + ["--log-every", "0"], ["--log-every >= 1", "got 0"]),
-    "piti-patience-zero": (finetune_piti.main, PITI + ["--patience", "0"], ["--patience >= 1", "got 0"]),
+    "piti-log-every-zero": (finetune_piti.main, PITI + ["--log-every", "0"], ["--log-every", "'0'", ">= 1"]),
+    "piti-patience-zero": (finetune_piti.main, PITI + ["--patience", "0"], ["--patience", "'0'", ">= 1"]),
     "piti-fid-n-negative": (finetune_piti.main, PITI + ["--fid-n", "-3"], ["--fid-n", "'-3'", ">= 1"]),
     "piti-sample-steps-word": (finetune_piti.main, PITI + ["--sample-steps", "abc"],
                                ["--sample-steps 'abc'", "'ddimN'", "'fast27'"]),
@@ -631,13 +632,22 @@ def test_reruns_remove_their_own_stale_images_only(E, tmp_path, capsys, monkeypa
     assert (ev / "images" / "mine.txt").exists() and len(list((ev / "images").glob("*.png"))) == 5
     out = capsys.readouterr().out
     assert "mIoU skipped: no segmenter given, and the paper has none for --data folder" in out
+    # finetune --overwrite removes only what its earlier run recorded (manifest.txt): an image no run recorded
+    # where the run writes is refused, not removed; the earlier run's own grids go, the user's notes stay
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(run / "samples" / "xyz.png")
-    (run / "samples" / "notes.txt").write_text("keep")
-    finetune_oasis.main(SCRATCH[:-1] + ["--data-root", str(E.ok), "--out", str(run), "--overwrite",
-                                        "--stage2-steps", "0"])
-    assert not (run / "samples" / "xyz.png").exists() and (run / "samples" / "notes.txt").exists()
+    (run / "notes.txt").write_text("keep")
+    ft = SCRATCH[:-1] + ["--data-root", str(E.ok), "--out", str(run), "--overwrite", "--stage2-steps", "0"]
+    one_line(lambda: finetune_oasis.main(ft), "--overwrite", "samples/xyz.png", "not recorded")
+    assert (run / "samples" / "xyz.png").exists()
+    (run / "samples" / "xyz.png").rename(run / "xyz.png")
+    finetune_oasis.main(ft)
+    (run / "samples" / "000000.png").rename(run / "samples" / "000007.png")  # as if from a longer earlier run
+    models.run.record(run, ["samples/000007.png"])
+    finetune_oasis.main(ft)
+    assert not (run / "samples" / "000007.png").exists() and (run / "samples" / "000000.png").exists()
+    assert (run / "notes.txt").read_text() == "keep" and (run / "xyz.png").exists()
     capsys.readouterr()
     monkeypatch.setattr(metrics, "_SAID", set())  # a fresh run: its FID note not said yet
     evaluate.main(["--real-dir", str(E.fake), "--fake-dir", str(E.ok / "images"), "--fid-features",
@@ -691,9 +701,9 @@ COMMON2 = {
                                    ["--channels 8", "the source model", "has --channels 4", "drop --channels"]),
     "ft-source-with-other-d-channels": (finetune_oasis.main, CAT2 + ["--d-channels", "3,8,8"],
                                         ["--d-channels 3,8,8", "has --d-channels 3,8,8,16,16,16,16"]),
-    "ft-lr-nan": (finetune_oasis.main, FT2 + ["--lr", "nan"], ["--lr nan", "positive finite"]),
-    "ft-lr-d-nan": (finetune_oasis.main, FT2 + ["--lr-d", "nan"], ["--lr-d nan", "positive finite"]),
-    "ft-lr-d-inf": (finetune_oasis.main, FT2 + ["--lr-d", "inf"], ["--lr-d inf", "positive finite"]),
+    "ft-lr-nan": (finetune_oasis.main, FT2 + ["--lr", "nan"], ["--lr", "'nan'", "finite"]),
+    "ft-lr-d-nan": (finetune_oasis.main, FT2 + ["--lr-d", "nan"], ["--lr-d", "'nan'", "finite"]),
+    "ft-lr-d-inf": (finetune_oasis.main, FT2 + ["--lr-d", "inf"], ["--lr-d", "'inf'", "finite"]),
     "ft-lambda-labelmix-negative": (finetune_oasis.main, FT2 + ["--lambda-labelmix", "-1"], ["--lambda-labelmix -1", ">= 0"]),
     "ft-grid-n-negative": (finetune_oasis.main, FT2 + ["--grid-n", "-1"], ["--grid-n", "'-1'", ">= 0"]),
     "ft-fid-n-negative": (finetune_oasis.main, FT2 + ["--fid-n", "-5"], ["--fid-n", "'-5'", ">= 1"]),
@@ -732,18 +742,18 @@ def test_checkpoint_save_on_a_full_disk(tmp_path, monkeypatch, error, words):
     """A write that fails half-way (disk full; torch's own writer says so as a RuntimeError): one line naming
     the file and the cause, no .tmp left, the previous checkpoint intact."""
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save({"step": 1}, path)
+    models.run.save({"step": 1}, path)
 
     def full(obj, f):
         Path(f).write_bytes(b"PK\x03\x04 half")
         raise error
 
-    monkeypatch.setattr(checkpoint.torch, "save", full)
-    one_line(lambda: checkpoint.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
+    monkeypatch.setattr(models.run.torch, "save", full)
+    one_line(lambda: models.run.save({"step": 2}, path), str(path), "could not write the checkpoint", *words,
              "previous one is kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     monkeypatch.undo()
-    assert checkpoint.load(path)["step"] == 1
+    assert models.run.load(path)["step"] == 1
 
 
 def tiny_run(W, tmp_path, *extra):
@@ -766,20 +776,33 @@ def test_resume_refuses_a_changed_dataset_and_says_its_step(W, tmp_path, capsys)
              "4 image/label pairs then, 5 now (1 added)", "--overwrite", "new --out")
 
 
-def test_resume_of_a_checkpoint_without_fingerprint_is_noted(W, tmp_path, capsys):
+def test_resume_follows_the_data_not_its_spelling(W, tmp_path, capsys):
+    """Issue 31 §6: --data-root spelled with a trailing slash, or the dataset moved to another folder, resumes
+    (the fingerprint matches); another --fid-features than the run's starts best-FID tracking anew with a note;
+    a checkpoint of format 1 (from before the fingerprint) is refused naming its format."""
     args = tiny_run(W, tmp_path, "--stage2-steps", "1")
     finetune_oasis.main(args)
+    ds = args[args.index("--data-root") + 1]
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume", "--data-root", ds + "/"])
+    shutil.move(ds, tmp_path / "moved")
+    finetune_oasis.main(args[:-2] + ["--stage2-steps", "3", "--resume", "--data-root", str(tmp_path / "moved")])
+    assert "resuming from step 2 of 3" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    del ckpt["data"]
+    assert ckpt["step"] == 3 and ckpt["args"]["data_root"] == str(tmp_path / "moved")
+    assert models.run.fid_network_changed({**ckpt["args"], "fid_features": "a.pt"}, argparse.Namespace(
+        inception=None, fid_features="b.pt"))
+    assert "start anew" in capsys.readouterr().out
+    del ckpt["data"], ckpt["format"]
     torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
-    finetune_oasis.main(args[:-2] + ["--stage2-steps", "2", "--resume"])
-    note = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
-    assert len(note) == 1 and "records no fingerprint of its training files" in note[0], note
+    one_line(lambda: finetune_oasis.main(["--out", str(tmp_path / "run"), "--resume"]), "--resume", "checkpoint.pt",
+             "checkpoint format 1", "reads format 2")
 
 
 def ctrl_c_at_step_2(monkeypatch, script):
-    """The script's train_step raises KeyboardInterrupt (Ctrl-C) when it is called the second time."""
-    real, calls = script.train_step, []
+    """The script's training step (gan_step, diffusion_step) raises KeyboardInterrupt (Ctrl-C) when it is called
+    the second time."""
+    name = "gan_step" if hasattr(script, "gan_step") else "diffusion_step"
+    real, calls = getattr(script, name), []
 
     def step(*a, **k):
         calls.append(1)
@@ -787,7 +810,7 @@ def ctrl_c_at_step_2(monkeypatch, script):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(script, "train_step", step)
+    monkeypatch.setattr(script, name, step)
 
 
 def test_ctrl_c_says_how_to_resume(W, tmp_path, monkeypatch):
@@ -861,16 +884,16 @@ def test_bom_is_stripped_and_info_prints_the_images_own_size(W, capsys):
                                         ("text.pt", ["not a torch file"]), ("pickled.pt", ["pickled"]),
                                         ("nope.pt", ["not found"])])
 def test_checkpoint_load_says_why(W, name, words):
-    one_line(lambda: checkpoint.load(W.root / name, "--resume"), "--resume", name, *words)
+    one_line(lambda: models.run.load(W.root / name, "--resume"), "--resume", name, *words)
 
 
 def test_truncate_log_drops_a_torn_last_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
-    checkpoint.truncate_log(log, 2)
+    models.run.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    one_line(lambda: checkpoint.truncate_log(log, 2), "log.jsonl", "line 2")
+    one_line(lambda: models.run.truncate_log(log, 2), "log.jsonl", "line 2")
 
 
 # ---------------------------------------------------------------------------------------------- kill -9, resume
@@ -915,11 +938,11 @@ def test_sigkill_then_resume_logs_every_step_once(W, tmp_path, n_shot):
 
 
 def test_out_dir_checks_without_leaving_folders(W, tmp_path):
-    assert checkpoint.out_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
+    assert models.run.out_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()
-    one_line(lambda: checkpoint.out_dir(W.root / "a_file" / "sub", replaces=("results.json",)), "--out", "a_file",
+    one_line(lambda: models.run.out_dir(W.root / "a_file" / "sub", replaces=("results.json",)), "--out", "a_file",
              "cannot write")
-    assert checkpoint.out_dir(tmp_path / "c").is_dir()
+    assert models.run.out_dir(tmp_path / "c").is_dir()
 
 
 def test_cli_prints_one_line(tmp_path):
@@ -1039,3 +1062,30 @@ DATA3 = {
 @pytest.mark.parametrize("case", sorted(DATA3))
 def test_data_round3(R3, offline, case):
     refused_row(DATA3[case], R3)
+
+
+# ---------------------------------------------------------------------------------------------- round 3 (issue 31)
+# the run folder (§1 §2) and flags that would be bent (§5), for the three training scripts
+RUN3_SCRIPTS = {"ft": (finetune_oasis.main, FT2), "piti": (finetune_piti.main, PITI), "pre": (pretrain_piti.main, PRE)}
+RUN3 = {
+    **{f"{k}-seed-2**64": (m, a + ["--seed", str(2 ** 64)], ["--seed", str(2 ** 64), "< 2**32"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-is-data-root": (m, a + ["--out", "{ok}", "--overwrite"], ["--out", "is --data-root", "never writes"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-inside-data-root": (m, a + ["--out", "{ok}/images/run"], ["--out", "lies inside --data-root"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-out-contains-data-root": (m, a + ["--out", "{root}"], ["--out", "contains --data-root"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-resume-and-overwrite": (m, a + ["--resume", "--overwrite"], ["--resume", "--overwrite", "one of the two"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+    **{f"{k}-cityscapes-size": (m, a + ["--data", "cityscapes", "--size", "64"], ["--size 64", "cityscapes", "256x512"])
+       for k, (m, a) in RUN3_SCRIPTS.items()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN3))
+def test_run_folder_and_bent_flags_round3(W, case):
+    """Each refused in one line before anything is written: the dataset keeps exactly its files."""
+    before = sorted(p for p in W.ok.rglob("*"))
+    refused_row(RUN3[case], W)
+    assert sorted(p for p in W.ok.rglob("*")) == before

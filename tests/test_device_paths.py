@@ -1,14 +1,14 @@
 """What the GPU runs depend on, checked on CPU: the stop flag broadcast on the run's device, the collective
-timeout, the RNG state of the rank's own GPU, and the contiguous q/k/v that SDPA's fast kernels need."""
+timeout, the stateless batch order every rank derives alone, and the contiguous q/k/v that SDPA's fast kernels
+need."""
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models import checkpoint
+from models import run
 from models.piti import AttentionBlock, SelfAttention, group_norm
 
 
@@ -22,13 +22,13 @@ def one_rank(tmp_path):
 
 def test_broadcast_stop_on_one_rank_group(one_rank):
     assert dist.is_initialized()
-    assert checkpoint.broadcast_stop(True, torch.device("cpu")) is True
-    assert checkpoint.broadcast_stop(False, torch.device("cpu")) is False
+    assert run.broadcast_stop(True, torch.device("cpu")) is True
+    assert run.broadcast_stop(False, torch.device("cpu")) is False
 
 
 def test_broadcast_stop_without_torchrun():
     assert not dist.is_initialized()
-    assert checkpoint.broadcast_stop(True, torch.device("cpu")) is True
+    assert run.broadcast_stop(True, torch.device("cpu")) is True
 
 
 def test_init_distributed_waits_long_enough_for_rank0_evaluation(monkeypatch, tmp_path):
@@ -41,41 +41,47 @@ def test_init_distributed_waits_long_enough_for_rank0_evaluation(monkeypatch, tm
 
     monkeypatch.setattr(dist, "init_process_group", recorder)
     monkeypatch.setenv("RANK", "0")
-    args = type("Args", (), {"device": "cpu", "batch": 2})()
     try:
-        ddp, rank, world, device = checkpoint.init_distributed(args)
+        ddp, rank, world, device = run.init_distributed("cpu", 2)
         assert (ddp, rank, world, device) == (True, 0, 1, torch.device("cpu"))
-        assert checkpoint.broadcast_stop(True, device) is True
+        assert run.broadcast_stop(True, device) is True
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert calls == [("gloo", {"timeout": checkpoint.COLLECTIVE_TIMEOUT})]
-    assert checkpoint.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+    assert calls == [("gloo", {"timeout": run.COLLECTIVE_TIMEOUT})]
+    assert run.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
 
 
-def test_rng_state_round_trip_on_cpu():
-    s = checkpoint.rng_state(torch.device("cpu"))
-    assert s["cuda"] is None
-    want = torch.rand(3), np.random.rand(3), random.random()
-    checkpoint.set_rng_state(s, torch.device("cpu"))
-    got = torch.rand(3), np.random.rand(3), random.random()
-    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+def test_batch_order_is_the_same_global_batch_on_any_number_of_ranks():
+    """batch_keys(seed, step, ...) alone decides a step's items and their augmentation seeds: two ranks take the
+    halves of one process's batch, each epoch visits every item once, another seed gives another order."""
+    n, batch = 10, 4
+    one = [run.batch_keys(7, s, n, batch) for s in range(5)]  # 20 positions: two epochs
+    for s, keys in enumerate(one):
+        halves = [run.batch_keys(7, s, n, batch, rank, 2) for rank in (0, 1)]
+        assert sorted(halves[0] + halves[1]) == sorted(keys) and halves[0] == keys[0::2]
+    items = [i for keys in one for i, _ in keys]
+    assert sorted(items[:10]) == sorted(items[10:]) == list(range(10))
+    assert len({seed for keys in one for _, seed in keys}) == 20  # one augmentation seed per position
+    assert one != [run.batch_keys(8, s, n, batch) for s in range(5)]
+    sampler = iter(run.Batches(7, n, batch, start=3))
+    assert [next(sampler), next(sampler)] == one[3:5]  # a resumed run continues the same order
 
 
-def test_rng_state_uses_the_runs_gpu(monkeypatch):
-    """On cuda:1 the CUDA generator of cuda:1 is saved and restored (not cuda:0's); on CPU the CUDA API is not
-    called. torch.cuda's two functions are recorded (no GPU here)."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or
-                        torch.zeros(8, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device)))
-    s = checkpoint.rng_state(torch.device("cpu"))
-    checkpoint.set_rng_state({**s, "cuda": torch.zeros(8, dtype=torch.uint8)}, torch.device("cpu"))
-    assert calls == [] and s["cuda"] is None
-    s = checkpoint.rng_state(torch.device("cuda:1"))
-    checkpoint.set_rng_state(s, torch.device("cuda:1"))
-    assert calls == [("get", torch.device("cuda:1")), ("set", torch.device("cuda:1"))]
-    assert torch.equal(s["cuda"], torch.zeros(8, dtype=torch.uint8))
+def test_seeded_items_repeat_and_leave_the_global_random_alone():
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return i, random.random()
+
+    ds = run.Seeded(Draws())
+    random.seed(1)
+    want = random.random()
+    random.seed(1)
+    a, b = ds[(2, 11)], ds[(2, 11)]
+    assert a == b and a[0] == 2 and ds[(2, 12)] != a and random.random() == want
 
 
 def test_sdpa_gets_contiguous_qkv(monkeypatch):

@@ -16,6 +16,7 @@ from PIL import Image
 import evaluate
 import metrics
 from models import DataError
+from models import run as run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
@@ -530,7 +531,7 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     r = run("--ckpt", tmp_path / "run/checkpoint.pt", *toy["data"], "--out", tmp_path / "ev2", "--limit", 2,
             "--sample-steps", 4, "--up-steps", 4, "--no-fid", "--base", moved / "base.pt", "--upsampler", moved / "up.pt")
     assert r.returncode == 0, r.stderr
-    for name in json.loads((tmp_path / "ev2" / "manifest.json").read_text())["files"]:
+    for name in run_folder.recorded_files(tmp_path / "ev2"):
         if name.startswith("images/"):
             assert np.array_equal(np.asarray(Image.open(tmp_path / "ev2" / name)), np.asarray(Image.open(out / name)))
     for part in ("base", "up"):
@@ -711,7 +712,7 @@ def test_labels_mode_minimum_size(toy, tmp_path):
 def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path, image_dirs):
     """--out equal to, inside or around an input folder is refused before anything is written (the dataset's PNGs
     survive --out <data root>; F inside O is refused and intact); a rerun removes exactly the files its earlier
-    run listed in manifest.json, never a file it did not write."""
+    run listed in its manifest (models/run.py), never a file it did not write."""
     import shutil
     root = tmp_path / "target"
     shutil.copytree(toy["root"] / "toy/target", root)
@@ -745,7 +746,7 @@ def test_out_never_an_input_and_reruns_remove_only_their_own_files(toy, tmp_path
     Image.new("RGB", (4, 4)).save(out / "images" / "mine.png")  # the user's file, in the folder evaluate.py writes
     data = [*model, "--data-root", root, "--limit", 3, "--out", out]
     evaluate.main(list(map(str, [*data, "--samples-per-map", 2])))
-    first = json.loads((out / "manifest.json").read_text())["files"]
+    first = run_folder.recorded_files(out)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(["mine.png"] + [Path(f).name for f in first
                                                                                         if f.startswith("images/")])
     evaluate.main(list(map(str, [*data, "--grid-n", 0])))  # one sample per map now: the _0/_1 files go

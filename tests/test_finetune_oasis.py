@@ -232,19 +232,20 @@ def test_resume_is_exact(source, cat_run, tmp_path):
         assert torch.equal(ca["G"][k], cb["G"][k]), k
 
 
-def test_resume_keeps_an_older_runs_stage2_set(cat_run, tmp_path):
-    """A checkpoint written when --g-train spade named every SPADE-block layer (no 'stage2_reading' in its args)
-    resumes with that set ('blocks'); a current one keeps 'spade'; lr_D is the run's own, whatever --lr says."""
+def test_resume_refuses_an_older_checkpoint_format(cat_run, tmp_path):
+    """A checkpoint carries its format version: a current one resumes with its own flags (lr_D is the run's
+    own, whatever --lr says); one of format 1 (no 'format' key: the compatibility shims are gone) is refused
+    in one line naming the version, before anything is written."""
     ckpt = torch.load(cat_run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["args"]["g_train"] == "spade" and ckpt["args"]["stage2_reading"] == "supplement"
+    assert ckpt["format"] == 2 and "rng" not in ckpt  # steps are seeded from (seed, step): no RNG states
     (tmp_path / "new").mkdir()
     torch.save(ckpt, tmp_path / "new" / "checkpoint.pt")
-    old = {**ckpt, "args": {k: v for k, v in ckpt["args"].items() if k != "stage2_reading"}}
+    args, _ = finetune_oasis.get_args(["--out", str(tmp_path / "new"), "--resume", "--lr", "1e-5"])
+    assert args.g_train == "spade" and args.lr == 1e-5 and args.lr_d == ckpt["args"]["lr_d"]
     (tmp_path / "old").mkdir()
-    torch.save(old, tmp_path / "old" / "checkpoint.pt")
-    for run_dir, want in (("new", "spade"), ("old", "blocks")):
-        args, _ = finetune_oasis.get_args(["--out", str(tmp_path / run_dir), "--resume", "--lr", "1e-5"])
-        assert args.g_train == want and args.lr == 1e-5 and args.lr_d == ckpt["args"]["lr_d"]
+    torch.save({k: v for k, v in ckpt.items() if k != "format"}, tmp_path / "old" / "checkpoint.pt")
+    bad_input(["--out", tmp_path / "old", "--resume"], "checkpoint format 1", "reads format 2", "checkpoint.pt")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["checkpoint.pt"]
 
 
 def test_torchrun_two_ranks_agree(source, tmp_path):

@@ -131,7 +131,14 @@ def test_bad_input_one_line(files, tmp_path):
     r = run(files, tmp_path / "d", "--steps", "0")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "folder is not empty" in r.stderr
     assert "--overwrite" in r.stderr and not (tmp_path / "d" / "checkpoint.pt").exists()
+    # --overwrite removes only what a run recorded (manifest.txt): a log.jsonl no run recorded is not replaced
     r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "log.jsonl was not recorded" in r.stderr
+    assert (tmp_path / "d" / "log.jsonl").read_text() == '{"step": 7, "loss": 1.0}\n'
+    (tmp_path / "d" / "log.jsonl").rename(tmp_path / "d" / "notes.jsonl")  # the user's own file: kept
+    r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")
+    assert r.returncode == 0 and "kept 1 file" in r.stdout and (tmp_path / "d" / "notes.jsonl").is_file(), r.stderr
+    r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")  # the earlier run's own files are replaced
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == f"done: 0 steps, checkpoint {tmp_path / 'd' / 'checkpoint.pt'}"  # no FID
     assert [json.loads(s)["step"] for s in (tmp_path / "d" / "log.jsonl").read_text().splitlines()] == [0]
@@ -180,11 +187,11 @@ def test_paper_defaults(tmp_path):
     import finetune_piti
     base = ["--base", "b.pt", "--upsampler", "u.pt", "--affinity", "a.npy"]
     for i, (target, lr) in enumerate((("cityscapes", 7e-5), ("ade20k", 2e-4), ("coco", 2e-4), ("toy-target", 2e-4))):
-        args, _ = finetune_piti.settings(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
+        args, _ = finetune_piti.get_args(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
         assert args.lr == lr and args.prompts == 8
-    args, _ = finetune_piti.settings(base + ["--steps", "0", "--out", str(tmp_path / "free")])
+    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--out", str(tmp_path / "free")])
     assert args.prompts == 0
-    args, _ = finetune_piti.settings(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
+    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
     assert args.prompts == 4
 
 
@@ -195,14 +202,14 @@ def test_recipes_are_table_11_rows(tmp_path):
     files = ["--base", "b.pt", "--upsampler", "u.pt"]
     rows = {"finetune": ("all", 0, "none"), "fixdec": ("fixdec", 0, "none"), "fixdec-prompts": ("fixdec", 8, "none")}
     for i, (recipe, want) in enumerate(rows.items()):
-        args, _ = finetune_piti.settings(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])
+        args, _ = finetune_piti.get_args(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])
         assert (args.train, args.prompts, args.affinity) == want, recipe
-    args, _ = finetune_piti.settings(files + ["--affinity", "a.npy", "--out", str(tmp_path / "cat")])
+    args, _ = finetune_piti.get_args(files + ["--affinity", "a.npy", "--out", str(tmp_path / "cat")])
     assert (args.recipe, args.train, args.prompts, args.affinity) == ("cat", "fixdec", 8, "a.npy")
-    args, _ = finetune_piti.settings(files + ["--recipe", "fixdec", "--prompts", "3", "--out", str(tmp_path / "o")])
+    args, _ = finetune_piti.get_args(files + ["--recipe", "fixdec", "--prompts", "3", "--out", str(tmp_path / "o")])
     assert (args.train, args.prompts, args.affinity) == ("fixdec", 3, "none")
     with pytest.raises(DataError, match="--affinity is required"):
-        finetune_piti.settings(files + ["--recipe", "cat", "--out", str(tmp_path / "no_aff")])
+        finetune_piti.get_args(files + ["--recipe", "cat", "--out", str(tmp_path / "no_aff")])
 
 
 def test_torchrun_two_ranks_equal_one_process(files, tmp_path):
@@ -286,3 +293,32 @@ def test_kill_9_then_resume_logs_each_step_once(files, tmp_path, n_shot):
     logged = [e["step"] for e in lines if "loss" in e]
     assert logged == list(range(1, saved + 5))
     assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == saved + 4
+
+
+def test_a_moved_run_and_moved_official_files_resume_and_evaluate(files, tmp_path):
+    """The checkpoint records the official files as given plus size and sha256: a run folder moved together with
+    (or apart from) them resumes with --base/--upsampler naming the new place, and load_piti_generator (what
+    evaluate.py --base/--upsampler use) finds them the same way; another file with the recorded name is refused."""
+    import shutil
+    here = tmp_path / "files"
+    here.mkdir()
+    for name in ("base.pt", "up.pt", "affinity.npy"):
+        shutil.copy(files / name, here / name)
+    r = run(here, tmp_path / "run", "--steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["base_file"]["path"] == str(here / "base.pt") and len(ckpt["base_file"]["sha256"]) == 64
+    assert ckpt["up_file"]["size"] == (files / "up.pt").stat().st_size
+    shutil.move(tmp_path / "run", tmp_path / "moved_run")
+    shutil.move(here, tmp_path / "moved_files")
+    r = resume(tmp_path / "moved_run", "--steps", "4")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--base" in r.stderr and "moved?" in r.stderr, r.stderr
+    new = tmp_path / "moved_files"
+    r = resume(tmp_path / "moved_run", "--steps", "4", "--base", str(new / "base.pt"), "--upsampler", str(new / "up.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(tmp_path / "moved_run")) == [1, 2, 3, 4]
+    with pytest.raises(DataError, match="not the file the run used"):
+        load_piti_generator(str(tmp_path / "moved_run" / "checkpoint.pt"), "cpu", base=str(new / "up.pt"))
+    gen = load_piti_generator(str(tmp_path / "moved_run" / "checkpoint.pt"), "cpu", steps="2", up_steps="2",
+                              base=str(new / "base.pt"), upsampler=str(new / "up.pt"))
+    assert gen(torch.zeros(1, 64, 64, dtype=torch.long), seed=1).shape == (1, 3, 32, 32)

@@ -142,8 +142,8 @@ def test_scripts_refuse_each_others_runs(tmp_path):
     import finetune_piti
     (tmp_path / "glide_run").mkdir()
     (tmp_path / "cat_run").mkdir()
-    torch.save({"kind": "piti-cat", "init": "glide", "args": {}}, tmp_path / "glide_run" / "checkpoint.pt")
-    torch.save({"kind": "piti-cat", "init": "piti", "args": {}}, tmp_path / "cat_run" / "checkpoint.pt")
+    torch.save({"kind": "piti-cat", "format": 2, "init": "glide", "args": {}}, tmp_path / "glide_run" / "checkpoint.pt")
+    torch.save({"kind": "piti-cat", "format": 2, "init": "piti", "args": {}}, tmp_path / "cat_run" / "checkpoint.pt")
     with pytest.raises(DataError, match="continue it with pretrain_piti.py"):
         finetune_piti.main(["--out", str(tmp_path / "glide_run"), "--resume", "--device", "cpu"])
     with pytest.raises(DataError, match="continue it with finetune_piti.py"):
