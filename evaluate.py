@@ -65,7 +65,7 @@ from PIL import Image
 
 from models import ArgumentParser, DataError, cli, run, nonneg_int, positive_int
 from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
-from data import add_data_args, class_table, compare_classes, dataset_from_args, load_affinity
+from data import add_data_args, check_labels, class_table, compare_classes, dataset_from_args, load_affinity
 from metrics import (LabelMaps, Said, channel_names, check_sizes, confusion,
                      describe_features, embed, fid_lines, fid_metrics, generate, grid_titles, label_maps, legend_of,
                      load_feature_net, load_segmenter, miou_results, model_classes, oasis_sampler, output_names,
@@ -364,7 +364,7 @@ def score(args, argv, said):
     if args.real_dir:  # folder mode
         scores, lines = score_folders(args.real_dir, args.fake_dir, args.inception, args.fid_features, device,
                                       args.batch, args.workers, features_amp)
-        run.remove_recorded(out)  # the earlier run's files, as its manifest lists them; nothing else
+        run.remove_recorded(run.out_dir(out))  # the earlier run's files, as its manifest lists them; nothing else
         return finish(out, {**scores, **results, "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}},
                       lines, said, f"wrote {out / 'results.json'}", ["results.json"])
 
@@ -378,6 +378,7 @@ def score(args, argv, said):
         dataset = dataset_from_args(args, args.split)
         run.check_out_vs_inputs(args.out, {"--data-root": dataset.root})  # also a toy task's own folder
         dataset.files = dataset.files[:args.limit]
+        check_labels(dataset)  # every map read once: a bad id fails here, in one line
         target, what = dataset.classes, f"--data {dataset.dataset}"
     sample, gen = load_generator(args, target, None if args.labels else dataset.size, device, amp)
     lut = torch.from_numpy(check_classes(gen, target, what)).to(device)  # the data's channels -> the model's
@@ -403,7 +404,7 @@ def score(args, argv, said):
         if net is not None and len(dataset) < 2:
             raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
-    run.remove_recorded(out)  # the earlier run's files, as its manifest lists them; nothing else
+    run.remove_recorded(run.out_dir(out))  # the earlier run's files, as its manifest lists them; nothing else
     written = [n for ns in outputs.values() for n in ns] + ["results.json", "grid.png"]
     sampler = lambda label, seeds: sample(lut[label], seeds)  # noqa: E731
     fake_feats, conf, conf_real, has_grid = generate_and_score(sampler, dataset, args, out, net, seg, device, amp,

@@ -240,7 +240,7 @@ def main(argv=None):
     val_ds = data.dataset_from_args(args, "val")
     target = train_ds.classes
     run.check_data_flags(args, train_ds)
-    data.check_files(train_ds)  # every label file read once: a bad id fails here, in one line
+    data.check_labels(train_ds)  # every label file read once: a bad id fails here, in one line
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
         run.check_data(ckpt["data"], data_fp, args)
