@@ -52,7 +52,6 @@ Protocol (also written into results.json):
 The metrics themselves live in metrics.py (FID, KID, mIoU, generation, label maps, grids), the FID Inception
 in models/inception.py.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -63,7 +62,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import ArgumentParser, DataError, cli, run, nonneg_int, positive_int
+from models import ArgumentParser, DataError, HelpFormatter, cli, run, nonneg_int, positive_int
 from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
 from data import add_data_args, check_labels, class_table, compare_classes, dataset_from_args, load_affinity
 from metrics import (LabelMaps, Said, channel_names, check_sizes, confusion,
@@ -102,13 +101,6 @@ SCORE_FLAGS = ("inception", "fid_features", "segmenter", "segmenter_weights")
 def flags(args, dests):
     """The command-line spelling of the given options among `dests` that were given (not None / not False)."""
     return [f"--{d.replace('_', '-')}" for d in dests if getattr(args, d) is not None and getattr(args, d) is not False]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each flag's default in its help (flags without a default say nothing)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def get_args(argv=None):

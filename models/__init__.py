@@ -1,6 +1,6 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
 stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
-are DataErrors, its flag types (`positive_int`, `nonneg_int`, `int_list`, `seed_int`, `finite_float`, `positive_float`,
+are DataErrors (and `HelpFormatter`, its --help with every default), its flag types (`positive_int`, `nonneg_int`, `int_list`, `seed_int`, `finite_float`, `positive_float`,
 `unit_float`), and `cli` to turn them into one line at a script's entry point."""
 import argparse
 import math
@@ -33,6 +33,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise DataError(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the script's docstring as written and each flag's default in its help (a flag whose default
+    is None or False says nothing more)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 # argparse types: a bad value is refused by the parser, in one line naming the flag (ArgumentParser.error)
