@@ -145,7 +145,7 @@ def get_args(argv=None):
     g.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay (default 0.9999 for ADE20K/COCO as the official runs, 0.999 otherwise)")
     g.add_argument("--ema-warmup", action="store_true", help="not official OASIS: decay min(--ema-decay, (1+step)/(10+step)) "
-                   "(ema_decay_at), so the EMA follows a short run from its start instead of keeping ~61%% of the "
+                   "(models/oasis.py ema_decay), so the EMA follows a short run from its start instead of keeping ~61%% of the "
                    "step-0 weights after 5,000 steps at 0.9999")
     g.add_argument("--bn-batches", type=positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
     g.add_argument("--seed", type=seed_int, default=0, help="the run's randomness: init, batch order, augmentation, "
@@ -216,14 +216,6 @@ def stage_parameters(G, stage, args):
     """The generator parameters trained in `stage`: the paper's sets, or all of them (scratch, --g-train all)."""
     everything = stage == 2 and (args.init == "scratch" or args.g_train == "all")
     return list(G.parameters()) if everything else G.stage_parameters(stage, args.g_train)
-
-
-def ema_decay_at(step, decay, warmup=False):
-    """The EMA decay of iteration `step`: `decay`, as official OASIS; with `warmup` (--ema-warmup, not official)
-    min(decay, (1 + step) / (10 + step)). A fixed 0.9999 over a 5000-step finetuning run leaves ~61% of the
-    step-0 weights in the evaluated model; the warm-up lets the average follow a short run from its start and
-    reaches `decay` on long ones."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 def build_models(args, target, size):
@@ -440,7 +432,7 @@ def main(argv=None):
             real = batch["image"].to(device, non_blocking=True).contiguous(memory_format=mem)
             run.seed_step(args.seed, step, rank)  # z, LabelMix: from (seed, step), so resumes are exact
             losses = torch.stack(gan_step(G_train, D_train, G_ema, optG, optD, y, real, args.lambda_labelmix,
-                                          ema_decay_at(step, args.ema_decay, args.ema_warmup), ctx, scalers)).float()
+                                          oasis.ema_decay(step, args.ema_decay, args.ema_warmup), ctx, scalers)).float()
             step += 1
             lg, ld = run.mean_over_ranks(losses, world).tolist()  # a NaN anywhere stops every rank at the same step
             if not torch.isfinite(losses).all():

@@ -433,13 +433,13 @@ def resumed_args(args, given, model_flags, kinds):
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with the description as written and every flag's default shown, "(default: X)", unless its help
-    already says one or the default is None/False (a flag whose absence is its meaning, or a run-dependent
-    default that the help explains)."""
+    already says one ("(default ...") or the default is None/False (a flag whose absence is its meaning, or a
+    run-dependent default that the help explains)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in text:
+                or "(default" in text:
             return text
         return f"{text} (default: {action.default})"
 
