@@ -71,11 +71,9 @@ OASIS_WIDTHS = {"channels": 64, "z_dim": 64, "spade_hidden": 128, "d_channels": 
                 "d_last": 64}  # the official widths: --init scratch's defaults
 
 SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe", "freeze_d"}  # meaningless with --init scratch
-# a copy-paste command per mode, for the line that lists every missing flag
-_SRC = "--source ade20k --source-ckpt checkpoints/oasis_ade20k_pretrained "
-EXAMPLE = {"source": _SRC + "--affinity runs/aff/affinity.npy --data folder --data-root my_data --n 100 --out runs/cat",
-           "recipe": "--recipe {} " + _SRC + "--data folder --data-root my_data --n 100 --out runs/baseline",
-           "scratch": "--init scratch --data folder --data-root my_source_data --out runs/source"}
+# a copy-paste command per mode for the line listing every missing flag ({}: the affinity, or a baseline's --recipe)
+EXAMPLE = {"source": "--source ade20k --source-ckpt checkpoints/oasis_ade20k_pretrained {}--data folder --data-root my_data "
+           "--n 100 --out runs/cat", "scratch": "--init scratch --data folder --data-root my_source_data --out runs/source"}
 # flags a resumed run takes from its checkpoint and refuses to change
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
                "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head", "ema_warmup",
@@ -123,9 +121,8 @@ def get_args(argv=None):
     g.add_argument("--freeze-d", type=nonneg_int, default=2,
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
     g.add_argument("--d-head", default=None, choices=["affinity", "random"],
-                   help="D's N+1 head for the target classes: built through the affinity (each target row the affinity's "
-                        "mix of the source rows; default with an --affinity file, as CAT) or random (official init; the "
-                        "baseline recipes' choice)")
+                   help="D's N+1 head for the target classes. affinity: each target row the affinity's mix of the "
+                        "source rows (CAT's, the default with an --affinity file); random: official init (the baselines')")
     g = p.add_argument_group("model widths (--init scratch; a source model brings its own, and a width given with "
                              "one must equal the source's)")
     g.add_argument("--channels", type=positive_int, default=None, help="G base width (official 64)")
@@ -175,7 +172,8 @@ def get_args(argv=None):
     else:
         for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
             setattr(args, k, getattr(args, k) if k in given else v)
-        example = EXAMPLE[args.init] if args.recipe == "cat" else EXAMPLE["recipe"].format(args.recipe)
+        example = EXAMPLE[args.init].format("--affinity runs/aff/affinity.npy " if args.recipe == "cat" else
+                                            f"--recipe {args.recipe} ")
         run.require_flags(args, ["out", "data"] + ["source", "source_ckpt", "affinity"] * (args.init == "source"),
                           "python finetune_oasis.py " + example)
     run.check_device(args.device)
@@ -229,14 +227,7 @@ def build_models(args, target, size):
         return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
-    have = {"channels": src["G_kwargs"]["channels"], "z_dim": src["G_kwargs"]["z_dim"],
-            "spade_hidden": src["G_kwargs"]["spade_hidden"], "d_channels": list(src["D_kwargs"]["channels"]),
-            "d_last": src["D_kwargs"]["last_width"]}
-    for k, v in have.items():  # a width flag would be ignored: only the source's own value may be repeated
-        if getattr(args, k) not in (None, v):
-            flag, text = "--" + k.replace("_", "-"), lambda x: ",".join(map(str, x)) if isinstance(x, list) else x
-            raise DataError(f"{flag} {text(getattr(args, k))}: the source model {args.source_ckpt} has {flag} "
-                            f"{text(v)}; a source model brings its own widths (drop {flag})")
+    oasis.check_widths(src, {k: getattr(args, k) for k in OASIS_WIDTHS}, args.source_ckpt)  # none ignored
     G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
                            "cat_residual": not args.no_residual,
                            "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})

@@ -636,6 +636,19 @@ def load_official(path, part='EMA', which='best'):
                            and part in sd else sd, fix=_WHERE)  # a CAT checkpoint of ours gives its `part`
 
 
+def check_widths(src, given, path):
+    """A source model (load_source's dict, read from `path`) brings its own widths: a width flag given with it
+    (`given`: channels, z_dim, spade_hidden, d_channels, d_last; None = not given) would be ignored, so only the
+    source's own value may be repeated; another is refused in one line naming the flag."""
+    have = {**{k: src['G_kwargs'][k] for k in ('channels', 'z_dim', 'spade_hidden')},
+            'd_channels': list(src['D_kwargs']['channels']), 'd_last': src['D_kwargs']['last_width']}
+    for k, v in have.items():
+        if given.get(k) not in (None, v):
+            flag, text = '--' + k.replace('_', '-'), lambda x: ','.join(map(str, x)) if isinstance(x, list) else x
+            raise DataError(f'{flag} {text(given[k])}: the source model {path} has {flag} {text(v)}; a source '
+                            f'model brings its own widths (drop {flag})')
+
+
 def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EMA', 'D'), flag='--source-ckpt'):
     """The one resolver of a source (non-CAT) OASIS model -> {'G_kwargs', 'D_kwargs', 'EMA', 'D'}.
 
