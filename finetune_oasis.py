@@ -335,21 +335,13 @@ def main(argv=None):
     if G.output_hw != train_ds.size:
         raise DataError(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
                         f"{train_ds.size[0]}x{train_ds.size[1]} (--size)")
-    scratch, blocks = args.init == "scratch", len(D.blocks_for_freeze())
-    if any(side % 2 ** blocks for side in train_ds.size):
-        raise DataError(f"{'--d-channels' if scratch else '--source-ckpt'}: the discriminator has {blocks} encoder blocks "
-                        f"and needs image sides that are multiples of {2 ** blocks}; --size gives "
-                        f"{train_ds.size[0]}x{train_ds.size[1]}")
-    if not scratch and args.freeze_d > blocks:
-        raise DataError(f"--freeze-d {args.freeze_d}: the discriminator has {blocks} encoder blocks; expected at most {blocks}")
-    frozen = {id(p) for block in D.blocks_for_freeze()[:args.freeze_d] for p in block.parameters()} if not scratch else set()
-    for p in D.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    scratch = args.init == "scratch"  # FreezeD (none from scratch), after D's depth is checked against the images
+    D.freeze(0 if scratch else args.freeze_d, train_ds.size, "--d-channels" if scratch else "--source-ckpt")
     if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; the EMA keeps plain BN (rank 0 runs it)
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     G, D, G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
     optG = torch.optim.Adam(stage_parameters(G, 2, args), lr=args.lr, betas=(0.0, 0.999))
-    optD = torch.optim.Adam([p for p in D.parameters() if id(p) not in frozen], lr=args.lr_d, betas=(0.0, 0.999))
+    optD = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=args.lr_d, betas=(0.0, 0.999))
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:
         run.restore_optimizer(optG, ckpt["optG"], args.lr)

@@ -469,6 +469,21 @@ class Discriminator(nn.Module):
         """Encoder blocks from the input side (FreezeD freezes the first K)."""
         return list(self.body_down)
 
+    def freeze(self, k, size, depth_flag):
+        """FreezeD: the first k encoder blocks stop training (requires_grad False, every other parameter True).
+        Refused in one line: image sides (`size`, H x W) that are not multiples of 2^blocks (`depth_flag`: the
+        flag that set D's depth) and a k past the encoder's blocks (--freeze-d)."""
+        blocks = self.blocks_for_freeze()
+        n = len(blocks)
+        if any(side % 2 ** n for side in size):
+            raise DataError(f'{depth_flag}: the discriminator has {n} encoder blocks and needs image sides that are '
+                            f'multiples of {2 ** n}; --size gives {size[0]}x{size[1]}')
+        if k > n:
+            raise DataError(f'--freeze-d {k}: the discriminator has {n} encoder blocks; expected at most {n}')
+        frozen = {id(p) for block in blocks[:k] for p in block.parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) not in frozen)
+
     def retarget(self, new_nc, M=None):
         """Rebuild the N+1 head for `new_nc` label channels. With M (new_nc x old semantic_nc) the row of
         target channel t is sum_s M[t, s] * (row of source channel s) and the fake row is kept; with
