@@ -11,16 +11,16 @@ r"""Finetune a pretrained OASIS generator on a few target images with Class Affi
     # several GPUs (the batch is global and split across the ranks)
     torchrun --nproc_per_node 4 finetune_oasis.py ...
 
-Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4e-4 for every dataset, N+1
-class-balanced loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration:
-G step, D step, EMA; no EMA warm-up unless --ema-warmup). The paper's two stages (supplement §B; `stage_of`): stage 1 trains the CAT layers and the SPADE gamma/beta
-convs, stage 2 "all layers in the SPADE blocks", read as every SPADE module (`--g-train`, models/oasis.py
-Generator.stage_parameters). A source model of another aspect serves the target's size (256x256 -> 256x512
-Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the EMA's BN
-statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
-and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
-continues the run in --out exactly, with its own settings; model and data flags cannot change, nor its training
-files (the checkpoint records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
+Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4e-4 for every dataset, N+1 class-balanced
+loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration: G step, D step, EMA;
+no EMA warm-up unless --ema-warmup). The paper's two stages (supplement §B; `stage_of`): stage 1 trains the CAT
+layers and the SPADE gamma/beta convs, stage 2 "all layers in the SPADE blocks", read as every SPADE module
+(`--g-train`, models/oasis.py Generator.stage_parameters). A source model of another aspect serves the target's size
+(256x256 -> 256x512 Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the
+EMA's BN statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given, and
+<out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume` continues the run
+in --out exactly, with its own settings; model and data flags cannot change, nor its training files (the checkpoint
+records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
 
 The step counts (2,000 + 3,000) and the batch (8) are this toolkit's defaults, not the paper's: the supplement
 gives neither (official OASIS trains with batch 32, 20 for Cityscapes). 5,000 steps at batch 8 are 400 epochs of
@@ -63,7 +63,7 @@ RECIPES = {
     "transfergan": PLAIN,  # see the module docstring
     "cgantransfer": {**PLAIN, "affinity": "learned"},
 }
-# the generator learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep
+# the generator learning rates the paper chose per target dataset (supplement §C, Training); folder/toy targets keep
 # 1e-4. The paper's rate is lr_G: official OASIS keeps lr_D = 4e-4 for every dataset (Cityscapes included).
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
 OASIS_LR_D = 4e-4
@@ -110,13 +110,14 @@ def get_args(argv=None):
                    help="a row of the paper's ablation or a baseline, as the flags below (explicit flags override)")
     g.add_argument("--g-train", default="spade", choices=["spade", "blocks", "all"],
                    help="stage 2 set. spade: every SPADE module (shared conv, gamma, beta) + CAT layers, the supplement's "
-                        "'all layers in the SPADE blocks'; blocks: also the residual blocks' main-path convs (conv_0/1/s); "
+                        "(§B) 'all layers in the SPADE blocks'; blocks: also the residual blocks' main-path convs (conv_0/1/s); "
                         "all: every G parameter incl. fc and conv_img")
     g.add_argument("--paths", default="separate", choices=["separate", "shared"], help="gamma/beta paths of the CAT layers")
     g.add_argument("--no-residual", action="store_true", help="drop the zero-initialised residual layers")
     g.add_argument("--stages", type=int, default=2, choices=[1, 2],
                    help="2: the paper's two stages (supplement §B); 1: the full parameter set from the start, for stage1+stage2 steps")
-    g.add_argument("--stage1-steps", type=nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs (this toolkit's default: the supplement gives no count)")
+    g.add_argument("--stage1-steps", type=nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs "
+                   "(this toolkit's default: the supplement gives no count)")
     g.add_argument("--stage2-steps", type=nonneg_int, default=3000, help="iterations training every SPADE-block layer (this toolkit's default; early stopping may end it sooner)")
     g.add_argument("--freeze-d", type=nonneg_int, default=2,
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
@@ -136,7 +137,7 @@ def get_args(argv=None):
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size, split across torchrun ranks (this "
                    "toolkit's default, for 25 to 100 images on one GPU; official OASIS: 32, 20 for Cityscapes; the supplement gives none)")
     g.add_argument("--lr", type=positive_float, default=None,
-                   help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
+                   help="generator learning rate (default: the paper's per target, supplement §C: 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
