@@ -487,3 +487,25 @@ def test_square_source_into_cityscapes(square_source, tmp_path):
     with pytest.raises(DataError) as e:
         finetune_oasis.main([str(a) for a in [*bad, *cs, "--out", tmp_path / "bad", "--stage2-steps", "1", *TINY]])
     assert "makes 64x64 images" in str(e.value) and "256x512 (--size)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_console_fid_and_no_best_notice(source, tmp_path, capsys):
+    """Each evaluation prints the validation FID and the best so far; without a feature network one line at the
+    start says that no best.pt will be written and points to checkpoint.pt."""
+    steps = ["--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "1", "--fid-n", "4"]
+    finetune_oasis.main([str(a) for a in cat_args(source, tmp_path / "fid", *steps)])
+    out = capsys.readouterr().out
+    fids = {e["step"]: e["fid"] for e in map(json.loads, (tmp_path / "fid" / "log.jsonl").read_text().splitlines())
+            if "fid" in e}
+    best = min(fids.values())
+    for s in (1, 2):
+        assert f"step {s}: validation FID {fids[s]:.2f} (best " in out
+    assert f"(best {best:.2f} at step {min(fids, key=fids.get)})" in out and "no best.pt" not in out
+    args = cat_args(source, tmp_path / "nofid", *steps)
+    i = args.index("--fid-features")
+    del args[i:i + 2]
+    finetune_oasis.main([str(a) for a in args])
+    out = capsys.readouterr().out
+    assert out.count("no best.pt") == 1 and str(tmp_path / "nofid" / "checkpoint.pt") in out
+    assert "validation FID" not in out.replace("no validation FID", "")
+    assert not (tmp_path / "nofid" / "best.pt").exists() and (tmp_path / "nofid" / "checkpoint.pt").is_file()
