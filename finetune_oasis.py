@@ -11,25 +11,31 @@ r"""Finetune a pretrained OASIS generator on a few target images with Class Affi
     # several GPUs (the batch is global and split across the ranks)
     torchrun --nproc_per_node 4 finetune_oasis.py ...
 
-Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4e-4 for every dataset, N+1
-class-balanced loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration:
-G step, D step, EMA). The paper's schedule (`stage_of`): stage 1 trains the CAT layers and the SPADE gamma/beta
-convs, stage 2 "all layers in the SPADE blocks", read as every SPADE module (`--g-train`, models/oasis.py
-Generator.stage_parameters). A source model of another aspect serves the target's size (256x256 -> 256x512
-Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the EMA's BN
-statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given,
-and <out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume`
-continues the run in --out exactly, with its own settings; model and data flags cannot change, nor its training
-files (the checkpoint records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
+Training follows the official OASIS recipe (Adam betas (0, 0.999), lr_D = 4e-4 for every dataset, N+1 class-balanced
+loss, LabelMix, EMA with a BN-statistics pass before every evaluation and save; per iteration: G step, D step, EMA;
+no EMA warm-up unless --ema-warmup). The paper's two stages (supplement §B; `stage_of`): stage 1 trains the CAT
+layers and the SPADE gamma/beta convs, stage 2 "all layers in the SPADE blocks", read as every SPADE module
+(`--g-train`, models/oasis.py Generator.stage_parameters). A source model of another aspect serves the target's size
+(256x256 -> 256x512 Cityscapes): the generator is convolutional. Every `--eval-every` steps (and at the end) the
+EMA's BN statistics are re-estimated, a sample grid is written, FID is computed when a feature network is given, and
+<out>/checkpoint.pt (the last) and <out>/best.pt (the best FID) are saved atomically. `--resume` continues the run
+in --out exactly, with its own settings; model and data flags cannot change, nor its training files (the checkpoint
+records their number and a hash of names and sizes). Ctrl-C prints the --resume command.
+
+The step counts (2,000 + 3,000) and the batch (8) are this toolkit's defaults, not the paper's: the supplement
+gives neither (official OASIS trains with batch 32, 20 for Cityscapes). 5,000 steps at batch 8 are 400 epochs of
+100 images, a batch of 8 suits sets of 25 to 100 images on one GPU, and early stopping on validation FID (the
+supplement's, §C) ends a run sooner.
 
 --recipe expresses the rows of the paper's OASIS ablation (supplement Table 10) and its two transfer baselines:
-  finetune, freezed, freezed-2stage, freezed-2stage-resid, cat (the default, all four components);
+  finetune, freezed, freezed-2stage, freezed-2stage-resid   (--d-head random: D's class head freshly initialised)
+  cat           the default, all four components            (--d-head affinity: D's head through the affinity)
   transfergan   TransferGAN (Wang et al. 2018): G and D finetuned from the source model with a new first layer,
-                which in this architecture is exactly the plain finetuning row;
+                which in this architecture is exactly the plain finetuning row (--d-head random);
   cgantransfer  our adaptation of cGANTransfer (Shahbazi et al. 2021), knowledge propagation across classes:
                 every target class is a *learned* convex combination of the source classes (a softmax over
                 free logits per row, uniform at the start, in every CAT input layer), trained jointly with the
-                whole G and D, with no residual layers and no FreezeD.
+                whole G and D, with no residual layers and no FreezeD (--d-head random).
 """
 import argparse
 import copy
@@ -47,7 +53,7 @@ from models import (ArgumentParser, DataError, amp, cli, curves, finite_float, i
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
-PLAIN = dict(affinity="none", stages=1, g_train="all", no_residual=True, freeze_d=0, d_head="reinit")
+PLAIN = dict(affinity="none", stages=1, g_train="all", no_residual=True, freeze_d=0, d_head="random")
 RECIPES = {
     "finetune": PLAIN,  # the whole source G and D, a random 1x1 input layer: Table 10's first row
     "freezed": {**PLAIN, "freeze_d": 2},
@@ -57,7 +63,7 @@ RECIPES = {
     "transfergan": PLAIN,  # see the module docstring
     "cgantransfer": {**PLAIN, "affinity": "learned"},
 }
-# the generator learning rates the paper chose per target dataset (supplement, Training); folder/toy targets keep
+# the generator learning rates the paper chose per target dataset (supplement §C, Training); folder/toy targets keep
 # 1e-4. The paper's rate is lr_G: official OASIS keeps lr_D = 4e-4 for every dataset (Cityscapes included).
 LR_BY_TARGET = {"cityscapes": 4e-4, "ade20k": 1e-4, "coco": 1e-4}
 OASIS_LR_D = 4e-4
@@ -65,9 +71,12 @@ OASIS_WIDTHS = {"channels": 64, "z_dim": 64, "spade_hidden": 128, "d_channels": 
                 "d_last": 64}  # the official widths: --init scratch's defaults
 
 SOURCE_FLAGS = {"source", "source_ckpt", "source_d", "affinity", "d_head", "recipe", "freeze_d"}  # meaningless with --init scratch
+# a copy-paste command per mode for the line listing every missing flag ({}: the affinity, or a baseline's --recipe)
+EXAMPLE = {"source": "--source ade20k --source-ckpt checkpoints/oasis_ade20k_pretrained {}--data folder --data-root my_data "
+           "--n 100 --out runs/cat", "scratch": "--init scratch --data folder --data-root my_source_data --out runs/source"}
 # flags a resumed run takes from its checkpoint and refuses to change
 MODEL_FLAGS = ("recipe", "g_train", "init", "source", "source_root", "source_ckpt", "source_d", "which", "affinity", "data", "data_root",
-               "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head",
+               "n", "subset_seed", "size", "paths", "no_residual", "stages", "stage1_steps", "freeze_d", "d_head", "ema_warmup",
                "channels", "z_dim", "spade_hidden", "d_channels", "d_last", "batch", "seed", "lambda_labelmix")
 # files and folders a run reads: never its --out (nor --data-root)
 INPUT_FLAGS = ("source_ckpt", "source_d", "source_root", "affinity", "subset_file", "inception", "fid_features")
@@ -75,14 +84,15 @@ INPUT_FLAGS = ("source_ckpt", "source_d", "source_root", "affinity", "subset_fil
 
 def get_args(argv=None):
     """(args, given): the parsed flags with their run-dependent defaults filled in, and the flags given."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
+    p = ArgumentParser(description=__doc__, formatter_class=run.DefaultsHelpFormatter)
+    p.add_argument("--out", help="required: run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
     p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly, with the run's own flags")
     p.add_argument("--overwrite", action="store_true", help="start afresh in --out: the files its earlier run recorded "
                    "(manifest.txt) are removed, nothing else")
     p.add_argument("--init", default="source", choices=["source", "scratch"],
                    help="source: CAT from a pretrained model; scratch: random G/D at the target classes, all layers trained "
-                        "(the paper's 'from scratch' row, and how the toy source model is pretrained)")
+                        "(how the toy source model is pretrained; not the paper's Table 8 'from scratch / random' row, which is "
+                        "a source model with a random 1x1 input layer: --affinity none)")
     g = p.add_argument_group("source model (--init source)")
     g.add_argument("--source", default=None, choices=data.DATASETS, help="dataset the source model was trained on")
     g.add_argument("--source-root", default=None, help="folder of the source dataset's classes.txt (--source folder)")
@@ -100,18 +110,20 @@ def get_args(argv=None):
                    help="a row of the paper's ablation or a baseline, as the flags below (explicit flags override)")
     g.add_argument("--g-train", default="spade", choices=["spade", "blocks", "all"],
                    help="stage 2 set. spade: every SPADE module (shared conv, gamma, beta) + CAT layers, the supplement's "
-                        "'all layers in the SPADE blocks'; blocks: also the residual blocks' main-path convs (conv_0/1/s); "
+                        "(§B) 'all layers in the SPADE blocks'; blocks: also the residual blocks' main-path convs (conv_0/1/s); "
                         "all: every G parameter incl. fc and conv_img")
     g.add_argument("--paths", default="separate", choices=["separate", "shared"], help="gamma/beta paths of the CAT layers")
     g.add_argument("--no-residual", action="store_true", help="drop the zero-initialised residual layers")
     g.add_argument("--stages", type=int, default=2, choices=[1, 2],
-                   help="2: the paper's schedule; 1: the full parameter set from the start, for stage1+stage2 steps")
-    g.add_argument("--stage1-steps", type=nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs")
-    g.add_argument("--stage2-steps", type=nonneg_int, default=3000, help="iterations training every SPADE-block layer")
+                   help="2: the paper's two stages (supplement §B); 1: the full parameter set from the start, for stage1+stage2 steps")
+    g.add_argument("--stage1-steps", type=nonneg_int, default=2000, help="iterations training the CAT layers + SPADE gamma/beta convs "
+                   "(this toolkit's default: the supplement gives no count)")
+    g.add_argument("--stage2-steps", type=nonneg_int, default=3000, help="iterations training every SPADE-block layer (this toolkit's default; early stopping may end it sooner)")
     g.add_argument("--freeze-d", type=nonneg_int, default=2,
                    help="FreezeD: keep the first K encoder blocks of D frozen (not with --init scratch)")
-    g.add_argument("--d-head", default=None, choices=["affinity", "reinit"],
-                   help="D's N+1 head for the target classes: built through the affinity (default when one is given) or fresh")
+    g.add_argument("--d-head", default=None, choices=["affinity", "random"],
+                   help="D's N+1 head for the target classes. affinity: each target row the affinity's mix of the "
+                        "source rows (CAT's, the default with an --affinity file); random: official init (the baselines')")
     g = p.add_argument_group("model widths (--init scratch; a source model brings its own, and a width given with "
                              "one must equal the source's)")
     g.add_argument("--channels", type=positive_int, default=None, help="G base width (official 64)")
@@ -121,15 +133,18 @@ def get_args(argv=None):
                    help="D encoder widths, comma separated: 3 (RGB), then one width per encoder block (at least two); "
                         "images must be multiples of 2^blocks (official 3,128,128,256,256,512,512)")
     g.add_argument("--d-last", type=positive_int, default=None, help="width of D's last decoder block (official 64)")
-    g = p.add_argument_group("optimisation (official OASIS values by default)")
-    g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
+    g = p.add_argument_group("optimisation (official OASIS values unless said otherwise)")
+    g.add_argument("--batch", type=positive_int, default=8, help="global batch size, split across torchrun ranks (this "
+                   "toolkit's default, for 25 to 100 images on one GPU; official OASIS: 32, 20 for Cityscapes; the supplement gives none)")
     g.add_argument("--lr", type=positive_float, default=None,
-                   help="generator learning rate (default: the paper's per target, 4e-4 for Cityscapes, else 1e-4)")
+                   help="generator learning rate (default: the paper's per target, supplement §C: 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
     g.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay after its warm-up (see ema_decay_at; default 0.9999 for ADE20K/COCO as the official "
-                        "runs, 0.999 otherwise)")
+                   help="EMA decay (default 0.9999 for ADE20K/COCO as the official runs, 0.999 otherwise)")
+    g.add_argument("--ema-warmup", action="store_true", help="not official OASIS: decay min(--ema-decay, (1+step)/(10+step)) "
+                   "(models/oasis.py ema_decay), so the EMA follows a short run from its start instead of keeping ~61%% of the "
+                   "step-0 weights after 5,000 steps at 0.9999")
     g.add_argument("--bn-batches", type=positive_int, default=51, help="batches of the EMA BN-statistics pass (official 51)")
     g.add_argument("--seed", type=seed_int, default=0, help="the run's randomness: init, batch order, augmentation, "
                    "noise, each step's drawn from (seed, step)")
@@ -150,19 +165,22 @@ def get_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = run.parse_with_given(p, argv)
+    # every missing flag at once, with a command to copy; --resume: the run's own settings, except what the
+    # command line repeats (model and data flags must agree); otherwise the recipe's flags, unless given
+    if args.resume:
+        run.require_flags(args, ["out"], "python finetune_oasis.py --resume --out runs/cat")
+        run.resumed_args(args, given, MODEL_FLAGS, ("oasis-cat",))
+    else:
+        for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
+            setattr(args, k, getattr(args, k) if k in given else v)
+        example = EXAMPLE[args.init].format("--affinity runs/aff/affinity.npy " if args.recipe == "cat" else
+                                            f"--recipe {args.recipe} ")
+        run.require_flags(args, ["out", "data"] + ["source", "source_ckpt", "affinity"] * (args.init == "source"),
+                          "python finetune_oasis.py " + example)
     run.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
-    # --resume: the run's own settings, except what the command line repeats (model and data flags must agree)
-    if run.resumed_args(args, given, MODEL_FLAGS, ("oasis-cat",)) is None and not args.resume:
-        for k, v in RECIPES[args.recipe].items() if args.init == "source" else ():
-            if k not in given:
-                setattr(args, k, v)
-    if args.init == "source" and not args.resume:
-        for flag in ("source", "source_ckpt", "affinity"):
-            if getattr(args, flag) is None:
-                raise DataError(f"--init source needs --{flag.replace('_', '-')} (or use --init scratch)")
-    elif args.init == "scratch" and given & SOURCE_FLAGS:
+    if args.init == "scratch" and given & SOURCE_FLAGS:
         raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
     args.lr = LR_BY_TARGET.get(args.data, 1e-4) if args.lr is None else args.lr
     args.lr_d = OASIS_LR_D if args.lr_d is None else args.lr_d
@@ -178,7 +196,7 @@ def get_args(argv=None):
     args.ema_decay = (0.9999 if args.data in ("ade20k", "coco") else 0.999) if args.ema_decay is None else args.ema_decay
     if not 0 <= args.ema_decay < 1:
         raise DataError(f"--ema-decay {args.ema_decay}: expected a value in [0, 1)")
-    args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "reinit")
+    args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "random")
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
     if args.tensorboard:  # before any file is written
@@ -199,13 +217,6 @@ def stage_parameters(G, stage, args):
     return list(G.parameters()) if everything else G.stage_parameters(stage, args.g_train)
 
 
-def ema_decay_at(step, decay):
-    """The EMA decay of iteration `step`: min(decay, (1 + step) / (10 + step)). A fixed 0.9999 over a 5000-step
-    finetuning run would leave ~61% of the step-0 weights in the evaluated model; the warm-up lets the average
-    follow a short run from its start and reaches `decay` on long ones."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def build_models(args, target, size):
     """(G, D, A, source info) for a fresh run: random at the target classes (--init scratch), or the source
     model with CAT layers (affinity A in them unless --affinity none) and D's head retargeted."""
@@ -217,14 +228,7 @@ def build_models(args, target, size):
         return G, D, None, data.table_info(target)
     source = data.class_table(args.source, args.source_root)
     src = oasis.load_source(args.source_ckpt, source.dataset, source.n_channels, args.which, args.source_d)
-    have = {"channels": src["G_kwargs"]["channels"], "z_dim": src["G_kwargs"]["z_dim"],
-            "spade_hidden": src["G_kwargs"]["spade_hidden"], "d_channels": list(src["D_kwargs"]["channels"]),
-            "d_last": src["D_kwargs"]["last_width"]}
-    for k, v in have.items():  # a width flag would be ignored: only the source's own value may be repeated
-        if getattr(args, k) not in (None, v):
-            flag, text = "--" + k.replace("_", "-"), lambda x: ",".join(map(str, x)) if isinstance(x, list) else x
-            raise DataError(f"{flag} {text(getattr(args, k))}: the source model {args.source_ckpt} has {flag} "
-                            f"{text(v)}; a source model brings its own widths (drop {flag})")
+    oasis.check_widths(src, {k: getattr(args, k) for k in OASIS_WIDTHS}, args.source_ckpt)  # none ignored
     G = oasis.Generator(**{**src["G_kwargs"], "cat_nc": target.n_channels, "cat_paths": args.paths,
                            "cat_residual": not args.no_residual,
                            "cat_affinity": "learned" if args.affinity == "learned" else "fixed"})
@@ -332,21 +336,13 @@ def main(argv=None):
     if G.output_hw != train_ds.size:
         raise DataError(f"the generator makes {G.output_hw[0]}x{G.output_hw[1]} images, --data {args.data} gives "
                         f"{train_ds.size[0]}x{train_ds.size[1]} (--size)")
-    scratch, blocks = args.init == "scratch", len(D.blocks_for_freeze())
-    if any(side % 2 ** blocks for side in train_ds.size):
-        raise DataError(f"{'--d-channels' if scratch else '--source-ckpt'}: the discriminator has {blocks} encoder blocks "
-                        f"and needs image sides that are multiples of {2 ** blocks}; --size gives "
-                        f"{train_ds.size[0]}x{train_ds.size[1]}")
-    if not scratch and args.freeze_d > blocks:
-        raise DataError(f"--freeze-d {args.freeze_d}: the discriminator has {blocks} encoder blocks; expected at most {blocks}")
-    frozen = {id(p) for block in D.blocks_for_freeze()[:args.freeze_d] for p in block.parameters()} if not scratch else set()
-    for p in D.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    scratch = args.init == "scratch"  # FreezeD (none from scratch), after D's depth is checked against the images
+    D.freeze(0 if scratch else args.freeze_d, train_ds.size, "--d-channels" if scratch else "--source-ckpt")
     if ddp and cuda:  # global batch statistics, as the official multi-GPU runs; the EMA keeps plain BN (rank 0 runs it)
         G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(G)
     G, D, G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
     optG = torch.optim.Adam(stage_parameters(G, 2, args), lr=args.lr, betas=(0.0, 0.999))
-    optD = torch.optim.Adam([p for p in D.parameters() if id(p) not in frozen], lr=args.lr_d, betas=(0.0, 0.999))
+    optD = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=args.lr_d, betas=(0.0, 0.999))
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:
         run.restore_optimizer(optG, ckpt["optG"], args.lr)
@@ -364,6 +360,9 @@ def main(argv=None):
                                  device, args.batch, args.seed, bf16) if master else None
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
+        if fid is None:
+            print(f"no --inception/--fid-features: no validation FID, so no early stopping and no best.pt; "
+                  f"evaluate {out / 'checkpoint.pt'} (the last)")
 
     def evaluate_and_save(s):
         """BN pass on the EMA, grid, FID, checkpoint.pt (+ best.pt on a better FID) on rank 0; on every rank:
@@ -378,6 +377,7 @@ def main(argv=None):
         if fid is not None:
             entry["fid"] = fid()
             better = best.update(entry["fid"], s)
+            tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} (best {best.fid:.2f} at step {best.step})")
         state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "affinity": A,
                  "source": source_info, "data": data_fp, "target": data.table_info(target), "G_kwargs": G.kwargs,
                  "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
@@ -416,7 +416,7 @@ def main(argv=None):
             real = batch["image"].to(device, non_blocking=True).contiguous(memory_format=mem)
             run.seed_step(args.seed, step, rank)  # z, LabelMix: from (seed, step), so resumes are exact
             losses = torch.stack(gan_step(G_train, D_train, G_ema, optG, optD, y, real, args.lambda_labelmix,
-                                          ema_decay_at(step, args.ema_decay), ctx, scalers)).float()
+                                          oasis.ema_decay(step, args.ema_decay, args.ema_warmup), ctx, scalers)).float()
             step += 1
             lg, ld = run.mean_over_ranks(losses, world).tolist()  # a NaN anywhere stops every rank at the same step
             if not torch.isfinite(losses).all():

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Design fixed before any result: README step 5 + 6 on my_data (toy source of step 1), seeds 0 1 2,
-# A = new defaults (stage 2 = SPADE modules, lr_D 4e-4), B = the old ones pinned (--g-train blocks --lr-d 1.6e-3).
-# Report mean +- std of FID-toy and mIoU for both, whatever they show.
+# README step 5 + 6 on my_data (toy source of step 1), seeds 0 1 2, two settings A and B; one line per run, then
+# report mean +- std of FID-toy and mIoU for both, whatever they show. Which comparison: the first argument.
+#   stage2 (default; design fixed before any result, 2026-12-06): A = the new defaults (stage 2 = SPADE modules,
+#          lr_D 4e-4), B = the old ones pinned (--g-train blocks --lr-d 1.6e-3); both with the EMA warm-up they
+#          were measured with (--ema-warmup, a default until later that day).
+#   ema    (design fixed before any result): A = official OASIS's EMA (the default, no warm-up), B = --ema-warmup.
 # Run from the repository root after README steps 1, 3 and 4 (runs/toy_quick, my_data, runs/aff).
 set -e
-mkdir -p runs/cmp
+mode=${1:-stage2}
+case $mode in
+  stage2) common="--ema-warmup"; b_extra="--g-train blocks --lr-d 1.6e-3" ;;
+  ema) common=""; b_extra="--ema-warmup" ;;
+  *) echo "usage: bash bench/defaults_check.sh [stage2|ema]" >&2; exit 2 ;;
+esac
+mkdir -p runs/cmp_$mode
 for seed in 0 1 2; do
   for cfg in A B; do
-    extra=""; [ $cfg = B ] && extra="--g-train blocks --lr-d 1.6e-3"
-    out=runs/cmp/$cfg$seed
+    extra="$common"; [ $cfg = B ] && extra="$common $b_extra"
+    out=runs/cmp_$mode/$cfg$seed
     python finetune_oasis.py --source toy-source --source-ckpt runs/toy_quick/source/checkpoint.pt \
        --affinity runs/aff/affinity.npy --data folder --data-root my_data --size 64 --n 100 \
        --stage1-steps 60 --stage2-steps 90 --eval-every 50 --lr 4e-4 --ema-decay 0.99 \

@@ -469,6 +469,21 @@ class Discriminator(nn.Module):
         """Encoder blocks from the input side (FreezeD freezes the first K)."""
         return list(self.body_down)
 
+    def freeze(self, k, size, depth_flag):
+        """FreezeD: the first k encoder blocks stop training (requires_grad False, every other parameter True).
+        Refused in one line: image sides (`size`, H x W) that are not multiples of 2^blocks (`depth_flag`: the
+        flag that set D's depth) and a k past the encoder's blocks (--freeze-d)."""
+        blocks = self.blocks_for_freeze()
+        n = len(blocks)
+        if any(side % 2 ** n for side in size):
+            raise DataError(f'{depth_flag}: the discriminator has {n} encoder blocks and needs image sides that are '
+                            f'multiples of {2 ** n}; --size gives {size[0]}x{size[1]}')
+        if k > n:
+            raise DataError(f'--freeze-d {k}: the discriminator has {n} encoder blocks; expected at most {n}')
+        frozen = {id(p) for block in blocks[:k] for p in block.parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) not in frozen)
+
     def retarget(self, new_nc, M=None):
         """Rebuild the N+1 head for `new_nc` label channels. With M (new_nc x old semantic_nc) the row of
         target channel t is sum_s M[t, s] * (row of source channel s) and the fake row is kept; with
@@ -577,6 +592,14 @@ def ema_update(ema, G, decay):
             v.copy_(v * decay + g_sd[k] * (1 - decay))
 
 
+def ema_decay(step, decay, warmup=False):
+    """The EMA decay of iteration `step`: `decay`, as official OASIS; with `warmup` (finetune_oasis.py
+    --ema-warmup, not official) min(decay, (1 + step) / (10 + step)). A fixed 0.9999 over a 5000-step finetuning
+    run leaves ~61% of the step-0 weights in the evaluated model; the warm-up lets the average follow a short
+    run from its start and reaches `decay` on long ones."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 @torch.no_grad()
 def recompute_bn_stats(ema, batches, n_batches=51):
     """The official BN-statistics pass after the blend: train-mode forwards of the EMA generator on up
@@ -626,6 +649,19 @@ def load_official(path, part='EMA', which='best'):
     return read_state_dict(p, None, 'an OASIS state dict (a dict of tensors, as the official save_networks writes)',
                            unwrap=lambda sd: sd[part] if isinstance(sd, dict) and isinstance(sd.get('kind'), str)
                            and part in sd else sd, fix=_WHERE)  # a CAT checkpoint of ours gives its `part`
+
+
+def check_widths(src, given, path):
+    """A source model (load_source's dict, read from `path`) brings its own widths: a width flag given with it
+    (`given`: channels, z_dim, spade_hidden, d_channels, d_last; None = not given) would be ignored, so only the
+    source's own value may be repeated; another is refused in one line naming the flag."""
+    have = {**{k: src['G_kwargs'][k] for k in ('channels', 'z_dim', 'spade_hidden')},
+            'd_channels': list(src['D_kwargs']['channels']), 'd_last': src['D_kwargs']['last_width']}
+    for k, v in have.items():
+        if given.get(k) not in (None, v):
+            flag, text = '--' + k.replace('_', '-'), lambda x: ','.join(map(str, x)) if isinstance(x, list) else x
+            raise DataError(f'{flag} {text(given[k])}: the source model {path} has {flag} {text(v)}; a source '
+                            f'model brings its own widths (drop {flag})')
 
 
 def load_source(path, dataset, n_channels, which='best', d_path=None, parts=('EMA', 'D'), flag='--source-ckpt'):

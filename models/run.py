@@ -431,6 +431,26 @@ def resumed_args(args, given, model_flags, kinds):
     return ckpt
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written and every flag's default shown, "(default: X)", unless its help
+    already says one ("(default ...") or the default is None/False (a flag whose absence is its meaning, or a
+    run-dependent default that the help explains)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "(default" in text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+def require_flags(args, names, example):
+    """Refuse every flag of `names` that is None at once, in one line ending with a command to copy."""
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise DataError(f"missing {', '.join(missing)}; for example: {example}")
+
+
 def parse_with_given(parser, argv=None):
     """(args, given): the parsed namespace and the dests the command line set explicitly (abbreviations included).
 

@@ -203,7 +203,8 @@ def test_baseline_recipe_refuses_no_affinity_for_cat(source, tmp_path):
 
 
 def test_paper_defaults():
-    """The paper's learning rates per target dataset, and an EMA that follows a short run from its start."""
+    """The paper's learning rates per target dataset; official OASIS's EMA (no warm-up) unless --ema-warmup, which
+    follows a short run from its start."""
     base = ["--source", "ade20k", "--source-ckpt", "x", "--affinity", "a.npy", "--out", "o"]
     for target, lr in (("cityscapes", 4e-4), ("ade20k", 1e-4), ("coco", 1e-4), ("toy-target", 1e-4)):
         args, _ = finetune_oasis.get_args(base + ["--data", target])
@@ -213,10 +214,68 @@ def test_paper_defaults():
     assert args.lr == 2e-4 and args.lr_d == 4e-4
     args, _ = finetune_oasis.get_args(base + ["--data", "cityscapes", "--lr-d", "1e-3"])
     assert args.lr_d == 1e-3
-    # the weight the step-0 model keeps in the EMA after 100 steps at decay 0.9999
-    keep = np.prod([finetune_oasis.ema_decay_at(s, 0.9999) for s in range(100)])
+    assert not args.ema_warmup and all(oasis.ema_decay(s, 0.9999) == 0.9999 for s in range(100))
+    assert finetune_oasis.get_args(base + ["--data", "coco", "--ema-warmup"])[0].ema_warmup
+    # the weight the step-0 model keeps in the EMA after 100 steps at decay 0.9999, with the warm-up
+    keep = np.prod([oasis.ema_decay(s, 0.9999, warmup=True) for s in range(100)])
     assert keep < 1e-6 and 0.9999 ** 100 > 0.99
-    assert finetune_oasis.ema_decay_at(10 ** 6, 0.9999) == 0.9999
+    assert oasis.ema_decay(10 ** 6, 0.9999, warmup=True) == 0.9999
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_warmup_reaches_training(source, tmp_path, warmup):
+    """One training step: the EMA moves (1 - decay) of the way from the source weights to the trained ones,
+    decay = --ema-decay 0.999 as official OASIS, or min(0.999, 1/10) with --ema-warmup."""
+    args = cat_args(source, tmp_path, "--stage1-steps", "1", "--stage2-steps", "0", "--eval-every", "1",
+                    "--ema-decay", "0.999", *(["--ema-warmup"] if warmup else []))
+    finetune_oasis.main([str(a) for a in args])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    keys = [k for k in changed_params(ckpt, src) if k in src["EMA"] and k.endswith(("weight", "weight_orig", "bias"))]
+    assert keys and ckpt["args"]["ema_warmup"] == warmup
+    moved, trained = (sum((ckpt[w][k].double() - src["EMA"][k].double()).abs().sum() for k in keys) for w in ("EMA", "G"))
+    assert float(moved / trained) == pytest.approx(0.9 if warmup else 0.001, rel=0.02)
+
+
+def test_d_head_flag(source, tmp_path):
+    """--d-head: CAT builds D's class head through the affinity, the baseline recipes initialise it afresh, and
+    --d-head random gives CAT the baselines' head (Table 10's +CAT step without the head change)."""
+    base = ["--source", "toy-source", "--source-ckpt", "x", "--data", "toy-target", "--out", "o"]
+    for recipe in finetune_oasis.RECIPES:
+        aff = ["--affinity", "a.npy"] if recipe == "cat" else []
+        assert finetune_oasis.get_args(base + aff + ["--recipe", recipe])[0].d_head == (
+            "affinity" if recipe == "cat" else "random")
+    with pytest.raises(DataError, match="--d-head affinity needs an --affinity file"):
+        finetune_oasis.get_args(base + ["--recipe", "freezed", "--d-head", "affinity"])
+    finetune_oasis.main([str(a) for a in cat_args(source, tmp_path, "--stage1-steps", "0", "--stage2-steps", "0",
+                                                  "--d-head", "random")])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    src = torch.load(source[0], map_location="cpu", weights_only=True)
+    M = data.affinity_to_channels(source[2], data.class_table("toy-target"), data.class_table("toy-source"))
+    head, src_head = ckpt["D"]["layer_up_last.weight"][:, :, 0, 0], src["D"]["layer_up_last.weight"][:, :, 0, 0]
+    assert ckpt["args"]["d_head"] == "random" and head.shape[0] == 11
+    assert not torch.allclose(head[1:], M @ src_head[1:], atol=1e-3)
+    assert torch.equal(ckpt["G"]["fc_cat.weight"][:, :, 0, 0], M.t())  # G keeps the affinity
+
+
+def test_missing_flags_all_at_once():
+    """Every missing flag in one line with a command to copy for that mode (the design card's command)."""
+    for argv, words in ((["--lr", "1e-4", "--n", "100"], ["--out, --data, --source, --source-ckpt, --affinity",
+                                                         "python finetune_oasis.py --source ade20k"]),
+                        (["--recipe", "freezed", "--data", "toy-target"], ["missing --out, --source, --source-ckpt;",
+                                                                          "--recipe freezed"]),
+                        (["--init", "scratch"], ["missing --out, --data;", "--init scratch"]),
+                        (["--resume"], ["missing --out;", "--resume --out"])):
+        with pytest.raises(DataError) as e:
+            finetune_oasis.get_args(argv)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_help_shows_defaults():
+    r = run("finetune_oasis.py", "--help")
+    text = " ".join(r.stdout.split())
+    for default in ("(default: 2000)", "(default: 3000)", "(default: 500)", "(default: 8)", "(default: cat)"):
+        assert default in text, default
 
 
 def test_resume_is_exact(source, cat_run, tmp_path):
@@ -428,3 +487,25 @@ def test_square_source_into_cityscapes(square_source, tmp_path):
     with pytest.raises(DataError) as e:
         finetune_oasis.main([str(a) for a in [*bad, *cs, "--out", tmp_path / "bad", "--stage2-steps", "1", *TINY]])
     assert "makes 64x64 images" in str(e.value) and "256x512 (--size)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_console_fid_and_no_best_notice(source, tmp_path, capsys):
+    """Each evaluation prints the validation FID and the best so far; without a feature network one line at the
+    start says that no best.pt will be written and points to checkpoint.pt."""
+    steps = ["--stage1-steps", "1", "--stage2-steps", "1", "--eval-every", "1", "--fid-n", "4"]
+    finetune_oasis.main([str(a) for a in cat_args(source, tmp_path / "fid", *steps)])
+    out = capsys.readouterr().out
+    fids = {e["step"]: e["fid"] for e in map(json.loads, (tmp_path / "fid" / "log.jsonl").read_text().splitlines())
+            if "fid" in e}
+    best = min(fids.values())
+    for s in (1, 2):
+        assert f"step {s}: validation FID {fids[s]:.2f} (best " in out
+    assert f"(best {best:.2f} at step {min(fids, key=fids.get)})" in out and "no best.pt" not in out
+    args = cat_args(source, tmp_path / "nofid", *steps)
+    i = args.index("--fid-features")
+    del args[i:i + 2]
+    finetune_oasis.main([str(a) for a in args])
+    out = capsys.readouterr().out
+    assert out.count("no best.pt") == 1 and str(tmp_path / "nofid" / "checkpoint.pt") in out
+    assert "validation FID" not in out.replace("no validation FID", "")
+    assert not (tmp_path / "nofid" / "best.pt").exists() and (tmp_path / "nofid" / "checkpoint.pt").is_file()
