@@ -9,8 +9,9 @@ r"""Finetune the official PITI models on a few target images with Class Affinity
 The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
 affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
 encoder CNN and the last transformer block are trained; the UNet decoder stays fixed.
---recipe names the rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as
-flag values that explicit flags override:
+--recipe names the rows of the paper's PITI ablation (supplement Table 11, whose switch columns are FixDec,
+Prompts and CAT; the rows here turn them on one after the other, as bench/rows.py lays the table out), as flag
+values that explicit flags override:
   finetune        none of the three: the whole model trained, no prompts, the 1x1 conv keeps PyTorch's default
                   random init (--train all --prompts 0 --affinity none), as finetune_oasis.py's 'finetune';
   fixdec          + FixDec: the decoder fixed (--train fixdec --prompts 0 --affinity none);
@@ -60,7 +61,7 @@ MODEL_FLAGS = ("recipe", "schedule_sampler", "base", "upsampler", "base_config",
 # files and folders a run reads: never its --out (nor --data-root)
 INPUT_FLAGS = ("base", "upsampler", "source_root", "affinity", "subset_file", "inception", "fid_features")
 
-# The rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as flag values;
+# The rows of the paper's PITI ablation (supplement Table 11: columns FixDec, Prompts, CAT), as flag values;
 # flags given explicitly override a recipe's. prompts None: the default (8, or 0 for a training-free run).
 RECIPES = {
     "finetune": dict(train="all", prompts=0, affinity="none"),
