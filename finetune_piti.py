@@ -29,7 +29,9 @@ GLIDE on the few target images, no CAT), are trained by pretrain_piti.py; its ex
 are the --base / --upsampler here (with --source set to that dataset).
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
---fid-features (early stopping with --patience; <out>/best.pt keeps the best), <out>/checkpoint.pt written
+--fid-features (sampled as evaluate.py reports, 250 + fast27 steps unless --select-steps/--select-up-steps;
+printed with the best so far; early stopping with --patience; <out>/best.pt keeps the best; without a feature
+net no best.pt, the run says so at start), <out>/checkpoint.pt written
 atomically. Each step draws its randomness from (--seed, step), so --resume continues exactly as an
 uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps,
 the evaluation cadence and --lr may); log.jsonl then holds each step once. A non-empty --out is refused
@@ -39,7 +41,6 @@ a record of the official files (path as given, size, sha256; the decoder is not 
 whose files moved resumes with --base/--upsampler naming them anew. The last line printed names the steps
 trained, the checkpoint and the best FID with its step.
 """
-import argparse
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -50,8 +51,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, nonneg_int, piti,
-                    positive_float, positive_int, run, seed_int, unit_float)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, nonneg_int,
+                    piti, positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -80,7 +81,8 @@ def example(recipe):
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", help="(required) run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
+    p.add_argument("--out", help="(required) run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, "
+                   "subset.txt")
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
     p.add_argument("--overwrite", action="store_true", help="start over in --out: the files its earlier run recorded "
@@ -127,9 +129,9 @@ def build_parser():
                    "100): " + diffusion.RESPACINGS)
     g.add_argument("--up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for the grids, the same forms")
     g.add_argument("--select-steps", default=diffusion.BASE_STEPS, help="base respacing for the validation FID that "
-                   "picks best.pt; the default is the sampler evaluate.py reports with (its --sample-steps), so best.pt "
-                   "is chosen by the number it is reported by; fewer steps (e.g. the grids' 100) make each evaluation "
-                   "faster (base sampling time grows with the steps) but may rank checkpoints differently")
+                   "picks best.pt; the default is the sampler evaluate.py reports with (its --sample-steps), so "
+                   "best.pt is chosen by the number it is reported by; fewer steps (e.g. the grids' 100) make each "
+                   "evaluation faster (base sampling time grows with the steps) but may rank checkpoints differently")
     g.add_argument("--select-up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for that FID "
                    "(evaluate.py's --up-steps default)")
     g.add_argument("--guidance", type=finite_float, default=diffusion.GUIDANCE,
@@ -143,7 +145,8 @@ def build_parser():
                    "TensorBoard events in <out>/tensorboard (needs: pip install tensorboard); curves.png is always written")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+                   help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
+                   "else cpu)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p

@@ -28,16 +28,16 @@ loss (eps MSE + the variational bound training the learned variance), AdamW with
 trained weights. The loss-second-moment timestep sampler's loss history is part of the checkpoint, so resumes
 stay exact.
 
-Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-features (early stopping with
---patience; <out>/best.pt keeps the best), the exports and <out>/checkpoint.pt written atomically. Each step
-draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run, taking the
-run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
+Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-features (sampled as evaluate.py
+reports unless --select-steps/--select-up-steps; printed with the best so far; early stopping with --patience;
+<out>/best.pt keeps the best, none without a feature net), the exports and <out>/checkpoint.pt written
+atomically. Each step draws its randomness from (--seed, step), so --resume continues exactly as an
+uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
 may). A non-empty --out is refused without --resume or --overwrite. The checkpoint (a 'piti-cat' one with
 init 'glide', which evaluate.py samples from) keeps the trained weights and a record of the exported files
 (path, size, sha256: found again by name in a moved run folder). The
 last line printed names the steps trained, the checkpoint and the best FID with its step.
 """
-import argparse
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti,
-                    positive_float, positive_int, run, seed_int, unit_float)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, glide,
+                    nonneg_int, piti, positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -146,7 +146,8 @@ def build_parser():
     g.add_argument("--patience", type=positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+                   help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
+                   "else cpu)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
@@ -345,7 +346,8 @@ def main(argv=None):
         run.record(out)
         if fid is None:
             print(f"note: no --inception or --fid-features, so no validation FID and no best.pt; use "
-                  f"{out / 'checkpoint.pt'} or the exports {', '.join(EXPORTS[n] for n in models)} (the last evaluation's)")
+                  f"{out / 'checkpoint.pt'} or the exports {', '.join(EXPORTS[n] for n in models)} (the last "
+                  "evaluation's)")
 
     def evaluate_and_save(s):
         """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID) on
