@@ -204,6 +204,12 @@ def test_selection_sampler_is_the_fid_one(files, tmp_path):
         grid[sel] = np.asarray(Image.open(out / "samples" / "000000.png"))
         assert f"({sel}+{sel} steps)" in r.stdout
     assert fid["4"] != fid["2"] and np.array_equal(grid["4"], grid["2"])
+    # a resume that selects with another sampler does not compare its FIDs with the run's: tracking starts anew
+    r = resume(tmp_path / "sel4", "--steps", "1", "--eval-every", "1", "--select-steps", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "selected with the 4+4 sampler, this resume with 2+4: best-FID tracking" in r.stdout, r.stdout
+    ck = torch.load(tmp_path / "sel4" / "checkpoint.pt", weights_only=True)
+    assert ck["best_step"] == 1 and ck["args"]["select_steps"] == "2"
 
 
 def test_missing_flags_at_once(tmp_path):
