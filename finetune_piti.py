@@ -9,8 +9,9 @@ r"""Finetune the official PITI models on a few target images with Class Affinity
 The paper's recipe (FixDec): the CAT 1x1 conv (target one-hot -> source classes, initialised from the
 affinity, followed by the fixed palette rendering the official encoder eats), K prompt tokens, the
 encoder CNN and the last transformer block are trained; the UNet decoder stays fixed.
---recipe names the rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as
-flag values that explicit flags override:
+--recipe names the rows of the paper's PITI ablation (supplement Table 11, whose switch columns are FixDec,
+Prompts and CAT; the rows here turn them on one after the other, as bench/rows.py lays the table out), as flag
+values that explicit flags override:
   finetune        none of the three: the whole model trained, no prompts, the 1x1 conv keeps PyTorch's default
                   random init (--train all --prompts 0 --affinity none), as finetune_oasis.py's 'finetune';
   fixdec          + FixDec: the decoder fixed (--train fixdec --prompts 0 --affinity none);
@@ -28,7 +29,9 @@ GLIDE on the few target images, no CAT), are trained by pretrain_piti.py; its ex
 are the --base / --upsampler here (with --source set to that dataset).
 
 Every --eval-every steps: a grid of EMA samples (base -> upsampler cascade), FID with --inception or
---fid-features (early stopping with --patience; <out>/best.pt keeps the best), <out>/checkpoint.pt written
+--fid-features (sampled as evaluate.py reports, 250 + fast27 steps unless --select-steps/--select-up-steps;
+printed with the best so far; early stopping with --patience; <out>/best.pt keeps the best; without a feature
+net no best.pt, the run says so at start), <out>/checkpoint.pt written
 atomically. Each step draws its randomness from (--seed, step), so --resume continues exactly as an
 uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps,
 the evaluation cadence and --lr may); log.jsonl then holds each step once. A non-empty --out is refused
@@ -38,7 +41,6 @@ a record of the official files (path as given, size, sha256; the decoder is not 
 whose files moved resumes with --base/--upsampler naming them anew. The last line printed names the steps
 trained, the checkpoint and the best FID with its step.
 """
-import argparse
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,8 +51,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, cli, curves, diffusion, finite_float, nonneg_int, piti,
-                    positive_float, positive_int, run, seed_int, unit_float)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, nonneg_int,
+                    piti, positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -60,7 +62,7 @@ MODEL_FLAGS = ("recipe", "schedule_sampler", "base", "upsampler", "base_config",
 # files and folders a run reads: never its --out (nor --data-root)
 INPUT_FLAGS = ("base", "upsampler", "source_root", "affinity", "subset_file", "inception", "fid_features")
 
-# The rows of the paper's PITI ablation (supplement Table 11, adding one component per row), as flag values;
+# The rows of the paper's PITI ablation (supplement Table 11: columns FixDec, Prompts, CAT), as flag values;
 # flags given explicitly override a recipe's. prompts None: the default (8, or 0 for a training-free run).
 RECIPES = {
     "finetune": dict(train="all", prompts=0, affinity="none"),
@@ -70,9 +72,17 @@ RECIPES = {
 }
 
 
+def example(recipe):
+    """A copy-paste command for a --recipe, for the missing-flag message."""
+    mode = "--affinity runs/aff/affinity.npy" if recipe == "cat" else f"--recipe {recipe}"
+    return (f"python finetune_piti.py --base ckpt/base_mask.pt --upsampler ckpt/upsample_mask.pt {mode} --data folder "
+            f"--data-root my_data --n 100 --out runs/piti_{recipe.replace('-', '_')}")
+
+
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", help="(required) run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, "
+                   "subset.txt")
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
     p.add_argument("--overwrite", action="store_true", help="start over in --out: the files its earlier run recorded "
@@ -101,7 +111,8 @@ def build_parser():
                         "model")
     g.add_argument("--finetune-upsampler", action="store_true", help="also train the upsampler (same recipe)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=nonneg_int, default=5000)
+    g.add_argument("--steps", type=nonneg_int, default=5000, help="optimisation steps (0: training-free CAT, "
+                   "the checkpoint and a grid only)")
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=positive_float, default=None, help="default: the paper's, 7e-5 for a Cityscapes target, else 2e-4")
     g.add_argument("--ema-decay", type=unit_float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
@@ -114,9 +125,15 @@ def build_parser():
     g.add_argument("--eval-every", type=positive_int, default=500, help="grid + FID + checkpoint every N steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=positive_int, default=4, help="validation label maps in the sample grid")
-    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
-                   + diffusion.RESPACINGS)
-    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID, the same forms")
+    g.add_argument("--sample-steps", default="100", help="base respacing for the sample grids (official previews: "
+                   "100): " + diffusion.RESPACINGS)
+    g.add_argument("--up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for the grids, the same forms")
+    g.add_argument("--select-steps", default=diffusion.BASE_STEPS, help="base respacing for the validation FID that "
+                   "picks best.pt; the default is the sampler evaluate.py reports with (its --sample-steps), so "
+                   "best.pt is chosen by the number it is reported by; fewer steps (e.g. the grids' 100) make each "
+                   "evaluation faster (base sampling time grows with the steps) but may rank checkpoints differently")
+    g.add_argument("--select-up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for that FID "
+                   "(evaluate.py's --up-steps default)")
     g.add_argument("--guidance", type=finite_float, default=diffusion.GUIDANCE,
                    help="classifier-free guidance scale (>= 0; official base 1.3, 1 = none)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
@@ -128,7 +145,8 @@ def build_parser():
                    "TensorBoard events in <out>/tensorboard (needs: pip install tensorboard); curves.png is always written")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+                   help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
+                   "else cpu)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
@@ -144,7 +162,9 @@ def get_args(argv=None):
         curves.require_tensorboard()
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",))  # --resume: the run's own flags
+    if args.out is None and args.resume:
+        raise DataError("--resume needs --out, the run folder to continue (see --help)")
+    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",)) if args.out else None  # the run's own flags
     if saved is not None and saved.get("init") == "glide":
         raise DataError(f"--resume {Path(args.out) / 'checkpoint.pt'}: a PITI pretraining run (from GLIDE); continue "
                         f"it with pretrain_piti.py --out {args.out} --resume")
@@ -152,16 +172,17 @@ def get_args(argv=None):
         for k, v in RECIPES[args.recipe].items():
             if k not in given:
                 setattr(args, k, v)
-        for flag in ("base", "upsampler", "affinity"):
-            if getattr(args, flag) is None:
-                raise DataError(f"--{flag} is required (see --help)")
+        missing = [f"--{f}" for f in ("base", "upsampler", "affinity", "data", "out") if getattr(args, f) is None]
+        if missing:  # every one at once, with a command to start from
+            raise DataError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required for --recipe "
+                            f"{args.recipe}; for example: {example(args.recipe)} (see --help)")
         if args.prompts is None:  # a training-free run (--steps 0) is the source model: no random prompt tokens
             args.prompts = 0 if args.steps == 0 else 8
         if args.lr is None:
             args.lr = 7e-5 if args.data == "cityscapes" else 2e-4
     if args.guidance < 0:
         raise DataError(f"--guidance >= 0 expected, got {args.guidance}")
-    for flag in ("sample_steps", "up_steps"):
+    for flag in ("sample_steps", "up_steps", "select_steps", "select_up_steps"):
         diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
     return args, given
 
@@ -291,6 +312,12 @@ def main(argv=None):
         for name, state in ckpt["timestep_samplers"].items():
             samplers[name].load_state_dict(state)
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
+        was = ckpt["args"]  # a run from before --select-steps selected with its grid sampler
+        then = [was.get("select_steps", was["sample_steps"]), was.get("select_up_steps", was["up_steps"])]
+        if then != [args.select_steps, args.select_up_steps] and best.fid is not None:
+            print(f"note: the run selected with the {'+'.join(then)} sampler, this resume with {args.select_steps}+"
+                  f"{args.select_up_steps}: best-FID tracking and early stopping start anew")
+            best = run.Best(args.patience)
         if master:  # a killed run may have logged steps past its last checkpoint
             run.truncate_log(out / "log.jsonl", step)
     board = curves.Board(out, step) if args.tensorboard and master else None  # --tensorboard's events
@@ -298,16 +325,22 @@ def main(argv=None):
     # evaluation: the EMA models' cascade on fixed val maps and seeds; FID with a feature network
     grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
 
-    def sample(label, seeds):
-        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-        x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                              guidance=args.guidance, ddim=args.sample_steps.startswith("ddim"), amp=args.precision)
-        return metrics.resize_images(x, val_ds.size)
+    def sampler(steps, up_steps):  # grids with the preview sampler, the FID with the selection sampler
+        def sample(label, seeds):
+            gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+            x = diffusion.cascade(base, up, label, generator=gen, steps=steps, up_steps=up_steps,
+                                  guidance=args.guidance, ddim=steps.startswith("ddim"), amp=args.precision)
+            return metrics.resize_images(x, val_ds.size)
+        return sample
 
-    fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
-                                 device, args.batch, args.seed) if master else None
+    fid = metrics.validation_fid(sampler(args.select_steps, args.select_up_steps), val_ds, args.inception,
+                                 args.fid_features, args.fid_n, out / "fid_cache", device, args.batch,
+                                 args.seed) if master else None
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
+        if fid is None:
+            print(f"note: no --inception or --fid-features, so no validation FID and no best.pt; evaluate "
+                  f"{out / 'checkpoint.pt'} (the last evaluation's model)")
 
     def evaluate_and_save(s):
         """EMA grid, FID, log line, checkpoint.pt (and best.pt on a better FID) on rank 0; on every rank: True
@@ -320,10 +353,12 @@ def main(argv=None):
         with ExitStack() as stack:
             for name in params:
                 stack.enter_context(run.swapped(params[name], ema[name]))
-            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            metrics.sample_grid(sampler(args.sample_steps, args.up_steps), grid, out / "samples" / f"{s:06d}.png")
             if fid is not None:
                 entry["fid"] = fid()
                 better = best.update(entry["fid"], s)
+                tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} ({args.select_steps}+{args.select_up_steps} "
+                           f"steps), best {best.fid:.2f} at step {best.step}")
         state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "piti",
                  "affinity": A, "data": data_fp,
                  "source": data.table_info(source), "target": data.table_info(target),

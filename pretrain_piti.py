@@ -28,16 +28,16 @@ loss (eps MSE + the variational bound training the learned variance), AdamW with
 trained weights. The loss-second-moment timestep sampler's loss history is part of the checkpoint, so resumes
 stay exact.
 
-Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-features (early stopping with
---patience; <out>/best.pt keeps the best), the exports and <out>/checkpoint.pt written atomically. Each step
-draws its randomness from (--seed, step), so --resume continues exactly as an uninterrupted run, taking the
-run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
+Every --eval-every steps: a grid of EMA samples, FID with --inception or --fid-features (sampled as evaluate.py
+reports unless --select-steps/--select-up-steps; printed with the best so far; early stopping with --patience;
+<out>/best.pt keeps the best, none without a feature net), the exports and <out>/checkpoint.pt written
+atomically. Each step draws its randomness from (--seed, step), so --resume continues exactly as an
+uninterrupted run, taking the run's flags from its checkpoint (model and data flags cannot change; --steps, the evaluation cadence and --lr
 may). A non-empty --out is refused without --resume or --overwrite. The checkpoint (a 'piti-cat' one with
 init 'glide', which evaluate.py samples from) keeps the trained weights and a record of the exported files
 (path, size, sha256: found again by name in a moved run folder). The
 last line printed names the steps trained, the checkpoint and the best FID with its step.
 """
-import argparse
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, cli, curves, diffusion, finite_float, glide, nonneg_int, piti,
-                    positive_float, positive_int, run, seed_int, unit_float)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, glide,
+                    nonneg_int, piti, positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -76,11 +76,24 @@ RECIPES = {
                           ema_decay=0.9999, doc="the upsampler: everything from GLIDE upsample.pt, fresh encoder"),
 }
 EXPORTS = {"base": "base.pt", "up": "upsampler.pt"}  # the trained models as official flat files
+# the folder each stage's --encoder comes from, for example commands
+ENCODER_FROM = {"piti-stage1-cont": "runs/ade_stage1", "piti-stage2": "runs/ade_stage1c"}
+
+
+def example(recipe):
+    """A copy-paste command for a --recipe (None: the Figure 3 baseline), for the missing-flag message."""
+    if recipe is None:
+        return ("python pretrain_piti.py --glide-ckpt glide/base.pt --glide-up-ckpt glide/upsample.pt --recipe "
+                "piti-stage2 --steps 5000 --data folder --data-root my_data --n 100 --out runs/fig3")
+    glide_flag = "--glide-up-ckpt glide/upsample.pt" if recipe == "piti-upsample" else "--glide-ckpt glide/base.pt"
+    encoder = f" --encoder {ENCODER_FROM[recipe]}/base.pt" if recipe in ENCODER_FROM else ""
+    return (f"python pretrain_piti.py {glide_flag} --recipe {recipe}{encoder} --data ade20k --data-root "
+            f"ADEChallengeData2016 --out runs/ade_{recipe.split('-', 1)[1].replace('-', '_')}")
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, base.pt, upsampler.pt, log.jsonl, "
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", help="(required) run folder: checkpoint.pt, best.pt, base.pt, upsampler.pt, log.jsonl, "
                    "samples/, subset.txt")
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/checkpoint.pt exactly; flags not given again come from the run")
@@ -90,7 +103,8 @@ def build_parser():
     g.add_argument("--glide-ckpt", help="GLIDE base.pt (openai/glide-text2im): trains the base model")
     g.add_argument("--glide-up-ckpt", help="GLIDE upsample.pt: trains the upsampler too (or alone)")
     g.add_argument("--encoder", help="base encoder init: an official stage-1 file or a run's base.pt (default: fresh)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="the official stage: " + "; ".join(
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="the official stage (default: none, the flags "
+                   "below as given): " + "; ".join(
         f"{name}: {r['doc']} (lr {r['lr']:g}, uncond_p {r['uncond_p']:g}, {r['schedule_sampler']} t)"
         for name, r in RECIPES.items()))
     g.add_argument("--train", default=None, choices=["all", "encoder"],
@@ -101,7 +115,8 @@ def build_parser():
     g.add_argument("--up-config", default="{}", help="JSON overrides of the released upsampler configuration")
     data.add_data_args(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=nonneg_int, default=5000)
+    g.add_argument("--steps", type=nonneg_int, default=5000, help="optimisation steps (a --recipe sets its "
+                   "official count unless given)")
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=positive_float, default=None, help="default: the recipe's, else 7e-5 for a "
                    "Cityscapes target and 2e-4 otherwise (the paper's few-shot rates)")
@@ -114,9 +129,14 @@ def build_parser():
     g.add_argument("--eval-every", type=positive_int, default=500, help="grid + FID + exports + checkpoint every N steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=positive_int, default=4, help="validation label maps in the sample grid")
-    g.add_argument("--sample-steps", default="100", help="base respacing for grids/FID (official previews: 100): "
-                   + diffusion.RESPACINGS)
-    g.add_argument("--up-steps", default="fast27", help="upsampler respacing for grids/FID, the same forms")
+    g.add_argument("--sample-steps", default="100", help="base respacing for the sample grids (official previews: "
+                   "100): " + diffusion.RESPACINGS)
+    g.add_argument("--up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for the grids, the same forms")
+    g.add_argument("--select-steps", default=diffusion.BASE_STEPS, help="base respacing for the validation FID that "
+                   "picks best.pt; the default is the sampler evaluate.py reports with (its --sample-steps); fewer "
+                   "steps (e.g. the grids' 100) make each evaluation faster but may rank checkpoints differently")
+    g.add_argument("--select-up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for that FID "
+                   "(evaluate.py's --up-steps default)")
     g.add_argument("--guidance", type=finite_float, default=diffusion.GUIDANCE,
                    help="classifier-free guidance scale (>= 0; official base 1.3, 1 = none)")
     g.add_argument("--inception", default=None, help="pt_inception-2015-12-05-6726825d.pth or fid_inception (downloaded "
@@ -125,7 +145,9 @@ def build_parser():
     g.add_argument("--fid-n", type=positive_int, default=None, help="val images used for FID (default all)")
     g.add_argument("--patience", type=positive_int, default=5, help="stop after N evaluations without a better FID")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
+                   "else cpu)")
     g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
@@ -139,7 +161,9 @@ def get_args(argv=None):
         args.workers = 4 if args.device.startswith("cuda") else 0
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",))  # --resume: the run's own flags
+    if args.out is None and args.resume:
+        raise DataError("--resume needs --out, the run folder to continue (see --help)")
+    saved = run.resumed_args(args, given, MODEL_FLAGS, ("piti-cat",)) if args.out else None  # the run's own flags
     if saved is not None and saved.get("init") != "glide":
         raise DataError(f"--resume {Path(args.out) / 'checkpoint.pt'}: a CAT run, not a pretraining one; continue it "
                         f"with finetune_piti.py --out {args.out} --resume")
@@ -147,8 +171,13 @@ def get_args(argv=None):
         for k, v in RECIPES[args.recipe].items() if args.recipe else ():
             if k not in ("doc", "official_batch") and k not in given:
                 setattr(args, k, v)
-        if not (args.glide_ckpt or args.glide_up_ckpt):
-            raise DataError("pretrain_piti.py needs --glide-ckpt (GLIDE base.pt) and/or --glide-up-ckpt (upsample.pt)")
+        missing = [] if args.glide_ckpt or args.glide_up_ckpt else [
+            "--glide-up-ckpt (GLIDE upsample.pt)" if args.recipe == "piti-upsample" else
+            "--glide-ckpt (GLIDE base.pt)" if args.recipe else "--glide-ckpt (GLIDE base.pt) and/or --glide-up-ckpt"]
+        missing += [f"--{f}" for f in ("data", "out") if getattr(args, f) is None]
+        if missing:  # every one at once, with a command to start from
+            raise DataError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required; for example: "
+                            f"{example(args.recipe)} (see --help)")
         if args.encoder and not args.glide_ckpt:
             raise DataError("--encoder initialises the base model's encoder: it needs --glide-ckpt")
         if args.upsampler and args.glide_up_ckpt:
@@ -160,7 +189,7 @@ def get_args(argv=None):
         raise DataError("FID needs the base model: an upsampler-only run (--glide-up-ckpt alone) writes grids only")
     if args.guidance < 0:
         raise DataError(f"--guidance >= 0 expected, got {args.guidance}")
-    for flag in ("sample_steps", "up_steps"):
+    for flag in ("sample_steps", "up_steps", "select_steps", "select_up_steps"):
         diffusion.check_respacing(getattr(args, flag), f"--{flag.replace('_', '-')}")
     return args, given
 
@@ -278,6 +307,12 @@ def main(argv=None):
         for name, state in ckpt["timestep_samplers"].items():
             samplers[name].load_state_dict(state)
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
+        was = ckpt["args"]  # a run from before --select-steps selected with its grid sampler
+        then = [was.get("select_steps", was["sample_steps"]), was.get("select_up_steps", was["up_steps"])]
+        if then != [args.select_steps, args.select_up_steps] and best.fid is not None:
+            print(f"note: the run selected with the {'+'.join(then)} sampler, this resume with {args.select_steps}+"
+                  f"{args.select_up_steps}: best-FID tracking and early stopping start anew")
+            best = run.Best(args.patience)
         if master:  # a killed run may have logged steps past its last checkpoint
             run.truncate_log(out / "log.jsonl", step)
     up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
@@ -286,26 +321,33 @@ def main(argv=None):
     # 8-bit low-res versions of the grid's real images.
     grid = metrics.fixed_grid(val_ds, args.grid_n, [args.seed], device)
 
-    def sample(label, seeds):
-        gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-        mode, ddim = args.precision, args.sample_steps.startswith("ddim")
-        if base is not None and up is not None:
-            x = diffusion.cascade(base, up, label, generator=gen, steps=args.sample_steps, up_steps=args.up_steps,
-                                  guidance=args.guidance, ddim=ddim, amp=mode)
-        elif base is not None:
-            x = diffusion.sample(base, base.ref(label), steps=args.sample_steps, guidance=args.guidance, generator=gen,
-                                 ddim=ddim, amp=mode)
-        else:
-            real = grid["real"][:len(label)].to(label.device)
-            low = diffusion.quantize(F.interpolate(real, (low_side,) * 2, mode="bicubic", antialias=True,
-                                                   align_corners=False))
-            x = diffusion.sample(up, up.ref(label), steps=args.up_steps, low_res=low, generator=gen, amp=mode)
-        return metrics.resize_images(x, val_ds.size)
+    def sampler(steps, up_steps):  # grids with the preview sampler, the FID with the selection sampler
+        def sample(label, seeds):
+            gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
+            mode, ddim = args.precision, steps.startswith("ddim")
+            if base is not None and up is not None:
+                x = diffusion.cascade(base, up, label, generator=gen, steps=steps, up_steps=up_steps,
+                                      guidance=args.guidance, ddim=ddim, amp=mode)
+            elif base is not None:
+                x = diffusion.sample(base, base.ref(label), steps=steps, guidance=args.guidance, generator=gen,
+                                     ddim=ddim, amp=mode)
+            else:
+                real = grid["real"][:len(label)].to(label.device)
+                low = diffusion.quantize(F.interpolate(real, (low_side,) * 2, mode="bicubic", antialias=True,
+                                                       align_corners=False))
+                x = diffusion.sample(up, up.ref(label), steps=up_steps, low_res=low, generator=gen, amp=mode)
+            return metrics.resize_images(x, val_ds.size)
+        return sample
 
-    fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
-                                 device, args.batch, args.seed) if master else None
+    fid = metrics.validation_fid(sampler(args.select_steps, args.select_up_steps), val_ds, args.inception,
+                                 args.fid_features, args.fid_n, out / "fid_cache", device, args.batch,
+                                 args.seed) if master else None
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
+        if fid is None:
+            print(f"note: no --inception or --fid-features, so no validation FID and no best.pt; use "
+                  f"{out / 'checkpoint.pt'} or the exports {', '.join(EXPORTS[n] for n in models)} (the last "
+                  "evaluation's)")
 
     def evaluate_and_save(s):
         """EMA grid, FID, the exported official files, log line, checkpoint.pt (and best.pt on a better FID) on
@@ -318,10 +360,12 @@ def main(argv=None):
         with ExitStack() as stack:
             for name in params:
                 stack.enter_context(run.swapped(params[name], ema[name]))
-            metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
+            metrics.sample_grid(sampler(args.sample_steps, args.up_steps), grid, out / "samples" / f"{s:06d}.png")
             if fid is not None:
                 entry["fid"] = fid()
                 better = best.update(entry["fid"], s)
+                tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} ({args.select_steps}+{args.select_up_steps} "
+                           f"steps), best {best.fid:.2f} at step {best.step}")
             for name, m in models.items():  # the EMA weights: a later run's --base / --upsampler
                 run.save(glide.official_state(m), out / EXPORTS[name])
         files = {"up": up_file, **{name: run.file_record(out / EXPORTS[name]) for name in models}}  # its own exports

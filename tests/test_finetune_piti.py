@@ -47,7 +47,8 @@ def run(files, out, *extra):
            "--upsampler", str(files / "up.pt"), "--base-config", json.dumps(BASE), "--up-config", json.dumps(UP),
            "--source", "toy-source", "--affinity", str(files / "affinity.npy"), "--data", "toy-target", "--n", "4",
            "--batch", "2", "--prompts", "2", "--eval-every", "2", "--log-every", "1", "--grid-n", "2",
-           "--sample-steps", "4", "--up-steps", "4", "--lr", "1e-3", "--device", "cpu", *extra]
+           "--sample-steps", "4", "--up-steps", "4", "--select-steps", "4", "--select-up-steps", "4", "--lr", "1e-3",
+           "--device", "cpu", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -141,6 +142,8 @@ def test_bad_input_one_line(files, tmp_path):
     r = run(files, tmp_path / "d", "--steps", "0", "--overwrite")  # the earlier run's own files are replaced
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == f"done: 0 steps, checkpoint {tmp_path / 'd' / 'checkpoint.pt'}"  # no FID
+    note = [line for line in r.stdout.splitlines() if "no best.pt" in line]  # said once, naming checkpoint.pt
+    assert len(note) == 1 and str(tmp_path / "d" / "checkpoint.pt") in note[0], r.stdout
     assert [json.loads(s)["step"] for s in (tmp_path / "d" / "log.jsonl").read_text().splitlines()] == [0]
     assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 0
 
@@ -169,10 +172,68 @@ def test_ablation_rows_and_upsampler(files, tmp_path):
     best = torch.load(tmp_path / "abl" / "best.pt", weights_only=True)  # the state of the best evaluation
     assert best["kind"] == "piti-cat" and fids[best["step"]] == best["best_fid"] == ck["best_fid"]
     assert best["best_step"] == ck["best_step"] == best["step"]
+    for s in (0, 1):  # each evaluation's FID on the console, with the best so far
+        bs = min((k for k in fids if k <= s), key=lambda k: (fids[k], k))
+        assert (f"step {s}: validation FID {fids[s]:.2f} (4+4 steps), best {fids[bs]:.2f} at step {bs}"
+                in r.stdout), r.stdout
+    assert "no best.pt" not in r.stdout
     assert r.stdout.splitlines()[-1] == (f"done: 1 steps, checkpoint {tmp_path / 'abl' / 'checkpoint.pt'}, best FID "
                                          f"{ck['best_fid']:.2f} at step {best['step']} ({tmp_path / 'abl' / 'best.pt'})")
     if best["step"] == 0:
         assert not torch.equal(best["base_ema"]["cat_map"], ck["base_ema"]["cat_map"])
+
+
+def test_selection_sampler_is_the_fid_one(files, tmp_path):
+    """--select-steps/--select-up-steps set the sampler of the FID that picks best.pt (default: evaluate.py's
+    reported 250 + fast27), --sample-steps/--up-steps that of the grids only."""
+    import finetune_piti
+    args, _ = finetune_piti.get_args(["--base", "b", "--upsampler", "u", "--affinity", "a", "--data", "toy-target",
+                                      "--out", str(tmp_path / "x")])
+    assert (args.select_steps, args.select_up_steps) == ("250", "fast27") and args.sample_steps == "100"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(str(tmp_path / "feats.pt"))
+    fid, grid = {}, {}
+    for sel in ("4", "2"):
+        out = tmp_path / f"sel{sel}"
+        r = run(files, out, "--steps", "0", "--fid-features", str(tmp_path / "feats.pt"), "--fid-n", "3",
+                "--select-steps", sel, "--select-up-steps", sel)
+        assert r.returncode == 0, r.stderr[-2000:]
+        fid[sel] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["fid"]
+        grid[sel] = np.asarray(Image.open(out / "samples" / "000000.png"))
+        assert f"({sel}+{sel} steps)" in r.stdout
+    assert fid["4"] != fid["2"] and np.array_equal(grid["4"], grid["2"])
+    # a resume that selects with another sampler does not compare its FIDs with the run's: tracking starts anew
+    r = resume(tmp_path / "sel4", "--steps", "1", "--eval-every", "1", "--select-steps", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "selected with the 4+4 sampler, this resume with 2+4: best-FID tracking" in r.stdout, r.stdout
+    ck = torch.load(tmp_path / "sel4" / "checkpoint.pt", weights_only=True)
+    assert ck["best_step"] == 1 and ck["args"]["select_steps"] == "2"
+
+
+def test_missing_flags_at_once(tmp_path):
+    """Every flag a mode needs is named in one line, with a command to copy for that --recipe."""
+    import finetune_piti
+    with pytest.raises(DataError, match=r"--base, --upsampler, --affinity, --data, --out are required for --recipe "
+                                        r"cat; for example: python finetune_piti.py .* --affinity "):
+        finetune_piti.get_args([])
+    with pytest.raises(DataError, match=r"^--upsampler, --data are required for --recipe fixdec; .* --recipe fixdec "):
+        finetune_piti.get_args(["--base", "b", "--recipe", "fixdec", "--out", str(tmp_path / "o")])
+    cmd = str(pytest.raises(DataError, finetune_piti.get_args, ["--recipe", "finetune"]).value).split("example: ")[1]
+    args, _ = finetune_piti.get_args(cmd.split(" (see")[0].split()[2:])  # the example itself parses
+    assert args.recipe == "finetune" and args.data == "folder"
+
+
+def test_help_shows_every_default():
+    r = subprocess.run([sys.executable, "finetune_piti.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0
+    import finetune_piti
+    for a in finetune_piti.build_parser()._actions:
+        assert a.help, a.option_strings  # every flag explained
+    text = " ".join(r.stdout.split())
+    for default in ("(default: 5000)", "(default: 500)", "(default: 250)", "(default: fast27)", "(default: cat)"):
+        assert default in text, default
 
 
 def test_nan_loss_stops_without_overwriting(files, tmp_path):
@@ -189,9 +250,10 @@ def test_paper_defaults(tmp_path):
     for i, (target, lr) in enumerate((("cityscapes", 7e-5), ("ade20k", 2e-4), ("coco", 2e-4), ("toy-target", 2e-4))):
         args, _ = finetune_piti.get_args(base + ["--data", target, "--out", str(tmp_path / f"r{i}")])
         assert args.lr == lr and args.prompts == 8
-    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--out", str(tmp_path / "free")])
+    args, _ = finetune_piti.get_args(base + ["--data", "toy-target", "--steps", "0", "--out", str(tmp_path / "free")])
     assert args.prompts == 0
-    args, _ = finetune_piti.get_args(base + ["--steps", "0", "--prompts", "4", "--out", str(tmp_path / "free4")])
+    args, _ = finetune_piti.get_args(base + ["--data", "toy-target", "--steps", "0", "--prompts", "4", "--out",
+                                             str(tmp_path / "free4")])
     assert args.prompts == 4
 
 
@@ -199,7 +261,7 @@ def test_recipes_are_table_11_rows(tmp_path):
     """--recipe names the rows of the paper's PITI ablation (Table 11: FixDec, Prompts, CAT added one at a time) as
     flag values; a flag given on the command line wins over its recipe's; only the CAT row needs an affinity file."""
     import finetune_piti
-    files = ["--base", "b.pt", "--upsampler", "u.pt"]
+    files = ["--base", "b.pt", "--upsampler", "u.pt", "--data", "toy-target"]
     rows = {"finetune": ("all", 0, "none"), "fixdec": ("fixdec", 0, "none"), "fixdec-prompts": ("fixdec", 8, "none")}
     for i, (recipe, want) in enumerate(rows.items()):
         args, _ = finetune_piti.get_args(files + ["--recipe", recipe, "--out", str(tmp_path / f"r{i}")])

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,43 @@ def test_figure3_baseline_glide_init_on_few_shot_target(tmp_path):
     tgt = data.class_table("toy-target")
     x = gen(torch.randint(0, tgt.n_channels, (2, 64, 64), generator=torch.Generator().manual_seed(0)), seed=3)
     assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1
+
+
+def test_selection_fid_on_the_console(tmp_path):
+    """A base-only run with a feature net: the FID that picks best.pt samples with --select-steps (default
+    evaluate.py's 250), printed with the best so far at each evaluation; without one, a note says no best.pt."""
+    args, _ = pretrain_piti.get_args(["--glide-ckpt", "g.pt", "--data", "toy-target", "--out", str(tmp_path / "x")])
+    assert (args.select_steps, args.select_up_steps, args.sample_steps) == ("250", "fast27", "100")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(str(tmp_path / "feats.pt"))
+    r = run(tmp_path / "f", "--data", "toy-target", "--n", "4", "--steps", "1", "--eval-every", "1", "--fid-features",
+            str(tmp_path / "feats.pt"), "--fid-n", "3", "--select-steps", "3", "--select-up-steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    fids = {e["step"]: e["fid"] for e in map(json.loads, (tmp_path / "f" / "log.jsonl").read_text().splitlines())
+            if "fid" in e}
+    assert sorted(fids) == [0, 1] and "no best.pt" not in r.stdout
+    b = min(fids, key=lambda k: (fids[k], k))
+    assert f"step 1: validation FID {fids[1]:.2f} (3+2 steps), best {fids[b]:.2f} at step {b}" in r.stdout, r.stdout
+    assert torch.load(tmp_path / "f" / "best.pt", weights_only=True)["step"] == b
+    r = run(tmp_path / "g", "--data", "toy-target", "--n", "4", "--steps", "0")
+    assert r.returncode == 0 and r.stdout.count("no best.pt") == 1 and not (tmp_path / "g" / "best.pt").exists()
+
+
+def test_missing_flags_at_once_and_help(tmp_path):
+    with pytest.raises(DataError, match=r"^--glide-ckpt .*, --data, --out are required; for example: python "
+                                        r"pretrain_piti.py --glide-ckpt glide/base.pt --recipe piti-stage2 --encoder "):
+        pretrain_piti.get_args(["--recipe", "piti-stage2"])
+    cmd = str(pytest.raises(DataError, pretrain_piti.get_args, ["--recipe", "piti-upsample"]).value)
+    args, _ = pretrain_piti.get_args(cmd.split("example: ")[1].split(" (see")[0].split()[2:])  # the example parses
+    assert args.glide_up_ckpt and args.recipe == "piti-upsample" and args.data == "ade20k"
+    for a in pretrain_piti.build_parser()._actions:
+        assert a.help, a.option_strings  # every flag explained
+    text = " ".join(subprocess.run([sys.executable, "pretrain_piti.py", "--help"], cwd=REPO, capture_output=True,
+                                   text=True).stdout.split())
+    for default in ("(default: 5000)", "(default: 500)", "(default: 250)", "(default: 100)", "(default: 0.999)"):
+        assert default in text, default
 
 
 def test_glide_bad_input_one_line(tmp_path):
