@@ -490,13 +490,19 @@ def add_data_args(parser, default=None, data_help="required: no default"):
     return g
 
 
+def check_data_args(args):
+    """The data flags that would be ignored, refused in one line before a script writes anything (--n against a
+    --subset-file is checked where the file is read, in open_dataset)."""
+    if args.data == "cityscapes" and args.size not in (None, 256):
+        raise DataError(f"--size {args.size} does not apply to --data cityscapes: it is read at 256x512 (the official "
+                        "OASIS size); drop --size")
+
+
 def dataset_from_args(args, split="train", augment=False, out_dir=None):
     if args.data is None:
         raise DataError(f"--data is required: one of {', '.join(DATASETS)} (--data folder --data-root DIR for your "
                         "own images; --data toy-target for the generated toy task)")
-    if args.data == "cityscapes" and args.size not in (None, 256):
-        raise DataError(f"--size {args.size} does not apply to --data cityscapes: it is read at 256x512 (the official "
-                        "OASIS size); drop --size")
+    check_data_args(args)
     few_shot = split == "train"
     return open_dataset(args.data, args.data_root, split, augment,
                         n=args.n if few_shot else None, subset_seed=args.subset_seed,

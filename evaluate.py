@@ -347,6 +347,8 @@ def score(args, argv, said):
     features_amp = "bf16" if device.type == "cuda" and args.bf16_features else "fp32"
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: cuDNN picks its fastest kernels
     out = Path(args.out)
+    if out.is_dir():  # the earlier run's files, as its manifest lists them, go first (nothing else)
+        run.remove_recorded(out)
     files = {k: getattr(args, k) for k in ("inception", "fid_features", "segmenter", "segmenter_weights", "ckpt",
                                            "affinity", "real_dir", "fake_dir", "labels", "classes") if getattr(args, k)}
     results = {"precision": {"generator and segmenter": f"{amp} autocast" if amp != "fp32" else "fp32",
@@ -356,7 +358,7 @@ def score(args, argv, said):
     if args.real_dir:  # folder mode
         scores, lines = score_folders(args.real_dir, args.fake_dir, args.inception, args.fid_features, device,
                                       args.batch, args.workers, features_amp)
-        run.remove_recorded(run.out_dir(out))  # the earlier run's files, as its manifest lists them; nothing else
+        run.refuse_unrecorded(run.out_dir(out), ["results.json"])
         return finish(out, {**scores, **results, "protocol": {k: PROTOCOL[k] for k in ("fid_inputs", "fid", "kid")}},
                       lines, said, f"wrote {out / 'results.json'}", ["results.json"])
 
@@ -396,8 +398,8 @@ def score(args, argv, said):
         if net is not None and len(dataset) < 2:
             raise DataError(f"--data {dataset.dataset} ({args.split}): {len(dataset)} label map(s), FID needs at least 2")
 
-    run.remove_recorded(run.out_dir(out))  # the earlier run's files, as its manifest lists them; nothing else
-    written = [n for ns in outputs.values() for n in ns] + ["results.json", "grid.png"]
+    written = [n for ns in outputs.values() for n in ns] + ["results.json"] + (["grid.png"] if args.grid_n else [])
+    run.refuse_unrecorded(run.out_dir(out), written)
     sampler = lambda label, seeds: sample(lut[label], seeds)  # noqa: E731
     fake_feats, conf, conf_real, has_grid = generate_and_score(sampler, dataset, args, out, net, seg, device, amp,
                                                                features_amp, lambda item, i: outputs[item["path"][i]])

@@ -37,7 +37,6 @@ supplement's, §C) ends a run sooner.
                 free logits per row, uniform at the start, in every CAT input layer), trained jointly with the
                 whole G and D, with no residual layers and no FreezeD (--d-head random).
 """
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -48,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, amp, cli, curves, finite_float, int_list, nonneg_int, oasis,
-                    positive_float, positive_int, run, seed_int)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, finite_float, int_list, nonneg_int,
+                    oasis, oasis_train, positive_float, positive_int, run, seed_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -84,7 +83,7 @@ INPUT_FLAGS = ("source_ckpt", "source_d", "source_root", "affinity", "subset_fil
 
 def get_args(argv=None):
     """(args, given): the parsed flags with their run-dependent defaults filled in, and the flags given."""
-    p = ArgumentParser(description=__doc__, formatter_class=run.DefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", help="required: run folder: checkpoint.pt, best.pt, log.jsonl, curves.png, samples/, subset.txt")
     p.add_argument("--resume", action="store_true", help="continue <out>/checkpoint.pt exactly, with the run's own flags")
     p.add_argument("--overwrite", action="store_true", help="start afresh in --out: the files its earlier run recorded "
@@ -258,7 +257,7 @@ def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, 
         p.requires_grad_(False)
     with ctx:
         fake = G(y)
-        loss_G = oasis.generator_loss(D_fwd, fake, y)
+        loss_G = oasis_train.generator_loss(D_fwd, fake, y)
     optG.zero_grad(set_to_none=True)
     amp.backward_step(loss_G, optG, scalers[0])
     for p in d_trainable:
@@ -266,10 +265,10 @@ def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, 
     with ctx:
         with torch.no_grad():
             fake = G_fwd(y)  # train mode, fresh z, as the official D step
-        loss_D, _ = oasis.discriminator_loss(D, real, fake, y, lambda_labelmix)
+        loss_D, _ = oasis_train.discriminator_loss(D, real, fake, y, lambda_labelmix)
     optD.zero_grad(set_to_none=True)
     amp.backward_step(loss_D, optD, scalers[1])
-    oasis.ema_update(G_ema, getattr(G_fwd, "_orig_mod", G_fwd), ema_decay)  # the plain module under torch.compile
+    oasis_train.ema_update(G_ema, getattr(G_fwd, "_orig_mod", G_fwd), ema_decay)  # the plain module under torch.compile
     return loss_G.detach(), loss_D.detach()
 
 
@@ -302,7 +301,7 @@ def main(argv=None):
     args, given = get_args(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)
     master, cuda = rank == 0, device.type == "cuda"
-    run.check_data_flags(args)
+    data.check_data_args(args)
     inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
@@ -316,7 +315,6 @@ def main(argv=None):
     train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and ckpt is None else None)
     val_ds = data.dataset_from_args(args, "val", augment=False)
     target = train_ds.classes
-    run.check_data_flags(args, train_ds)
     data.check_labels(train_ds)
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
@@ -372,7 +370,7 @@ def main(argv=None):
         entry, better = {"step": s, "grid": f"samples/{s:06d}.png"}, False
         if s > 0:
             with ctx:
-                oasis.recompute_bn_stats(G_ema, bn_batches(train_ds, args, s, target.n_channels, device, mem))
+                oasis_train.recompute_bn_stats(G_ema, bn_batches(train_ds, args, s, target.n_channels, device, mem))
         metrics.sample_grid(sample, grid, out / "samples" / f"{s:06d}.png")
         if fid is not None:
             entry["fid"] = fid()
@@ -416,7 +414,7 @@ def main(argv=None):
             real = batch["image"].to(device, non_blocking=True).contiguous(memory_format=mem)
             run.seed_step(args.seed, step, rank)  # z, LabelMix: from (seed, step), so resumes are exact
             losses = torch.stack(gan_step(G_train, D_train, G_ema, optG, optD, y, real, args.lambda_labelmix,
-                                          oasis.ema_decay(step, args.ema_decay, args.ema_warmup), ctx, scalers)).float()
+                                          oasis_train.ema_decay(step, args.ema_decay, args.ema_warmup), ctx, scalers)).float()
             step += 1
             lg, ld = run.mean_over_ranks(losses, world).tolist()  # a NaN anywhere stops every rank at the same step
             if not torch.isfinite(losses).all():

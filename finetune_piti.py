@@ -248,7 +248,7 @@ def main(argv=None):
     args, given = get_args(argv)
     ddp, rank, world, device = run.init_distributed(args.device, args.batch)  # torchrun: one process per GPU
     master = rank == 0  # rank 0 alone owns the run folder
-    run.check_data_flags(args)
+    data.check_data_args(args)
     inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
@@ -260,7 +260,6 @@ def main(argv=None):
     train_ds = data.dataset_from_args(args, "train", augment=True, out_dir=out if master and ckpt is None else None)
     val_ds = data.dataset_from_args(args, "val")
     target = train_ds.classes
-    run.check_data_flags(args, train_ds)
     data.check_labels(train_ds)  # every label file read once: a bad id fails here, in one line
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:

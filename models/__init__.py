@@ -36,11 +36,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help with the script's docstring as written and each flag's default in its help (a flag whose default
-    is None or False says nothing more)."""
+    """--help with the script's docstring as written and each flag's default in its help, unless the default is
+    None or False (a flag whose absence is its meaning, or a run-dependent default that the help explains) or the
+    help already says it ("(default ...")."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # argparse types: a bad value is refused by the parser, in one line naming the flag (ArgumentParser.error)

@@ -275,6 +275,15 @@ def remove_recorded(out):
     return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != LOCK)
 
 
+def refuse_unrecorded(out, names, flag="--out"):
+    """After remove_recorded: a file still at one of the paths `names` a run is about to write was not written
+    by a run of this toolkit (no manifest lists it): one DataError line, before anything is overwritten."""
+    clash = next((n for n in names if (Path(out) / n).exists()), None)
+    if clash is not None:
+        raise DataError(f"{flag} {out}: {clash} is not a file of an earlier run (no {MANIFEST} lists it) and this run "
+                        f"would overwrite it; move it away or choose another {flag}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Files a checkpoint depends on (PITI's official base/upsampler): recorded by content, found again when moved
 
@@ -352,18 +361,6 @@ def check_data(saved, now, args):
                     "use a new --out")
 
 
-def check_data_flags(args, train_ds=None):
-    """Data flags that would be ignored or silently bent, refused in one line: --size for Cityscapes (its size is
-    fixed; checked before anything is written) and, once the training set is open, an --n that the
-    --subset-file does not give. (A --batch larger than the training set is fine: the batch order runs on into
-    the next epoch.)"""
-    if args.size is not None and args.data == "cityscapes":
-        raise DataError(f"--size {args.size}: --data cityscapes has its fixed size 256x512; drop --size")
-    if train_ds is not None and args.n is not None and len(train_ds) != args.n:
-        raise DataError(f"--n {args.n}: --subset-file {args.subset_file} lists {len(train_ds)} images; give the "
-                        "same number or drop --n")
-
-
 def resume_command(script, args, given):
     """The command line that continues this run: --out, --resume and the machine flags given this time."""
     parts = ["python", script, "--out", str(args.out), "--resume"]
@@ -429,19 +426,6 @@ def resumed_args(args, given, model_flags, kinds):
     if same_path(args.subset_file, path.parent / "subset.txt"):  # the run's own subset (read again), not an input
         args.subset_file = None
     return ckpt
-
-
-class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help with the description as written and every flag's default shown, "(default: X)", unless its help
-    already says one ("(default ...") or the default is None/False (a flag whose absence is its meaning, or a
-    run-dependent default that the help explains)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "(default" in text:
-            return text
-        return f"{text} (default: {action.default})"
 
 
 def require_flags(args, names, example):

@@ -20,15 +20,19 @@ def load_clip(path, device):
     if not os.path.isfile(path):
         raise DataError(f"--clip-weights {path}: file not found; get ViT-B-32.pt from the OpenAI CLIP release "
              "(the URLs are listed in openai/CLIP clip/clip.py), or pass --text-encoder minilm (bundled, offline)")
+    stub = None
     try:
         import pkg_resources  # noqa: F401
     except ImportError:  # setuptools >= 81 has no pkg_resources; clip-anytorch only takes `packaging` from it
         import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+        stub = sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
     try:
         import clip
     except ImportError:
         raise DataError("--clip-weights needs `pip install clip-anytorch` (CLIP's model code and tokenizer)")
+    finally:  # the stand-in only while clip imports: later importers of pkg_resources get the real answer
+        if stub is not None and sys.modules.get("pkg_resources") is stub:
+            del sys.modules["pkg_resources"]
 
     if is_torchscript(path):
         with warnings.catch_warnings():

@@ -968,8 +968,11 @@ def test_failed_runs_leave_no_earlier_numbers(W, tmp_path):
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "results.json").write_text('{"fid": 1.0}')
-    one_line(lambda: evaluate.main([a.format(**vars(W)) for a in EVAL[:5] + ["{size}"] + EVAL[6:-1]] + [str(ev)]),
-             "64x48")
+    bad_size = [a.format(**vars(W)) for a in EVAL[:5] + ["{size}"] + EVAL[6:-1]] + [str(ev)]
+    one_line(lambda: evaluate.main(bad_size), "64x48")  # a results.json no run recorded is the user's: kept
+    assert (ev / "results.json").read_text() == '{"fid": 1.0}'
+    (ev / "manifest.txt").write_text("results.json\n")  # an earlier evaluate.py run's own numbers: removed first
+    one_line(lambda: evaluate.main(bad_size), "64x48")
     assert not (ev / "results.json").exists()
     aff = tmp_path / "aff"
     aff.mkdir()

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import finetune_oasis
-from models import oasis
+from models import oasis, oasis_train
 from models import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,12 +214,12 @@ def test_paper_defaults():
     assert args.lr == 2e-4 and args.lr_d == 4e-4
     args, _ = finetune_oasis.get_args(base + ["--data", "cityscapes", "--lr-d", "1e-3"])
     assert args.lr_d == 1e-3
-    assert not args.ema_warmup and all(oasis.ema_decay(s, 0.9999) == 0.9999 for s in range(100))
+    assert not args.ema_warmup and all(oasis_train.ema_decay(s, 0.9999) == 0.9999 for s in range(100))
     assert finetune_oasis.get_args(base + ["--data", "coco", "--ema-warmup"])[0].ema_warmup
     # the weight the step-0 model keeps in the EMA after 100 steps at decay 0.9999, with the warm-up
-    keep = np.prod([oasis.ema_decay(s, 0.9999, warmup=True) for s in range(100)])
+    keep = np.prod([oasis_train.ema_decay(s, 0.9999, warmup=True) for s in range(100)])
     assert keep < 1e-6 and 0.9999 ** 100 > 0.99
-    assert oasis.ema_decay(10 ** 6, 0.9999, warmup=True) == 0.9999
+    assert oasis_train.ema_decay(10 ** 6, 0.9999, warmup=True) == 0.9999
 
 
 @pytest.mark.parametrize("warmup", [False, True])

@@ -128,7 +128,7 @@ def test_cityscapes_size_and_n_against_subset_file(tmp_path):
     assert len((first / "subset.txt").read_text().splitlines()) == 4
     refused(lambda: finetune_oasis.main(["--out", str(tmp_path / "o2"), *TINY, "--n", "2",
                                          "--subset-file", str(first / "subset.txt")]),
-            "--n 2", "subset.txt", "lists 4 images")
+            "--n 2", "subset.txt", "names 4 images")
 
 
 def test_a_relative_out_resumes_twice_and_is_overwritten(tmp_path):
