@@ -46,6 +46,9 @@ SIZES = {
                   source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.99"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
 }
 
+# One torch thread per stage: on an idle 2-core machine as fast as two, beside two busy processes 3x faster
+# (bench/threads_check.py, BENCHMARKS.md "Threads of the toy pipeline").
+THREADS = 1
 
 def run(cmd, log, done=None, steps=None, again=False):
     """One stage (skipped when `done` exists; a finetune_oasis.py run, `steps` given, when `done`'s run folder
@@ -55,9 +58,9 @@ def run(cmd, log, done=None, steps=None, again=False):
         if steps is None:
             done = None if again else done
             ran = done is None or not Path(done).exists()
-            run_step(cmd, log, done)
+            run_step(cmd, log, done, threads=THREADS)
             return ran
-        return run_finetune(cmd, log, Path(done).parent, steps, again=again)
+        return run_finetune(cmd, log, Path(done).parent, steps, threads=THREADS, again=again)
     except RuntimeError as e:
         raise SystemExit(str(e))
 
