@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, finite_float, int_list, nonneg_int,
-                    oasis, oasis_train, positive_float, positive_int, run, seed_int)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, decay_float, finite_float, int_list,
+                    nonneg_int, oasis, oasis_train, positive_float, positive_int, run, seed_int)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -139,7 +139,7 @@ def get_args(argv=None):
                    help="generator learning rate (default: the paper's per target, supplement §C: 4e-4 for Cityscapes, else 1e-4)")
     g.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default 4e-4, official OASIS for every dataset)")
     g.add_argument("--lambda-labelmix", type=finite_float, default=None, help="LabelMix weight (default 10; 5 for Cityscapes)")
-    g.add_argument("--ema-decay", type=float, default=None,
+    g.add_argument("--ema-decay", type=decay_float, default=None,
                    help="EMA decay (default 0.9999 for ADE20K/COCO as the official runs, 0.999 otherwise)")
     g.add_argument("--ema-warmup", action="store_true", help="not official OASIS: decay min(--ema-decay, (1+step)/(10+step)) "
                    "(models/oasis.py ema_decay), so the EMA follows a short run from its start instead of keeping ~61%% of the "
@@ -193,8 +193,6 @@ def get_args(argv=None):
         raise DataError(f"--d-channels {','.join(map(str, d))}: expected 3 (RGB) then at least two positive widths, "
                         "one per encoder block, e.g. 3,128,128,256,256,512,512")
     args.ema_decay = (0.9999 if args.data in ("ade20k", "coco") else 0.999) if args.ema_decay is None else args.ema_decay
-    if not 0 <= args.ema_decay < 1:
-        raise DataError(f"--ema-decay {args.ema_decay}: expected a value in [0, 1)")
     args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "random")
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")

@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, diffusion, finite_float, nonneg_int,
-                    piti, positive_float, positive_int, run, seed_int, unit_float)
+from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, decay_float, diffusion, finite_float,
+                    nonneg_int, piti, positive_float, positive_int, run, seed_int, unit_float)
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -115,7 +115,7 @@ def build_parser():
                    "the checkpoint and a grid only)")
     g.add_argument("--batch", type=positive_int, default=8, help="global batch size (split across torchrun ranks)")
     g.add_argument("--lr", type=positive_float, default=None, help="default: the paper's, 7e-5 for a Cityscapes target, else 2e-4")
-    g.add_argument("--ema-decay", type=unit_float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
+    g.add_argument("--ema-decay", type=decay_float, default=0.999, help="EMA of the trained weights (official 0.9999 for 200k-step runs)")
     g.add_argument("--uncond-p", type=unit_float, default=0.2, help="condition dropout for guidance (official 0.2)")
     g.add_argument("--schedule-sampler", default="uniform", choices=["uniform", "loss-second-moment"],
                    help="timestep sampler (official base stages: loss-second-moment, importance-weighted)")

@@ -1,7 +1,7 @@
 """Lean copies of the architectures CAT builds on (OASIS, PITI, the FID Inception, ...), and what every
 stage shares: `DataError` for bad input (`no_file` words a missing file), `ArgumentParser` whose flag errors
 are DataErrors (and `HelpFormatter`, its --help with every default), its flag types (`positive_int`, `nonneg_int`, `int_list`, `seed_int`, `finite_float`, `positive_float`,
-`unit_float`), and `cli` to turn them into one line at a script's entry point."""
+`unit_float`, `decay_float`), and `cli` to turn them into one line at a script's entry point."""
 import argparse
 import math
 import sys
@@ -109,6 +109,14 @@ def unit_float(text):
     v = finite_float(text)
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"'{text}': expected a number in [0, 1]")
+    return v
+
+
+def decay_float(text):
+    """argparse type: an EMA decay, a number in [0, 1) (1 would freeze the average at its start)."""
+    v = finite_float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a decay in [0, 1)")
     return v
 
 

@@ -302,7 +302,7 @@ IN_PROCESS = {
                           ["--stage2-steps", "-1", "0"]),
     "ft-negative-lr": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--lr", "-1"], ["--lr"]),
     "ft-ema-decay": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--ema-decay", "1.5"],
-                     ["--ema-decay 1.5"]),
+                     ["--ema-decay", "'1.5'", "[0, 1)"]),
     "ft-workers-not-int": (finetune_oasis.main, SCRATCH + ["{ok}", "--out", "{root}/f", "--workers", "two"],
                            ["--workers", "two"]),
     "ft-size-mismatch": (finetune_oasis.main, SCRATCH + ["{size}", "--out", "{root}/f1"], ["0.png", "64x48", "64x64"]),
@@ -389,7 +389,7 @@ def test_main_refuses_in_one_line(W, case):
 # finetune_piti.py, round 2
 PITI2 = {
     "piti-steps-negative": (finetune_piti.main, PITI + ["--steps", "-1"], ["--steps", "'-1'", ">= 0"]),
-    "piti-ema-decay": (finetune_piti.main, PITI + ["--ema-decay", "2"], ["--ema-decay", "'2'", "[0, 1]"]),
+    "piti-ema-decay": (finetune_piti.main, PITI + ["--ema-decay", "2"], ["--ema-decay", "'2'", "[0, 1)"]),
     "piti-guidance-nan": (finetune_piti.main, PITI + ["--guidance", "nan"], ["--guidance", "'nan'", "finite"]),
     "piti-guidance-negative": (finetune_piti.main, PITI + ["--guidance", "-1"], ["--guidance >= 0", "got -1"]),
     "piti-lr-negative": (finetune_piti.main, PITI + ["--lr", "-1"], ["--lr", "'-1'", "> 0"]),
