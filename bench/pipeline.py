@@ -17,6 +17,10 @@ SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channe
 # their commands reproduce them: stage 2 = every SPADE-block layer (TWO_STAGE_AS_RECORDED, for the two-stage rows),
 # lr_D = 4 x lr_G (lr_opt).
 TWO_STAGE_AS_RECORDED = ["--g-train", "blocks"]
+# Every toy run in BENCHMARKS.md and the README demo were measured with the EMA warm-up, finetune_oasis.py's default
+# until 2026-12-06 (now official OASIS's fixed decay unless --ema-warmup): a few-hundred-step run needs it, or its EMA
+# keeps a large share of the model it started from.
+EMA_AS_RECORDED = ["--ema-warmup"]
 
 
 def lr_opt(lr):

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
-from pipeline import SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step
+from pipeline import EMA_AS_RECORDED, SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {
     "gpu": dict(width=["--channels", "16", "--z-dim", "32", "--spade-hidden", "64", "--d-channels", "3,32,32,64,64,128,128",
                        "--d-last", "32"], batch=16, source_steps=20000, steps=5000, seg_epochs=20,
-                source_opt=[*lr_opt("4e-4"), "--ema-decay", "0.999"], target_opt=[*lr_opt("2e-4"), "--ema-decay", "0.999"]),
+                source_opt=[*lr_opt("4e-4"), "--ema-decay", "0.999", *EMA_AS_RECORDED],
+                target_opt=[*lr_opt("2e-4"), "--ema-decay", "0.999", *EMA_AS_RECORDED]),
     "cpu": dict(width=SMALL, batch=8, source_steps=2000, steps=300, seg_epochs=10,
-                source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.999"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
+                source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.999", *EMA_AS_RECORDED],
+                target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99", *EMA_AS_RECORDED]),
     "quick": dict(width=SMALL, batch=8, source_steps=400, steps=150, seg_epochs=3,
-                  source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.99"], target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99"]),
+                  source_opt=[*lr_opt("1e-3"), "--ema-decay", "0.99", *EMA_AS_RECORDED],
+                  target_opt=[*lr_opt("4e-4"), "--ema-decay", "0.99", *EMA_AS_RECORDED]),
 }
 
 # One torch thread per stage: on an idle 2-core machine as fast as two, beside two busy processes 3x faster
