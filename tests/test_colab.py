@@ -120,7 +120,7 @@ def parse_command(tokens, monkeypatch):
     """Run the script's main() on the tokens up to its first complete parse. Returns (parser, error line or None)."""
     script = REPO / tokens[1]
     assert script.is_file(), f"{tokens[1]}: no such script in the repository"
-    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])  # (syspath_prepend would import pkg_resources)
     module = importlib.import_module(script.stem)
     assert Path(module.__file__).resolve() == script.resolve(), f"{script.stem} imported from {module.__file__}"
     state = {"depth": 0, "parser": None}
