@@ -316,6 +316,7 @@ def main(argv=None):
     data.check_labels(train_ds)
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
+        data.compare_classes(ckpt["target"]["names"], train_ds.classes, f"the run in {args.out}", f"--data {args.data} now")
         run.check_data(ckpt["data"], data_fp, args)
 
     # models: a fresh run builds them, a resumed one restores every tensor

@@ -263,6 +263,7 @@ def main(argv=None):
     data.check_labels(train_ds)  # every label file read once: a bad id fails here, in one line
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
     if ckpt is not None:
+        data.compare_classes(ckpt["target"]["names"], train_ds.classes, f"the run in {args.out}", f"--data {args.data} now")
         run.check_data(ckpt["data"], data_fp, args)
     source = data.class_table(args.source, args.source_root)
     if ckpt is not None:  # the 1x1 convs come back from the checkpoint: the affinity file is not read again

@@ -147,3 +147,20 @@ def test_a_relative_out_resumes_twice_and_is_overwritten(tmp_path):
     script("--overwrite")  # 0 steps: the model as built
     assert torch.load(tmp_path / "rel" / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 0
     assert not (tmp_path / "rel" / "samples" / "000003.png").exists()
+
+
+def test_resume_after_the_classes_were_reordered_or_grown_is_refused(tmp_path):
+    """Issue 31 §3: a run resumed on a classes.txt reordered (or grown) since it was saved is refused in one line
+    naming the first difference, not trained with shifted classes (the files' fingerprint alone does not see it)."""
+    import shutil
+    import toy
+    ds = tmp_path / "ds"
+    shutil.copytree(toy.ensure("toy-target"), ds)
+    args = [a if a != "toy-target" else "folder" for a in TINY] + ["--data-root", str(ds), "--size", "64"]
+    finetune_oasis.main(["--out", str(tmp_path / "o"), *args])
+    names = (ds / "classes.txt").read_text().splitlines()
+    (ds / "classes.txt").write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    refused(lambda: finetune_oasis.main(["--out", str(tmp_path / "o"), "--resume"]), "another order",
+            f"class 1 is '{names[0]}'")
+    (ds / "classes.txt").write_text("\n".join([*names, "pond"]) + "\n")
+    refused(lambda: finetune_oasis.main(["--out", str(tmp_path / "o"), "--resume"]), "classes")
