@@ -47,8 +47,10 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, decay_float, finite_float, int_list,
+from models import (ArgumentParser, DataError, HelpFormatter, cli, curves, decay_float, finite_float, int_list,
                     nonneg_int, oasis, oasis_train, positive_float, positive_int, run, seed_int)
+from models.amp import (HELP as AMP_HELP, MODES as AMP_MODES, autocast, backward_step, grad_scaler, pick as pick_amp,
+                        restore as restore_scalers)
 
 # The rows of the paper's OASIS ablation (supplement Table 10, adding one component per row) and the two
 # transfer baselines of its comparison, as flag values; flags given explicitly override a recipe's.
@@ -160,7 +162,7 @@ def get_args(argv=None):
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
-    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
+    g.add_argument("--amp", default="auto", choices=AMP_MODES, help=AMP_HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile G and D")
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     args, given = run.parse_with_given(p, argv)
@@ -248,7 +250,7 @@ def build_models(args, target, size):
 
 def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, scalers=(None, None)):
     """One official iteration; returns the two losses (detached). G, D: the modules that train (DDP and/or
-    compiled wrappers); optD's parameters are D's trainable ones; scalers: (G's, D's) amp.grad_scaler."""
+    compiled wrappers); optD's parameters are D's trainable ones; scalers: (G's, D's) models.amp.grad_scaler."""
     G_fwd, D_fwd = (m.module if isinstance(m, DDP) else m for m in (G, D))  # forwards outside DDP's gradient sync
     d_trainable = [p for group in optD.param_groups for p in group["params"]]
     for p in d_trainable:  # D's gradients from the G step would be thrown away: don't compute them
@@ -257,7 +259,7 @@ def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, 
         fake = G(y)
         loss_G = oasis_train.generator_loss(D_fwd, fake, y)
     optG.zero_grad(set_to_none=True)
-    amp.backward_step(loss_G, optG, scalers[0])
+    backward_step(loss_G, optG, scalers[0])
     for p in d_trainable:
         p.requires_grad_(True)
     with ctx:
@@ -265,7 +267,7 @@ def gan_step(G, D, G_ema, optG, optD, y, real, lambda_labelmix, ema_decay, ctx, 
             fake = G_fwd(y)  # train mode, fresh z, as the official D step
         loss_D, _ = oasis_train.discriminator_loss(D, real, fake, y, lambda_labelmix)
     optD.zero_grad(set_to_none=True)
-    amp.backward_step(loss_D, optD, scalers[1])
+    backward_step(loss_D, optD, scalers[1])
     oasis_train.ema_update(G_ema, getattr(G_fwd, "_orig_mod", G_fwd), ema_decay)  # the plain module under torch.compile
     return loss_G.detach(), loss_D.detach()
 
@@ -303,9 +305,9 @@ def main(argv=None):
     inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("oasis-cat",)) if args.resume else None
-    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)
-    ctx, scalers = amp.autocast(device, args.precision), [amp.grad_scaler(device, args.precision) for _ in "GD"]
-    mem, bf16 = (torch.channels_last if cuda else torch.contiguous_format), cuda and args.precision == "bf16"
+    amp = pick_amp(device, args.amp)  # what --amp means on this machine (a resumed run picks anew)
+    ctx, scalers = autocast(device, amp), [grad_scaler(device, amp) for _ in "GD"]
+    mem = torch.channels_last if cuda else torch.contiguous_format
 
     # data: a resumed n-shot run reads the subset it drew
     if ckpt is not None and args.n is not None:
@@ -344,17 +346,18 @@ def main(argv=None):
     if ckpt is not None:
         run.restore_optimizer(optG, ckpt["optG"], args.lr)
         run.restore_optimizer(optD, ckpt["optD"], args.lr_d)
-        amp.restore(scalers, ckpt["scalers"])  # fp16 loss scales continue where they were
+        restore_scalers(scalers, ckpt["scalers"])  # fp16 loss scales continue where they were
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
         if master:
             run.truncate_log(out / "log.jsonl", step)
     board = curves.Board(out, step) if args.tensorboard and master else None
 
     # evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
-    sample = metrics.oasis_sampler(G_ema, target.n_channels, bf16)
+    sample = metrics.oasis_sampler(G_ema, target.n_channels, amp)  # the generator under the run's autocast
+    features_amp = "bf16" if cuda and amp == "bf16" else "fp32"  # the FID network's: bf16 on bf16 GPUs, as before
     grid = metrics.fixed_grid(val_ds, args.grid_n, lambda n: metrics.image_seeds(args.seed, 0, n, 0), device)
     fid = metrics.validation_fid(sample, val_ds, args.inception, args.fid_features, args.fid_n, out / "fid_cache",
-                                 device, args.batch, args.seed, bf16) if master else None
+                                 device, args.batch, args.seed, features_amp) if master else None
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
         if fid is None:
@@ -375,7 +378,7 @@ def main(argv=None):
             entry["fid"] = fid()
             better = best.update(entry["fid"], s)
             tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} (best {best.fid:.2f} at step {best.step})")
-        state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "affinity": A,
+        state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "amp": amp, "affinity": A,
                  "source": source_info, "data": data_fp, "target": data.table_info(target), "G_kwargs": G.kwargs,
                  "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
                  "optG": optG.state_dict(), "optD": optD.state_dict(), "scalers": [sc.state_dict() for sc in scalers],
@@ -393,7 +396,7 @@ def main(argv=None):
     total = args.stage1_steps + args.stage2_steps
     if master:
         print(f"{args.init}: {target.dataset} ({len(train_ds)} images, {target.n_channels} channels) from "
-              f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}, {args.precision}")
+              f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}, {amp}")
         if step == 0:  # the recipe, then the model before training (training-free CAT)
             run.append_log(out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})

@@ -51,8 +51,9 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, decay_float, diffusion, finite_float,
+from models import (ArgumentParser, DataError, HelpFormatter, cli, curves, decay_float, diffusion, finite_float,
                     nonneg_int, piti, positive_float, positive_int, run, seed_int, unit_float)
+from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, grad_scaler, pick as pick_amp, restore as restore_scalers
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -147,7 +148,7 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
                    "else cpu)")
-    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
+    g.add_argument("--amp", default="auto", choices=AMP_MODES, help=AMP_HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
 
@@ -211,7 +212,7 @@ def build_models(args, source, target, M, base_file, up_file):
     return base, up
 
 
-def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, device, rank, world):
+def diffusion_step(models, params, ema, opt, scaler, amp, diffs, samplers, batch, s, args, device, rank, world):
     """One optimisation step of the models that train ({name: model}, their trained `params` and `ema`) on
     this rank's share of the global batch; t, noise and condition dropout from (--seed, s). -> (loss, per-model
     loss terms); the gradients are averaged over the ranks, the EMA updated."""
@@ -223,7 +224,7 @@ def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, 
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
         terms = diffusion.training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                        models["base"].image_size if name == "up" else None, amp=args.precision,
+                                        models["base"].image_size if name == "up" else None, amp=amp,
                                         sampler=samplers[name], gen=gen, part=(rank, world))
         samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
@@ -252,7 +253,7 @@ def main(argv=None):
     inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
-    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
+    amp = pick_amp(device, args.amp)  # what --amp means on this machine (a resumed run picks anew), kept in the checkpoint
 
     # data, class tables, affinity: a resumed n-shot run reads the subset it drew
     if ckpt is not None and args.n is not None:
@@ -302,13 +303,13 @@ def main(argv=None):
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
     ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
-    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
+    scaler = grad_scaler(device, amp)  # fp16 loss scaling (GPUs without bf16); else a pass-through
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
     samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
         run.restore_optimizer(opt, ckpt["opt"], args.lr)
-        amp.restore([scaler], [ckpt["scaler"]])
+        restore_scalers([scaler], [ckpt["scaler"]])
         for name, state in ckpt["timestep_samplers"].items():
             samplers[name].load_state_dict(state)
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
@@ -329,7 +330,7 @@ def main(argv=None):
         def sample(label, seeds):
             gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
             x = diffusion.cascade(base, up, label, generator=gen, steps=steps, up_steps=up_steps,
-                                  guidance=args.guidance, ddim=steps.startswith("ddim"), amp=args.precision)
+                                  guidance=args.guidance, ddim=steps.startswith("ddim"), amp=amp)
             return metrics.resize_images(x, val_ds.size)
         return sample
 
@@ -360,7 +361,7 @@ def main(argv=None):
                 tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} ({args.select_steps}+{args.select_up_steps} "
                            f"steps), best {best.fid:.2f} at step {best.step}")
         state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "piti",
-                 "affinity": A, "data": data_fp,
+                 "amp": amp, "affinity": A, "data": data_fp,
                  "source": data.table_info(source), "target": data.table_info(target),
                  "base_file": files["base"], "up_file": files["up"], "base_kwargs": base.kwargs, "up_kwargs": up.kwargs,
                  "timestep_samplers": {name: ts.state_dict() for name, ts in samplers.items()},
@@ -387,7 +388,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         for s, batch in zip(bar, batches):
-            loss, logs = diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, device,
+            loss, logs = diffusion_step(models, params, ema, opt, scaler, amp, diffs, samplers, batch, s, args, device,
                                         rank, world)
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1

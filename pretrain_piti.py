@@ -49,8 +49,9 @@ from tqdm import tqdm
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, HelpFormatter, amp, cli, curves, decay_float, diffusion, finite_float,
+from models import (ArgumentParser, DataError, HelpFormatter, cli, curves, decay_float, diffusion, finite_float,
                     glide, nonneg_int, piti, positive_float, positive_int, run, seed_int, unit_float)
+from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, grad_scaler, pick as pick_amp, restore as restore_scalers
 from models.state_dict import load_strict
 
 # flags a resumed run must share with the run it continues (steps, evaluation cadence, lr, device may change)
@@ -148,7 +149,7 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (the default: cuda when a GPU is visible, "
                    "else cpu)")
-    g.add_argument("--amp", default="auto", choices=amp.MODES, help=amp.HELP)
+    g.add_argument("--amp", default="auto", choices=AMP_MODES, help=AMP_HELP)
     g.add_argument("--workers", type=nonneg_int, default=None, help="data loader workers (default 4 on CUDA, 0 on CPU)")
     return p
 
@@ -216,7 +217,7 @@ def build_models(args, n_channels):
     return base, up
 
 
-def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side, device, rank, world):
+def diffusion_step(models, params, ema, opt, scaler, amp, diffs, samplers, batch, s, args, low_side, device, rank, world):
     """One optimisation step of the models that train on this rank's share of the global batch (t, noise and
     condition dropout from (--seed, s)) -> (loss, per-model loss terms); gradients averaged over the ranks, EMA
     updated. (finetune_piti.py's step, repeated on purpose: each script reads alone.)"""
@@ -228,7 +229,7 @@ def diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, 
         m.train()
         # the official upsampler is never trained unconditionally (it samples without guidance)
         terms = diffusion.training_loss(m, diffs[name], image, label, 0.0 if name == "up" else args.uncond_p,
-                                        low_side if name == "up" else None, amp=args.precision,
+                                        low_side if name == "up" else None, amp=amp,
                                         sampler=samplers[name], gen=gen, part=(rank, world))
         samplers[name].update(*(run.gather(v, world).cpu().numpy() for v in terms.pop("per_sample")))
         total = total + terms["loss"]
@@ -257,7 +258,7 @@ def main(argv=None):
     inputs = run.flag_paths(args, INPUT_FLAGS, data.toy.task_root(args.data) if args.data in data.toy.TASKS else None)
     out = run.prepare_out(args.out, args.resume, args.overwrite, inputs) if master else Path(args.out)
     ckpt = run.load(out / "checkpoint.pt", "--resume", kinds=("piti-cat",)) if args.resume else None
-    args.precision = amp.pick(device, args.amp)  # what --amp means on this machine, kept in the checkpoint's args
+    amp = pick_amp(device, args.amp)  # what --amp means on this machine (a resumed run picks anew), kept in the checkpoint
 
     # data: PITI is trained in --data's own label space (no CAT, no affinity); a resumed n-shot run reads its subset
     if ckpt is not None and args.n is not None:
@@ -296,14 +297,14 @@ def main(argv=None):
         if device.type == "cuda":
             m.to(memory_format=torch.channels_last)
     ema = {name: {k: v.to(device) for k, v in e.items()} for name, e in ema.items()}
-    scaler = amp.grad_scaler(device, args.precision)  # fp16 loss scaling (GPUs without bf16); else a pass-through
+    scaler = grad_scaler(device, amp)  # fp16 loss scaling (GPUs without bf16); else a pass-through
     diffs = {name: diffusion.Diffusion(m.noise_schedule) for name, m in present.items()}
     samplers = {name: diffusion.TimestepSampler(args.schedule_sampler, diffs[name].num_timesteps) for name in models}
     low_side = base.image_size if base is not None else up.image_size // 4  # the upsampler's input side
     step, best = 0, run.Best(args.patience)
     if ckpt is not None:  # optimizer state follows its parameters' device; --lr may change on resume
         run.restore_optimizer(opt, ckpt["opt"], args.lr)
-        amp.restore([scaler], [ckpt["scaler"]])
+        restore_scalers([scaler], [ckpt["scaler"]])
         for name, state in ckpt["timestep_samplers"].items():
             samplers[name].load_state_dict(state)
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
@@ -324,18 +325,18 @@ def main(argv=None):
     def sampler(steps, up_steps):  # grids with the preview sampler, the FID with the selection sampler
         def sample(label, seeds):
             gen = torch.Generator(label.device).manual_seed(int(seeds[0]))
-            mode, ddim = args.precision, steps.startswith("ddim")
+            ddim = steps.startswith("ddim")
             if base is not None and up is not None:
                 x = diffusion.cascade(base, up, label, generator=gen, steps=steps, up_steps=up_steps,
-                                      guidance=args.guidance, ddim=ddim, amp=mode)
+                                      guidance=args.guidance, ddim=ddim, amp=amp)
             elif base is not None:
                 x = diffusion.sample(base, base.ref(label), steps=steps, guidance=args.guidance, generator=gen,
-                                     ddim=ddim, amp=mode)
+                                     ddim=ddim, amp=amp)
             else:
                 real = grid["real"][:len(label)].to(label.device)
                 low = diffusion.quantize(F.interpolate(real, (low_side,) * 2, mode="bicubic", antialias=True,
                                                        align_corners=False))
-                x = diffusion.sample(up, up.ref(label), steps=up_steps, low_res=low, generator=gen, amp=mode)
+                x = diffusion.sample(up, up.ref(label), steps=up_steps, low_res=low, generator=gen, amp=amp)
             return metrics.resize_images(x, val_ds.size)
         return sample
 
@@ -371,7 +372,7 @@ def main(argv=None):
         files = {"up": up_file, **{name: run.file_record(out / EXPORTS[name]) for name in models}}  # its own exports
         table = data.table_info(classes)
         state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "glide",
-                 "affinity": None, "data": data_fp, "source": table, "target": table,
+                 "amp": amp, "affinity": None, "data": data_fp, "source": table, "target": table,
                  "base_file": files.get("base"), "up_file": files["up"],
                  "base_kwargs": base.kwargs if base is not None else None,
                  "up_kwargs": up.kwargs if up is not None else None,
@@ -399,7 +400,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         for s, batch in zip(bar, batches):
-            loss, logs = diffusion_step(models, params, ema, opt, scaler, diffs, samplers, batch, s, args, low_side,
+            loss, logs = diffusion_step(models, params, ema, opt, scaler, amp, diffs, samplers, batch, s, args, low_side,
                                         device, rank, world)
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1

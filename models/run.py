@@ -365,7 +365,7 @@ def resume_command(script, args, given):
     """The command line that continues this run: --out, --resume and the machine flags given this time."""
     parts = ["python", script, "--out", str(args.out), "--resume"]
     for k in MACHINE_FLAGS:
-        if k in given and k not in ("out", "resume", "overwrite", "precision") and hasattr(args, k):
+        if k in given and k not in ("out", "resume", "overwrite") and hasattr(args, k):
             v = getattr(args, k)
             flag = "--" + k.replace("_", "-")
             parts += [flag] if v is True else [] if v is False else [flag, str(v)]
@@ -383,7 +383,7 @@ def interrupted(script, args, given, step):
 
 
 # flags that describe the machine a run is on, not the run: never taken from a checkpoint
-MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile", "amp", "precision")
+MACHINE_FLAGS = ("resume", "overwrite", "out", "device", "workers", "compile", "amp")
 
 
 # path flags: compared as normalised absolute paths on --resume; MOVABLE ones may name another place, checked
