@@ -120,12 +120,12 @@ def toy_batches(ds):
 if args.fid_images < 2:
     sys.exit(0)
 fids = {}
-for bf16 in (False, True):  # evaluate.py --bf16-features: bf16 autocast on CUDA only
-    amp = "bf16" if bf16 and device.type == "cuda" else "fp32"
+for asked in ("fp32", "bf16"):  # evaluate.py --bf16-features: bf16 autocast on CUDA only
+    amp = asked if device.type == "cuda" else "fp32"
     fr, ft = ev.features(ours, toy_batches(source), amp), ev.features(ours, toy_batches(target), amp)
-    fids[bf16] = ev.frechet_distance(*ev.stats(fr), *ev.stats(ft))
-change = abs(fids[True] - fids[False]) / abs(fids[False])
+    fids[asked] = ev.frechet_distance(*ev.stats(fr), *ev.stats(ft))
+change = abs(fids["bf16"] - fids["fp32"]) / abs(fids["fp32"])
 note = "" if args.inception else "  (random weights: not meaningful)"
 cpu = " (no effect on CPU)" if device.type != "cuda" else ""
-print(f"  FID toy source vs target val ({min(len(target), args.fid_images)} images): fp32 {fids[False]:.4f}, "
-      f"bf16{cpu} {fids[True]:.4f}, relative change {change:.2e}{note}")
+print(f"  FID toy source vs target val ({min(len(target), args.fid_images)} images): fp32 {fids['fp32']:.4f}, "
+      f"bf16{cpu} {fids['bf16']:.4f}, relative change {change:.2e}{note}")

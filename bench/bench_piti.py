@@ -87,7 +87,7 @@ def timed(fn, device):
 
 def run_mode(mode, base, up, label, args, device):
     gen = torch.Generator(device).manual_seed(0)
-    amp = mode == "bf16"
+    amp = "bf16" if mode == "bf16" and device.type == "cuda" else "fp32"  # bf16 autocast on CUDA only
     if mode == "official":
         base_fn = lambda: official_like(base, base.ref(label), args.steps, args.guidance, gen=gen)  # noqa: E731
     else:
@@ -122,7 +122,7 @@ def trajectory_drift(base, label, args, device):
     x_T = torch.randn(B, 3, side, side, generator=gen, device=device)
     noises = [torch.randn(B, 3, side, side, generator=gen, device=device) for _ in range(n)]
     outs = [diffusion.sample(base, base.ref(label), steps=args.traj_steps, guidance=args.guidance, x_T=x_T, noises=noises,
-                        amp=amp) for amp in (False, True)]
+                        amp=amp) for amp in ("fp32", "bf16" if device.type == "cuda" else "fp32")]
     d = (outs[1] - outs[0]).abs()
     return {"bf16 vs fp32 trajectory": args.traj_steps, "max |diff|": d.max().item(), "mean |diff|": d.mean().item(),
             "note": "final base samples in [-1,1], same x_T and noises; random weights"}

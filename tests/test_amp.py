@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from models import DataError, amp, oasis
+from models import DataError, oasis
+from models.amp import autocast, backward_step, grad_scaler, pick, restore
 from tests.test_finetune_piti import files, run as run_piti  # noqa: F401 (files is a fixture)
 
 # compute capability -> what --amp auto runs
@@ -21,34 +22,34 @@ GPUS = {"V100": ((7, 0), "fp16"), "T4": ((7, 5), "fp16"), "RTX 2080": ((7, 5), "
 
 @pytest.mark.parametrize("gpu", GPUS)
 def test_auto_per_gpu_class(gpu):
-    cap, mode = GPUS[gpu]
-    assert amp.pick("cuda", "auto", cap) == mode
-    assert amp.pick("cuda:1", "fp32", cap) == "fp32" and amp.pick("cuda", "fp16", cap) == "fp16"
-    if mode == "bf16":
-        assert amp.pick("cuda", "bf16", cap) == "bf16"
+    cap, amp = GPUS[gpu]
+    assert pick("cuda", "auto", cap) == amp
+    assert pick("cuda:1", "fp32", cap) == "fp32" and pick("cuda", "fp16", cap) == "fp16"
+    if amp == "bf16":
+        assert pick("cuda", "bf16", cap) == "bf16"
     else:
         with pytest.raises(DataError, match=rf"--amp bf16: this GPU \(compute capability {cap[0]}.{cap[1]}\) has no "
                                             "native bf16; use --amp auto"):
-            amp.pick("cuda", "bf16", cap)
+            pick("cuda", "bf16", cap)
 
 
 def test_cpu_is_fp32_unless_bf16_is_asked_for():
-    assert amp.pick("cpu") == "fp32" and amp.pick(torch.device("cpu"), "fp32") == "fp32"
-    assert amp.pick("cpu", "bf16") == "bf16"
+    assert pick("cpu") == "fp32" and pick(torch.device("cpu"), "fp32") == "fp32"
+    assert pick("cpu", "bf16") == "bf16"
     with pytest.raises(DataError, match="--amp fp16: .* for CUDA GPUs; on cpu use --amp bf16 or fp32"):
-        amp.pick("cpu", "fp16")
+        pick("cpu", "fp16")
     with pytest.raises(DataError, match="--amp fp8: expected one of auto, bf16, fp16, fp32"):
-        amp.pick("cpu", "fp8")
+        pick("cpu", "fp8")
 
 
 def test_autocast_modes_on_cpu():
     a = torch.ones(4, 4)
-    with amp.autocast("cpu", "bf16"):
+    with autocast("cpu", "bf16"):
         assert (a @ a).dtype == torch.bfloat16
-    for mode in ("fp32", True, False, None):  # a bool is the older bf16= flag: bf16 on CUDA only
-        with amp.autocast("cpu", mode):
+    for amp in ("fp32", True, False, None):  # a bool is the older bf16= flag: bf16 on CUDA only
+        with autocast("cpu", amp):
             assert (a @ a).dtype == torch.float32
-    assert not amp.grad_scaler("cpu", "bf16").is_enabled() and amp.grad_scaler("cpu", "fp16").is_enabled()
+    assert not grad_scaler("cpu", "bf16").is_enabled() and grad_scaler("cpu", "fp16").is_enabled()
 
 
 def test_backward_step_with_loss_scaling():
@@ -64,17 +65,17 @@ def test_backward_step_with_loss_scaling():
     opt0.zero_grad()
     (w0 * x).sum().backward()
     opt0.step()
-    for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), amp.grad_scaler("cpu", "fp32"), None):
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), grad_scaler("cpu", "fp32"), None):
         w, opt = setup()
-        amp.backward_step((w * x).sum(), opt, scaler)
+        backward_step((w * x).sum(), opt, scaler)
         assert torch.equal(w, w0)
     w, opt = setup()
     before = w.detach().clone()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    amp.backward_step((w * x).sum() * float("inf"), opt, scaler)
+    backward_step((w * x).sum() * float("inf"), opt, scaler)
     assert torch.equal(w, before) and scaler.get_scale() == 2.0 ** 15
-    fresh = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), amp.grad_scaler("cpu", "bf16")]
-    amp.restore(fresh, [scaler.state_dict(), {}])  # a resumed fp16 run continues at the lowered scale
+    fresh = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), grad_scaler("cpu", "bf16")]
+    restore(fresh, [scaler.state_dict(), {}])  # a resumed fp16 run continues at the lowered scale
     assert fresh[0].get_scale() == 2.0 ** 15 and not fresh[1].is_enabled()
 
 
@@ -93,7 +94,7 @@ def test_oasis_train_step_under_fp16_scaling():
         torch.manual_seed(1)
         y = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 64, 64)), 5).permute(0, 3, 1, 2).float()
         real = torch.rand(2, 3, 64, 64) * 2 - 1
-        losses = finetune_oasis.gan_step(G, D, EMA, optG, optD, y, real, 10.0, 0.999, amp.autocast("cpu", "fp32"),
+        losses = finetune_oasis.gan_step(G, D, EMA, optG, optD, y, real, 10.0, 0.999, autocast("cpu", "fp32"),
                                          scalers)
         out.append((losses, G.state_dict(), D.state_dict()))
     (la, Ga, Da), (lb, Gb, Db) = out
@@ -108,13 +109,13 @@ def test_finetune_oasis_bf16_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "finetune_oasis.py", "--init", "scratch", "--data", "toy-source", "--stage1-steps", "0",
             "--stage2-steps", "2", "--eval-every", "2", "--log-every", "1", *TINY]
-    for mode in ("bf16", None):
-        out = tmp_path / str(mode)
-        r = subprocess.run([*base, "--out", str(out), *(["--amp", mode] if mode else [])], cwd=REPO, env=env,
+    for amp in ("bf16", None):
+        out = tmp_path / str(amp)
+        r = subprocess.run([*base, "--out", str(out), *(["--amp", amp] if amp else [])], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-        assert ckpt["args"]["amp"] == (mode or "auto") and ckpt["amp"] == (mode or "fp32")  # asked, resolved
+        assert ckpt["args"]["amp"] == (amp or "auto") and ckpt["amp"] == (amp or "fp32")  # asked, resolved
         assert "precision" not in ckpt["args"]
         assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["G"].values())  # autocast: weights stay fp32
         lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
@@ -154,13 +155,24 @@ def test_evaluate_generates_under_the_picked_mode(tmp_path):
     torch.save({"kind": "oasis-cat", "step": 7, "args": {}, "affinity": None, "source": info, "target": info,
                 "G_kwargs": G.kwargs, "EMA": G.state_dict(), "D_kwargs": {}, "D": {}}, tmp_path / "g.pt")
     z = torch.randn(4, generator=torch.Generator().manual_seed(image_seeds(0, 0, 1, 0)[0]))[None]
-    for mode in ("fp32", "bf16"):
-        evaluate.main([str(a) for a in ("--ckpt", tmp_path / "g.pt", "--labels", maps, "--out", tmp_path / mode,
-                                        "--amp", mode, "--device", "cpu", "--workers", 0, "--grid-n", 0)])
-        res = json.loads((tmp_path / mode / "results.json").read_text())
-        assert res["precision"]["generator and segmenter"] == {"fp32": "fp32", "bf16": "bf16 autocast"}[mode]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+    for amp in ("fp32", "bf16"):
+        evaluate.main([str(a) for a in ("--ckpt", tmp_path / "g.pt", "--labels", maps, "--out", tmp_path / amp,
+                                        "--amp", amp, "--device", "cpu", "--workers", 0, "--grid-n", 0)])
+        res = json.loads((tmp_path / amp / "results.json").read_text())
+        assert res["precision"]["generator and segmenter"] == {"fp32": "fp32", "bf16": "bf16 autocast"}[amp]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
             x = G(onehot(torch.from_numpy(label.astype(np.int64))[None], 3), z).float()
         png = ((x[0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        saved = np.asarray(Image.open(tmp_path / mode / "images" / "m.png"))
+        saved = np.asarray(Image.open(tmp_path / amp / "images" / "m.png"))
         assert np.abs(saved.astype(int) - png).max() <= 1 and res["generator"]["step"] == 7
+
+
+def test_pretrain_piti_records_the_picked_mode(tmp_path):
+    """pretrain_piti.py keeps --amp as asked in the checkpoint's args and what it resolved to (fp32 on the CPU for
+    auto) under the checkpoint's "amp", as the two finetuning scripts do."""
+    from tests.test_pretrain_piti import run as run_pretrain
+    r = run_pretrain(tmp_path / "run", "--recipe", "piti-stage1", "--data", "toy-source", "--n", "4", "--steps", "1",
+                     "--eval-every", "1", "--grid-n", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["args"]["amp"] == "auto" and ckpt["amp"] == "fp32" and "precision" not in ckpt["args"]
