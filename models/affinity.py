@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import DataError, amp, figures, oasis
+from models import DataError, figures, oasis
+from models.amp import autocast
 from models.dino import class_prototypes
 
 PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of {}.", "there is {} in the scene.", "the {} in the image.")
@@ -125,13 +126,13 @@ def fit_discriminator(kwargs, size, path, flag):
 
 
 @torch.no_grad()
-def supervised_affinity(segment, dataset, target, source, stat, device, batch, mode=True, workers=0):
+def supervised_affinity(segment, dataset, target, source, stat, device, batch, amp=None, workers=0):
     """Row t = mean predicted source distribution (or argmax histogram) over target pixels of class t."""
     t_rows, s_cols = channel_rows(target), torch.tensor(source.channels)
     sums, counts = torch.zeros(len(target), len(source), dtype=torch.float64), torch.zeros(len(target), dtype=torch.float64)
     for b in torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers):
         x, label = b["image"].to(device), b["label"]
-        with amp.autocast(device, mode):  # mode: from models.amp.pick (True: bf16 on CUDA)
+        with autocast(device, amp):  # amp: a mode of models.amp.pick (None: auto for the device)
             logits = segment(x)
         if logits.shape[1] != source.n_channels:
             raise DataError(f"segmenter outputs {logits.shape[1]} channels, --source {source.dataset} has {source.n_channels} "
@@ -156,13 +157,13 @@ def prototype_affinity(t_proto, s_proto, s_present, temperature):
     return torch.softmax(cos, dim=1).numpy()
 
 
-def dino_affinity(vit, source_images, target_images, source, target, side, device, batch, mode, temperature):
+def dino_affinity(vit, source_images, target_images, source, target, side, device, batch, amp, temperature):
     """Self-supervised: prototypes of the source classes in `source_images` and of the target classes in
     `target_images` (models.dino.class_prototypes), then prototype_affinity. -> (rows, target rows seen)."""
-    s_proto, s_present = class_prototypes(vit, source_images, source, side, device, batch, mode)
+    s_proto, s_present = class_prototypes(vit, source_images, source, side, device, batch, amp)
     if not s_present.any():
         raise DataError(f"source images in {source_images.root}: no pixel carries a source class")
-    t_proto, t_present = class_prototypes(vit, target_images, target, side, device, batch, mode)
+    t_proto, t_present = class_prototypes(vit, target_images, target, side, device, batch, amp)
     if not t_present.any():
         raise DataError(f"target images in {target_images.root}: no pixel carries a target class (labels are all "
                         "dontcare)")

@@ -51,11 +51,11 @@ def dtype(amp):
 
 
 def autocast(device, amp):
-    """autocast(device type, bf16/fp16) for a picked mode `amp`; a no-op context for fp32. A bool (the older
-    samplers' `amp=True` in models/diffusion.py) means bf16 on CUDA only when True."""
+    """autocast(device type, bf16/fp16) for a picked mode `amp`; a no-op context for fp32. None: the mode
+    pick(device, 'auto') gives (the library functions' default)."""
     device = torch.device(device)
-    if isinstance(amp, bool) or amp is None:
-        amp = "bf16" if amp and device.type == "cuda" else "fp32"
+    if amp is None:
+        amp = pick(device, "auto")
     return torch.autocast(device.type, dtype=dtype(amp)) if dtype(amp) is not None else nullcontext()
 
 

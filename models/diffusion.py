@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import DataError, amp
+from models import DataError
+from models.amp import autocast
 
 # The official sampling settings: base 250 steps with guidance 1.3, upsampler fast27 at temperature 0.997.
 BASE_STEPS, UP_STEPS, GUIDANCE, UP_TEMP = "250", "fast27", 1.3, 0.997
@@ -193,15 +194,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # Sampling
 
 
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (norms and softmax stay float32 in the blocks); nothing on CPU. `enabled` may be
-    a mode picked by models.amp ('bf16', 'fp16', 'fp32'), which applies as it is on any device."""
-    return amp.autocast(device, enabled)
-
-
 @torch.no_grad()
 def sample(model, ref, steps=None, guidance=None, low_res=None, x_T=None, noises=None, generator=None,
-           ddim=False, eta=0.0, temp=None, amp=True, trace=None, progress=False, official_rng=False):
+           ddim=False, eta=0.0, temp=None, amp=None, trace=None, progress=False, official_rng=False):
     """Sample images for conditioning images `ref` (B,3,R,R) (from `model.ref(label)`).
 
     steps: respacing ("250", "fast27", "ddim50", ...); default the official one for the model.
@@ -265,7 +260,7 @@ def quantize(x):
 
 
 @torch.no_grad()
-def cascade(base, up, label, generator=None, steps=None, up_steps=None, guidance=None, ddim=False, amp=True,
+def cascade(base, up, label, generator=None, steps=None, up_steps=None, guidance=None, ddim=False, amp=None,
             progress=False):
     """(B,H,W) channel ids -> (B,3,256,256) images in [-1,1]: base 64x64 with guidance, then the upsampler."""
     low = sample(base, base.ref(label), steps=steps, guidance=guidance, generator=generator, ddim=ddim, amp=amp,
@@ -335,7 +330,7 @@ class TimestepSampler:
         self.loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()
 
 
-def diffusion_terms(model, diff, x0, ref, t, noise, low_res=None, amp=True):
+def diffusion_terms(model, diff, x0, ref, t, noise, low_res=None, amp=None):
     """Per-sample official terms {loss, mse, vb} for x0 (B,3,H,W) in [-1,1], conditioning `ref`, timesteps t
     (indices into `diff`), noise; `low_res` for the upsampler (bilinearly resized inside, as the official)."""
     x_t = diff.q_sample(x0, t, noise)
@@ -349,7 +344,7 @@ def weighted_means(terms, weights=None):
     return {k: (v * weights).mean() if weights is not None else v.mean() for k, v in terms.items()}
 
 
-def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=True, sampler=None, gen=None,
+def training_loss(model, diff, image, label, uncond_p, low_res_side=None, amp=None, sampler=None, gen=None,
                   part=(0, 1)):
     """Official PITI loss on one batch: q_sample at t from `sampler` (None: uniform), model output, mse + vb;
     batch values = mean(term * importance weight), as the official training loop; "per_sample" = (t, losses).

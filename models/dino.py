@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DataError, amp, weights
+from models import DataError, weights
+from models.amp import autocast
 from models.state_dict import load_strict, read_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -90,7 +91,7 @@ def _backbone(obj):
 
 
 @torch.no_grad()
-def class_prototypes(vit, dataset, table, side, device, batch_size, mode=True):
+def class_prototypes(vit, dataset, table, side, device, batch_size, amp=None):
     """Mean unit-norm patch feature over the pixels of each class (a patch counts by its pixel share)."""
     p = vit.kwargs["patch"]
     mean, std = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None], torch.tensor(IMAGENET_STD, device=device)[:, None, None]
@@ -101,7 +102,7 @@ def class_prototypes(vit, dataset, table, side, device, batch_size, mode=True):
         s = side / min(H, W)  # short side to `side`, both sides multiples of the patch
         size = (max(p, round(H * s / p) * p), max(p, round(W * s / p) * p))
         x = (F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1) - mean) / std
-        with amp.autocast(device, mode):  # mode: from models.amp.pick (True: bf16 on CUDA)
+        with autocast(device, amp):  # amp: a mode of models.amp.pick (None: auto for the device)
             feat = vit(x)
         feat = F.normalize(feat.float(), dim=1).cpu()
         share = F.adaptive_avg_pool2d(F.one_hot(label, table.n_channels).permute(0, 3, 1, 2).float(), feat.shape[-2:])  # (B, C, h, w)

@@ -521,7 +521,7 @@ def load_cat_models(ckpt, device="cpu", base=None, upsampler=None, ema=True, nea
 
 
 def load_piti_generator(ckpt_path, device, upsampler=None, base=None, steps=None, up_steps=None, guidance=None,
-                        ddim=False, amp=True, flag="--ckpt"):
+                        ddim=False, amp=None, flag="--ckpt"):
     """A PITI-CAT checkpoint -> generator(label, seed) -> images (B,3,256,256) in [-1,1].
 
     label: (B,H,W) long TARGET channel ids (data.py convention, any H, W); the base samples 64x64

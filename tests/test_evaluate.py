@@ -512,7 +512,7 @@ def test_model_mode_piti_checkpoint(toy, tmp_path):
     # each image has its own noise stream: image i of a batch of 2 is the official cascade run on map i alone,
     # seeded by (seed 0, map i, sample 0), so the images do not depend on --batch
     ds = data.open_dataset("toy-target", toy["root"] / "toy/target", "val", size=32)
-    gen = load_piti_generator(str(tmp_path / "run/checkpoint.pt"), "cpu", steps="4", up_steps="4", amp=False)
+    gen = load_piti_generator(str(tmp_path / "run/checkpoint.pt"), "cpu", steps="4", up_steps="4", amp="fp32")
     label = torch.stack([ds[0]["label"], ds[1]["label"]])
     for i in range(2):
         with torch.no_grad():
