@@ -8,6 +8,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Under pytest-xdist (`pytest -n auto`) each worker is one process with a core of its own: one torch thread per
+# worker, and OMP/MKL told the same so the scripts that tests start as subprocesses inherit it (a test that sets
+# its own OMP_NUM_THREADS in a subprocess's env keeps it). Without -n, nothing here changes.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The golden files ship with the repository (tests/golden); CAT_GOLDEN=DIR points the tests at another set.
 GOLDEN = Path(os.environ.get("CAT_GOLDEN", REPO / "tests" / "golden"))
 

@@ -6,6 +6,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import unicodedata
 import zlib
 from pathlib import Path
@@ -337,6 +338,70 @@ def test_a_toy_folder_of_other_classes_is_refused(toy_roots):
     (root / "classes.txt").write_text("sky\nmeadow\n")
     with pytest.raises(DataError, match=r"classes.txt: lists 2 classes .*expected the 9 of toy-target.*delete"):
         data.open_dataset("toy-target", root)
+
+
+# Two processes opening the default toy task of a fresh clone at once (two pytest-xdist workers, or
+# bench/paper.py --jobs 2): each is released at the same moment, asks for one domain of the family, and checks
+# the moment ensure returns that its domain is all there (every split's images and labels, the last PNG readable).
+_ENSURE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+import toy
+tmp, task = Path(sys.argv[2]), sys.argv[3]
+toy.TOY_ROOT = tmp / "toy"
+(tmp / ("ready-" + task)).touch()
+deadline = time.time() + 120
+while not (tmp / "go").exists() and time.time() < deadline:
+    time.sleep(0.001)
+base = toy.ensure(task)
+domain = toy.TASKS[task][1]
+for split, count in toy.TOY_SPLITS[domain].items():
+    for sub in ("images", "labels"):
+        files = sorted((base / split / sub).iterdir())
+        Image.open(files[-1]).load()
+        print("found", split, sub, len(files))
+"""
+
+
+def test_two_processes_ensuring_a_toy_task_at_once_both_get_it_whole(tmp_path):
+    # the whole default task (3,800 PNGs, about 3 s to write): long enough for the two to meet at the lock
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _ENSURE_AT_ONCE, str(REPO), str(tmp_path), task], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for task in ("toy-source", "toy-target")]
+    try:
+        while not all((tmp_path / f"ready-{t}").exists() for t in ("toy-source", "toy-target")):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    for (out, _), domain in zip(outs, ("source", "target")):
+        expected = {f"found {split} {sub} {n}" for split, n in toy.TOY_SPLITS[domain].items()
+                    for sub in ("images", "labels")}
+        assert set(re.findall(r"found \w+ \w+ \d+", out)) == expected, out
+    assert sum(out.count("generating the toy transfer task") for out, _ in outs) == 1  # one wrote, one waited
+    family = tmp_path / "toy"
+    assert sorted(p.name for p in family.iterdir()) == ["source", "target"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ready-")) == ["go", "toy", "toy.lock"]
+    assert [(family / d / "classes.txt").read_text().split() for d in ("source", "target")] == \
+        [toy.class_names("toy-source"), toy.class_names("toy-target")]
+
+
+def test_a_half_written_toy_folder_is_refused_not_overwritten(toy_roots):
+    # what an interrupted generation by an older version left: images, no classes.txt
+    half = toy_roots / "toy" / "target" / "train" / "images" / "00000.png"
+    _save(half, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"toy/target: a toy task folder without classes.txt .*delete it"):
+        data.open_dataset("toy-target")
+    assert [p.name for p in (toy_roots / "toy").iterdir()] == ["target"] and half.is_file()
+    assert sorted(p.name for p in toy_roots.iterdir()) == ["toy", "toy.lock"]  # no partial folder left behind
 
 
 def test_readme_step_3_example_then_info(tmp_path):
