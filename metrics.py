@@ -233,7 +233,7 @@ def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, amp="f
     mu, sigma = stats(feats)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # per process: two runs may share a cache
         np.savez(tmp, mu=mu, sigma=sigma, feats=feats.astype(np.float32))  # features are fp32 network outputs
         os.replace(tmp, path)
     return mu, sigma, feats
