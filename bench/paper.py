@@ -19,7 +19,9 @@ read evaluate.py's --stats-cache).
     python bench/paper.py --table 10 --pair toy --quick --out runs/paper_toy
 
 The toy pair (the long-tailed toy task of bench/toy_longtail.py) uses that benchmark's budgets (bench/rows.py
-TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID).
+TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID). Its
+source model, trained here unless --source-ckpt is given, is trained again with the next --seed when it collapsed
+(bench/pipeline.py train_source; 3 seeds at most); table.md and table.json give the seed used.
 
 Supervised and combination affinities use the source OASIS discriminator as the segmenter (--source-ckpt); the
 training-free PITI rows are finetune_piti.py --steps 0. Rows a pair cannot run are listed with the reason before

@@ -6,7 +6,8 @@ project's scripts run as a subprocess, --jobs at a time; finished steps are skip
 run again with the same --out):
   1. the toy evaluation nets (bench/toy_segmenter.py; protocol v3: on a class-balanced pool of 8000 generated
      target images that never overlaps the task's images, v2: on the 500 target training images) and a small
-     source OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch);
+     source OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch), trained
+     again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
   2. affinities (estimate_affinity.py): random (per seed), text (once), supervised and combination (per
      seed and n: the source discriminator on the n target images), hard and soft;
   3. for each n and seed, equal step budgets: a random-init OASIS (no source model), the ablation recipes (the

@@ -4,7 +4,8 @@ Pipeline (each step is one of the project's scripts, run as a subprocess; finish
 skipped when the benchmark is run again with the same --out):
   1. the toy task (toy.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
      trained on the FULL toy target training set (bench/toy_segmenter.py);
-  2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch);
+  2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch),
+     trained again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
   3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source
      discriminator as segmenter), combination (text + supervised; no DINO file here), hard and soft;
   4. at n target images and equal step budgets: a random-init OASIS (no source model); finetune with a random
