@@ -5,8 +5,8 @@ import json
 import math
 import os
 import re
-import statistics
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -160,12 +160,15 @@ def collapsed(log_jsonl, n_steps):
 
 def run_seed(ckpt):
     """The --seed of the finetune_oasis.py run whose checkpoint.pt is `ckpt` (read by the project's one loader),
-    or None when there is no such file."""
+    or None when there is no such file. A file that is not such a checkpoint raises RuntimeError (one line)."""
     if not Path(ckpt).is_file():
         return None
     sys.path.insert(0, str(REPO))
-    from models import run
-    return int(run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["args"]["seed"])
+    from models import DataError, run
+    try:
+        return int(run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["args"]["seed"])
+    except DataError as e:
+        raise RuntimeError(str(e)) from None
 
 
 def train_source(train, run_dir, n_steps, seed=0, tries=SOURCE_TRIES):

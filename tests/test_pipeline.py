@@ -158,3 +158,10 @@ def test_schedule_makes_again_what_a_retrained_source_fed():
     tasks["source"] = ([], step("source", False))  # a source model kept: nothing is made again
     schedule(tasks, 1)
     assert not any(seen.values())
+
+
+def test_a_broken_checkpoint_in_the_source_folder_is_one_line(tmp_path):
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "checkpoint.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=r"^--resume .*checkpoint.pt: "):
+        train_source(StubTraining(tmp_path / "source", collapsing=set()), tmp_path / "source", 400)
