@@ -19,7 +19,9 @@ read evaluate.py's --stats-cache).
     python bench/paper.py --table 10 --pair toy --quick --out runs/paper_toy
 
 The toy pair (the long-tailed toy task of bench/toy_longtail.py) uses that benchmark's budgets (bench/rows.py
-TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID).
+TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID). Its
+source model, trained here unless --source-ckpt is given, is trained again with the next --seed when it collapsed
+(bench/pipeline.py train_source; 3 seeds at most); table.md and table.json give the seed used.
 
 Supervised and combination affinities use the source OASIS discriminator as the segmenter (--source-ckpt); the
 training-free PITI rows are finetune_piti.py --steps 0. Rows a pair cannot run are listed with the reason before
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import toy as toytasks  # noqa: E402
 import rows as R  # noqa: E402
-from pipeline import run_step, schedule  # noqa: E402
+from pipeline import SOURCE_KEY, run_step, schedule, source_note, train_source  # noqa: E402
 
 NAMES = {"coco": "COCO-Stuff", "ade20k": "ADE20K", "cityscapes": "Cityscapes"}
 LABEL = {"fid": "FID", "miou": "mIoU", "kid": "KID"}
@@ -177,11 +179,13 @@ def main(argv=None):
         plan.add("evalnets", [], R.toy_segmenter_cmd(toytasks.task_root(target), evalnets, cfg["seg_epochs"], cfg["seg_max"]),
                  evalnets / "features.pt", "toy_segmenter")
         src_ckpt = args.source_ckpt or src_dir / "checkpoint.pt"
+
+        def source_cmd(k):  # trained again with the next seed while it collapsed (bench/pipeline.py train_source)
+            return R.oasis_cmd(["--init", "scratch", "--data", source, *cfg["width"], "--batch", cfg["batch"], "--stage1-steps",
+                                "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"], "--seed", k,
+                                "--eval-every", cfg["source_steps"], *cfg["extra"]] + dev, src_dir)
         if not args.source_ckpt:
-            plan.add("source", [], R.oasis_cmd(["--init", "scratch", "--data", source, *cfg["width"], "--batch", cfg["batch"],
-                                                "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
-                                                "--eval-every", cfg["source_steps"], *cfg["extra"]] + dev, src_dir),
-                     None, "oasis", run=src_dir)
+            plan.add("source", [], source_cmd(0), None, "oasis", run=src_dir)
         src_deps = [] if args.source_ckpt else ["source"]
         eval_flags = [*data_flags, "--split", "val", "--fid-features", evalnets / "features.pt", "--segmenter",
                       evalnets / "segmenter.pt", "--workers", "0", *R.evaluate_flags(grid=4, stats_cache="")] + dev
@@ -285,21 +289,36 @@ def main(argv=None):
         free_gpus.put(g)
     logs = out / "logs"
 
+    def step(key, cmd, done, run, again):
+        """One stage, skipped when done (unless `again`: made from a stale input, it starts over); True when it ran."""
+        if done.exists() and not again:
+            return False
+        if run is not None and again:
+            done.unlink(missing_ok=True)  # the marker of the run made before: this one is not finished yet
+        gpu = free_gpus.get() if gpus else None
+        resume = run is not None and (run / "checkpoint.pt").exists() and not again
+        todo = [cmd[0], "--resume", "--out", run] if resume else cmd
+        try:
+            run_step(todo, logs / f"{key}.log", None, threads, env={"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
+        finally:
+            if gpu is not None:
+                free_gpus.put(gpu)
+        if run is not None:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"command": [str(c) for c in todo], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        return True
+
+    source_model = {}  # {seed, collapsed}: the toy source model trained here
+
     def runner(key, cmd, done, run):
-        def go():
-            if done.exists():
-                return
-            gpu = free_gpus.get() if gpus else None
-            todo = [cmd[0], "--resume", "--out", run] if run is not None and (run / "checkpoint.pt").exists() else cmd
-            try:
-                run_step(todo, logs / f"{key}.log", None, threads, env={"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
-            finally:
-                if gpu is not None:
-                    free_gpus.put(gpu)
-            if run is not None:
-                done.parent.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps({"command": [str(c) for c in todo], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        return go
+        if key == "source" and toy:  # True: trained here, what was made from the source model before is made again
+            def go(again):
+                seed, why, ran = train_source(lambda k, anew: step(key, source_cmd(k), done, run, anew), run,
+                                              cfg["source_steps"])
+                source_model.update(seed=seed, collapsed=why)
+                return ran
+            return go
+        return lambda again: step(key, cmd, done, run, again) and again  # made again: its dependants are too
 
     if toy:
         for name in (source, target):
@@ -309,7 +328,7 @@ def main(argv=None):
         schedule({k: (deps, runner(k, cmd, done, run)) for k, (deps, cmd, done, _, run) in plan.tasks.items()}, jobs)
     except RuntimeError as e:
         raise SystemExit(str(e))
-    write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, time.time() - t0, device)
+    write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, time.time() - t0, device, source_model)
 
 
 def check_files(args, source, target, toy):
@@ -353,8 +372,9 @@ def mean(vals):
     return sum(vals) / len(vals) if vals else None
 
 
-def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, wall, device):
-    """table.md (the paper's layout: rows, switch columns, per metric ours | paper | difference) and table.json."""
+def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, wall, device, source_model):
+    """table.md (the paper's layout: rows, switch columns, per metric ours | paper | difference) and table.json;
+    source_model: {seed, collapsed} of a toy source model trained here, else {}."""
     pair, metrics = f"{source}-{target}", spec["metrics"]
     cells, records = {}, []
     for model, rid, label, n, seed, ev, rd in entries:
@@ -365,7 +385,8 @@ def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, ou
                             run=str(rd) if rd else None, ours={k: ours[k] for k in metrics}))
     cmd = "python bench/paper.py " + " ".join(str(a) for a in args.argv)
     lines = [f"# {spec['title']}: {NAMES.get(source, source)} -> {NAMES.get(target, target)}", "",
-             f"{time.strftime('%Y-%m-%d')}, device {device}, seeds {args.seeds}, wall time {wall / 60:.1f} min. "
+             f"{time.strftime('%Y-%m-%d')}, device {device}, seeds {args.seeds}, wall time {wall / 60:.1f} min"
+             f"{', ' + source_note(source_model) if source_model else ''}. "
              f"Command: `{cmd}`. mIoU in %; our numbers are the mean over seeds; the paper's are from the supplement's "
              f"Table {args.table} where the project's notes give them (else '-').", ""]
     for model in args.models:
@@ -392,7 +413,8 @@ def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, ou
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines))
     (out / "table.json").write_text(json.dumps(dict(table=args.table, pair=pair, runs=records,
-                                                    skipped={f"{m} {r}": w for (m, r), w in skipped.items()}), indent=2))
+                                                    skipped={f"{m} {r}": w for (m, r), w in skipped.items()},
+                                                    **({SOURCE_KEY: source_model} if source_model else {})), indent=2))
     print("\n".join(lines))
     print(f"table: {out / 'table.md'}\nruns: {out / 'table.json'}")
 

@@ -6,7 +6,8 @@ project's scripts run as a subprocess, --jobs at a time; finished steps are skip
 run again with the same --out):
   1. the toy evaluation nets (bench/toy_segmenter.py; protocol v3: on a class-balanced pool of 8000 generated
      target images that never overlaps the task's images, v2: on the 500 target training images) and a small
-     source OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch);
+     source OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch), trained
+     again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
   2. affinities (estimate_affinity.py): random (per seed), text (once), supervised and combination (per
      seed and n: the source discriminator on the n target images), hard and soft;
   3. for each n and seed, equal step budgets: a random-init OASIS (no source model), the ablation recipes (the
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import toy  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
-from pipeline import TWO_STAGE_AS_RECORDED, run_step, schedule  # noqa: E402
+from pipeline import SOURCE_KEY, TWO_STAGE_AS_RECORDED, run_step, schedule, source_note, train_source  # noqa: E402
 from rows import ROWS, TOY_LONGTAIL_ROWS, TOY_METHODS as METHODS, TOY_PRESETS as PRESETS, toy_segmenter_cmd, estimate_cmd, evaluate_cmd, evaluate_flags, oasis_cmd  # noqa: E402
 
 RARE = 0.10  # a class is rare when it is in fewer than this share of the n training images
@@ -81,18 +82,32 @@ def main(argv=None):
     tasks = {}
 
     def task(key, deps, cmd, done):  # training steps save their checkpoint (`done`) only at the end and pass
-        # --overwrite, which then clears only an interrupted attempt
-        tasks[key] = (deps, lambda: run_step(cmd, logs / f"{key}.log", done, threads))
+        # --overwrite, which then clears only an interrupted attempt (or, `again`, the run made from a stale input)
+        def go(again):
+            run_step(cmd, logs / f"{key}.log", None if again else done, threads)
+            return again  # made again from a source model trained here: its dependants are made again too
+        tasks[key] = (deps, go)
 
-    # 1. evaluation nets and the source model
+    # 1. evaluation nets and the source model (trained again with the next seed while it collapsed)
     evalnets, source = out / "evalnets", out / "source"
     seg_cmd = toy_segmenter_cmd(toy.task_root("toy-lt-target"), evalnets, cfg["seg_epochs"], cfg["seg_max"])
     v3 = args.protocol == "v3"
     task("evalnets", [], seg_cmd + (["--pool", POOL, "--pool-seed", POOL_SEED] if v3 else []), evalnets / "features.pt")
-    task("source", [], ["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
-                        "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"],
-                        "--eval-every", cfg["source_steps"], *cfg["extra"], "--overwrite", "--out", source] + dev,
-         source / "checkpoint.pt")
+    source_model = {}  # {seed, collapsed}: the source model used
+
+    def train(k, again):
+        ran = again or not (source / "checkpoint.pt").exists()
+        run_step(["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
+                  "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"], "--seed", k,
+                  "--eval-every", cfg["source_steps"], *cfg["extra"], "--overwrite", "--out", source] + dev,
+                 logs / "source.log", None if again else source / "checkpoint.pt", threads)
+        return ran
+
+    def source_task(again):
+        seed, why, ran = train_source(train, source, cfg["source_steps"])
+        source_model.update(seed=seed, collapsed=why)
+        return ran  # trained here: what was made from the source model before is made again
+    tasks["source"] = ([], source_task)
     src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
     eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--workers", "0", *evaluate_flags(grid=4, stats_cache="")] + dev
@@ -161,10 +176,11 @@ def main(argv=None):
     # 5. numbers, table, figures, orderings
     results, n_rare = gather(args, evals)
     cmd = "python bench/toy_longtail.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = format_table(results, args, n_rare, preset, device, wall, cmd)
+    table = format_table(results, args, n_rare, preset, device, wall, cmd, source_model)
     verdicts = orderings(results, args)
     (out / "table.md").write_text(table + "\n" + verdicts)
-    (out / "results.json").write_text(json.dumps({f"{r} n={n}": v for (r, n), v in results.items()}, indent=2))
+    (out / "results.json").write_text(json.dumps({**{f"{r} n={n}": v for (r, n), v in results.items()},
+                                                  SOURCE_KEY: source_model}, indent=2))
     figure(args.rows, evals, min(args.ns), args.seeds[0], out / "figure.png", cfg["limit"])
     plot(results, args, out / "plot.png")
     evaluator = json.loads((evalnets / "evalnets.json").read_text())
@@ -219,7 +235,7 @@ def mean_std(vals):
     return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
 
-def format_table(results, args, n_rare, preset, device, wall, cmd):
+def format_table(results, args, n_rare, preset, device, wall, cmd, source_model):
     def cell(vals, fmt):
         m, s = mean_std(vals)
         return "n/a" if m is None else (fmt % m) + (f" ± {fmt % s}" if len([v for v in vals if v is not None]) > 1 else "")
@@ -227,7 +243,7 @@ def format_table(results, args, n_rare, preset, device, wall, cmd):
     head = "| method | " + " | ".join(f"n={n} FID-toy ↓ | n={n} mIoU ↑ | n={n} rare mIoU ↑" for n in args.ns) + " |"
     where = f"{device} ({os.cpu_count()} CPU cores)" if device == "cpu" else device
     lines = [f"{time.strftime('%Y-%m-%d')}, device {where}, preset `{preset}`, seeds {args.seeds}, --jobs {args.jobs or 'default'}, "
-             f"wall time {wall / 60:.0f} min. Command: `{cmd}`", "",
+             f"wall time {wall / 60:.0f} min, {source_note(source_model)}. Command: `{cmd}`", "",
              "Rare classes (in < 10% of the n training images) per seed: "
              + "; ".join(f"n = {n}: {n_rare[n]}" for n in args.ns) + ".", "",
              head, "|---" * (1 + 3 * len(args.ns)) + "|"]

@@ -4,7 +4,8 @@ Pipeline (each step is one of the project's scripts, run as a subprocess; finish
 skipped when the benchmark is run again with the same --out):
   1. the toy task (toy.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
      trained on the FULL toy target training set (bench/toy_segmenter.py);
-  2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch);
+  2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch),
+     trained again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
   3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source
      discriminator as segmenter), combination (text + supervised; no DINO file here), hard and soft;
   4. at n target images and equal step budgets: a random-init OASIS (no source model); finetune with a random
@@ -29,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
-from pipeline import EMA_AS_RECORDED, SMALL, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step
+from pipeline import (EMA_AS_RECORDED, SMALL, SOURCE_KEY, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step,
+                      source_note, train_source)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,12 +104,20 @@ def main():
     eval_flags = ["--data", "toy-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--stats-cache", out / "fid_stats"] + dev
 
-    # 2. the source model
+    # 2. the source model: trained again with the next seed while it collapsed (bench/pipeline.py train_source)
     source = out / "source"
-    new_source = run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
-                      cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"],
-                      "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
-                     done=source / "checkpoint.pt", steps=source_steps)  # True: everything after it is made anew
+
+    def train(k, again):
+        return run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
+                    cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--seed", k,
+                    "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
+                   done=source / "checkpoint.pt", steps=source_steps, again=again)
+
+    try:
+        source_seed, source_collapsed, new_source = train_source(train, source, source_steps)
+    except RuntimeError as e:
+        raise SystemExit(str(e))
+    # new_source, True: everything after it is made anew
     src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt", *TWO_STAGE_AS_RECORDED]
 
     rows = {}  # row name -> list of results.json dicts (one per seed)
@@ -160,10 +170,12 @@ def main():
             rows[name][-1]["_eval_dir"] = str(ev)
 
     # 5. table + figure
-    table = format_table(rows, args, preset, steps, source_steps, device)
+    source_model = {"seed": source_seed, "collapsed": source_collapsed}
+    table = format_table(rows, args, preset, steps, source_steps, source_model, device)
     (out / "table.md").write_text(table)
     figure(rows, out / "figure.png")
     summary = {name: {k: [r.get(k) for r in rs] for k in ("fid", "miou")} for name, rs in rows.items()}
+    summary[SOURCE_KEY] = source_model
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(table)
     print(f"total {time.time() - t_start:.0f}s")
@@ -174,7 +186,7 @@ def main():
         write_benchmarks(table, out / "figure.png", list(rows))
 
 
-def format_table(rows, args, preset, steps, source_steps, device):
+def format_table(rows, args, preset, steps, source_steps, source_model, device):
     cmd = "python bench/toy_transfer.py " + " ".join(sys.argv[1:])
 
     def cell(vals, fmt):
@@ -184,7 +196,8 @@ def format_table(rows, args, preset, steps, source_steps, device):
         return (fmt % np.mean(vals)) + (f" ± {fmt % np.std(vals)}" if len(vals) > 1 else "")
 
     lines = [f"Toy transfer, n = {args.n} target images, seeds {args.seeds}, preset `{preset}` "
-             f"({steps} steps per target run, source pretrained {source_steps} steps), device {device}.",
+             f"({steps} steps per target run, source pretrained {source_steps} steps, {source_note(source_model)}), "
+             f"device {device}.",
              f"Command: `{cmd}`", "",
              "| method | FID-toy ↓ | mIoU ↑ |", "|---|---|---|"]
     for name, rs in rows.items():

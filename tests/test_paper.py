@@ -33,7 +33,10 @@ def test_table10_toy_quick_end_to_end(tmp_path):
     for _, label in R.TABLES["10"]["rows"]["oasis"]:
         assert f"| {label} |" in table
     assert "FreezeD | 2 stage | Resid. | CAT" in table
-    runs = json.loads((out / "table.json").read_text())["runs"]
+    record = json.loads((out / "table.json").read_text())
+    assert record["source model"] == {"seed": 0, "collapsed": None}  # the toy source trained here (too short to judge)
+    assert "source model seed 0. Command:" in table
+    runs = record["runs"]
     assert [x["row"] for x in runs] == [rid for rid, _ in R.TABLES["10"]["rows"]["oasis"]]
     for x in runs:
         res = json.loads(open(x["results"]).read())

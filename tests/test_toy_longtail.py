@@ -87,7 +87,8 @@ def test_benchmark_pipeline_two_steps(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary) == {f"{row} n=25" for row in rows}
+    assert set(summary) == {f"{row} n=25" for row in rows} | {"source model"}
+    assert summary.pop("source model") == {"seed": 0, "collapsed": None}  # 2 steps: not judged, the first seed
     for cell in summary.values():
         assert len(cell["miou"]) == 1 and 0 <= cell["miou"][0] <= 1 and cell["fid"][0] >= 0
     run = out / "n25" / "seed0" / "run_cat-random-hard"

@@ -13,7 +13,10 @@ def test_quick_pipeline_writes_grid_and_results(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary) == {"CAT training-free, combination", "CAT finetuned, combination (hard)"}
+    assert set(summary) == {"CAT training-free, combination", "CAT finetuned, combination (hard)", "source model"}
+    # the source model used (4 steps: too short for the collapse check, so the first seed) is recorded
+    assert summary["source model"] == {"seed": 0, "collapsed": None}
+    assert "source pretrained 4 steps, source model seed 0)" in (out / "table.md").read_text()
     ev = out / "seed0" / "eval_cat_finetuned_combination_hard"
     res = json.loads((ev / "results.json").read_text())
     assert res["fid"] >= 0 and 0 <= res["miou"] <= 1
