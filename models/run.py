@@ -8,7 +8,7 @@
 - Stateless randomness: a step's batch, its items' augmentations and its noise are functions of (seed, step)
   alone (`step_seed`, `batch_keys`, `Seeded`), so a resumed run draws exactly what an uninterrupted one would.
 - torchrun: `init_distributed` (returns the device), the stop broadcast, one bucketed gradient average.
-- `Best`: keep-best and early stopping on the validation FID."""
+- `Best`: keep-best and early stopping on the validation FID; `finish_evaluation`: how every evaluation ends."""
 import argparse
 import errno
 import fcntl
