@@ -317,9 +317,8 @@ def main(argv=None):
     target = train_ds.classes
     data.check_labels(train_ds)
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
-    if ckpt is not None:
-        data.compare_classes(ckpt["target"]["names"], train_ds.classes, f"the run in {args.out}", f"--data {args.data} now")
-        run.check_data(ckpt["data"], data_fp, args)
+    if ckpt is not None:  # the same classes and files as the run's
+        run.check_data(ckpt, train_ds.classes, data_fp, args, data.compare_classes)
 
     # models: a fresh run builds them, a resumed one restores every tensor
     if ckpt is None:
@@ -377,20 +376,15 @@ def main(argv=None):
         if fid is not None:
             entry["fid"] = fid()
             better = best.update(entry["fid"], s)
-            tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} (best {best.fid:.2f} at step {best.step})")
+            tqdm.write(best.line(s, entry["fid"]))
         state = {"kind": "oasis-cat", "format": run.FORMAT, "step": s, "args": vars(args), "amp": amp, "affinity": A,
                  "source": source_info, "data": data_fp, "target": data.table_info(target), "G_kwargs": G.kwargs,
                  "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
                  "optG": optG.state_dict(), "optD": optD.state_dict(), "scalers": [sc.state_dict() for sc in scalers],
                  **best.state()}
         # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
-        run.append_log(out / "log.jsonl", entry)
-        curves.update(out, board)  # curves.png (+ TensorBoard events) from log.jsonl
-        if better:
-            run.save(state, out / "best.pt")
-        run.save(state, out / "checkpoint.pt")
-        run.record(out)  # what --overwrite may remove
-        return run.broadcast_stop(best.stop, device)
+        return run.finish_evaluation(out, state, entry, better, best, device, lambda: curves.update(out, board),
+                                     best_first=True)  # curves.png (+ TensorBoard events) from log.jsonl
 
     # training
     total = args.stage1_steps + args.stage2_steps
@@ -440,8 +434,7 @@ def main(argv=None):
     if step == 0 and total == 0:  # training-free: save the model as built
         evaluate_and_save(0)
     if master:
-        at = f", best FID {best.fid:.2f} at step {best.step} in {out / 'best.pt'}" if best.fid is not None else ""
-        print(f"done: {out / 'checkpoint.pt'} (step {step})" + at)
+        print(f"done: {out / 'checkpoint.pt'} (step {step})" + best.summary(out / "best.pt"))
     run.finish(ddp)
     return G, D, G_ema
 

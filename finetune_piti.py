@@ -263,9 +263,8 @@ def main(argv=None):
     target = train_ds.classes
     data.check_labels(train_ds)  # every label file read once: a bad id fails here, in one line
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
-    if ckpt is not None:
-        data.compare_classes(ckpt["target"]["names"], train_ds.classes, f"the run in {args.out}", f"--data {args.data} now")
-        run.check_data(ckpt["data"], data_fp, args)
+    if ckpt is not None:  # the same classes and files as the run's
+        run.check_data(ckpt, train_ds.classes, data_fp, args, data.compare_classes)
     source = data.class_table(args.source, args.source_root)
     if ckpt is not None:  # the 1x1 convs come back from the checkpoint: the affinity file is not read again
         A, M = ckpt["affinity"], None
@@ -358,8 +357,7 @@ def main(argv=None):
             if fid is not None:
                 entry["fid"] = fid()
                 better = best.update(entry["fid"], s)
-                tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} ({args.select_steps}+{args.select_up_steps} "
-                           f"steps), best {best.fid:.2f} at step {best.step}")
+                tqdm.write(best.line(s, entry["fid"], f"{args.select_steps}+{args.select_up_steps} steps"))
         state = {"kind": "piti-cat", "format": run.FORMAT, "step": s, "args": vars(args), "init": "piti",
                  "amp": amp, "affinity": A, "data": data_fp,
                  "source": data.table_info(source), "target": data.table_info(target),
@@ -369,13 +367,8 @@ def main(argv=None):
         for name, ps in saved.items():
             state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
             state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()} if name in ema else state[name]
-        run.append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
-        curves.update(out, board)  # curves.png (+ TensorBoard events) from log.jsonl
-        run.save(state, out / "checkpoint.pt")
-        if better:
-            run.save(state, out / "best.pt")
-        run.record(out)  # what --overwrite may remove
-        return run.broadcast_stop(best.stop, device)
+        return run.finish_evaluation(out, state, entry, better, best, device,  # log line, curves, checkpoints
+                                     lambda: curves.update(out, board))  # curves.png (+ TensorBoard events)
 
     # training
     last = done = step  # `last`: the step of the last checkpoint written
@@ -405,8 +398,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
         raise run.interrupted("finetune_piti.py", args, given, last) from None
     if master:  # the run's last line: steps trained, its checkpoint, the best FID where there is one
-        at = f", best FID {best.fid:.2f} at step {best.step} ({out / 'best.pt'})" if best.fid is not None else ""
-        print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{at}")
+        print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{best.summary(out / 'best.pt')}")
     run.finish(ddp)
 
 

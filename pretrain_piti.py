@@ -268,9 +268,8 @@ def main(argv=None):
     classes = train_ds.classes
     data.check_labels(train_ds)  # every label file read once: a bad id fails here, in one line
     data_fp = run.data_fingerprint(train_ds)  # a resumed run must train on the same files
-    if ckpt is not None:
-        data.compare_classes(ckpt["target"]["names"], train_ds.classes, f"the run in {args.out}", f"--data {args.data} now")
-        run.check_data(ckpt["data"], data_fp, args)
+    if ckpt is not None:  # the same classes and files as the run's
+        run.check_data(ckpt, train_ds.classes, data_fp, args, data.compare_classes)
 
     # models (GLIDE decoders), what trains, EMA, optimiser, timestep samplers
     if ckpt is not None and args.upsampler and not args.glide_up_ckpt:  # the run's upsampler, found by its sha256
@@ -365,8 +364,7 @@ def main(argv=None):
             if fid is not None:
                 entry["fid"] = fid()
                 better = best.update(entry["fid"], s)
-                tqdm.write(f"step {s}: validation FID {entry['fid']:.2f} ({args.select_steps}+{args.select_up_steps} "
-                           f"steps), best {best.fid:.2f} at step {best.step}")
+                tqdm.write(best.line(s, entry["fid"], f"{args.select_steps}+{args.select_up_steps} steps"))
             for name, m in models.items():  # the EMA weights: a later run's --base / --upsampler
                 run.save(glide.official_state(m), out / EXPORTS[name])
         files = {"up": up_file, **{name: run.file_record(out / EXPORTS[name]) for name in models}}  # its own exports
@@ -381,13 +379,8 @@ def main(argv=None):
         for name, ps in params.items():
             state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
             state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()}
-        run.append_log(out / "log.jsonl", entry)  # before the checkpoint: a resume from an older one drops it again
-        curves.update(out)  # curves.png from log.jsonl
-        run.save(state, out / "checkpoint.pt")
-        if better:
-            run.save(state, out / "best.pt")
-        run.record(out)  # what --overwrite may remove
-        return run.broadcast_stop(best.stop, device)
+        return run.finish_evaluation(out, state, entry, better, best, device,  # log line, curves, checkpoints
+                                     lambda: curves.update(out))  # curves.png from log.jsonl
 
     # training
     last = done = step  # `last`: the step of the last checkpoint written
@@ -417,8 +410,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: one line saying where the run can continue from (models.cli prints it)
         raise run.interrupted("pretrain_piti.py", args, given, last) from None
     if master:  # the run's last line: steps trained, its checkpoint, the best FID where there is one
-        at = f", best FID {best.fid:.2f} at step {best.step} ({out / 'best.pt'})" if best.fid is not None else ""
-        print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{at}")
+        print(f"done: {done} steps, checkpoint {out / 'checkpoint.pt'}{best.summary(out / 'best.pt')}")
     run.finish(ddp)
 
 

@@ -8,7 +8,7 @@
 - Stateless randomness: a step's batch, its items' augmentations and its noise are functions of (seed, step)
   alone (`step_seed`, `batch_keys`, `Seeded`), so a resumed run draws exactly what an uninterrupted one would.
 - torchrun: `init_distributed` (returns the device), the stop broadcast, one bucketed gradient average.
-- `Best`: keep-best and early stopping on the validation FID."""
+- `Best`: keep-best and early stopping on the validation FID; `finish_evaluation`: how every evaluation ends."""
 import argparse
 import errno
 import fcntl
@@ -347,9 +347,12 @@ def data_fingerprint(ds):
     return {"pairs": len(ds.files), "sha1": h.hexdigest()}
 
 
-def check_data(saved, now, args):
-    """Refuse (one line) to resume on other training files than the run's. The files are compared by their
-    fingerprint, not by the spelling of --data-root: a dataset moved to another folder resumes."""
+def check_data(ckpt, classes, now, args, compare_classes):
+    """Refuse (one line) to resume on other data than the run's: other `classes` (the dataset's ClassTable, by
+    `compare_classes`, i.e. data.compare_classes: models/ never imports data.py), then other files (`now`, their
+    data_fingerprint), compared by content, not by the spelling of --data-root: a moved dataset resumes."""
+    compare_classes(ckpt["target"]["names"], classes, f"the run in {args.out}", f"--data {args.data} now")
+    saved = ckpt["data"]
     if saved == now:
         return
     a, b = saved["pairs"], now["pairs"]
@@ -570,6 +573,15 @@ class Best:
     def stop(self):
         return self.bad >= self.patience
 
+    def line(self, step, fid, what=""):
+        """An evaluation's console line (after `update`): its FID, what measured it ('250+fast27 steps'), the best."""
+        at = f"best {self.fid:.2f} at step {self.step}"
+        return f"step {step}: validation FID {fid:.2f} " + (f"({what}), {at}" if what else f"({at})")
+
+    def summary(self, path):
+        """The end of a run's last line (`path`: its best.pt): ', best FID <fid> at step <step> (<path>)' or ''."""
+        return f", best FID {self.fid:.2f} at step {self.step} ({path})" if self.fid is not None else ""
+
     def state(self):
         """The checkpoint's keys for it."""
         return {"best_fid": self.fid, "best_step": self.step, "bad_evals": self.bad}
@@ -580,6 +592,23 @@ class Best:
         if fid_network_changed(ckpt["args"], args):
             return cls(args.patience)
         return cls(args.patience, ckpt["best_fid"], ckpt["best_step"], ckpt["bad_evals"])
+
+
+def finish_evaluation(out, state, entry, better, best, device, redraw, best_first=False):
+    """The end of an evaluation on rank 0, in this order: log line `entry`, `redraw()` (the script's curves.update:
+    models/curves.py imports this module), checkpoint.pt and, when `better`, best.pt (both `state`), the manifest;
+    -> best.stop on every rank (the other ranks call broadcast_stop alone). The log line goes first: a run killed
+    after it resumes from the older checkpoint, which drops later log lines and redoes the evaluation. best_first
+    (finetune_oasis.py): best.pt before checkpoint.pt too: a kill between the two redoes best.pt's evaluation."""
+    append_log(Path(out) / "log.jsonl", entry)
+    redraw()
+    if better and best_first:
+        save(state, Path(out) / "best.pt")
+    save(state, Path(out) / "checkpoint.pt")
+    if better and not best_first:
+        save(state, Path(out) / "best.pt")
+    record(out)  # what --overwrite may remove
+    return broadcast_stop(best.stop, device)
 
 
 def fid_network_changed(saved, args):

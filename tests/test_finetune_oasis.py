@@ -501,6 +501,8 @@ def test_console_fid_and_no_best_notice(source, tmp_path, capsys):
     for s in (1, 2):
         assert f"step {s}: validation FID {fids[s]:.2f} (best " in out
     assert f"(best {best:.2f} at step {min(fids, key=fids.get)})" in out and "no best.pt" not in out
+    assert out.splitlines()[-1] == (f"done: {tmp_path / 'fid' / 'checkpoint.pt'} (step 2), best FID {best:.2f} at step "
+                                    f"{min(fids, key=fids.get)} ({tmp_path / 'fid' / 'best.pt'})")
     args = cat_args(source, tmp_path / "nofid", *steps)
     i = args.index("--fid-features")
     del args[i:i + 2]
@@ -508,4 +510,5 @@ def test_console_fid_and_no_best_notice(source, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("no best.pt") == 1 and str(tmp_path / "nofid" / "checkpoint.pt") in out
     assert "validation FID" not in out.replace("no validation FID", "")
+    assert out.splitlines()[-1] == f"done: {tmp_path / 'nofid' / 'checkpoint.pt'} (step 2)"  # no best FID to name
     assert not (tmp_path / "nofid" / "best.pt").exists() and (tmp_path / "nofid" / "checkpoint.pt").is_file()
