@@ -348,7 +348,7 @@ def main(argv=None):
         restore_scalers(scalers, ckpt["scalers"])  # fp16 loss scales continue where they were
         step, best = ckpt["step"], run.Best.resume(ckpt, args)
         if master:
-            run.truncate_log(out / "log.jsonl", step)
+            curves.truncate_log(out / "log.jsonl", step)
     board = curves.Board(out, step) if args.tensorboard and master else None
 
     # evaluation: samples from metrics' sampler (EMA in eval mode, noise seeded per image, global RNG untouched)
@@ -382,9 +382,7 @@ def main(argv=None):
                  "D_kwargs": D.kwargs, "G": G.state_dict(), "D": D.state_dict(), "EMA": G_ema.state_dict(),
                  "optG": optG.state_dict(), "optD": optD.state_dict(), "scalers": [sc.state_dict() for sc in scalers],
                  **best.state()}
-        # log and best.pt first: killed before checkpoint.pt, a resume drops the line and redoes this evaluation
-        return run.finish_evaluation(out, state, entry, better, best, device, lambda: curves.update(out, board),
-                                     best_first=True)  # curves.png (+ TensorBoard events) from log.jsonl
+        return run.finish_evaluation(out, state, entry, better, best, device, board)  # log, curves, best.pt, checkpoint
 
     # training
     total = args.stage1_steps + args.stage2_steps
@@ -392,7 +390,7 @@ def main(argv=None):
         print(f"{args.init}: {target.dataset} ({len(train_ds)} images, {target.n_channels} channels) from "
               f"{source_info['dataset']}; {total} steps, batch {args.batch} on {world} x {device}, {amp}")
         if step == 0:  # the recipe, then the model before training (training-free CAT)
-            run.append_log(out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
+            curves.append_log(out / "log.jsonl", {"step": 0, "recipe": args.recipe, "flags": {
                 k: getattr(args, k) for k in ("affinity", "stages", "g_train", "no_residual", "freeze_d", "d_head", "lr")}})
             metrics.sample_grid(sample, grid, out / "samples" / f"{0:06d}.png")
             run.record(out)
@@ -420,7 +418,7 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(stage=stage, G=f"{lg:.3f}", D=f"{ld:.3f}")
             if master and (step % args.log_every == 0 or step == total):
-                run.append_log(out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
+                curves.append_log(out / "log.jsonl", {"step": step, "stage": stage, "loss_G": lg, "loss_D": ld,
                                                    "sec": round(time.time() - t0, 3)})
             if step % args.eval_every == 0 or step == total:
                 stop, last_saved = evaluate_and_save(step), step

@@ -319,7 +319,7 @@ def main(argv=None):
                   f"{args.select_up_steps}: best-FID tracking and early stopping start anew")
             best = run.Best(args.patience)
         if master:  # a killed run may have logged steps past its last checkpoint
-            run.truncate_log(out / "log.jsonl", step)
+            curves.truncate_log(out / "log.jsonl", step)
     board = curves.Board(out, step) if args.tensorboard and master else None  # --tensorboard's events
 
     # evaluation: the EMA models' cascade on fixed val maps and seeds; FID with a feature network
@@ -367,8 +367,7 @@ def main(argv=None):
         for name, ps in saved.items():
             state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
             state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()} if name in ema else state[name]
-        return run.finish_evaluation(out, state, entry, better, best, device,  # log line, curves, checkpoints
-                                     lambda: curves.update(out, board))  # curves.png (+ TensorBoard events)
+        return run.finish_evaluation(out, state, entry, better, best, device, board)  # log, curves, best.pt, checkpoint
 
     # training
     last = done = step  # `last`: the step of the last checkpoint written
@@ -386,7 +385,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1
             if master and (done % args.log_every == 0 or done == args.steps):
-                run.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                curves.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
                                                    "sec_per_step": (time.time() - t0) / (done - step)})
             if done % args.eval_every == 0 or done == args.steps:
                 stop, last = evaluate_and_save(done), done

@@ -314,7 +314,7 @@ def main(argv=None):
                   f"{args.select_up_steps}: best-FID tracking and early stopping start anew")
             best = run.Best(args.patience)
         if master:  # a killed run may have logged steps past its last checkpoint
-            run.truncate_log(out / "log.jsonl", step)
+            curves.truncate_log(out / "log.jsonl", step)
     up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
 
     # evaluation. Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the
@@ -379,8 +379,7 @@ def main(argv=None):
         for name, ps in params.items():
             state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
             state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()}
-        return run.finish_evaluation(out, state, entry, better, best, device,  # log line, curves, checkpoints
-                                     lambda: curves.update(out))  # curves.png from log.jsonl
+        return run.finish_evaluation(out, state, entry, better, best, device)  # log, curves, best.pt, checkpoint
 
     # training
     last = done = step  # `last`: the step of the last checkpoint written
@@ -398,7 +397,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.4f}")
             done = s + 1
             if master and (done % args.log_every == 0 or done == args.steps):
-                run.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
+                curves.append_log(out / "log.jsonl", {"step": done, "loss": loss, **logs,
                                                    "sec_per_step": (time.time() - t0) / (done - step)})
             if done % args.eval_every == 0 or done == args.steps:
                 stop, last = evaluate_and_save(done), done

@@ -1,7 +1,9 @@
 """Training curves of a run folder, drawn from its log.jsonl (the run's one record): `update(out)` writes
 <out>/curves.png (PIL only) -- each loss smoothed over its raw values drawn faint, validation FID/KID where
 measured, the stage-1 -> stage-2 boundary and the step of best.pt marked -- and, given a `Board`, the same
-scalars and the sample grids as TensorBoard events (--tensorboard of the finetuning scripts)."""
+scalars and the sample grids as TensorBoard events (--tensorboard of the finetuning scripts). The log itself is
+read, appended to and truncated (a resumed run drops the lines past its checkpoint) here too."""
+import json
 import os
 from pathlib import Path
 
@@ -9,7 +11,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import DataError
-from .run import read_log
 from .figures import GREY, INK, font, text_width
 
 NOT_LOSSES = {"step", "stage", "sec", "sec_per_step", "grid", "recipe", "flags", "fid", "kid"}
@@ -155,6 +156,39 @@ def draw(entries, title):
     for i, (name, series, points, log) in enumerate(panels):
         panel(d, head + i * PANEL_H, name, series, x_max, marks, points, log)
     return img
+
+
+def read_log(path):
+    """log.jsonl's entries (dicts), in order; [] when there is none. Only the last line may be torn (a run killed
+    while writing it): it is left out; a bad line before it is one DataError line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    entries = []
+    for k, ln in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(ln))
+        except ValueError:
+            if k < len(lines):
+                raise DataError(f"{path}: line {k} is not JSON; expected one JSON object a line") from None
+    return entries
+
+
+def truncate_log(path, step):
+    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run restarts from)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [json.dumps(e) for e in read_log(path) if e.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def append_log(path, entry):
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def update(out, board=None):

@@ -3,8 +3,8 @@
 - One plain checkpoint dict (with a `format` version), written atomically and read weights-only.
 - A run folder: never an input folder, locked for its one writer (fcntl.flock, released when the process
   dies), its files listed in a manifest so that --overwrite removes exactly those and nothing else.
-- Resume: the run's own flags, the same data (fingerprint), files recorded by size and sha256; logs that
-  hold each step once.
+- Resume: the run's own flags, the same data (fingerprint), files recorded by size and sha256; the
+  log (models/curves.py: read_log, append_log, truncate_log) holds each step once.
 - Stateless randomness: a step's batch, its items' augmentations and its noise are functions of (seed, step)
   alone (`step_seed`, `batch_keys`, `Seeded`), so a resumed run draws exactly what an uninterrupted one would.
 - torchrun: `init_distributed` (returns the device), the stop broadcast, one bucketed gradient average.
@@ -13,7 +13,6 @@ import argparse
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import random
 import shlex
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models import DataError, no_file
+from models import DataError, curves, no_file
 
 
 FORMAT = 2  # the checkpoint format this version writes and reads (1: before the format key; other PITI file records)
@@ -449,39 +448,6 @@ def parse_with_given(parser, argv=None):
     return args, {k for k, v in vars(probe).items() if v is not unset}
 
 
-def read_log(path):
-    """log.jsonl's entries (dicts), in order; [] when there is none. Only the last line may be torn (a run killed
-    while writing it): it is left out; a bad line before it is one DataError line."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    entries = []
-    for k, ln in enumerate(lines, 1):
-        try:
-            entries.append(json.loads(ln))
-        except ValueError:
-            if k < len(lines):
-                raise DataError(f"{path}: line {k} is not JSON; expected one JSON object a line") from None
-    return entries
-
-
-def truncate_log(path, step):
-    """Drop log.jsonl lines past `step` (written after the checkpoint a resumed run restarts from)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    keep = [json.dumps(e) for e in read_log(path) if e.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
-def append_log(path, entry):
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------
 # Stateless randomness: everything a step draws is a function of (run seed, step), so a resumed run draws
 # exactly what an uninterrupted one would, whatever the number of data-loader workers.
@@ -594,19 +560,16 @@ class Best:
         return cls(args.patience, ckpt["best_fid"], ckpt["best_step"], ckpt["bad_evals"])
 
 
-def finish_evaluation(out, state, entry, better, best, device, redraw, best_first=False):
-    """The end of an evaluation on rank 0, in this order: log line `entry`, `redraw()` (the script's curves.update:
-    models/curves.py imports this module), checkpoint.pt and, when `better`, best.pt (both `state`), the manifest;
-    -> best.stop on every rank (the other ranks call broadcast_stop alone). The log line goes first: a run killed
-    after it resumes from the older checkpoint, which drops later log lines and redoes the evaluation. best_first
-    (finetune_oasis.py): best.pt before checkpoint.pt too: a kill between the two redoes best.pt's evaluation."""
-    append_log(Path(out) / "log.jsonl", entry)
-    redraw()
-    if better and best_first:
+def finish_evaluation(out, state, entry, better, best, device, board=None):
+    """The end of an evaluation on rank 0, in this order: log line `entry`, curves.png (+ TensorBoard events with
+    a curves.Board), best.pt when `better`, checkpoint.pt (both `state`), the manifest; -> best.stop on every
+    rank (the other ranks call broadcast_stop alone). A run killed after the log line or best.pt resumes from the
+    older checkpoint, which drops the later log lines and redoes this evaluation (best.pt included)."""
+    curves.append_log(Path(out) / "log.jsonl", entry)
+    curves.update(out, board)
+    if better:
         save(state, Path(out) / "best.pt")
     save(state, Path(out) / "checkpoint.pt")
-    if better and not best_first:
-        save(state, Path(out) / "best.pt")
     record(out)  # what --overwrite may remove
     return broadcast_stop(best.stop, device)
 

@@ -890,10 +890,10 @@ def test_checkpoint_load_says_why(W, name, words):
 def test_truncate_log_drops_a_torn_last_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
-    models.run.truncate_log(log, 2)
+    models.curves.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    one_line(lambda: models.run.truncate_log(log, 2), "log.jsonl", "line 2")
+    one_line(lambda: models.curves.truncate_log(log, 2), "log.jsonl", "line 2")
 
 
 # ---------------------------------------------------------------------------------------------- kill -9, resume

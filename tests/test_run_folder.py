@@ -12,7 +12,7 @@ from PIL import Image
 
 import finetune_oasis
 from conftest import REPO
-from models import DataError, run
+from models import DataError, curves, run
 
 TINY = ["--init", "scratch", "--data", "toy-target", "--channels", "4", "--z-dim", "8", "--spade-hidden", "8",
         "--d-channels", "3,8,8,16,16,16,16", "--d-last", "8", "--batch", "2", "--n", "4", "--bn-batches", "2",
@@ -166,31 +166,26 @@ def test_resume_after_the_classes_were_reordered_or_grown_is_refused(tmp_path):
     refused(lambda: finetune_oasis.main(["--out", str(tmp_path / "o"), "--resume"]), "classes")
 
 
-@pytest.mark.parametrize("best_first", [True, False])
-def test_finish_evaluation_writes_in_the_order_of_its_script(tmp_path, best_first):
-    """run.finish_evaluation: the log line, then the redraw (which sees it), then the checkpoints, best.pt before
-    checkpoint.pt for finetune_oasis (best_first) and after it for the PITI scripts: a write that fails leaves
-    the files before it written and the ones after it not. Without a failure it records its files in the
-    manifest and returns best.stop."""
+@pytest.mark.parametrize("failing", ["best.pt", "checkpoint.pt"])
+def test_finish_evaluation_writes_in_its_order(tmp_path, failing):
+    """run.finish_evaluation: the log line, curves.png, best.pt, then checkpoint.pt: a write that fails leaves
+    the files before it written and the ones after it not (a kill between them resumes from the older checkpoint
+    and redoes the evaluation). Without a failure it records its files in the manifest and returns best.stop."""
     out = tmp_path / "run"
     out.mkdir()
-    later = "checkpoint.pt" if best_first else "best.pt"
-    earlier = "best.pt" if best_first else "checkpoint.pt"
-    (out / later).mkdir()  # os.replace onto a folder fails: this write fails, in one line
-    seen = []
-
-    def redraw():
-        seen.append([e["step"] for e in run.read_log(out / "log.jsonl")])
-
+    (out / failing).mkdir()  # os.replace onto a folder fails: this write fails, in one line
     best = run.Best(patience=1)
     best.update(5.0, 1)
-    refused(lambda: run.finish_evaluation(out, {"step": 1}, {"step": 1, "fid": 5.0}, True, best, "cpu", redraw,
-                                          best_first), str(out / later), "could not write")
-    assert seen == [[1]] and (out / later).is_dir()
-    assert torch.load(out / earlier, weights_only=True)["step"] == 1
-    (out / later).rmdir()
+    refused(lambda: run.finish_evaluation(out, {"step": 1}, {"step": 1, "fid": 5.0}, True, best, "cpu"),
+            str(out / failing), "could not write")
+    assert [e["step"] for e in curves.read_log(out / "log.jsonl")] == [1] and (out / "curves.png").is_file()
+    if failing == "checkpoint.pt":
+        assert torch.load(out / "best.pt", weights_only=True)["step"] == 1
+    assert not (out / "checkpoint.pt").is_file()
+    (out / failing).rmdir()
     better = best.update(6.0, 2)  # not better: the second evaluation without improvement stops (patience 1)
-    assert run.finish_evaluation(out, {"step": 2}, {"step": 2, "fid": 6.0}, better, best, "cpu", redraw, best_first)
-    assert seen == [[1], [1, 2]] and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert torch.load(out / "best.pt", weights_only=True)["step"] == 1 if best_first else not (out / "best.pt").exists()
-    assert set(run.recorded_files(out)) >= {"log.jsonl", "checkpoint.pt"}
+    assert run.finish_evaluation(out, {"step": 2}, {"step": 2, "fid": 6.0}, better, best, "cpu")
+    assert [e["step"] for e in curves.read_log(out / "log.jsonl")] == [1, 2]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (out / "best.pt").is_file() == (failing == "checkpoint.pt")
+    assert set(run.recorded_files(out)) >= {"log.jsonl", "checkpoint.pt", "curves.png"}
