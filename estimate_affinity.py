@@ -46,8 +46,9 @@ import torch
 
 import data
 import metrics
-from models import (ArgumentParser, DataError, affinity, amp, cli, no_file, nonneg_int, positive_float,
-                    positive_int, run, segmenters)
+from models import (ArgumentParser, DataError, affinity, cli, no_file, nonneg_int, positive_float, positive_int, run,
+                    segmenters)
+from models.amp import HELP as AMP_HELP, MODES as AMP_MODES, pick as pick_amp
 from models.weights import by_hand_missing, names, resolve
 from models.dino import load_dino
 from models.text import text_encoder
@@ -279,7 +280,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu (default: cuda if visible)")
     p.add_argument("--batch", type=positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes (default: 0)")
-    p.add_argument("--amp", default="auto", choices=amp.MODES, help="segmenter and DINO precision: " + amp.HELP + " (default: auto)")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="segmenter and DINO precision: " + AMP_HELP + " (default: auto)")
     args = p.parse_args(argv)
     if isinstance(args.weights, str):
         args.weights = parse_weights(args.weights)
@@ -310,18 +311,18 @@ def estimate_text(args, target, source, device):
     return affinity.text_affinity(encode, target, source, args.synonyms, args.temperature), None, desc, [clip] if clip else []
 
 
-def estimate_supervised(args, images, target, source, s_name, device):
+def estimate_supervised(args, images, target, source, s_name, device, amp):
     """`images`: a function that opens the target training images (once, after the segmenter loaded)."""
     segment, desc, path, kwargs = load_segmenter(args, source, s_name, device)
     images = images()
     if kwargs is not None:  # the source discriminator: sides that are multiples of 2**blocks, its generator's height
         affinity.fit_discriminator(kwargs, images.size, path, f"--size {args.size}")
     A, present = affinity.supervised_affinity(segment, images, target, source, args.seg_stat, device, args.batch,
-                                              amp.pick(args.device, args.amp), args.workers)
+                                              amp, args.workers)
     return A, present, desc, [path]
 
 
-def estimate_self_supervised(args, images, target, source, device):
+def estimate_self_supervised(args, images, target, source, device, amp):
     weights = str(resolve(args.dino_weights, "--dino-weights"))
     vit = load_dino(weights).to(device)
     images = images()
@@ -336,14 +337,14 @@ def estimate_self_supervised(args, images, target, source, device):
     data.check_labels(src)
     print(f"source images for prototypes: {len(src)} from {src.root}")
     A, t_present = affinity.dino_affinity(vit, src, images, source, target, args.dino_size, device, args.batch,
-                                          amp.pick(args.device, args.amp), args.temperature)
+                                          amp, args.temperature)
     return A, t_present, desc, [weights]
 
 
-def estimate_rows(args, target, source, s_name, device, hand):
+def estimate_rows(args, target, source, s_name, device, hand, amp):
     """The estimate of --method (rows of `target`, summing to 1), the per-method matrices, and what the report
     and affinity.json record: {method: encoder}, files read, {method: why skipped}, {row: note}. `hand`: the rows
-    of --hand (read_mapping) for --method hand."""
+    of --hand (read_mapping) for --method hand; `amp`: the segmenter's and DINO's precision mode (models.amp)."""
     encoders, files, skipped, marks, estimates, text = {}, [], {}, {}, {}, {}
     methods = ([args.method] if args.method in ESTIMATORS else
                [m for m, w in args.weights.items() if w > 0] if args.method == "combination" else [])
@@ -373,7 +374,7 @@ def estimate_rows(args, target, source, s_name, device, hand):
             estimates[m] = text_rows()
             continue
         run = estimate_supervised if m == "supervised" else estimate_self_supervised
-        A, present, encoders[m], more = run(args, target_images, target, source, *([s_name] if m == "supervised" else []), device)
+        A, present, encoders[m], more = run(args, target_images, target, source, *([s_name] if m == "supervised" else []), device, amp)
         files.extend(more)
         if not present.all():  # rows of target classes absent from the images come from the text method
             A[~present] = text_rows()[~present]
@@ -403,6 +404,7 @@ def estimate_rows(args, target, source, s_name, device, hand):
 
 def main(argv=None):
     args = get_args(argv)
+    amp = pick_amp(args.device, args.amp)  # what --amp means on this machine: refused here, before any model loads
     s_name, s_root, source = open_table(args.source, "--source")
     t_name, t_root, target = open_table(args.target, "--target")
     refuse_lacking(args, s_name)
@@ -424,7 +426,7 @@ def main(argv=None):
           + (", with an estimated row for the unlabelled value 0 (--void-row)" if void else ""))
     rows_table = affinity.with_void(target) if void else target  # the estimate's rows
     hand = read_mapping(args.hand, target, source, "--hand") if args.method == "hand" else {}
-    estimate, estimates, info, marks = estimate_rows(args, rows_table, source, s_name, torch.device(args.device), hand)
+    estimate, estimates, info, marks = estimate_rows(args, rows_table, source, s_name, torch.device(args.device), hand, amp)
 
     A = estimate.copy() if args.soft else affinity.harden(estimate, source)
     over = read_mapping(args.override, target, source, "--override") if args.override else {}

@@ -364,8 +364,8 @@ def main(argv=None):
                   f"evaluate {out / 'checkpoint.pt'} (the last)")
 
     def evaluate_and_save(s):
-        """BN pass on the EMA, grid, FID, checkpoint.pt (+ best.pt on a better FID) on rank 0; on every rank:
-        True when early stopping says stop."""
+        """BN pass on the EMA, grid, FID, then run.finish_evaluation (log line, curves, best.pt on a better FID,
+        checkpoint.pt) on rank 0; on every rank: True when early stopping says stop."""
         if not master:
             return run.broadcast_stop(False, device)
         entry, better = {"step": s, "grid": f"samples/{s:06d}.png"}, False

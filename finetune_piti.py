@@ -343,8 +343,8 @@ def main(argv=None):
                   f"{out / 'checkpoint.pt'} (the last evaluation's model)")
 
     def evaluate_and_save(s):
-        """EMA grid, FID, log line, checkpoint.pt (and best.pt on a better FID) on rank 0; on every rank: True
-        when early stopping says stop."""
+        """EMA grid, FID, then run.finish_evaluation (log line, curves, best.pt on a better FID, checkpoint.pt) on
+        rank 0; on every rank: True when early stopping says stop."""
         if not master:
             return run.broadcast_stop(False, device)
         for m in present.values():

@@ -34,8 +34,8 @@ Public functions (stable names; the finetune scripts use the first group for ear
     provenance(argv=None, script) -> command line, git commit, package versions (results.json); Said: the
         stdout that keeps the warning lines for it
 
-`amp` is a precision mode of models/amp.py ('bf16', 'fp16', 'fp32'; autocast on CUDA, bf16 also on the CPU;
-a bool, from older callers, means bf16 on CUDA only).
+`amp` is a precision mode of models/amp.py ('bf16', 'fp16', 'fp32'; autocast on CUDA, bf16 also on the CPU);
+metrics' functions take the mode the caller picked (default 'fp32'), never None: it names cached statistics.
 """
 import copy
 import hashlib
@@ -218,11 +218,11 @@ def stats_key(dataset, net, amp="fp32"):
 def real_stats(dataset, net, cache_dir=None, device="cpu", batch_size=16, amp="fp32", workers=0):
     """(mu, sigma, feats) of a dataset's preprocessed images ((x+1)/2, not quantised, as OASIS).
 
-    Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16]-<N>-<stats_key>.npz: replacing an image
+    Cached in cache_dir as <dataset>-<split>-<HxW>-<net tag>[-bf16|-fp16]-<N>-<stats_key>.npz: replacing an image
     or a label file (even under the same name) changes the key, so stale statistics are never reused.
     """
     h, w = dataset.size
-    low = "" if amp in ("fp32", False, None) else f"-{'bf16' if amp is True else amp}"
+    low = "" if amp == "fp32" else f"-{amp}"
     name = f"{dataset.dataset}-{dataset.split}-{h}x{w}-{net.tag}{low}-{len(dataset)}-{stats_key(dataset, net, amp)}.npz"
     path = Path(cache_dir) / name if cache_dir else None
     if path is not None and path.is_file():

@@ -56,6 +56,8 @@ def autocast(device, amp):
     device = torch.device(device)
     if amp is None:
         amp = pick(device, "auto")
+    if amp not in MODES[1:]:
+        raise ValueError(f"amp {amp!r}: expected one of {', '.join(MODES[1:])} (a mode of models.amp.pick) or None")
     return torch.autocast(device.type, dtype=dtype(amp)) if dtype(amp) is not None else nullcontext()
 
 

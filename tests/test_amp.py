@@ -46,9 +46,12 @@ def test_autocast_modes_on_cpu():
     a = torch.ones(4, 4)
     with autocast("cpu", "bf16"):
         assert (a @ a).dtype == torch.bfloat16
-    for amp in ("fp32", True, False, None):  # a bool is the older bf16= flag: bf16 on CUDA only
+    for amp in ("fp32", None):  # None: what pick('cpu', 'auto') gives, fp32
         with autocast("cpu", amp):
             assert (a @ a).dtype == torch.float32
+    for bad in (True, "bf-16", "auto"):  # nothing else runs silently as fp32
+        with pytest.raises(ValueError, match="expected one of bf16, fp16, fp32"):
+            autocast("cpu", bad)
     assert not grad_scaler("cpu", "bf16").is_enabled() and grad_scaler("cpu", "fp16").is_enabled()
 
 

@@ -216,15 +216,15 @@ def test_bf16_autocast_keeps_norms_and_losses_fp32():
     _, y, z = target_batch(5)
     M = hard_affinity()
     runs = {}
-    for amp in (False, True):
+    for low in (False, True):
         torch.manual_seed(0)
         G, D = cat_G(M).train(), Discriminator(**sq_kwargs()[1])
         D.retarget(TGT_NC, M)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=low):
             fake = G(y, z)
             loss_G = generator_loss(D, fake, y)
             loss_D, _ = discriminator_loss(D, fake * 0.5, fake, y, 10.0)
-        runs[amp] = fake, loss_G, loss_D, dict(G.named_buffers()), dict(D.named_buffers())
+        runs[low] = fake, loss_G, loss_D, dict(G.named_buffers()), dict(D.named_buffers())
     (f32, lg32, ld32, gb32, db32), (f16, lg16, ld16, gb16, db16) = runs[False], runs[True]
     assert f16.dtype == lg16.dtype == ld16.dtype == torch.float32
     for k, v in gb32.items():
