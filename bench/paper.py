@@ -20,8 +20,11 @@ read evaluate.py's --stats-cache).
 
 The toy pair (the long-tailed toy task of bench/toy_longtail.py) uses that benchmark's budgets (bench/rows.py
 TOY_PRESETS: gpu on CUDA, else cpu; --quick = tiny) and its toy evaluation nets (toy FID, not Inception FID). Its
-source model, trained here unless --source-ckpt is given, is trained again with the next --seed when it collapsed
-(bench/pipeline.py train_source; 3 seeds at most); table.md and table.json give the seed used.
+source model, trained here unless --source-ckpt is given, is trained again with finetune_oasis.py --seed 1, then 2
+when it collapsed (the source's own seed, not this driver's --seeds; bench/pipeline.py train_source; the cpu preset
+only, the widths and batch the rule was measured at; the seeds tried are kept in <out>/logs/source_tries.json);
+table.md and table.json give the seed used. Every stage made from an earlier source model trained here is made
+again (its output older than the source's checkpoint.pt), also after an interrupted redo.
 
 Supervised and combination affinities use the source OASIS discriminator as the segmenter (--source-ckpt); the
 training-free PITI rows are finetune_piti.py --steps 0. Rows a pair cannot run are listed with the reason before
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import toy as toytasks  # noqa: E402
 import rows as R  # noqa: E402
-from pipeline import SOURCE_KEY, run_step, schedule, source_note, train_source  # noqa: E402
+from pipeline import SOURCE_KEY, current, judged, run_step, schedule, source_note, train_source  # noqa: E402
 
 NAMES = {"coco": "COCO-Stuff", "ade20k": "ADE20K", "cityscapes": "Cityscapes"}
 LABEL = {"fid": "FID", "miou": "mIoU", "kid": "KID"}
@@ -88,20 +91,26 @@ def build_parser():
 
 
 class Plan:
-    """The stages of a table: {key: (dependency keys, command, done file, stage name, run folder)}, in order.
+    """The stages of a table: {key: (dependency keys, command, done file, stage name, run folder, made from)}, in
+    order.
 
-    A stage is done when its done file exists: an evaluation's results.json, an affinity's affinity.npy (both written
-    last), and for a training run (`run` = its folder, whose checkpoint.pt is also written mid-run) the marker
-    <out>/done/<key>.json written here after the run exited 0. A run interrupted after its first checkpoint
-    continues with --resume."""
+    A stage is done when its done file exists (an evaluation's results.json, an affinity's affinity.npy, both
+    written last, and for a training run, `run` = its folder, whose checkpoint.pt is also written mid-run, the
+    marker <out>/done/<key>.json written here after the run exited 0) and is not older than the file it is made
+    from that this command may make anew (`made_from`: a toy source model's checkpoint.pt trained here, an
+    evaluated run's marker; bench/pipeline.py current). A run interrupted after its first checkpoint (not older
+    than that file) continues with --resume."""
 
     def __init__(self, out):
         self.out, self.tasks = out, {}
 
-    def add(self, key, deps, cmd, done, stage, run=None):
+    def add(self, key, deps, cmd, done, stage, run=None, made_from=None):
         if key not in self.tasks:
-            self.tasks[key] = (list(deps), cmd, self.out / "done" / f"{key}.json" if run else done, stage, run)
+            self.tasks[key] = (list(deps), cmd, self.marker(key) if run else done, stage, run, made_from)
         return key
+
+    def marker(self, key):
+        return self.out / "done" / f"{key}.json"
 
 
 def requirements(row, args, toy):
@@ -179,8 +188,9 @@ def main(argv=None):
         plan.add("evalnets", [], R.toy_segmenter_cmd(toytasks.task_root(target), evalnets, cfg["seg_epochs"], cfg["seg_max"]),
                  evalnets / "features.pt", "toy_segmenter")
         src_ckpt = args.source_ckpt or src_dir / "checkpoint.pt"
+        made_src = None if args.source_ckpt else src_ckpt  # a source model trained here: what is older is remade
 
-        def source_cmd(k):  # trained again with the next seed while it collapsed (bench/pipeline.py train_source)
+        def source_cmd(k):  # trained again with --seed 1, then 2 while it collapsed (bench/pipeline.py train_source)
             return R.oasis_cmd(["--init", "scratch", "--data", source, *cfg["width"], "--batch", cfg["batch"], "--stage1-steps",
                                 "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"], "--seed", k,
                                 "--eval-every", cfg["source_steps"], *cfg["extra"]] + dev, src_dir)
@@ -192,7 +202,7 @@ def main(argv=None):
         eval_flags += ["--limit", cfg["limit"]] if cfg["limit"] else []
         eval_deps = ["evalnets"]
     else:
-        src_ckpt, src_deps, eval_deps = f("--source-ckpt"), [], []
+        src_ckpt, src_deps, eval_deps, made_src = f("--source-ckpt"), [], [], None
         seg = R.SEGMENTER.get(target)
         eval_flags = [*data_flags, "--split", "val", *(["--segmenter", seg] if seg else []),
                       *(["--segmenter-weights", *(args.segmenter_weights or ["<--segmenter-weights>"])]),
@@ -221,8 +231,9 @@ def main(argv=None):
         if method == "hand":
             extra += ["--hand", f("--hand")]
         key = str(d.relative_to(out)).replace("/", "_")
+        made = made_src if method in ("supervised", "combination") else None
         return plan.add(key, deps, R.estimate_cmd(source, target, method, kind, d, seed, extra) + dev, d / "affinity.npy",
-                        "estimate"), d / "affinity.npy"
+                        "estimate", made_from=made), d / "affinity.npy"
 
     # the model evaluated: with early stopping on val FID (--inception) the best one, else the last
     final = "best.pt" if args.inception and not toy else "checkpoint.pt"
@@ -234,7 +245,7 @@ def main(argv=None):
             common = [*data_flags, "--n", n, "--subset-seed", seed, "--seed", seed]
             for model, rid, label in table_rows:
                 row = R.ROWS[rid]
-                job, deps, rd = row.job, list(eval_deps), None
+                job, deps, rd, made_from = row.job, list(eval_deps), None, None
                 aff_flags, tdeps = [], []
                 if row.affinity:
                     key, aff = affinity(*row.affinity, n, seed)
@@ -249,14 +260,16 @@ def main(argv=None):
                         train += ["--inception", args.inception] if args.inception else []
                     if row.train == "free":
                         model_flags = ["--ckpt", src_ckpt, "--source", source, *src_root, *aff_flags]
-                        deps += src_deps + tdeps
+                        deps, made_from = deps + src_deps + tdeps, made_src
                     else:
                         rd = sd / f"run_{job}"
                         flags = (["--init", "scratch", *(cfg["width"] if toy else [])] if row.train == "scratch" else
                                  ["--source", source, *src_root, "--source-ckpt", src_ckpt, *row.flags, *aff_flags])
-                        rkey = plan.add(f"n{n}_seed{seed}_run_{job}", (src_deps + tdeps) if row.train != "scratch" else [],
-                                        R.oasis_cmd([*flags, *common, *train] + dev, rd), None, "oasis", run=rd)
-                        model_flags, deps = ["--ckpt", rd / final], deps + [rkey]
+                        scratch = row.train == "scratch"  # not made from the source model
+                        rkey = plan.add(f"n{n}_seed{seed}_run_{job}", [] if scratch else src_deps + tdeps,
+                                        R.oasis_cmd([*flags, *common, *train] + dev, rd), None, "oasis", run=rd,
+                                        made_from=None if scratch else made_src)
+                        model_flags, deps, made_from = ["--ckpt", rd / final], deps + [rkey], plan.marker(rkey)
                 else:
                     # the supplement's rate is CAT's; the GLIDE-init baseline keeps its recipe's (pretrain_piti.RECIPES)
                     train = ["--lr", R.LR["piti"][target]] if target in R.LR["piti"] and row.train != "glide" else []
@@ -271,13 +284,14 @@ def main(argv=None):
                                  *aff_flags, *row.flags]
                         cmd, stage = R.piti_cmd([*flags, *common, *train] + dev, rd), "piti"
                     rkey = plan.add(f"n{n}_seed{seed}_run_{job}", tdeps, cmd, None, stage, run=rd)
-                    model_flags, deps = ["--ckpt", rd / final], deps + [rkey]
+                    model_flags, deps, made_from = ["--ckpt", rd / final], deps + [rkey], plan.marker(rkey)
                 ev = sd / f"eval_{job}"
                 ekey = f"n{n}_seed{seed}_eval_{job}"
                 if ekey not in plan.tasks and not toy:  # one FID reference statistic per split: the first evaluation's
                     deps += [first_eval] if first_eval else []
                     first_eval = first_eval or ekey
-                plan.add(ekey, deps, R.evaluate_cmd(model_flags, eval_flags, ev, seed), ev / "results.json", "evaluate")
+                plan.add(ekey, deps, R.evaluate_cmd(model_flags, eval_flags, ev, seed), ev / "results.json", "evaluate",
+                         made_from=made_from)
                 entries.append((model, rid, label, n, seed, ev, rd))
 
     if args.dry_run:
@@ -289,14 +303,15 @@ def main(argv=None):
         free_gpus.put(g)
     logs = out / "logs"
 
-    def step(key, cmd, done, run, again):
-        """One stage, skipped when done (unless `again`: made from a stale input, it starts over); True when it ran."""
-        if done.exists() and not again:
-            return False
-        if run is not None and again:
-            done.unlink(missing_ok=True)  # the marker of the run made before: this one is not finished yet
+    def step(key, cmd, done, run, made_from, again=False):
+        """One stage, skipped when done (`current`: its done file not older than `made_from`), unless `again` (the
+        toy source trained with another seed); a run made from an earlier source model starts over (--overwrite)."""
+        if current(done, made_from) and not again:
+            return
+        if run is not None:
+            done.unlink(missing_ok=True)  # the marker of a run made before: this one is not finished yet
         gpu = free_gpus.get() if gpus else None
-        resume = run is not None and (run / "checkpoint.pt").exists() and not again
+        resume = run is not None and current(run / "checkpoint.pt", made_from) and not again
         todo = [cmd[0], "--resume", "--out", run] if resume else cmd
         try:
             run_step(todo, logs / f"{key}.log", None, threads, env={"CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
@@ -306,29 +321,30 @@ def main(argv=None):
         if run is not None:
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps({"command": [str(c) for c in todo], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        return True
 
     source_model = {}  # {seed, collapsed}: the toy source model trained here
+    judge = toy and judged(cfg["width"], cfg["batch"])
 
-    def runner(key, cmd, done, run):
-        if key == "source" and toy:  # True: trained here, what was made from the source model before is made again
-            def go(again):
-                seed, why, ran = train_source(lambda k, anew: step(key, source_cmd(k), done, run, anew), run,
-                                              cfg["source_steps"])
+    def runner(key, cmd, done, run, made_from):
+        if key == "source" and toy:
+            def go():
+                seed, why = train_source(lambda k, again: step(key, source_cmd(k), done, run, None, again), run,
+                                         cfg["source_steps"], logs / "source_tries.json", judge=judge)
                 source_model.update(seed=seed, collapsed=why)
-                return ran
             return go
-        return lambda again: step(key, cmd, done, run, again) and again  # made again: its dependants are too
+        return lambda: step(key, cmd, done, run, made_from)
 
     if toy:
         for name in (source, target):
             toytasks.ensure(name)  # generated once, here, before the jobs start
     t0 = time.time()
     try:
-        schedule({k: (deps, runner(k, cmd, done, run)) for k, (deps, cmd, done, _, run) in plan.tasks.items()}, jobs)
+        schedule({k: (deps, runner(k, cmd, done, run, made)) for k, (deps, cmd, done, _, run, made) in plan.tasks.items()},
+                 jobs)
     except RuntimeError as e:
         raise SystemExit(str(e))
-    write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, time.time() - t0, device, source_model)
+    write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, time.time() - t0, device, source_model,
+                judge)
 
 
 def check_files(args, source, target, toy):
@@ -360,7 +376,7 @@ def dry_run(args, plan, table_rows, source, target, paper_pair, ns):
         print(f"  {model} {label}: the paper's numbers: {nums}")
     known, unknown = 0.0, 0
     print(f"\n{len(plan.tasks)} stages (estimated time per run on one H100, from BENCHMARKS.md):")
-    for key, (deps, cmd, done, stage, run) in plan.tasks.items():
+    for key, (deps, cmd, done, stage, run, _) in plan.tasks.items():
         s = R.estimate_s(stage)
         known, unknown = known + (s or 0), unknown + (s is None)
         print(f"[{fmt_s(s)}] python " + shlex.join(str(c) for c in cmd))
@@ -372,9 +388,11 @@ def mean(vals):
     return sum(vals) / len(vals) if vals else None
 
 
-def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, wall, device, source_model):
+def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, out, wall, device, source_model,
+                judge=True):
     """table.md (the paper's layout: rows, switch columns, per metric ours | paper | difference) and table.json;
-    source_model: {seed, collapsed} of a toy source model trained here, else {}."""
+    source_model: {seed, collapsed} of a toy source model trained here, else {}; judge: whether it was checked
+    for collapse."""
     pair, metrics = f"{source}-{target}", spec["metrics"]
     cells, records = {}, []
     for model, rid, label, n, seed, ev, rd in entries:
@@ -386,7 +404,7 @@ def write_table(args, spec, entries, skipped, source, target, paper_pair, ns, ou
     cmd = "python bench/paper.py " + " ".join(str(a) for a in args.argv)
     lines = [f"# {spec['title']}: {NAMES.get(source, source)} -> {NAMES.get(target, target)}", "",
              f"{time.strftime('%Y-%m-%d')}, device {device}, seeds {args.seeds}, wall time {wall / 60:.1f} min"
-             f"{', ' + source_note(source_model) if source_model else ''}. "
+             f"{', ' + source_note(source_model, judge) if source_model else ''}. "
              f"Command: `{cmd}`. mIoU in %; our numbers are the mean over seeds; the paper's are from the supplement's "
              f"Table {args.table} where the project's notes give them (else '-').", ""]
     for model in args.models:

@@ -7,7 +7,11 @@ run again with the same --out):
   1. the toy evaluation nets (bench/toy_segmenter.py; protocol v3: on a class-balanced pool of 8000 generated
      target images that never overlaps the task's images, v2: on the 500 target training images) and a small
      source OASIS pretrained from scratch on the source domain (finetune_oasis.py --init scratch), trained
-     again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
+     again with finetune_oasis.py --seed 1, then 2 when it collapsed (the source's own seed, not this driver's
+     --seeds; bench/pipeline.py train_source; preset cpu only, the widths and batch the rule was measured at;
+     the seeds tried are kept in <out>/logs/source_tries.json, so a rerun goes on with the first one not yet
+     found collapsed); every step made from an earlier source model is made again (its output older than the
+     source's checkpoint.pt), also after an interrupted redo;
   2. affinities (estimate_affinity.py): random (per seed), text (once), supervised and combination (per
      seed and n: the source discriminator on the n target images), hard and soft;
   3. for each n and seed, equal step budgets: a random-init OASIS (no source model), the ablation recipes (the
@@ -15,7 +19,9 @@ run again with the same --out):
      CAT training-free (4 affinities) and finetuned (4 affinities, hard and soft);
   4. evaluate.py on the target validation maps: FID-toy, mIoU, and per-class IoU, from which the rare-class
      mIoU (classes in < 10% of that seed's n training images); a table (mean ± std over seeds), a figure,
-     a plot of mIoU against n, and the orderings of the paper checked against the numbers.
+     a plot of mIoU against n, the orderings of the paper checked against the numbers, and results.json:
+     {"ROW n=N": {metric: [one per seed]}, ..., "source model": {"seed", "collapsed"}} (that last key is not
+     a row: the source model used, bench/pipeline.py SOURCE_KEY).
 
     python bench/toy_longtail.py --out runs/toy_lt_v3 --write-benchmarks --rows ...   # BENCHMARKS.md gives the rows
     python bench/toy_longtail.py --protocol v2 --out runs/toy_lt --write-benchmarks   # the old table (138 min)
@@ -36,7 +42,8 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import toy  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
-from pipeline import SOURCE_KEY, TWO_STAGE_AS_RECORDED, run_step, schedule, source_note, train_source  # noqa: E402
+from pipeline import (SOURCE_KEY, TWO_STAGE_AS_RECORDED, current, judged, run_step, schedule, source_note,  # noqa: E402
+                      train_source)
 from rows import ROWS, TOY_LONGTAIL_ROWS, TOY_METHODS as METHODS, TOY_PRESETS as PRESETS, toy_segmenter_cmd, estimate_cmd, evaluate_cmd, evaluate_flags, oasis_cmd  # noqa: E402
 
 RARE = 0.10  # a class is rare when it is in fewer than this share of the n training images
@@ -81,34 +88,34 @@ def main(argv=None):
         toy.ensure(name)  # generated once, here, before the jobs start
     tasks = {}
 
-    def task(key, deps, cmd, done):  # training steps save their checkpoint (`done`) only at the end and pass
-        # --overwrite, which then clears only an interrupted attempt (or, `again`, the run made from a stale input)
-        def go(again):
-            run_step(cmd, logs / f"{key}.log", None if again else done, threads)
-            return again  # made again from a source model trained here: its dependants are made again too
+    def task(key, deps, cmd, done, made_from=None):  # training steps save their checkpoint (`done`) only at the end
+        # and pass --overwrite, which then clears only an interrupted attempt or a run made from an earlier source
+        def go():  # done: `done` exists, not older than `made_from` (the source's checkpoint, an evaluation's run)
+            if not current(done, made_from):
+                run_step(cmd, logs / f"{key}.log", None, threads)
         tasks[key] = (deps, go)
 
-    # 1. evaluation nets and the source model (trained again with the next seed while it collapsed)
+    # 1. evaluation nets and the source model (trained again with finetune_oasis.py --seed 1, then 2 while it collapsed)
     evalnets, source = out / "evalnets", out / "source"
+    source_ckpt = source / "checkpoint.pt"
     seg_cmd = toy_segmenter_cmd(toy.task_root("toy-lt-target"), evalnets, cfg["seg_epochs"], cfg["seg_max"])
     v3 = args.protocol == "v3"
     task("evalnets", [], seg_cmd + (["--pool", POOL, "--pool-seed", POOL_SEED] if v3 else []), evalnets / "features.pt")
     source_model = {}  # {seed, collapsed}: the source model used
 
-    def train(k, again):
-        ran = again or not (source / "checkpoint.pt").exists()
+    judge = judged(cfg["width"], cfg["batch"])
+
+    def train(k, again):  # the checkpoint is written only at the end: a seed-k run found there has finished
         run_step(["finetune_oasis.py", "--init", "scratch", "--data", "toy-lt-source", *cfg["width"], "--batch", cfg["batch"],
                   "--stage1-steps", "0", "--stage2-steps", cfg["source_steps"], *cfg["source_opt"], "--seed", k,
                   "--eval-every", cfg["source_steps"], *cfg["extra"], "--overwrite", "--out", source] + dev,
-                 logs / "source.log", None if again else source / "checkpoint.pt", threads)
-        return ran
+                 logs / "source.log", None if again else source_ckpt, threads)
 
-    def source_task(again):
-        seed, why, ran = train_source(train, source, cfg["source_steps"])
+    def source_task():
+        seed, why = train_source(train, source, cfg["source_steps"], logs / "source_tries.json", judge=judge)
         source_model.update(seed=seed, collapsed=why)
-        return ran  # trained here: what was made from the source model before is made again
     tasks["source"] = ([], source_task)
-    src = ["--source", "toy-lt-source", "--source-ckpt", source / "checkpoint.pt"]
+    src = ["--source", "toy-lt-source", "--source-ckpt", source_ckpt]
     eval_flags = ["--data", "toy-lt-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--workers", "0", *evaluate_flags(grid=4, stats_cache="")] + dev
     eval_flags += ["--limit", cfg["limit"]] if cfg["limit"] else []
@@ -132,7 +139,8 @@ def main(argv=None):
                                ["--text-encoder", "minilm", "--weights", "text=1,supervised=1"]) + dev
             if method in ("supervised", "combination"):
                 cmd += ["--source-ckpt", source / "checkpoint.pt", "--n", n, "--subset-seed", seed]
-            task(key, ["source"] if method in ("supervised", "combination") else [], cmd, d / "affinity.npy")
+            made = method in ("supervised", "combination")
+            task(key, ["source"] if made else [], cmd, d / "affinity.npy", source_ckpt if made else None)
         return key, d / "affinity.npy"
 
     # 3.-4. the runs and their evaluations, seed by seed so that early seeds finish first
@@ -162,10 +170,11 @@ def main(argv=None):
                             flags, tdeps = flags + ["--affinity", aff], tdeps + [key]
                         flags += TWO_STAGE_AS_RECORDED if row.two_stage and not v3 else []
                     rd = sd / f"run_{job}"
-                    task(f"n{n}_seed{seed}_run_{job}", tdeps, oasis_cmd([*flags, *split, *common], rd), rd / "checkpoint.pt")
+                    task(f"n{n}_seed{seed}_run_{job}", tdeps, oasis_cmd([*flags, *split, *common], rd), rd / "checkpoint.pt",
+                         source_ckpt if "source" in tdeps else None)  # random-init: not made from the source model
                     model, deps = ["--ckpt", rd / "checkpoint.pt"], deps + [f"n{n}_seed{seed}_run_{job}"]
                 task(f"n{n}_seed{seed}_eval_{job}", deps, evaluate_cmd(model, eval_flags, ev, seed),
-                     ev / "results.json")
+                     ev / "results.json", model[1])  # made from the checkpoint evaluated: the run's or the source's
                 evals[n, seed, job] = ev
     try:
         schedule(tasks, jobs)
@@ -176,7 +185,7 @@ def main(argv=None):
     # 5. numbers, table, figures, orderings
     results, n_rare = gather(args, evals)
     cmd = "python bench/toy_longtail.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = format_table(results, args, n_rare, preset, device, wall, cmd, source_model)
+    table = format_table(results, args, n_rare, preset, device, wall, cmd, source_model, judge)
     verdicts = orderings(results, args)
     (out / "table.md").write_text(table + "\n" + verdicts)
     (out / "results.json").write_text(json.dumps({**{f"{r} n={n}": v for (r, n), v in results.items()},
@@ -235,7 +244,7 @@ def mean_std(vals):
     return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
 
-def format_table(results, args, n_rare, preset, device, wall, cmd, source_model):
+def format_table(results, args, n_rare, preset, device, wall, cmd, source_model, judge=True):
     def cell(vals, fmt):
         m, s = mean_std(vals)
         return "n/a" if m is None else (fmt % m) + (f" ± {fmt % s}" if len([v for v in vals if v is not None]) > 1 else "")
@@ -243,7 +252,7 @@ def format_table(results, args, n_rare, preset, device, wall, cmd, source_model)
     head = "| method | " + " | ".join(f"n={n} FID-toy ↓ | n={n} mIoU ↑ | n={n} rare mIoU ↑" for n in args.ns) + " |"
     where = f"{device} ({os.cpu_count()} CPU cores)" if device == "cpu" else device
     lines = [f"{time.strftime('%Y-%m-%d')}, device {where}, preset `{preset}`, seeds {args.seeds}, --jobs {args.jobs or 'default'}, "
-             f"wall time {wall / 60:.0f} min, {source_note(source_model)}. Command: `{cmd}`", "",
+             f"wall time {wall / 60:.0f} min, {source_note(source_model, judge)}. Command: `{cmd}`", "",
              "Rare classes (in < 10% of the n training images) per seed: "
              + "; ".join(f"n = {n}: {n_rare[n]}" for n in args.ns) + ".", "",
              head, "|---" * (1 + 3 * len(args.ns)) + "|"]

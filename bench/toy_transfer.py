@@ -5,7 +5,10 @@ skipped when the benchmark is run again with the same --out):
   1. the toy task (toy.py) and its evaluation nets: a segmenter (mIoU) and a feature net (toy FID),
      trained on the FULL toy target training set (bench/toy_segmenter.py);
   2. a small source OASIS pretrained from scratch on the toy source domain (finetune_oasis.py --init scratch),
-     trained again with the next --seed when it collapsed (bench/pipeline.py train_source; 3 seeds at most);
+     trained again with finetune_oasis.py --seed 1, then 2 when it collapsed (the source's own seed, not this
+     driver's --seeds; bench/pipeline.py train_source; presets quick and cpu, whose widths and batch the rule
+     was measured at); everything made from an earlier source model is made again (its output older than the
+     source's checkpoint.pt), also after an interrupted redo;
   3. affinities from n target images (estimate_affinity.py): random, text, supervised (the source
      discriminator as segmenter), combination (text + supervised; no DINO file here), hard and soft;
   4. at n target images and equal step budgets: a random-init OASIS (no source model); finetune with a random
@@ -13,7 +16,9 @@ skipped when the benchmark is run again with the same --out):
      the affinity layers randomly initialised); CAT training-free (random / text / supervised / combination);
      CAT finetuned (text / supervised / combination, hard and soft);
   5. evaluate.py on the target validation maps: toy FID (features of the toy-domain net, NOT
-     comparable to Inception FID) and mIoU; a table (mean ± std over seeds) and a figure.
+     comparable to Inception FID) and mIoU; a table (mean ± std over seeds), a figure, and results.json:
+     {row: {"fid": [one per seed], "miou": [...]}, ..., "source model": {"seed", "collapsed"}} (that last key
+     is not a row: the source model used, bench/pipeline.py SOURCE_KEY).
 
     python bench/toy_transfer.py --quick --out runs/toy_quick       # the README demo: one CAT run, minutes on CPU
     python bench/toy_transfer.py --out runs/toy_bench --seeds 0 1 2 --write-benchmarks
@@ -30,8 +35,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_md import write_section
-from pipeline import (EMA_AS_RECORDED, SMALL, SOURCE_KEY, TWO_STAGE_AS_RECORDED, lr_opt, run_finetune, run_step,
-                      source_note, train_source)
+from pipeline import (EMA_AS_RECORDED, SMALL, SOURCE_KEY, TWO_STAGE_AS_RECORDED, current, judged, lr_opt,
+                      run_finetune, run_step, source_note, train_source)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,17 +60,18 @@ SIZES = {
 # (bench/threads_check.py, BENCHMARKS.md "Threads of the toy pipeline").
 THREADS = 1
 
-def run(cmd, log, done=None, steps=None, again=False):
-    """One stage (skipped when `done` exists; a finetune_oasis.py run, `steps` given, when `done`'s run folder
-    holds its last step; never with `again`: its inputs were made anew), its output into a log file; a failure
-    ends the benchmark. True when the stage ran."""
+def run(cmd, log, done=None, steps=None, made_from=None, again=False):
+    """One stage (skipped when `done` exists and is not older than `made_from`, the file it is made from that this
+    benchmark may make anew: bench/pipeline.py current; a finetune_oasis.py run, `steps` given, when `done`'s run
+    folder holds its last step; `again`: a run started over, trained with another seed), its output into a log
+    file; a failure ends the benchmark. True when the stage ran."""
     try:
         if steps is None:
-            done = None if again else done
-            ran = done is None or not Path(done).exists()
-            run_step(cmd, log, done, threads=THREADS)
-            return ran
-        return run_finetune(cmd, log, Path(done).parent, steps, threads=THREADS, again=again)
+            if current(done, made_from):
+                return False
+            run_step(cmd, log, None, threads=THREADS)
+            return True
+        return run_finetune(cmd, log, Path(done).parent, steps, threads=THREADS, made_from=made_from, again=again)
     except RuntimeError as e:
         raise SystemExit(str(e))
 
@@ -104,21 +110,23 @@ def main():
     eval_flags = ["--data", "toy-target", "--split", "val", "--fid-features", evalnets / "features.pt",
                   "--segmenter", evalnets / "segmenter.pt", "--stats-cache", out / "fid_stats"] + dev
 
-    # 2. the source model: trained again with the next seed while it collapsed (bench/pipeline.py train_source)
+    # 2. the source model: trained again with finetune_oasis.py --seed 1, then 2 while it collapsed (bench/pipeline.py
+    # train_source); what is made from it is made again when older than its checkpoint.pt
     source = out / "source"
+    source_ckpt = source / "checkpoint.pt"
 
     def train(k, again):
         return run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
                     cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--seed", k,
                     "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
-                   done=source / "checkpoint.pt", steps=source_steps, again=again)
+                   done=source_ckpt, steps=source_steps, again=again)
 
+    judge = judged(cfg["width"], cfg["batch"])
     try:
-        source_seed, source_collapsed, new_source = train_source(train, source, source_steps)
+        source_seed, source_collapsed = train_source(train, source, source_steps, logs / "source_tries.json", judge=judge)
     except RuntimeError as e:
         raise SystemExit(str(e))
-    # new_source, True: everything after it is made anew
-    src = ["--source", "toy-source", "--source-ckpt", source / "checkpoint.pt", *TWO_STAGE_AS_RECORDED]
+    src = ["--source", "toy-source", "--source-ckpt", source_ckpt, *TWO_STAGE_AS_RECORDED]
 
     rows = {}  # row name -> list of results.json dicts (one per seed)
     for seed in args.seeds:
@@ -135,7 +143,7 @@ def main():
                      f"--{kind}", "--source-ckpt", source / "checkpoint.pt", "--n", args.n, "--subset-seed", seed,
                      "--text-encoder", "minilm", "--weights", "text=1,supervised=1",
                      "--seed", seed, "--out", d] + dev, logs / f"seed{seed}_aff_{method}_{kind}.log",
-                    done=d / "affinity.npy", again=new_source)
+                    done=d / "affinity.npy", made_from=source_ckpt)
                 aff[method, kind] = d / "affinity.npy"
 
         # 4. the rows: (name, finetune flags or None for training-free, affinity for training-free)
@@ -159,19 +167,20 @@ def main():
             ev = sd / f"eval_{tag}"
             if flags is not None:
                 run_dir = sd / f"run_{tag}"
-                trained = run(["finetune_oasis.py", *flags, *common, "--out", run_dir], logs / f"seed{seed}_{tag}.log",
-                              done=run_dir / "checkpoint.pt", steps=steps, again=new_source)
-                model = ["--ckpt", run_dir / "checkpoint.pt"]
+                # the random-init row does not use the source model: a source trained again leaves it as it is
+                run(["finetune_oasis.py", *flags, *common, "--out", run_dir], logs / f"seed{seed}_{tag}.log",
+                    done=run_dir / "checkpoint.pt", steps=steps, made_from=source_ckpt if "--source-ckpt" in flags else None)
+                model, made_from = ["--ckpt", run_dir / "checkpoint.pt"], run_dir / "checkpoint.pt"  # run anew: evaluated anew
             else:
-                model = ["--ckpt", source / "checkpoint.pt", "--source", "toy-source", "--affinity", affinity]
+                model, made_from = ["--ckpt", source_ckpt, "--source", "toy-source", "--affinity", affinity], source_ckpt
             run(["evaluate.py", *model, *eval_flags, "--seed", seed, "--out", ev], logs / f"seed{seed}_eval_{tag}.log",
-                done=ev / "results.json", again=new_source or (flags is not None and trained))  # a new model: evaluated anew
+                done=ev / "results.json", made_from=made_from)
             rows.setdefault(name, []).append(json.loads((ev / "results.json").read_text()))
             rows[name][-1]["_eval_dir"] = str(ev)
 
     # 5. table + figure
     source_model = {"seed": source_seed, "collapsed": source_collapsed}
-    table = format_table(rows, args, preset, steps, source_steps, source_model, device)
+    table = format_table(rows, args, preset, steps, source_steps, source_model, device, judge)
     (out / "table.md").write_text(table)
     figure(rows, out / "figure.png")
     summary = {name: {k: [r.get(k) for r in rs] for k in ("fid", "miou")} for name, rs in rows.items()}
@@ -180,13 +189,14 @@ def main():
     print(table)
     print(f"total {time.time() - t_start:.0f}s")
     last = rows[list(rows)[-1]][-1]["_eval_dir"]
-    print(f"grid: {Path(last) / 'grid.png'}\nnumbers: {out / 'results.json'} (per row), {Path(last) / 'results.json'}\n"
+    print(f"grid: {Path(last) / 'grid.png'}\nnumbers: {out / 'results.json'} (per row, and the source model used), "
+          f"{Path(last) / 'results.json'}\n"
           f"figure: {out / 'figure.png'}")
     if args.write_benchmarks:
         write_benchmarks(table, out / "figure.png", list(rows))
 
 
-def format_table(rows, args, preset, steps, source_steps, source_model, device):
+def format_table(rows, args, preset, steps, source_steps, source_model, device, judge=True):
     cmd = "python bench/toy_transfer.py " + " ".join(sys.argv[1:])
 
     def cell(vals, fmt):
@@ -196,7 +206,7 @@ def format_table(rows, args, preset, steps, source_steps, source_model, device):
         return (fmt % np.mean(vals)) + (f" ± {fmt % np.std(vals)}" if len(vals) > 1 else "")
 
     lines = [f"Toy transfer, n = {args.n} target images, seeds {args.seeds}, preset `{preset}` "
-             f"({steps} steps per target run, source pretrained {source_steps} steps, {source_note(source_model)}), "
+             f"({steps} steps per target run, source pretrained {source_steps} steps, {source_note(source_model, judge)}), "
              f"device {device}.",
              f"Command: `{cmd}`", "",
              "| method | FID-toy ↓ | mIoU ↑ |", "|---|---|---|"]

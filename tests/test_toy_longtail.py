@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_benchmark_pipeline_two_steps(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     assert set(summary) == {f"{row} n=25" for row in rows} | {"source model"}
-    assert summary.pop("source model") == {"seed": 0, "collapsed": None}  # 2 steps: not judged, the first seed
+    assert summary.pop("source model") == {"seed": 0, "collapsed": None}  # tiny preset: not judged, the first seed
     for cell in summary.values():
         assert len(cell["miou"]) == 1 and 0 <= cell["miou"][0] <= 1 and cell["fid"][0] >= 0
     run = out / "n25" / "seed0" / "run_cat-random-hard"
@@ -108,6 +109,21 @@ def test_benchmark_pipeline_two_steps(tmp_path):
     redone = [line for line in r2.stdout.splitlines() if line.startswith("$ ")]
     assert len(redone) == 2 and "run_cat-random-hard" in redone[0] and "eval_cat-random-hard" in redone[1]
     assert (run / "checkpoint.pt").is_file()
+    # the source model trained again since (its checkpoint newer than everything) and the driver killed after it
+    # redid the CAT run: the next run redoes the rest of what was made from the source model (the evaluations of the
+    # training-free row and of the CAT run), not the random-init row, the evaluation nets or the random affinity
+    now = time.time()
+    for f in out.rglob("*"):
+        if f.is_file():
+            os.utime(f, (now - 100, now - 100))
+    os.utime(out / "source" / "checkpoint.pt", (now - 50, now - 50))
+    os.utime(run / "checkpoint.pt", (now - 40, now - 40))
+    r3 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
+    redone = [line for line in r3.stdout.splitlines() if line.startswith("$ ")]
+    assert len(redone) == 2 and all(line.startswith("$ python evaluate.py") for line in redone), redone
+    assert any("eval_free-random" in line for line in redone) and any("eval_cat-random-hard" in line for line in redone)
 
 
 def test_learned_affinity_checkpoint_loads():

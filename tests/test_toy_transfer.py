@@ -1,7 +1,9 @@
 """The README's first command, shortened: the whole toy pipeline (estimate -> finetune -> evaluate) runs."""
 import json
+import os
 import subprocess
 import sys
+import time
 
 from conftest import REPO
 
@@ -16,6 +18,8 @@ def test_quick_pipeline_writes_grid_and_results(tmp_path):
     assert set(summary) == {"CAT training-free, combination", "CAT finetuned, combination (hard)", "source model"}
     # the source model used (4 steps: too short for the collapse check, so the first seed) is recorded
     assert summary["source model"] == {"seed": 0, "collapsed": None}
+    # the quick preset is checked (the SMALL widths, batch 8): the try is recorded for a rerun
+    assert json.loads((out / "logs" / "source_tries.json").read_text()) == [{"seed": 0, "collapsed": None}]
     assert "source pretrained 4 steps, source model seed 0)" in (out / "table.md").read_text()
     ev = out / "seed0" / "eval_cat_finetuned_combination_hard"
     res = json.loads((ev / "results.json").read_text())
@@ -52,6 +56,13 @@ def test_interrupted_finetune_stage_resumes_not_skipped(tmp_path, capsys, monkey
     assert run_finetune(tiny + ["--stage2-steps", "4"], log, run_dir, 4)
     assert "before its first checkpoint, starting over" in capsys.readouterr().out
     assert (run_dir / "checkpoint.pt").is_file()
+    # finished, but older than what it was made from (a source model trained again since): made anew
+    made_from = tmp_path / "source_checkpoint.pt"
+    made_from.write_bytes(b"")
+    os.utime(run_dir / "checkpoint.pt", (time.time() - 100,) * 2)
+    assert run_finetune(tiny + ["--stage2-steps", "4"], log, run_dir, 4, made_from=made_from)
+    assert "to be made anew, starting over" in capsys.readouterr().out
+    assert not run_finetune(tiny + ["--stage2-steps", "4"], log, run_dir, 4, made_from=made_from)  # now current
 
 
 def test_progress_line_is_the_logs_last_redraw(tmp_path):
