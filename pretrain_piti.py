@@ -130,6 +130,8 @@ def build_parser():
     g.add_argument("--eval-every", type=positive_int, default=500, help="grid + FID + exports + checkpoint every N steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log.jsonl line every N steps")
     g.add_argument("--grid-n", type=positive_int, default=4, help="validation label maps in the sample grid")
+    g.add_argument("--tensorboard", action="store_true", help="also write log.jsonl's numbers and the sample grids as "
+                   "TensorBoard events in <out>/tensorboard (needs: pip install tensorboard); curves.png is always written")
     g.add_argument("--sample-steps", default="100", help="base respacing for the sample grids (official previews: "
                    "100): " + diffusion.RESPACINGS)
     g.add_argument("--up-steps", default=diffusion.UP_STEPS, help="upsampler respacing for the grids, the same forms")
@@ -160,6 +162,8 @@ def get_args(argv=None):
     run.check_device(args.device)
     if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
         args.workers = 4 if args.device.startswith("cuda") else 0
+    if args.tensorboard:  # before any file is written
+        curves.require_tensorboard()
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
     if args.out is None and args.resume:
@@ -315,6 +319,7 @@ def main(argv=None):
             best = run.Best(args.patience)
         if master:  # a killed run may have logged steps past its last checkpoint
             curves.truncate_log(out / "log.jsonl", step)
+    board = curves.Board(out, step) if args.tensorboard and master else None  # --tensorboard's events
     up_file = (ckpt["up_file"] if ckpt else run.file_record(args.upsampler)) if args.upsampler and master else None
 
     # evaluation. Base and upsampler: the cascade. Base alone: its own samples. Upsampler alone: it upsamples the
@@ -379,7 +384,7 @@ def main(argv=None):
         for name, ps in params.items():
             state[name] = {k: p.detach().cpu().clone() for k, p in ps.items()}
             state[f"{name}_ema"] = {k: v.cpu().clone() for k, v in ema[name].items()}
-        return run.finish_evaluation(out, state, entry, better, best, device)  # log, curves, best.pt, checkpoint
+        return run.finish_evaluation(out, state, entry, better, best, device, board)  # log, curves, best.pt, checkpoint
 
     # training
     last = done = step  # `last`: the step of the last checkpoint written

@@ -90,7 +90,8 @@ def _generate(task, base):
             if (family / d).is_dir() and any((family / d).iterdir()):
                 raise DataError(f"{family / d}: a toy task folder without classes.txt (an interrupted generation); "
                                 f"delete it to have it generated again")
-        print(f"generating the toy transfer task in {family} (once)", flush=True)
+        kind = "transfer" if TASKS[task][0] == "toy" else "long-tailed transfer"
+        print(f"generating the toy {kind} task in {family} (once)", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{family.name}.partial-", dir=family.parent))
         try:
             (write_toy if TASKS[task][0] == "toy" else write_toy_longtail)(tmp)

@@ -1,5 +1,6 @@
 """models/curves.py on synthetic log.jsonl files: what the picture marks (stage boundary, best.pt's step), that it
 is drawn where it says, and the TensorBoard events (when the package is installed)."""
+import importlib
 import importlib.util
 import json
 
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import finetune_oasis
 from models import DataError, curves
 
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
@@ -94,10 +94,13 @@ def test_a_bad_line_inside_the_log_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(HAVE_TB, reason="tensorboard is installed: the missing-package message cannot be seen")
-def test_tensorboard_flag_without_the_package_says_how_to_install():
+@pytest.mark.parametrize("script", ["finetune_oasis", "finetune_piti", "pretrain_piti"])
+def test_tensorboard_flag_without_the_package_says_how_to_install(script, tmp_path):
+    extra = ["--init", "scratch", "--data", "toy-source"] if script == "finetune_oasis" else []
     with pytest.raises(DataError, match="pip install tensorboard"):
-        finetune_oasis.get_args(["--out", "x", "--init", "scratch", "--data", "toy-source", "--device", "cpu",
-                                 "--tensorboard"])
+        importlib.import_module(script).get_args(["--out", str(tmp_path / "x"), *extra, "--device", "cpu",
+                                                  "--tensorboard"])
+    assert not (tmp_path / "x").exists()  # said before any file is written
 
 
 @pytest.mark.skipif(not HAVE_TB, reason="tensorboard is not installed (pip install tensorboard)")
