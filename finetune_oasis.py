@@ -178,9 +178,7 @@ def get_args(argv=None):
                                             f"--recipe {args.recipe} ")
         run.require_flags(args, ["out", "data"] + ["source", "source_ckpt", "affinity"] * (args.init == "source"),
                           "python finetune_oasis.py " + example)
-    run.check_device(args.device)
-    if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
-        args.workers = 4 if args.device.startswith("cuda") else 0
+    run.machine_flags(args)  # --device, --workers, --tensorboard
     if args.init == "scratch" and given & SOURCE_FLAGS:
         raise DataError(f"--init scratch trains a new model: --{min(given & SOURCE_FLAGS).replace('_', '-')} does not apply")
     args.lr = LR_BY_TARGET.get(args.data, 1e-4) if args.lr is None else args.lr
@@ -198,8 +196,6 @@ def get_args(argv=None):
     args.d_head = args.d_head or ("affinity" if args.affinity not in (None, "none", "learned") else "random")
     if args.d_head == "affinity" and args.affinity in (None, "none", "learned"):
         raise DataError("--d-head affinity needs an --affinity file")
-    if args.tensorboard:  # before any file is written
-        curves.require_tensorboard()
     return args, given
 
 
@@ -360,8 +356,7 @@ def main(argv=None):
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
         if fid is None:
-            print(f"no --inception/--fid-features: no validation FID, so no early stopping and no best.pt; "
-                  f"evaluate {out / 'checkpoint.pt'} (the last)")
+            run.no_fid_note(out)
 
     def evaluate_and_save(s):
         """BN pass on the EMA, grid, FID, then run.finish_evaluation (log line, curves, best.pt on a better FID,

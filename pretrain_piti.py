@@ -159,11 +159,7 @@ def build_parser():
 def get_args(argv=None):
     """(args, given): the flags, with --resume completed from the run's checkpoint."""
     args, given = run.parse_with_given(build_parser(), argv)
-    run.check_device(args.device)
-    if args.workers is None:  # a machine flag: never from a resumed run's checkpoint
-        args.workers = 4 if args.device.startswith("cuda") else 0
-    if args.tensorboard:  # before any file is written
-        curves.require_tensorboard()
+    run.machine_flags(args)  # --device, --workers, --tensorboard
     for flag in ("base_config", "up_config"):
         setattr(args, flag, piti.config_overrides(getattr(args, flag), f"--{flag.replace('_', '-')}"))
     if args.out is None and args.resume:
@@ -350,9 +346,7 @@ def main(argv=None):
     if master:  # subset.txt, the FID cache: what --overwrite may remove
         run.record(out)
         if fid is None:
-            print(f"note: no --inception or --fid-features, so no validation FID and no best.pt; use "
-                  f"{out / 'checkpoint.pt'} or the exports {', '.join(EXPORTS[n] for n in models)} (the last "
-                  "evaluation's)")
+            run.no_fid_note(out, f", or the exports {', '.join(EXPORTS[n] for n in models)}")
 
     def evaluate_and_save(s):
         """EMA grid, FID, the exported official files, then run.finish_evaluation (log line, curves, best.pt on a

@@ -317,6 +317,16 @@ def find_recorded_file(record, override=None, flag="--base", near=()):
                     f"(its sha256 {record['sha256'][:12]}... is checked)")
 
 
+def machine_flags(args):
+    """A training script's machine flags, checked before any file is written: --device, --workers (default 4 on
+    CUDA, 0 on the CPU; never from a resumed run's checkpoint), --tensorboard (the package is installed)."""
+    check_device(args.device)
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
+    if args.tensorboard:
+        curves.require_tensorboard()
+
+
 def check_device(name, flag="--device"):
     """One DataError line unless `name` is a device this machine has: cpu, cuda, cuda:N (N < the GPUs visible), mps."""
     try:
@@ -572,6 +582,12 @@ def finish_evaluation(out, state, entry, better, best, device, board=None):
     save(state, Path(out) / "checkpoint.pt")
     record(out)  # what --overwrite may remove
     return broadcast_stop(best.stop, device)
+
+
+def no_fid_note(out, also=""):
+    """The note a run without --inception/--fid-features prints once at its start: no best.pt will be written."""
+    print(f"note: no --inception or --fid-features, so no validation FID, no early stopping and no best.pt; "
+          f"evaluate {Path(out) / 'checkpoint.pt'} (the last evaluation's model){also}")
 
 
 def fid_network_changed(saved, args):
