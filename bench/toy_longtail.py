@@ -391,6 +391,15 @@ def _nice_range(lo, hi):
     return bottom, (top if top > bottom else bottom + step), step
 
 
+def _axis(vals, ceiling):
+    """(bottom, top, tick step, off): a y axis zoomed to the rows' values (means ± std); the ceiling values join it
+    unless that would more than double its span, else `off` is True and they are drawn above the frame."""
+    whole = vals + ceiling
+    off = bool(vals) and bool(ceiling) and max(whole) - min(whole) > 2 * max(max(vals) - min(vals), 0.01)
+    use = vals if off else whole
+    return (*_nice_range(max(min(use), 0.0), min(max(use), 1.0)), off)
+
+
 def _spread(ys, lo, hi, gap):
     """Label positions near `ys` (sorted in the same order), at least `gap` apart, kept within [lo, hi]."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
@@ -419,7 +428,8 @@ def _dashed(draw, x0, y0, x1, y1, fill, dash=6, width=2):
 def plot(results, args, path, width=800):
     """Two panels (Table 10 ablation path + transfer baselines; affinity methods), each with mIoU (top) and rare mIoU
     (bottom) against n: mean over seeds with std error bars, the y axis zoomed to the data, each line labelled at its
-    end, the real validation images' score (the evaluator's ceiling) dashed. Rows sharing a run share a line."""
+    end, the real validation images' score (the evaluator's ceiling) dashed: on the axis when near the rows, else
+    above the frame past an axis break, with its value. Rows sharing a run share a line."""
     ns = sorted(args.ns)
     panels = []
     for title, rows in PLOT_PANELS:
@@ -441,14 +451,14 @@ def plot(results, args, path, width=800):
         draw.text((ox + 8, 24), title, fill="black", font=font)
         for si, (metric, real, name) in enumerate((("miou", "miou_real", "mIoU"), ("rare", "rare_real", "rare mIoU"))):
             oy = top_h + si * sub_h
-            l, r, t, b = ox + 46, ox + pw - 150, oy + 20, oy + sub_h - 40
             stats = {tuple(rows): [mean_std(results[rows[0], n][metric]) for n in ns] for rows in lines}
             ceiling = [mean_std(results[lines[0][0], n][real])[0] for n in ns]
             vals = [v for st in stats.values() for m, s in st if m is not None for v in (m - s, m + s)]
-            vals += [c for c in ceiling if c is not None]
-            if not vals:
+            known = [c for c in ceiling if c is not None]
+            if not vals and not known:
                 continue
-            lo, hi, step = _nice_range(max(min(vals), 0.0), min(max(vals), 1.0))
+            lo, hi, step, off = _axis(vals, known)
+            l, r, t, b = ox + 46, ox + pw - 150, oy + (34 if off else 20), oy + sub_h - 40
             y_of = lambda v: b - (v - lo) / (hi - lo) * (b - t)  # noqa: E731
             x_of = lambda i: l + 25 + i * (r - l - 50) / max(len(ns) - 1, 1)  # noqa: E731
             draw.text((l, oy + 2), name, fill="black", font=font)
@@ -461,7 +471,13 @@ def plot(results, args, path, width=800):
             for i, n in enumerate(ns):
                 draw.text((x_of(i) - 18, b + 6), f"n = {n}", fill="black", font=small)
             ends, labels = [], []
-            if all(c is not None for c in ceiling):
+            if off and len(known) == len(ceiling):
+                _dashed(draw, x_of(0), t - 10, x_of(len(ns) - 1) if len(ns) > 1 else r - 5, t - 10, (90, 90, 90))
+                for dy in (-8, -4):  # the axis break
+                    draw.line([l - 5, t + dy + 2, l + 5, t + dy - 2], fill="black", width=2)
+                ends.append(t - 10)
+                labels.append(("real images = " + " / ".join(dict.fromkeys(f"{c:.2f}" for c in ceiling)), (90, 90, 90)))
+            elif all(c is not None for c in ceiling):
                 for i in range(len(ns) - 1):
                     _dashed(draw, x_of(i), y_of(ceiling[i]), x_of(i + 1), y_of(ceiling[i + 1]), (90, 90, 90))
                 if len(ns) == 1:
@@ -482,7 +498,7 @@ def plot(results, args, path, width=800):
                 if pts:
                     ends.append(pts[-1][1])
                     labels.append((" = ".join(SHORT.get(r_, r_) for r_ in rows), colour))
-            for y_end, y_lab, (text, colour) in zip(ends, _spread(ends, t, b - 12, 13), labels):
+            for y_end, y_lab, (text, colour) in zip(ends, _spread(ends, t - 17 if off else t, b - 12, 13), labels):
                 draw.line([r + 2, y_end, r + 10, y_lab + 7], fill=colour)
                 draw.text((r + 12, y_lab), text, fill=colour, font=small)
     canvas.save(path)

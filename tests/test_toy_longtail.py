@@ -198,5 +198,9 @@ def test_plot_on_synthetic_results(tmp_path):
     # the axes zoom to the data (0.68..0.90 here), and the end labels never collide
     lo, hi, step = toy_longtail._nice_range(0.68, 0.90)
     assert 0.6 <= lo <= 0.68 and 0.90 <= hi <= 0.95 and (hi - lo) / step <= 7
+    # a ceiling far above the rows (the v3 table: rows 0.0-0.46, real images 0.98) is drawn off the scale instead
+    assert toy_longtail._axis([0.68, 0.90], [0.9])[3] is False
+    lo, hi, step, off = toy_longtail._axis([0.01, 0.46], [0.98])
+    assert off and lo == 0.0 and 0.46 <= hi <= 0.5
     ys = toy_longtail._spread([100, 101, 102, 103, 300], 20, 400, 13)
     assert all(abs(a - b) >= 13 for i, a in enumerate(ys) for b in ys[i + 1:]) and min(ys) >= 20 and ys[4] == 300
