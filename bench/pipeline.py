@@ -14,6 +14,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `models` is imported where it is used (in the functions below): torch loads only then
+    sys.path.insert(0, str(REPO))
 SMALL = ["--channels", "4", "--z-dim", "16", "--spade-hidden", "16", "--d-channels", "3,16,16,32,32,64,64", "--d-last", "16"]
 # The toy tables in BENCHMARKS.md were measured before finetune_oasis.py took the supplement's stage-2 set and the
 # official lr_D as defaults (2026-12-06). Their runs keep the settings they were measured with, written out, so that
@@ -102,7 +104,6 @@ def run_step(cmd, log, done=None, threads=None, env=None, every=60):
 
 def saved_step(ckpt):
     """The training step a finetune_oasis.py checkpoint.pt was saved at (read by the project's one loader)."""
-    sys.path.insert(0, str(REPO))
     from models import run
     return int(run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["step"])
 
@@ -156,7 +157,6 @@ def collapsed(log_jsonl, n_steps):
     (a run of a few steps) is not judged: None. The log is read by models.curves.read_log (a torn last line is
     left out); a missing or unreadable log raises RuntimeError naming it."""
     log_jsonl = Path(log_jsonl)
-    sys.path.insert(0, str(REPO))
     from models import DataError
     from models.curves import read_log
     if not log_jsonl.is_file():
@@ -188,7 +188,6 @@ def run_seed(ckpt):
     or None when there is no such file. A file that is not such a checkpoint raises RuntimeError (one line)."""
     if not Path(ckpt).is_file():
         return None
-    sys.path.insert(0, str(REPO))
     from models import DataError, run
     try:
         return int(run.load(ckpt, "--resume", kinds=("oasis-cat",), mmap=True)["args"]["seed"])

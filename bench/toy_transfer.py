@@ -64,14 +64,13 @@ def run(cmd, log, done=None, steps=None, made_from=None, again=False):
     """One stage (skipped when `done` exists and is not older than `made_from`, the file it is made from that this
     benchmark may make anew: bench/pipeline.py current; a finetune_oasis.py run, `steps` given, when `done`'s run
     folder holds its last step; `again`: a run started over, trained with another seed), its output into a log
-    file; a failure ends the benchmark. True when the stage ran."""
+    file; a failure ends the benchmark."""
     try:
         if steps is None:
-            if current(done, made_from):
-                return False
-            run_step(cmd, log, None, threads=THREADS)
-            return True
-        return run_finetune(cmd, log, Path(done).parent, steps, threads=THREADS, made_from=made_from, again=again)
+            if not current(done, made_from):
+                run_step(cmd, log, None, threads=THREADS)
+        else:
+            run_finetune(cmd, log, Path(done).parent, steps, threads=THREADS, made_from=made_from, again=again)
     except RuntimeError as e:
         raise SystemExit(str(e))
 
@@ -116,10 +115,10 @@ def main():
     source_ckpt = source / "checkpoint.pt"
 
     def train(k, again):
-        return run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
-                    cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--seed", k,
-                    "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
-                   done=source_ckpt, steps=source_steps, again=again)
+        run(["finetune_oasis.py", "--init", "scratch", "--data", "toy-source", *cfg["width"], "--batch",
+             cfg["batch"], "--stage1-steps", "0", "--stage2-steps", source_steps, *cfg["source_opt"], "--seed", k,
+             "--eval-every", max(source_steps // 4, 50), "--out", source] + dev, logs / "source.log",
+            done=source_ckpt, steps=source_steps, again=again)
 
     judge = judged(cfg["width"], cfg["batch"])
     try:
